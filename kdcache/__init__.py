@@ -1,0 +1,3 @@
+"""kdcache: knowledge distillation from cached teacher logits."""
+
+__version__ = "0.1.0"

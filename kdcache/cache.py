@@ -1,0 +1,230 @@
+"""The HDF5 logit cache, format v1 (see docs/cache-format.md).
+
+The writer builds the file under `<out>.partial`, records how many rows are done
+after each flushed block (so an interrupted dump resumes from there), and renames
+to `<out>` only once every row is written and `complete` is true. The reader
+refuses anything it cannot trust, with a message that says what differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from kdcache import __version__
+from kdcache.errors import KDCacheError
+
+FORMAT = "kdcache-logits"
+FORMAT_VERSION = 1
+VIEW_RECIPE = "pad4-crop-flip"
+BLOCK_ROWS = 1024  # default HDF5 chunk, checksum and resume granularity along N
+
+
+def partial_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def bytes_needed(n: int, k: int, c: int, n_test: int) -> int:
+    return n * k * (2 * c + 3) + n * 16 + n_test * 2 * c
+
+
+# Attributes that must match for a partial file to be resumed by the same dump.
+_IDENTITY_ATTRS = (
+    "num_views", "num_classes", "dataset", "dataset_fingerprint", "teacher_sha256", "seed", "augment",
+    "batch_size", "block_rows", "precision",
+)  # fmt: skip
+
+
+def block_digest(logits: np.ndarray, params: np.ndarray) -> bytes:
+    """sha256 of one block's logits + view params: `verify` finds rows changed after the dump."""
+    h = hashlib.sha256(np.ascontiguousarray(logits, dtype=np.float16).tobytes())
+    h.update(np.ascontiguousarray(params, dtype=np.uint8).tobytes())
+    return h.digest()
+
+
+class CacheWriter:
+    """Writes rows [start, stop) of logits and view params into `<out>.partial`, then publishes `<out>`."""
+
+    def __init__(self, out: str | Path, *, attrs: dict, num_rows: int, num_test: int, resume: bool):
+        self.out, self.tmp = Path(out), partial_path(out)
+        k, c, block = attrs["num_views"], attrs["num_classes"], attrs["block_rows"]
+        if resume:
+            self.file = self._reopen(attrs)
+        else:
+            self.tmp.unlink(missing_ok=True)
+            self.file = h5py.File(self.tmp, "w")
+            f = self.file
+            rows = min(block, num_rows)
+            f.create_dataset("logits", (num_rows, k, c), dtype="float16", chunks=(rows, k, c))
+            f.create_dataset("view_params", (num_rows, k, 3), dtype="uint8", chunks=(rows, k, 3))
+            f.create_dataset("labels", (num_rows,), dtype="int64")
+            f.create_dataset("indices", (num_rows,), dtype="int64")
+            f.create_dataset("block_sha256", (-(-num_rows // block), 32), dtype="uint8")
+            if num_test:
+                f.create_dataset("test_logits", (num_test, c), dtype="float16")
+            f.attrs.update(
+                format=FORMAT,
+                format_version=FORMAT_VERSION,
+                view_recipe=VIEW_RECIPE,
+                complete=False,
+                rows_done=0,
+                created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                kdcache_version=__version__,
+                **attrs,
+            )
+            f.flush()
+
+    def _reopen(self, attrs: dict) -> h5py.File:
+        if not self.tmp.exists():
+            raise KDCacheError(f"no interrupted dump at {self.tmp} to resume: run again without --resume")
+        try:
+            f = h5py.File(self.tmp, "r+")
+        except OSError as e:
+            raise KDCacheError(
+                f"{self.tmp} cannot be resumed ({str(e).splitlines()[0][:80]}): rerun with --force to start over"
+            ) from None
+        for key in _IDENTITY_ATTRS:
+            if _plain(f.attrs.get(key)) != _plain(attrs[key]):
+                f.close()
+                raise KDCacheError(
+                    f"{self.tmp} was started with {key}={_plain(f.attrs.get(key))!r}, this dump has "
+                    f"{_plain(attrs[key])!r}: resume with the same arguments, or pass --force to start over"
+                )
+        return f
+
+    @property
+    def rows_done(self) -> int:
+        return int(self.file.attrs["rows_done"])
+
+    def write_rows(self, start: int, logits: np.ndarray, params: np.ndarray, labels, indices) -> None:
+        """Write one block, flush it, and only then record it as done (the resume point)."""
+        stop = start + len(logits)
+        f = self.file
+        f["logits"][start:stop] = logits
+        f["view_params"][start:stop] = params
+        f["labels"][start:stop] = labels
+        f["indices"][start:stop] = indices
+        f["block_sha256"][start // int(f.attrs["block_rows"])] = np.frombuffer(block_digest(logits, params), np.uint8)
+        f.flush()
+        f.attrs["rows_done"] = stop
+        f.flush()
+
+    def finish(self, test_logits: np.ndarray | None, extra_attrs: dict) -> Path:
+        f = self.file
+        if test_logits is not None:
+            f["test_logits"][...] = test_logits
+        f.attrs.update(extra_attrs)
+        f.attrs["complete"] = True
+        f.close()
+        os.replace(self.tmp, self.out)
+        return self.out
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+
+def _plain(v):
+    """h5py attribute values as plain Python, for comparisons and JSON."""
+    if isinstance(v, np.ndarray):
+        return [_plain(x) for x in v.tolist()]
+    if isinstance(v, (np.generic,)):
+        return v.item()
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+class Cache:
+    """A validated, open cache. Attributes are plain Python in `attrs`."""
+
+    def __init__(self, path: Path, file: h5py.File):
+        self.path, self.file = path, file
+        self.attrs = {k: _plain(v) for k, v in file.attrs.items()}
+
+    @property
+    def num_rows(self) -> int:
+        return self.file["logits"].shape[0]
+
+    @property
+    def num_views(self) -> int:
+        return int(self.attrs["num_views"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.attrs["num_classes"])
+
+    def tensors(self, device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits fp16 [N,K,C], view_params uint8 [N,K,3], labels int64 [N]) on `device`."""
+        return tuple(torch.from_numpy(self.file[name][...]).to(device) for name in ("logits", "view_params", "labels"))
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> "Cache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_cache(path: str | Path, *, require_complete: bool = True) -> Cache:
+    """Open and validate a cache; every failure is a one-line KDCacheError saying what to do."""
+    path = Path(path)
+    if not path.exists():
+        hint = f" (an interrupted dump is at {partial_path(path)}: finish it with dump-logits --resume)" if partial_path(
+            path
+        ).exists() else ""
+        raise KDCacheError(f"cache {path} does not exist{hint}: create it with `kdcache dump-logits`")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise KDCacheError(
+            f"{path} is not a readable HDF5 file ({str(e).splitlines()[0][:80]}): it may be truncated; "
+            "recreate it with `kdcache dump-logits`"
+        ) from None
+    attrs = f.attrs
+    problem = None
+    if _plain(attrs.get("format")) != FORMAT:
+        problem = f"{path} is not a kdcache logit cache (format {_plain(attrs.get('format'))!r}): pass a file written by dump-logits"
+    elif _plain(attrs.get("format_version")) != FORMAT_VERSION:
+        problem = (
+            f"{path} is cache format v{_plain(attrs.get('format_version'))}, this kdcache reads v{FORMAT_VERSION}: "
+            "recreate it with this version's dump-logits"
+        )
+    elif _plain(attrs.get("view_recipe")) != VIEW_RECIPE:
+        problem = f"{path} uses view recipe {_plain(attrs.get('view_recipe'))!r}, this kdcache knows {VIEW_RECIPE!r} only"
+    elif require_complete and not _plain(attrs.get("complete")):
+        problem = f"{path} is incomplete (an interrupted dump): finish it with `kdcache dump-logits --resume`"
+    elif not all(name in f for name in ("logits", "view_params", "labels", "indices")):
+        problem = f"{path} lacks datasets of format v1: recreate it with `kdcache dump-logits`"
+    if problem:
+        f.close()
+        raise KDCacheError(problem)
+    return Cache(path, f)
+
+
+def check_matches(cache: Cache, fingerprint: str, num_classes: int, dataset: str) -> None:
+    """Refuse a cache made from other data (fingerprint covers --subset too) or class count."""
+    a = cache.attrs
+    if a["dataset"] != dataset:
+        raise KDCacheError(f"{cache.path} was made from {a['dataset']}, not {dataset}: pass --dataset {a['dataset']}")
+    if int(a["num_classes"]) != num_classes:
+        raise KDCacheError(
+            f"{cache.path} has {a['num_classes']} classes, the data has {num_classes}: use a cache of this dataset"
+        )
+    if a["dataset_fingerprint"] != fingerprint:
+        raise KDCacheError(
+            f"{cache.path} was made from other training images (fingerprint {a['dataset_fingerprint'][:12]}, "
+            f"these are {fingerprint[:12]}): use the same --data-dir and --subset "
+            f"({cache.num_rows} rows) as the dump, or dump again"
+        )

@@ -1,0 +1,345 @@
+"""The Typer app: flags, rich progress and tables, errors to exit codes. No training logic here."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from kdcache.config import DEFAULT_PRESET, PRESETS, get_preset
+from kdcache.errors import KDCacheError
+
+app = typer.Typer(
+    help=(
+        "Knowledge distillation with cached teacher logits.\n\n"
+        "Train a teacher once, cache its logits for K augmented views of every training image, "
+        "then train any number of students against the cache, without the teacher in the loop:\n\n"
+        "  kdcache teacher  ->  kdcache dump-logits --views 8  ->  kdcache student --T 3 --alpha 0.5"
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+TEACHER_OUT = Path("saved_models/teacher.pt")
+CACHE_OUT = Path("saved_models/teacher_logits.h5")
+STUDENT_OUT = Path("saved_models/student.pt")
+PRESET_NAMES = ", ".join(PRESETS)
+
+
+def command(name: str | None = None, **kwargs):
+    """`app.command` that turns KDCacheError into one line on stderr and exit code 2."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def run(*args, **kw):
+            try:
+                return fn(*args, **kw)
+            except KDCacheError as e:
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(2) from None
+            except KeyboardInterrupt:
+                typer.echo("interrupted: partial work is kept; rerun the same command with --resume", err=True)
+                raise typer.Exit(130) from None
+
+        return app.command(name, **kwargs)(run)
+
+    return decorate
+
+
+class RichProgress:
+    """`train.Progress` on one live rich bar (stderr); epoch lines print above it."""
+
+    def __init__(self, console: Console = err_console):
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task = None
+
+    def __enter__(self) -> "RichProgress":
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+    def begin(self, description: str, total: int) -> None:
+        self.task = self.bar.add_task(description, total=total)
+
+    def advance(self) -> None:
+        self.bar.advance(self.task)
+
+    def end(self) -> None:
+        self.bar.remove_task(self.task)
+
+
+def print_epoch(m: dict) -> None:
+    err_console.print(
+        f"epoch {m['epoch']:>3}  loss {m['train_loss']:.4f}  train {100 * m['train_acc']:5.2f}%  "
+        f"test {100 * m['test_acc']:5.2f}%  lr {m['lr']:.4g}  {m['train_img_s']:,.0f} img/s  {m['train_time_s']:.1f} s",
+        highlight=False,
+    )
+
+
+# ---- shared options -----------------------------------------------------------------------------
+
+PresetOpt = typer.Option(None, "--preset", help=f"Named recipe: {PRESET_NAMES}. Flags you pass override it. [default: {DEFAULT_PRESET}]")
+DataDirOpt = typer.Option(Path("data"), "--data-dir", help="Folder with the dataset's python batches (e.g. data/cifar-10-batches-py).")
+SubsetOpt = typer.Option(None, "--subset", help="Use only the first N training images. [default: all, or the preset's]")
+SeedOpt = typer.Option(None, "--seed", help="Seed for initialisation, views and order. [default: 0]")
+DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda (auto: cuda when available).")
+PrecisionOpt = typer.Option("auto", "--precision", help="auto | fp32 | bf16 (auto: bf16 autocast + channels_last on cuda, fp32 on cpu).")
+CompileOpt = typer.Option(False, "--compile", help="torch.compile the model (pays off on long CUDA runs).")
+ForceOpt = typer.Option(False, "--force", help="Overwrite an existing output (or discard an interrupted run's state).")
+ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run of the same command from its last saved point.")
+EpochsOpt = typer.Option(None, "--epochs", help="Training epochs. [default: the preset's, 200 for seed-resnet]")
+BatchOpt = typer.Option(None, "--batch-size", help="Training batch size. [default: the preset's, 128 for seed-resnet]")
+LrOpt = typer.Option(None, "--lr", help="Peak learning rate. [default: the preset's, 0.1 (SGD) for seed-resnet]")
+OptimOpt = typer.Option(None, "--optimizer", help="sgd (momentum 0.9, wd 5e-4, cosine) | adam (constant lr). [default: the preset's]")
+
+
+def _runtime(device: str, precision: str, compile: bool):
+    from kdcache.train import Runtime
+
+    return Runtime.create(device, precision, compile)
+
+
+def _results_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+def _stage_summary(title: str, result) -> None:
+    out_console.print(
+        _results_table(
+            title,
+            [
+                ("architecture", f"{result.arch} ({result.params:,} parameters)"),
+                ("test accuracy", f"{100 * result.test_acc:.2f}%"),
+                ("epochs", str(len(result.history))),
+                ("training time", f"{result.train_time_s:.1f} s"),
+                ("checkpoint", str(result.out)),
+            ],
+        )
+    )
+
+
+# ---- commands -----------------------------------------------------------------------------------
+
+
+@command("teacher")
+def teacher_cmd(
+    preset: Optional[str] = PresetOpt,
+    arch: Optional[str] = typer.Option(None, "--arch", help="Teacher architecture: resnet18|34|50, seed-cnn-teacher. [default: resnet50]"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="cifar10 | cifar100. [default: cifar10]"),
+    data_dir: Path = DataDirOpt,
+    subset: Optional[int] = SubsetOpt,
+    epochs: Optional[int] = EpochsOpt,
+    batch_size: Optional[int] = BatchOpt,
+    lr: Optional[float] = LrOpt,
+    optimizer: Optional[str] = OptimOpt,
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random pad-4 crop + flip each epoch. [default: the preset's]"),
+    seed: Optional[int] = SeedOpt,
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    compile: bool = CompileOpt,
+    out: Path = typer.Option(TEACHER_OUT, "--out", help="Checkpoint to write (metrics go beside it as .metrics.jsonl)."),
+    force: bool = ForceOpt,
+    resume: bool = ResumeOpt,
+):
+    """Train the teacher and save a self-describing checkpoint (arch, classes, data fingerprint, metrics)."""
+    from kdcache.stages import train_teacher
+
+    recipe = get_preset(preset).override(
+        teacher_arch=arch, dataset=dataset, subset=subset, teacher_epochs=epochs, batch_size=batch_size,
+        lr=lr, optimizer=optimizer, augment=augment, seed=seed,
+    )  # fmt: skip
+    rt = _runtime(device, precision, compile)
+    err_console.print(f"teacher {recipe.teacher_arch} on {recipe.dataset} · {rt.describe()}", highlight=False)
+    with RichProgress() as progress:
+        result = train_teacher(recipe, data_dir=data_dir, out=out, rt=rt, force=force, resume=resume,
+                               progress=progress, on_epoch=print_epoch)  # fmt: skip
+    _stage_summary("teacher", result)
+
+
+@command("dump-logits")
+def dump_cmd(
+    preset: Optional[str] = PresetOpt,
+    teacher: Path = typer.Option(TEACHER_OUT, "--teacher", help="Teacher checkpoint written by `kdcache teacher`."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Refuse a teacher of any other architecture."),
+    views: Optional[int] = typer.Option(None, "--views", help="Augmented views per image, K. [default: the preset's, 8 for seed-resnet]"),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Crop+flip views; --no-augment caches the plain image. [default: the preset's]"),
+    data_dir: Path = DataDirOpt,
+    subset: Optional[int] = SubsetOpt,
+    seed: Optional[int] = SeedOpt,
+    batch_size: int = typer.Option(512, "--batch-size", help="Teacher inference batch size."),
+    block_rows: int = typer.Option(1024, "--block-rows", help="Images per written block (the resume and checksum unit)."),
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    compile: bool = CompileOpt,
+    out: Path = typer.Option(CACHE_OUT, "--out", help="HDF5 cache to write (built as OUT.partial, renamed when complete)."),
+    force: bool = ForceOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted dump (OUT.partial) from its last complete block."),
+):
+    """Cache the teacher's raw logits for K deterministic augmented views of every training image."""
+    from kdcache.dump import dump_logits
+
+    recipe = get_preset(preset).override(views=views, augment=augment, seed=seed, subset=subset)
+    rt = _runtime(device, precision, compile)
+    err_console.print(f"dump {recipe.views} view(s) per image · {rt.describe()}", highlight=False)
+    with RichProgress() as progress:
+        path = dump_logits(
+            teacher_path=teacher, data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
+            batch_size=batch_size, rt=rt, subset=recipe.subset, augment=recipe.augment, arch=arch,
+            block_rows=block_rows, force=force, resume=resume, progress=progress,
+        )  # fmt: skip
+    _print_cache_summary(path)
+
+
+def _print_cache_summary(path: Path) -> None:
+    from kdcache.verify import cache_summary
+
+    out_console.print(_results_table(f"cache {path}", cache_summary(path)))
+
+
+@command("student")
+def student_cmd(
+    preset: Optional[str] = PresetOpt,
+    arch: Optional[str] = typer.Option(None, "--arch", help="Student architecture: resnet18|34|50, seed-cnn-student. [default: resnet18]"),
+    cache: Path = typer.Option(CACHE_OUT, "--cache", help="Logit cache written by `kdcache dump-logits`."),
+    data_dir: Path = DataDirOpt,
+    subset: Optional[int] = typer.Option(None, "--subset", help="Must match the cache's; [default: the cache's]"),
+    epochs: Optional[int] = EpochsOpt,
+    batch_size: Optional[int] = BatchOpt,
+    lr: Optional[float] = LrOpt,
+    optimizer: Optional[str] = OptimOpt,
+    T: Optional[float] = typer.Option(None, "--T", help="Distillation temperature (> 0). [default: the preset's, 3]"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Weight of the soft-target loss in [0, 1]; 0 trains the student alone. [default: 0.5]"),
+    seed: Optional[int] = SeedOpt,
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    compile: bool = CompileOpt,
+    out: Path = typer.Option(STUDENT_OUT, "--out", help="Checkpoint to write (metrics go beside it as .metrics.jsonl)."),
+    force: bool = ForceOpt,
+    resume: bool = ResumeOpt,
+):
+    """Train a student against the cached soft targets, replaying exactly the views the teacher saw.
+
+    Loss = alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y).
+    """
+    from kdcache.stages import train_student
+
+    recipe = get_preset(preset).override(
+        student_arch=arch, subset=subset, epochs=epochs, batch_size=batch_size, lr=lr,
+        optimizer=optimizer, T=T, alpha=alpha, seed=seed,
+    )  # fmt: skip
+    rt = _runtime(device, precision, compile)
+    err_console.print(
+        f"student {recipe.student_arch} · T={recipe.T} alpha={recipe.alpha} · {rt.describe()}", highlight=False
+    )
+    with RichProgress() as progress:
+        result = train_student(recipe, cache_file=cache, data_dir=data_dir, out=out, rt=rt, force=force,
+                               resume=resume, progress=progress, on_epoch=print_epoch)  # fmt: skip
+    _stage_summary("student", result)
+
+
+@command("eval")
+def eval_cmd(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint written by `kdcache teacher` or `kdcache student`."),
+    data_dir: Path = DataDirOpt,
+    batch_size: int = typer.Option(1024, "--batch-size", help="Inference batch size."),
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+):
+    """Print a checkpoint's test accuracy on its dataset."""
+    from kdcache.data import load_dataset
+    from kdcache.models import load_checkpoint, num_params
+    from kdcache.train import accuracy, predict
+
+    if batch_size < 1:
+        raise KDCacheError(f"--batch-size must be >= 1 (got {batch_size})")
+    rt = _runtime(device, precision, False)
+    model, meta = load_checkpoint(checkpoint, device=rt.device)
+    data = load_dataset(meta["dataset"], data_dir, subset=1)
+    if data.num_classes != meta["num_classes"]:
+        raise KDCacheError(f"{checkpoint} predicts {meta['num_classes']} classes, {data.name} has {data.num_classes}")
+    logits = predict(rt.prepare(model), data.test_x, meta["normalize_mean"], meta["normalize_std"], rt, batch_size=batch_size)
+    acc = accuracy(logits, data.test_y)
+    out_console.print(
+        _results_table(
+            f"eval {checkpoint}",
+            [
+                ("architecture", f"{meta['arch']} ({num_params(model):,} parameters)"),
+                ("dataset", f"{data.name} test split, {len(data.test_y):,} images"),
+                ("test accuracy", f"{100 * acc:.2f}%"),
+            ],
+        )
+    )
+
+
+@command("inspect")
+def inspect_cmd(
+    cache: Path = typer.Argument(..., help="A logit cache (complete or interrupted)."),
+    T: float = typer.Option(3.0, "--T", help="Temperature for the soft-target entropy."),
+):
+    """Summarise a cache: format, dataset, N x K x C, size, teacher, accuracy, entropy, completeness."""
+    from kdcache.verify import cache_summary
+
+    if T <= 0:
+        raise KDCacheError(f"--T must be > 0 (got {T})")
+    out_console.print(_results_table(f"cache {cache}", cache_summary(cache, T)))
+
+
+@command("verify")
+def verify_cmd(
+    cache: Path = typer.Argument(..., help="The logit cache to check."),
+    teacher: Path = typer.Option(TEACHER_OUT, "--teacher", help="The teacher checkpoint the cache was made with."),
+    data_dir: Path = DataDirOpt,
+    samples: int = typer.Option(256, "--samples", help="Random (image, view) pairs to re-render and re-run through the teacher."),
+    device: str = DeviceOpt,
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto for the teacher re-run."),
+):
+    """Prove a cache: metadata, shapes, finite values, view params, block checksums, fingerprint, teacher replay.
+
+    Exit 0 when everything holds, 1 when something is wrong (the table says what).
+    """
+    from kdcache.verify import verify_cache
+
+    report = verify_cache(cache, teacher=teacher, data_dir=data_dir, samples=samples, rt=_runtime(device, precision, False))
+    table = Table(title=f"verify {cache}", title_justify="left")
+    table.add_column("check")
+    table.add_column("")
+    table.add_column("detail")
+    for c in report.checks:
+        table.add_row(c.name, "[green]ok[/]" if c.ok else "[red]FAIL[/]", c.detail)
+    out_console.print(table)
+    if not report.ok:
+        failed = ", ".join(c.name for c in report.checks if not c.ok)
+        typer.echo(f"verify failed: {failed}", err=True)
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

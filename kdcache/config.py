@@ -1,0 +1,130 @@
+"""Training recipes and the named presets that bundle them.
+
+A `Recipe` holds every knob the three stages share. Presets are named recipes;
+CLI flags the user actually typed override the preset field by field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from kdcache.errors import KDCacheError
+
+# Normalisation constants of the two seed notebooks.
+SEED_RESNET_MEAN = (0.4914, 0.4822, 0.4465)
+SEED_RESNET_STD = (0.2023, 0.1994, 0.2010)
+SEED_CNN_MEAN = (0.456, 0.456, 0.406)
+SEED_CNN_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that defines a teacher -> cache -> student run (defaults: notebook 1)."""
+
+    dataset: str = "cifar10"
+    subset: int | None = None
+    teacher_arch: str = "resnet50"
+    student_arch: str = "resnet18"
+    epochs: int = 200
+    teacher_epochs: int | None = None  # None: same as `epochs`
+    batch_size: int = 128
+    lr: float = 0.1
+    optimizer: str = "sgd"  # sgd | adam
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | constant
+    augment: bool = True  # pad-4 crop + flip; False: the identity view only
+    views: int = 8
+    T: float = 3.0
+    alpha: float = 0.5
+    mean: tuple[float, float, float] = SEED_RESNET_MEAN
+    std: tuple[float, float, float] = SEED_RESNET_STD
+    seed: int = 0
+
+    def override(self, **values) -> "Recipe":
+        """A copy with every non-None value replaced (None means: keep the preset's)."""
+        return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
+
+    @property
+    def teacher_recipe_epochs(self) -> int:
+        return self.teacher_epochs if self.teacher_epochs is not None else self.epochs
+
+
+PRESETS: dict[str, Recipe] = {
+    # Notebook 1: ResNet50 -> ResNet18, SGD + cosine, crop + flip, T=3, alpha=0.5.
+    "seed-resnet": Recipe(),
+    # Notebook 2: its two CNNs, Adam 1e-3, 10 epochs, batch 64, no augmentation,
+    # T=2, soft-target weight 0.25 / CE weight 0.75.
+    "seed-cnn": Recipe(
+        teacher_arch="seed-cnn-teacher",
+        student_arch="seed-cnn-student",
+        epochs=10,
+        batch_size=64,
+        lr=1e-3,
+        optimizer="adam",
+        momentum=0.0,
+        weight_decay=0.0,
+        schedule="constant",
+        augment=False,
+        views=1,
+        T=2.0,
+        alpha=0.25,
+        mean=SEED_CNN_MEAN,
+        std=SEED_CNN_STD,
+    ),
+    # The README's quick end-to-end job: real CIFAR-10 subset, the notebook-2 CNNs,
+    # a few minutes on a 2-core CPU, still a visible teacher > KD > alone ordering.
+    "demo": Recipe(
+        subset=10000,
+        teacher_arch="seed-cnn-teacher",
+        student_arch="seed-cnn-student",
+        epochs=6,
+        teacher_epochs=4,
+        batch_size=64,
+        lr=1e-3,
+        optimizer="adam",
+        momentum=0.0,
+        weight_decay=0.0,
+        schedule="constant",
+        augment=True,
+        views=2,
+        T=2.0,
+        alpha=0.5,
+        mean=SEED_CNN_MEAN,
+        std=SEED_CNN_STD,
+    ),
+}
+DEFAULT_PRESET = "seed-resnet"
+
+
+def get_preset(name: str | None) -> Recipe:
+    name = name or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise KDCacheError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def validate(recipe: Recipe, *, num_train: int | None = None) -> Recipe:
+    """Refuse values that cannot train, with a message naming the flag."""
+    checks = [
+        (recipe.epochs >= 1, f"--epochs must be >= 1 (got {recipe.epochs})"),
+        (recipe.teacher_recipe_epochs >= 1, f"--epochs must be >= 1 (got {recipe.teacher_recipe_epochs})"),
+        (recipe.batch_size >= 1, f"--batch-size must be >= 1 (got {recipe.batch_size})"),
+        (recipe.views >= 1, f"--views must be >= 1 (got {recipe.views})"),
+        (recipe.T > 0, f"--T must be > 0 (got {recipe.T})"),
+        (0.0 <= recipe.alpha <= 1.0, f"--alpha must be in [0, 1] (got {recipe.alpha})"),
+        (recipe.lr > 0, f"--lr must be > 0 (got {recipe.lr})"),
+        (recipe.subset is None or recipe.subset >= 1, f"--subset must be >= 1 (got {recipe.subset})"),
+        (recipe.optimizer in ("sgd", "adam"), f"--optimizer must be sgd or adam (got {recipe.optimizer!r})"),
+        (recipe.schedule in ("cosine", "constant"), f"schedule must be cosine or constant (got {recipe.schedule!r})"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise KDCacheError(message)
+    if num_train is not None and recipe.subset is not None and recipe.subset > num_train:
+        raise KDCacheError(
+            f"--subset {recipe.subset} is larger than the {num_train} training images of "
+            f"{recipe.dataset}: use at most {num_train}, or leave --subset out for all"
+        )
+    return recipe

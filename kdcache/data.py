@@ -1,0 +1,208 @@
+"""Datasets as uint8 tensors [N, 3, H, W] + int64 labels, read from the python batches.
+
+CIFAR-10/100 are small enough (150 MB as uint8) to live whole in device memory, so
+this module returns plain tensors, not a DataLoader. Readers check shapes, counts
+and labels, never the md5 sums of the batch files (local copies may differ).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdcache.errors import KDCacheError
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    folder: str  # the folder torchvision's reader uses under its root
+    train_files: tuple[str, ...]
+    test_file: str
+    meta_file: str
+    label_key: str
+    names_key: str
+    num_classes: int
+    num_train: int
+    num_test: int
+
+
+SPECS: dict[str, DatasetSpec] = {
+    "cifar10": DatasetSpec(
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        "test_batch",
+        "batches.meta",
+        "labels",
+        "label_names",
+        10,
+        50000,
+        10000,
+    ),
+    "cifar100": DatasetSpec(
+        "cifar-100-python", ("train",), "test", "meta", "fine_labels", "fine_label_names", 100, 50000, 10000
+    ),
+}
+
+
+@dataclass
+class Dataset:
+    """A train split (possibly the first N rows) and the full test split, all uint8 on CPU."""
+
+    name: str
+    train_x: torch.Tensor  # uint8 [N, 3, 32, 32]
+    train_y: torch.Tensor  # int64 [N]
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list[str]
+    fingerprint: str  # sha256 of the train images + labels used (after --subset)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """Rows of the full training set that this split holds (a prefix)."""
+        return torch.arange(len(self.train_y))
+
+
+def fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(images).tobytes())
+    h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise KDCacheError(f"cannot read {path} ({e}): replace it with an intact copy of the dataset") from None
+
+
+def _read_split(folder: Path, files: tuple[str, ...], spec: DatasetSpec, expected: int):
+    xs, ys = [], []
+    for name in files:
+        d = _unpickle(folder / name)
+        if "data" not in d or spec.label_key not in d:
+            raise KDCacheError(f"{folder / name} has no 'data'/'{spec.label_key}' keys: it is not a {spec.folder} batch")
+        xs.append(np.asarray(d["data"], dtype=np.uint8))
+        ys.append(np.asarray(d[spec.label_key], dtype=np.int64))
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or len(x) != len(y) or len(y) != expected:
+        raise KDCacheError(
+            f"{folder} holds {len(y)} images of shape {x.shape[1:]} where {expected} of 3072 bytes are expected: "
+            "replace it with an intact copy of the dataset"
+        )
+    if y.min() < 0 or y.max() >= spec.num_classes:
+        raise KDCacheError(f"{folder} has labels outside 0..{spec.num_classes - 1}: replace it with an intact copy")
+    return x.reshape(-1, 3, 32, 32), y
+
+
+def find_folder(name: str, data_dir: Path) -> Path | None:
+    """The batches folder for `name` under `data_dir` (or `data_dir` itself), if present."""
+    spec = SPECS[name]
+    for candidate in (data_dir / spec.folder, data_dir):
+        if (candidate / spec.test_file).is_file() and all((candidate / f).is_file() for f in spec.train_files):
+            return candidate
+    return None
+
+
+def _download(name: str, data_dir: Path) -> Path:
+    from torchvision import datasets
+
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+    spec = SPECS[name]
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        cls(root=str(data_dir), train=True, download=True)  # md5-checked by torchvision
+    except Exception as e:  # network errors come in many types
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise KDCacheError(
+            f"{name} is not in {data_dir} and downloading it failed ({reason}): "
+            f"put the python batches in {data_dir / spec.folder} (make data links ../shared/cifar10 there)"
+        ) from None
+    return data_dir / spec.folder
+
+
+def load_dataset(
+    name: str = "cifar10", data_dir: str | Path = "data", subset: int | None = None, download: bool = True
+) -> Dataset:
+    """Read `name` from `data_dir` (downloading through torchvision if allowed) as uint8 tensors."""
+    if name not in SPECS:
+        raise KDCacheError(f"unknown dataset {name!r}: choose one of {', '.join(SPECS)}")
+    spec, data_dir = SPECS[name], Path(data_dir)
+    folder = find_folder(name, data_dir)
+    if folder is None:
+        if not download or os.environ.get("KDCACHE_OFFLINE"):
+            raise KDCacheError(
+                f"{name} not found in {data_dir}: put the python batches in {data_dir / spec.folder} "
+                "(make data links ../shared/cifar10 there), or allow the download"
+            )
+        folder = _download(name, data_dir)
+    meta = _unpickle(folder / spec.meta_file) if (folder / spec.meta_file).is_file() else {}
+    classes = list(meta.get(spec.names_key, [str(i) for i in range(spec.num_classes)]))
+    # CIFAR-10's own metadata states the batch size; generated copies state theirs.
+    per_batch = meta.get("num_cases_per_batch")
+    num_train = per_batch * len(spec.train_files) if per_batch else spec.num_train
+    num_test = per_batch if per_batch else spec.num_test
+    if subset is not None and not 1 <= subset <= num_train:
+        raise KDCacheError(
+            f"--subset {subset} is outside 1..{num_train}, the size of the {name} training set in {folder}: "
+            f"use at most {num_train}, or leave --subset out for all"
+        )
+    train_x, train_y = _read_split(folder, spec.train_files, spec, num_train)
+    test_x, test_y = _read_split(folder, (spec.test_file,), spec, num_test)
+    if subset is not None:
+        train_x, train_y = train_x[:subset], train_y[:subset]
+    return Dataset(
+        name=name,
+        train_x=torch.from_numpy(np.ascontiguousarray(train_x)),
+        train_y=torch.from_numpy(train_y),
+        test_x=torch.from_numpy(np.ascontiguousarray(test_x)),
+        test_y=torch.from_numpy(test_y),
+        classes=classes,
+        fingerprint=fingerprint(train_x, train_y),
+    )
+
+
+def write_fake_cifar10(root: str | Path, num_train: int = 1000, seed: int = 0) -> Path:
+    """Write a generated dataset in the real CIFAR-10 on-disk layout (for tests and benchmarks).
+
+    Images are class-dependent colour patterns plus noise, so small models can learn them.
+    Five train batches of num_train/5 images and a test batch of the same size, as
+    `batches.meta` (num_cases_per_batch) states.
+    """
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / SPECS["cifar10"].folder
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def make(n: int) -> tuple[np.ndarray, list[int]]:
+        labels = rng.integers(0, 10, n)
+        base = np.stack([np.full((32, 32), 25 * c, np.float32) for c in range(10)])  # [10, 32, 32]
+        yy, xx = np.mgrid[0:32, 0:32]
+        img = np.empty((n, 3, 32, 32), np.float32)
+        for ch in range(3):
+            img[:, ch] = base[(labels + 3 * ch) % 10]
+        img += 40 * np.sin((xx + 3 * labels[:, None, None]) / 4.0)[:, None]
+        img += rng.normal(0, 70, img.shape)
+        return np.clip(img, 0, 255).astype(np.uint8).reshape(n, -1), labels.tolist()
+
+    per_batch = num_train // 5
+    for i in range(5):
+        x, y = make(per_batch)
+        with open(folder / f"data_batch_{i + 1}", "wb") as f:
+            pickle.dump({"data": x, "labels": y, "batch_label": f"fake {i + 1}"}, f)
+    x, y = make(per_batch)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": x, "labels": y, "batch_label": "fake test"}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{c}" for c in range(10)], "num_cases_per_batch": per_batch}, f)
+    return folder

@@ -1,0 +1,126 @@
+"""Teacher inference over N x K deterministic views, streamed into the cache writer."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdcache import cache as cache_io
+from kdcache.artifacts import prepare_output
+from kdcache.data import load_dataset
+from kdcache.errors import KDCacheError
+from kdcache.models import file_sha256, load_checkpoint
+from kdcache.train import Progress, Runtime, _NoProgress, accuracy, predict
+from kdcache.views import view_params
+
+
+def _disk_full(e: OSError) -> bool:
+    """h5py reports a failed write as OSError with the C errno only in its text."""
+    codes = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    return e.errno in codes or any(f"errno = {c}," in str(e) for c in codes) or "space" in str(e).lower()
+
+
+def dump_logits(
+    *,
+    teacher_path: str | Path,
+    data_dir: str | Path,
+    out: str | Path,
+    views: int,
+    seed: int,
+    batch_size: int,
+    rt: Runtime,
+    subset: int | None = None,
+    augment: bool = True,
+    arch: str | None = None,
+    block_rows: int = cache_io.BLOCK_ROWS,
+    force: bool = False,
+    resume: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Write `out` (cache format v1): raw teacher logits for `views` views of every training image.
+
+    Rows are processed in blocks of `block_rows` samples; each block is flushed
+    before it counts as done, so `resume` restarts at the first unfinished block and
+    yields the same bytes as an uninterrupted dump (same arguments, CPU).
+    """
+    if views < 1:
+        raise KDCacheError(f"--views must be >= 1 (got {views})")
+    if batch_size < 1:
+        raise KDCacheError(f"--batch-size must be >= 1 (got {batch_size})")
+    if block_rows < 1:
+        raise KDCacheError(f"--block-rows must be >= 1 (got {block_rows})")
+    out = prepare_output(out, force=force, resume=resume, interrupted=cache_io.partial_path(out))
+    teacher, meta = load_checkpoint(teacher_path, arch=arch, device=rt.device)
+    teacher = rt.prepare(teacher)
+    data = load_dataset(meta["dataset"], data_dir, subset)
+    if data.num_classes != meta["num_classes"]:
+        raise KDCacheError(f"{teacher_path} predicts {meta['num_classes']} classes, {data.name} has {data.num_classes}")
+    mean, std = tuple(meta["normalize_mean"]), tuple(meta["normalize_std"])
+    n, c = len(data.train_y), data.num_classes
+    attrs = {
+        "num_views": views,
+        "num_classes": c,
+        "dataset": data.name,
+        "dataset_fingerprint": data.fingerprint,
+        "subset": n,
+        "teacher_arch": meta["arch"],
+        "teacher_sha256": file_sha256(teacher_path),
+        "teacher_path": str(teacher_path),
+        "seed": seed,
+        "augment": augment,
+        "normalize_mean": list(mean),
+        "normalize_std": list(std),
+        "batch_size": batch_size,
+        "block_rows": block_rows,
+        "precision": "bf16" if rt.amp_dtype is not None else "fp32",
+    }
+    need = cache_io.bytes_needed(n, views, c, len(data.test_y))
+    free = shutil.disk_usage(out.parent).free
+    if free < need * 1.1:
+        raise KDCacheError(
+            f"{out.parent} has {free / 1e6:.1f} MB free, the cache needs about {need / 1e6:.1f} MB: free space or choose another --out"
+        )
+    if not resume:
+        cache_io.partial_path(out).unlink(missing_ok=True)
+    writer = cache_io.CacheWriter(out, attrs=attrs, num_rows=n, num_test=len(data.test_y), resume=resume)
+    progress = progress or _NoProgress()
+    try:
+        images = data.train_x.to(rt.device)
+        blocks = range(writer.rows_done, n, block_rows)
+        progress.begin(f"dump {n}x{views} views", len(blocks))
+        for start in blocks:
+            stop = min(start + block_rows, n)
+            params = view_params(seed, range(start, stop), range(views), augment=augment)  # [b, K, 3]
+            imgs = images[start:stop].unsqueeze(1).expand(-1, views, -1, -1, -1).flatten(0, 1)
+            logits = predict(teacher, imgs, mean, std, rt, params=params.flatten(0, 1), batch_size=batch_size)
+            writer.write_rows(
+                start,
+                logits.view(stop - start, views, c).to(torch.float16).cpu().numpy(),
+                params.numpy(),
+                data.train_y[start:stop].numpy(),
+                np.arange(start, stop, dtype=np.int64),
+            )
+            progress.advance()
+        progress.end()
+        test_logits = predict(teacher, data.test_x, mean, std, rt, batch_size=batch_size)
+        cached = torch.from_numpy(writer.file["logits"][...])
+        view_acc = (cached.float().argmax(-1) == data.train_y[:, None]).float().mean().item()
+        return writer.finish(
+            test_logits.to(torch.float16).cpu().numpy(),
+            {"teacher_test_acc": accuracy(test_logits, data.test_y), "teacher_view_acc": view_acc},
+        )
+    except OSError as e:
+        writer.close()
+        if _disk_full(e):
+            cache_io.partial_path(out).unlink(missing_ok=True)
+            raise KDCacheError(
+                f"the disk filled up while writing {out} ({e.strerror or e}); the partial file was removed: "
+                f"free about {need / 1e6:.0f} MB and run again"
+            ) from None
+        raise
+    finally:
+        writer.close()

@@ -1,0 +1,177 @@
+"""The teacher and student stages: data + model + batch plan + loss, handed to `train.fit`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kdcache import cache as cache_io
+from kdcache.artifacts import metrics_path, prepare_output, write_metrics
+from kdcache.config import Recipe, validate
+from kdcache.data import Dataset, load_dataset
+from kdcache.errors import KDCacheError
+from kdcache.losses import kd_loss
+from kdcache.models import build, num_params, save_checkpoint
+from kdcache.train import (
+    Progress,
+    Runtime,
+    ViewBatches,
+    build_optimizer,
+    fit,
+    load_resume,
+    resume_path,
+    save_resume,
+)
+from kdcache.views import STREAM_TRAIN, view_params, view_schedule
+
+
+@dataclass
+class StageResult:
+    out: Path
+    arch: str
+    params: int
+    history: list[dict]
+    train_time_s: float
+
+    @property
+    def test_acc(self) -> float:
+        return self.history[-1]["test_acc"]
+
+
+def _train_and_save(
+    *,
+    role: str,
+    arch: str,
+    data: Dataset,
+    recipe: Recipe,
+    epochs: int,
+    batches: ViewBatches,
+    loss_fn,
+    rt: Runtime,
+    out: Path,
+    resume: bool,
+    extra_meta: dict,
+    progress: Progress | None,
+    on_epoch=None,
+) -> StageResult:
+    """Shared by both stages: seed, build, (resume), fit with per-epoch state, checkpoint."""
+    torch.manual_seed(recipe.seed)
+    raw = build(arch, data.num_classes)
+    model = rt.prepare(raw)
+    optimizer, scheduler = build_optimizer(
+        raw, optimizer=recipe.optimizer, lr=recipe.lr, momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay, epochs=epochs, schedule=recipe.schedule,
+    )  # fmt: skip
+    identity = {"role": role, "arch": arch, "fingerprint": data.fingerprint, "epochs": epochs,
+                "recipe": repr(dataclasses.replace(recipe, subset=None)), **{k: str(v) for k, v in extra_meta.items()}}  # fmt: skip
+    state_file, log_file = resume_path(out), metrics_path(out)
+    start, history = 0, []
+    if resume:
+        start, history = load_resume(state_file, model=raw, optimizer=optimizer, scheduler=scheduler, identity=identity)
+
+    def after_epoch(epoch: int, metrics: dict) -> None:
+        metrics["elapsed_s"] = (history[-1]["elapsed_s"] if history else 0.0) + metrics["train_time_s"]
+        history.append(metrics)
+        save_resume(state_file, model=raw, optimizer=optimizer, scheduler=scheduler,
+                    epochs_done=epoch + 1, history=history, identity=identity)  # fmt: skip
+        write_metrics(log_file, history)  # after the state: a logged epoch is always resumable
+        if on_epoch:
+            on_epoch(metrics)
+
+    fit(model, batches, loss_fn, optimizer, scheduler, rt, epochs=epochs, start_epoch=start,
+        test=(data.test_x, data.test_y), on_epoch=after_epoch, progress=progress)  # fmt: skip
+    train_time = sum(m["train_time_s"] for m in history)
+    save_checkpoint(
+        out, raw, arch=arch,
+        meta={
+            "role": role, "num_classes": data.num_classes, "dataset": data.name,
+            "dataset_fingerprint": data.fingerprint, "num_train": len(data.train_y),
+            "normalize_mean": list(batches.mean), "normalize_std": list(batches.std),
+            "classes": data.classes, "params": num_params(raw),
+            "metrics": {"test_acc": history[-1]["test_acc"], "epochs": epochs, "train_time_s": train_time},
+            "recipe": dataclasses.asdict(recipe), **extra_meta,
+        },
+    )  # fmt: skip
+    state_file.unlink(missing_ok=True)
+    return StageResult(out, arch, num_params(raw), history, train_time)
+
+
+def train_teacher(
+    recipe: Recipe,
+    *,
+    data_dir: str | Path,
+    out: str | Path,
+    rt: Runtime,
+    force: bool = False,
+    resume: bool = False,
+    progress: Progress | None = None,
+    on_epoch=None,
+) -> StageResult:
+    """Train `recipe.teacher_arch` with cross-entropy on fresh crop+flip views every epoch."""
+    validate(recipe)
+    out = prepare_output(out, force=force, resume=resume, interrupted=resume_path(out))
+    data = load_dataset(recipe.dataset, data_dir, recipe.subset)
+    n = len(data.train_y)
+    idx = torch.arange(n)
+
+    def plan(epoch: int):
+        params = view_params(recipe.seed, idx, [epoch], augment=recipe.augment, stream=STREAM_TRAIN)[:, 0]
+        return params.to(rt.device), None
+
+    batches = ViewBatches(data.train_x.to(rt.device), data.train_y.to(rt.device), plan,
+                          recipe.batch_size, recipe.seed, recipe.mean, recipe.std)  # fmt: skip
+    return _train_and_save(
+        role="teacher", arch=recipe.teacher_arch, data=data, recipe=recipe, epochs=recipe.teacher_recipe_epochs,
+        batches=batches, loss_fn=lambda s, y, t: kd_loss(s, y, None, T=1.0, alpha=0.0), rt=rt, out=out,
+        resume=resume, extra_meta={}, progress=progress, on_epoch=on_epoch,
+    )  # fmt: skip
+
+
+def train_student(
+    recipe: Recipe,
+    *,
+    cache_file: str | Path,
+    data_dir: str | Path,
+    out: str | Path,
+    rt: Runtime,
+    force: bool = False,
+    resume: bool = False,
+    progress: Progress | None = None,
+    on_epoch=None,
+) -> StageResult:
+    """Train `recipe.student_arch` on the cached views, against the cached soft targets.
+
+    Each epoch every sample shows one of its K cached views (each view once per K
+    epochs), rendered exactly as the dump rendered it; alpha = 0 ignores the logits.
+    """
+    validate(recipe)
+    out = prepare_output(out, force=force, resume=resume, interrupted=resume_path(out))
+    with cache_io.open_cache(cache_file) as cache:
+        attrs = cache.attrs
+        subset = recipe.subset if recipe.subset is not None else attrs.get("subset")
+        data = load_dataset(attrs["dataset"], data_dir, subset)
+        cache_io.check_matches(cache, data.fingerprint, data.num_classes, attrs["dataset"])
+        logits, params, labels = cache.tensors(rt.device)
+    if not torch.equal(labels.cpu(), data.train_y):
+        raise KDCacheError(f"{cache_file}: labels differ from the data's: dump the cache again")
+    n, k = params.shape[:2]
+    rows = torch.arange(n, device=rt.device)
+
+    def plan(epoch: int):
+        v = view_schedule(recipe.seed, n, k, epoch).to(rt.device)
+        return params[rows, v], logits[rows, v]
+
+    mean, std = tuple(attrs["normalize_mean"]), tuple(attrs["normalize_std"])
+    batches = ViewBatches(data.train_x.to(rt.device), data.train_y.to(rt.device), plan,
+                          recipe.batch_size, recipe.seed, mean, std)  # fmt: skip
+    T, alpha = recipe.T, recipe.alpha
+    return _train_and_save(
+        role="student", arch=recipe.student_arch, data=data, recipe=recipe, epochs=recipe.epochs,
+        batches=batches, loss_fn=lambda s, y, t: kd_loss(s, y, t, T=T, alpha=alpha), rt=rt, out=out,
+        resume=resume, progress=progress, on_epoch=on_epoch,
+        extra_meta={"T": T, "alpha": alpha, "cache_teacher_sha256": attrs["teacher_sha256"],
+                    "cache_num_views": k, "teacher_arch": attrs["teacher_arch"]},
+    )  # fmt: skip

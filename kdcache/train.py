@@ -1,0 +1,279 @@
+"""ONE training loop for teacher and student: only the batch plan and the loss differ.
+
+The data (uint8) and any cached soft targets live on the device; each epoch's views
+are rendered in batches by `views.render`. On CUDA the step runs under bf16 autocast
+in channels_last, and loss/accuracy accumulate on the device and are read once per
+epoch, so there is no host synchronisation per step.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import torch
+from torch import nn
+
+from kdcache.errors import KDCacheError
+from kdcache.models import atomic_torch_save, unwrap
+from kdcache.views import normalize, render, shuffle_order
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how tensors run: device, autocast dtype, memory format, compilation."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    compile: bool = False
+
+    @classmethod
+    def create(cls, device: str = "auto", precision: str = "auto", compile: bool = False) -> "Runtime":
+        """auto: CUDA when present; bf16 + channels_last there, fp32 on CPU (bf16 runs on CPU too, slowly)."""
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device not in ("cpu", "cuda"):
+            raise KDCacheError(f"--device must be auto, cpu or cuda (got {device!r})")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise KDCacheError("--device cuda asked for, but PyTorch sees no CUDA GPU here: use --device cpu")
+        if precision not in ("auto", "fp32", "bf16"):
+            raise KDCacheError(f"--precision must be auto, fp32 or bf16 (got {precision!r})")
+        bf16 = precision == "bf16" or (precision == "auto" and device == "cuda")
+        if device == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        return cls(torch.device(device), torch.bfloat16 if bf16 else None, channels_last=bf16, compile=compile)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Move to the device (channels_last if set); compile if asked. Keep `unwrap()` for saving."""
+        model = model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        return torch.compile(model) if self.compile else model
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def describe(self) -> str:
+        prec = "bf16 autocast" if self.amp_dtype is not None else "fp32"
+        return f"{self.device.type} · {prec}" + (" · channels_last" if self.channels_last else "") + (
+            " · compiled" if self.compile else ""
+        )
+
+
+Plan = Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+@dataclass
+class ViewBatches:
+    """Per-epoch batches of rendered views from device-resident uint8 images.
+
+    `plan(epoch)` gives the view (dx, dy, flip) of every sample [N, 3] and, for a
+    student, the matching teacher logits [N, C]; the sample order depends only on
+    (seed, epoch), so an epoch is the same whatever happened before it.
+    """
+
+    images: torch.Tensor  # uint8 [N, 3, H, W], on the device
+    labels: torch.Tensor  # int64 [N], on the device
+    plan: Plan
+    batch_size: int
+    seed: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        params, targets = self.plan(epoch)
+        order = shuffle_order(self.seed, len(self.labels), epoch).to(self.images.device)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            x = render(self.images[idx], params[idx], self.mean, self.std)
+            yield x, self.labels[idx], None if targets is None else targets[idx]
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def make_step(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, rt: Runtime, teacher=None):
+    """One optimisation step; returns (loss, correct) as device tensors (no sync).
+
+    With `teacher`, its logits are computed on the same batch in every step: the
+    online distillation of the seed notebook, kept for the benchmark.
+    """
+
+    def step(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None):
+        x = rt.input(x)
+        with rt.autocast():
+            if teacher is not None:
+                with torch.no_grad():
+                    t = teacher(x)
+            out = model(x)
+        loss = loss_fn(out, y, t)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach(), (out.argmax(1) == y).sum()
+
+    return step
+
+
+class Progress(Protocol):
+    def begin(self, description: str, total: int) -> None: ...
+    def advance(self) -> None: ...
+    def end(self) -> None: ...
+
+
+class _NoProgress:
+    def begin(self, description: str, total: int) -> None:
+        pass
+
+    def advance(self) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, images: torch.Tensor, mean, std, rt: Runtime, *, params=None, batch_size: int = 1024
+) -> torch.Tensor:
+    """float32 logits [N, C] for uint8 images (views `params` [N,3] if given, else the plain image)."""
+    model.eval()
+    outs = []
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size].to(rt.device, non_blocking=True)
+        if params is None:
+            x = normalize(x, mean, std)
+        else:
+            x = render(x, params[start : start + batch_size], mean, std)
+        with rt.autocast():
+            outs.append(model(rt.input(x)).float())
+    return torch.cat(outs)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(1).cpu() == labels.cpu()).float().mean().item()
+
+
+def build_optimizer(model: nn.Module, *, optimizer: str, lr: float, momentum: float, weight_decay: float, epochs: int, schedule: str):
+    params = unwrap(model).parameters()
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return opt, sched
+
+
+def fit(
+    model: nn.Module,
+    batches: ViewBatches,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    rt: Runtime,
+    *,
+    epochs: int,
+    test: tuple[torch.Tensor, torch.Tensor],
+    on_epoch: Callable[[int, dict], None],
+    start_epoch: int = 0,
+    progress: Progress | None = None,
+) -> None:
+    """Train epochs [start_epoch, epochs); after each, evaluate and hand metrics to `on_epoch`."""
+    progress = progress or _NoProgress()
+    step = make_step(model, loss_fn, optimizer, rt)
+    test_x, test_y = test
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        lr = optimizer.param_groups[0]["lr"]
+        loss_sum = torch.zeros((), device=rt.device)
+        correct = torch.zeros((), device=rt.device, dtype=torch.long)
+        seen = 0
+        progress.begin(f"epoch {epoch + 1}/{epochs}", len(batches))
+        t0 = time.perf_counter()
+        for x, y, t in batches.epoch(epoch):
+            loss, right = step(x, y, t)
+            loss_sum += loss * len(y)
+            correct += right
+            seen += len(y)
+            progress.advance()
+        scheduler.step()
+        train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen  # the one sync per epoch
+        train_time = time.perf_counter() - t0
+        progress.end()
+        test_acc = accuracy(predict(model, test_x, batches.mean, batches.std, rt), test_y)
+        on_epoch(
+            epoch,
+            {
+                "epoch": epoch + 1,
+                "lr": lr,
+                "train_loss": train_loss,
+                "train_acc": train_acc,
+                "test_acc": test_acc,
+                "train_time_s": train_time,
+                "train_img_s": seen / train_time,
+            },
+        )
+
+
+# ---- resumable training state -------------------------------------------------------------
+
+
+def resume_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".resume")
+
+
+def save_resume(path: Path, *, model, optimizer, scheduler, epochs_done: int, history: list[dict], identity: dict) -> None:
+    """Everything needed to continue bit-for-bit on CPU: weights, optimiser, schedule, RNG."""
+    atomic_torch_save(
+        {
+            "identity": identity,
+            "epochs_done": epochs_done,
+            "history": history,
+            "model": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        path,
+    )
+
+
+def load_resume(path: Path, *, model, optimizer, scheduler, identity: dict) -> tuple[int, list[dict]]:
+    """Restore a state saved by `save_resume`; returns (epochs done, metric history)."""
+    if not path.exists():
+        raise KDCacheError(f"no resume state at {path}: start the run without --resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise KDCacheError(f"{path} is unreadable ({type(e).__name__}): start over without --resume") from None
+    differs = [k for k in identity if state["identity"].get(k) != identity[k]]
+    if differs:
+        k = differs[0]
+        raise KDCacheError(
+            f"{path} was started with {k}={state['identity'].get(k)!r}, this run has {identity[k]!r}: "
+            "resume with the same arguments, or start over without --resume"
+        )
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return state["epochs_done"], state["history"]

@@ -1,0 +1,167 @@
+"""Looking into a cache: `inspect` summarises it, `verify` proves it against data and teacher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdcache import cache as cache_io
+from kdcache.data import load_dataset
+from kdcache.errors import KDCacheError
+from kdcache.models import file_sha256, load_checkpoint
+from kdcache.train import Runtime, predict
+from kdcache.views import view_params
+
+SCAN_ROWS = 4096
+
+
+def _scan(cache: cache_io.Cache, name: str):
+    """Yield (start, block) over a dataset in row blocks: bounded memory for any N."""
+    ds = cache.file[name]
+    for start in range(0, ds.shape[0], SCAN_ROWS):
+        yield start, ds[start : start + SCAN_ROWS]
+
+
+def soft_target_entropy(cache: cache_io.Cache, T: float) -> float:
+    """Mean entropy (nats) of softmax(logits / T) over all N x K cached views."""
+    total, count = 0.0, 0
+    for _, block in _scan(cache, "logits"):
+        logp = torch.log_softmax(torch.from_numpy(block).float() / T, dim=-1)
+        total += float(-(logp.exp() * logp).sum(-1).sum())
+        count += block.shape[0] * block.shape[1]
+    return total / max(count, 1)
+
+
+def cache_summary(path: str | Path, T: float = 1.0) -> list[tuple[str, str]]:
+    """Human-readable facts about a cache, complete or not."""
+    with cache_io.open_cache(path, require_complete=False) as cache:
+        a = cache.attrs
+        n, k, c = cache.file["logits"].shape
+        pct = lambda key: f"{100 * a[key]:.2f}%" if key in a else "n/a (incomplete)"  # noqa: E731
+        complete = bool(a.get("complete"))
+        rows = [
+            ("format", f"{a['format']} v{a['format_version']} · view recipe {a['view_recipe']}"),
+            ("complete", "yes" if complete else f"no: {a.get('rows_done', 0):,} of {n:,} rows written"),
+            ("dataset", f"{a['dataset']} · fingerprint {a['dataset_fingerprint'][:16]}"),
+            ("N x K x C", f"{n:,} images x {k} views x {c} classes"),
+            ("logits", f"{cache.file['logits'].dtype} raw logits"),
+            ("size on disk", f"{Path(path).stat().st_size / 1e6:.1f} MB"),
+            ("teacher", f"{a['teacher_arch']} · sha256 {a['teacher_sha256'][:16]}"),
+            ("teacher test accuracy", pct("teacher_test_acc")),
+            ("teacher accuracy on cached views", pct("teacher_view_acc")),
+            (f"mean soft-target entropy at T={T:g}", f"{soft_target_entropy(cache, T):.3f} nats (max {np.log(c):.3f})"),
+            ("views", f"seed {a['seed']} · {'pad-4 crop + flip' if a['augment'] else 'identity (no augmentation)'}"),
+            ("normalisation", f"mean {tuple(round(x, 4) for x in a['normalize_mean'])} std {tuple(round(x, 4) for x in a['normalize_std'])}"),
+            ("created", f"{a['created_utc']} by kdcache {a['kdcache_version']}"),
+        ]
+    return rows
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def add(self, name: str, ok: bool, detail: str) -> None:
+        self.checks.append(Check(name, bool(ok), detail))
+
+
+def _rows_list(rows: np.ndarray, limit: int = 5) -> str:
+    shown = ", ".join(str(int(r)) for r in rows[:limit])
+    return shown + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
+
+
+def verify_cache(
+    path: str | Path, *, teacher: str | Path, data_dir: str | Path, samples: int, rt: Runtime, seed: int = 0
+) -> Report:
+    """Check metadata, shapes, values, view params, block hashes; re-run the teacher on views."""
+    if samples < 0:
+        raise KDCacheError(f"--samples must be >= 0 (got {samples})")
+    report = Report()
+    with cache_io.open_cache(path, require_complete=False) as cache:
+        a, f = cache.attrs, cache.file
+        n, k, c = f["logits"].shape
+        report.add("complete", a.get("complete"), "every row written" if a.get("complete") else
+                   f"only {a.get('rows_done', 0):,} of {n:,} rows written: finish it with dump-logits --resume")  # fmt: skip
+        shapes_ok = (f["view_params"].shape == (n, k, 3) and f["labels"].shape == (n,) and f["indices"].shape == (n,)
+                     and k == a["num_views"] and c == a["num_classes"])  # fmt: skip
+        report.add("shapes", shapes_ok, f"logits {f['logits'].shape}, view_params {f['view_params'].shape}, "
+                   f"labels {f['labels'].shape}, attrs K={a['num_views']} C={a['num_classes']}")  # fmt: skip
+        if not shapes_ok:
+            return report
+
+        bad = np.concatenate([start + np.nonzero(~np.isfinite(b).all(axis=(1, 2)))[0] for start, b in _scan(cache, "logits")])
+        report.add("finite logits", len(bad) == 0, "all finite" if len(bad) == 0 else f"non-finite logits in rows {_rows_list(bad)}")
+
+        indices = f["indices"][...]
+        expected = view_params(a["seed"], indices, range(k), augment=a["augment"]).numpy()
+        wrong = np.nonzero((f["view_params"][...] != expected).any(axis=(1, 2)))[0]
+        report.add("view params", len(wrong) == 0, f"all {n:,} x {k} match seed {a['seed']}" if len(wrong) == 0
+                   else f"rows {_rows_list(wrong)} differ from the views of seed {a['seed']}")  # fmt: skip
+
+        done = int(a.get("rows_done", n))
+        changed = []
+        block = int(a["block_rows"])
+        for b, start in enumerate(range(0, done, block)):
+            stop = min(start + block, done)
+            digest = cache_io.block_digest(f["logits"][start:stop], f["view_params"][start:stop])
+            if digest != bytes(f["block_sha256"][b]):
+                changed.append((start, stop))
+        report.add("block checksums", not changed, f"{-(-done // block)} blocks intact" if not changed
+                   else f"rows {', '.join(f'{s}-{e - 1}' for s, e in changed[:5])} changed after the dump")  # fmt: skip
+
+        try:
+            data = load_dataset(a["dataset"], data_dir, a.get("subset"))
+            fp_ok = data.fingerprint == a["dataset_fingerprint"]
+            report.add("dataset fingerprint", fp_ok, f"{a['dataset']} in {data_dir} matches" if fp_ok else
+                       f"{a['dataset']} in {data_dir} (first {a.get('subset')}) is {data.fingerprint[:12]}, the cache says {a['dataset_fingerprint'][:12]}")  # fmt: skip
+            labels_ok = np.array_equal(f["labels"][...], data.train_y[indices].numpy())
+            report.add("labels", labels_ok, "match the dataset" if labels_ok else "differ from the dataset's")
+        except KDCacheError as e:
+            report.add("dataset fingerprint", False, str(e))
+            return report
+
+        model, meta = load_checkpoint(teacher, device=rt.device)
+        sha_ok = file_sha256(teacher) == a["teacher_sha256"]
+        report.add("teacher", sha_ok, f"{meta['arch']} matches the cache's sha256" if sha_ok
+                   else f"{teacher} is not the teacher this cache was made with (sha256 differs)")  # fmt: skip
+        model = rt.prepare(model)
+        mean, std = tuple(a["normalize_mean"]), tuple(a["normalize_std"])
+
+        # Random (row, view) pairs, plus every view of every row in a changed block.
+        g = np.random.default_rng(seed)
+        rows = g.integers(0, done, samples) if done else np.zeros(0, np.int64)
+        vs = g.integers(0, k, samples)
+        for s, e in changed:
+            rows = np.concatenate([rows, np.repeat(np.arange(s, e), k)])
+            vs = np.concatenate([vs, np.tile(np.arange(k), e - s)])
+        if len(rows):
+            order = np.argsort(rows, kind="stable")
+            rows, vs = rows[order], vs[order]
+            uniq, inv = np.unique(rows, return_inverse=True)
+            cached = torch.from_numpy(f["logits"][uniq][inv, vs]).float()
+            params = torch.from_numpy(f["view_params"][uniq][inv, vs])
+            images = data.train_x[torch.from_numpy(indices[rows])]
+            fresh = predict(model, images, mean, std, rt, params=params, batch_size=512).cpu()
+            err = (fresh - cached).abs()
+            bf16 = a.get("precision") == "bf16" or rt.amp_dtype is not None
+            tol = (0.15 + 0.03 * fresh.abs()) if bf16 else (0.01 + 2e-3 * fresh.abs())
+            off = np.unique(rows[(err > tol).any(dim=1).numpy()])
+            agree = (fresh.argmax(1) == cached.argmax(1)).float().mean().item()
+            report.add("teacher replay", len(off) == 0,
+                       f"{len(rows):,} views re-rendered: max |error| {err.max().item():.4f}, argmax agreement {100 * agree:.2f}%"
+                       + (f"; rows {_rows_list(off)} disagree with the teacher" if len(off) else ""))  # fmt: skip
+    return report

@@ -1,0 +1,113 @@
+"""THE definition of a view, shared by teacher training, the dump and the student.
+
+A view of image i is `(dx, dy, flip)`: zero-pad the uint8 image by PAD pixels,
+crop rows dy:dy+H and columns dx:dx+W, mirror left-right if flip, then normalise.
+That is exactly torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip
+before ToTensor/Normalize. (PAD, PAD, 0) is the un-augmented image.
+
+View parameters come from a counter-based hash of (seed, stream, sample index,
+view index), never from a stateful RNG, so they do not depend on batch size,
+device, worker count or resume point.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+PAD = 4
+IDENTITY = (PAD, PAD, 0)
+
+# Independent hash streams, so teacher augmentation, cached views, the student's
+# view schedule and the shuffling order never share random numbers.
+STREAM_TRAIN, STREAM_DUMP, STREAM_SCHEDULE, STREAM_SHUFFLE = 1, 2, 3, 4
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a bijective, well-mixed map of uint64."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def hash_u64(seed: int, stream: int, *counters: np.ndarray | int) -> np.ndarray:
+    """A uint64 hash of (seed, stream, counters...), broadcast over the counter arrays."""
+    with np.errstate(over="ignore"):
+        x = _mix(np.asarray([(seed * 0x9E3779B97F4A7C15 + stream) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
+        for c in counters:
+            x = _mix(x ^ (np.asarray(c).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)))
+    return x
+
+
+def view_params(seed: int, indices, views, *, augment: bool = True, stream: int = STREAM_DUMP) -> torch.Tensor:
+    """uint8 [len(indices), len(views), 3] = (dx, dy, flip) for every (sample index, view index)."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1, 1)
+    vs = np.asarray(views, dtype=np.int64).reshape(1, -1)
+    if not augment:
+        out = np.empty((idx.shape[0], vs.shape[1], 3), np.uint8)
+        out[...] = IDENTITY
+        return torch.from_numpy(out)
+    h = hash_u64(seed, stream, idx, vs)
+    span = np.uint64(2 * PAD + 1)
+    dx = h % span
+    dy = (h // span) % span
+    flip = (h // (span * span)) % np.uint64(2)
+    return torch.from_numpy(np.stack([dx, dy, flip], axis=-1).astype(np.uint8))
+
+
+def view_schedule(seed: int, num_samples: int, num_views: int, epoch: int) -> torch.Tensor:
+    """int64 [N]: which cached view each sample shows in `epoch`.
+
+    Every K consecutive epochs (a cycle) show each sample every one of its K views
+    once, in an order drawn per sample and per cycle.
+    """
+    cycle, slot = divmod(epoch, num_views)
+    keys = hash_u64(seed, STREAM_SCHEDULE, np.arange(num_samples).reshape(-1, 1), cycle, np.arange(num_views))
+    order = np.argsort(keys, axis=1, kind="stable")  # a random permutation of the views, per sample
+    return torch.from_numpy(order[:, slot].astype(np.int64))
+
+
+def shuffle_order(seed: int, num_samples: int, epoch: int) -> torch.Tensor:
+    """The sample order of `epoch`: a permutation that depends only on (seed, epoch)."""
+    g = torch.Generator().manual_seed(int(hash_u64(seed, STREAM_SHUFFLE, epoch)[0] >> np.uint64(1)))
+    return torch.randperm(num_samples, generator=g)
+
+
+def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 [B,3,H,W] -> float32, computed as ToTensor + Normalize do (bit for bit)."""
+    m = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.float() / 255.0 - m) / s
+
+
+def render(images: torch.Tensor, params: torch.Tensor, mean, std) -> torch.Tensor:
+    """Batched views on the images' device: uint8 [B,3,H,W] + (dx,dy,flip) [B,3] -> float32 [B,3,H,W].
+
+    One gather, no per-sample Python. Padding is zeros in pixel space (as torchvision's
+    RandomCrop pads the PIL image), so padded pixels normalise to -mean/std.
+    """
+    b, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))
+    p = params.to(device=images.device, dtype=torch.long)
+    dx, dy, flip = p[:, 0:1], p[:, 1:2], p[:, 2:3]
+    rows = dy + torch.arange(h, device=images.device)  # [B, H]
+    ar = torch.arange(w, device=images.device)
+    cols = dx + torch.where(flip.bool(), w - 1 - ar, ar)  # [B, W]
+    batch = torch.arange(b, device=images.device)[:, None, None]
+    crops = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # [B, H, W, C]
+    return normalize(crops.permute(0, 3, 1, 2), mean, std)
+
+
+def render_reference(image: torch.Tensor, dx: int, dy: int, flip: int, mean, std) -> torch.Tensor:
+    """One view the torchvision way (pad, crop, flip, normalise): the renderer's yardstick."""
+    import torchvision.transforms.v2.functional as TF
+
+    h, w = image.shape[-2:]
+    x = TF.pad(image, [PAD, PAD, PAD, PAD], fill=0)
+    x = TF.crop(x, dy, dx, h, w)
+    if flip:
+        x = TF.horizontal_flip(x)
+    x = TF.to_dtype(x, torch.float32, scale=True)
+    return TF.normalize(x, list(mean), list(std))

@@ -1,0 +1,65 @@
+"""Shared fixtures: a generated CIFAR-10-layout dataset, a tiny trained teacher and its cache.
+
+Everything is built once per session through the real code paths, on CPU, in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdcache.config import get_preset
+from kdcache.data import write_fake_cifar10
+from kdcache.dump import dump_logits
+from kdcache.stages import train_teacher
+from kdcache.train import Runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = ROOT.parent / "shared" / "cifar10"
+
+# A small, fast recipe for tests: notebook-2 CNNs on generated data.
+TINY = get_preset("seed-cnn").override(epochs=2, teacher_epochs=1, batch_size=64, subset=400)
+
+
+@pytest.fixture(scope="session")
+def cpu() -> Runtime:
+    return Runtime.create("cpu", "fp32")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_fake_cifar10(root, num_train=1000)
+    return root
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory, data_dir, cpu) -> Path:
+    out = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    train_teacher(TINY, data_dir=data_dir, out=out, rt=cpu)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cache_file(tmp_path_factory, data_dir, teacher_ckpt, cpu) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "cache.h5"
+    dump_logits(teacher_path=teacher_ckpt, data_dir=data_dir, out=out, views=4, seed=0, batch_size=128,
+                rt=cpu, subset=400, augment=True, block_rows=128)  # fmt: skip
+    return out
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """Run `python -m kdcache ARGS` as a user would, in a real process."""
+    return subprocess.run(
+        [sys.executable, "-m", "kdcache", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
