@@ -102,7 +102,7 @@ DataDirOpt = typer.Option(Path("data"), "--data-dir", help="Folder with the data
 SubsetOpt = typer.Option(None, "--subset", help="Use only the first N training images. [default: all, or the preset's]")
 SeedOpt = typer.Option(None, "--seed", help="Seed for initialisation, views and order. [default: 0]")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda (auto: cuda when available).")
-PrecisionOpt = typer.Option("auto", "--precision", help="auto | fp32 | bf16 (auto: bf16 autocast + channels_last on cuda, fp32 on cpu).")
+PrecisionOpt = typer.Option("auto", "--precision", help="auto | fp32 | bf16 (auto: bf16 autocast on cuda, fp32 on cpu).")
 CompileOpt = typer.Option(False, "--compile", help="torch.compile the model (pays off on long CUDA runs).")
 ForceOpt = typer.Option(False, "--force", help="Overwrite an existing output (or discard an interrupted run's state).")
 ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run of the same command from its last saved point.")
@@ -335,6 +335,132 @@ def verify_cmd(
         failed = ", ".join(c.name for c in report.checks if not c.ok)
         typer.echo(f"verify failed: {failed}", err=True)
         raise typer.Exit(1)
+
+
+@command("bench")
+def bench_cmd(
+    teacher_arch: str = typer.Option("resnet50", "--teacher-arch", help="Teacher architecture (random weights)."),
+    student_arch: str = typer.Option("resnet18", "--student-arch", help="Student architecture (random weights)."),
+    batch_size: int = typer.Option(512, "--batch-size", help="Batch size for every loop."),
+    steps: int = typer.Option(50, "--steps", help="Timed steps per loop."),
+    warmup: int = typer.Option(5, "--warmup", help="Untimed steps before each measurement."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Real CIFAR-10 here; without it, synthetic uint8 images of the same shape."),
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    compile: bool = CompileOpt,
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON here."),
+):
+    """Measure img/s of the seed notebook's loop, online KD, cached KD, no-teacher training and the dump.
+
+    All five run side by side in one process on one device; the table shows the ratios that matter.
+    """
+    import json
+
+    from kdcache.bench import BenchConfig, run_bench
+
+    rt = _runtime(device, precision, compile)
+    cfg = BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, data_dir)
+    err_console.print(f"bench {teacher_arch} -> {student_arch} · batch {batch_size} · {steps} steps · {rt.describe()}", highlight=False)
+    with err_console.status("measuring") as status:
+        record = run_bench(cfg, rt, log=lambda msg: status.update(msg))
+    table = Table(title=f"kdcache bench · {record['device']} · {record['data']}", title_justify="left")
+    table.add_column("loop")
+    table.add_column("img/s", justify="right")
+    table.add_column("cached is", justify="right")
+    notes = {
+        "seed_loop": "notebook: DataLoader + PIL, teacher every step, fp32",
+        "online": "our hot loop, teacher every step",
+        "cached": "our hot loop, logits from the cache",
+        "plain": "our hot loop, no teacher (floor)",
+        "dump": "teacher inference over views",
+    }
+    table.add_column("what")
+    for loop, what in notes.items():
+        v = record[f"{loop}_img_s"]
+        ratio = "" if loop in ("cached", "dump") else f"{record['cached_img_s'] / v:.2f}x"
+        table.add_row(loop, f"{v:,.0f}", ratio, what)
+    out_console.print(table)
+    if json_path:
+        try:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(record, indent=2) + "\n")
+        except OSError as e:
+            raise KDCacheError(f"cannot write {json_path} ({e.strerror or e}): choose another --json path") from None
+
+
+def _report_table(records: list[dict]) -> Table:
+    several = len(records) > 1
+    table = Table(title="teacher vs student alone vs student with KD", title_justify="left")
+    for col in (["run"] if several else []) + ["model", "arch", "params", "test acc", "train time", "img/s"]:
+        table.add_column(col, justify="left" if col in ("run", "model", "arch") else "right")
+    for rec in records:
+        for r in rec["rows"]:
+            cells = [r["model"], r["arch"], f"{r['params']:,}", f"{100 * r['test_acc']:.2f}%",
+                     f"{r['train_time_s']:.1f} s", f"{r['img_s']:,.0f}"]  # fmt: skip
+            table.add_row(*([Path(rec["run_dir"]).name] if several else []) + cells)
+        table.add_section()
+    return table
+
+
+@command("pipeline")
+def pipeline_cmd(
+    preset: Optional[str] = PresetOpt,
+    out: Path = typer.Option(Path("runs/run"), "--out", help="Run directory for every artifact and the report."),
+    data_dir: Path = DataDirOpt,
+    subset: Optional[int] = SubsetOpt,
+    teacher_arch: Optional[str] = typer.Option(None, "--teacher-arch", help="[default: the preset's]"),
+    student_arch: Optional[str] = typer.Option(None, "--student-arch", help="[default: the preset's]"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Student epochs (and teacher's unless --teacher-epochs). [default: the preset's]"),
+    teacher_epochs: Optional[int] = typer.Option(None, "--teacher-epochs", help="Teacher epochs. [default: the preset's]"),
+    batch_size: Optional[int] = BatchOpt,
+    lr: Optional[float] = LrOpt,
+    views: Optional[int] = typer.Option(None, "--views", help="Cached views per image, K. [default: the preset's]"),
+    T: Optional[float] = typer.Option(None, "--T", help="Distillation temperature. [default: the preset's]"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Soft-target weight of the KD student. [default: the preset's]"),
+    seed: Optional[int] = SeedOpt,
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    compile: bool = CompileOpt,
+    force: bool = typer.Option(False, "--force", help="Redo every stage, overwriting the run directory's artifacts."),
+    resume: bool = typer.Option(False, "--resume", help="Keep finished stages, continue an interrupted one."),
+):
+    """Run teacher -> dump-logits -> student with KD -> the same student alone, then compare them.
+
+    Writes OUT/report.json, OUT/report.md and OUT/accuracy.png beside the four artifacts.
+    """
+    from kdcache.pipeline import run_pipeline
+
+    name = preset or DEFAULT_PRESET
+    recipe = get_preset(name).override(
+        subset=subset, teacher_arch=teacher_arch, student_arch=student_arch, epochs=epochs,
+        teacher_epochs=teacher_epochs, batch_size=batch_size, lr=lr, views=views, T=T, alpha=alpha, seed=seed,
+    )  # fmt: skip
+    rt = _runtime(device, precision, compile)
+    err_console.print(f"pipeline preset {name} -> {out} · {rt.describe()}", highlight=False)
+    with RichProgress() as progress:
+        record = run_pipeline(recipe, preset=name, run_dir=out, data_dir=data_dir, rt=rt, force=force, resume=resume,
+                              progress=progress, on_epoch=print_epoch,
+                              log=lambda msg: err_console.print(f"[bold]{msg}[/]", highlight=False))  # fmt: skip
+    out_console.print(_report_table([record]))
+    out_console.print(f"KD gain over the student alone: {100 * record['kd_gain']:+.2f} points · report: {out / 'report.md'} · plot: {out / 'accuracy.png'}", highlight=False)
+
+
+@command("report")
+def report_cmd(
+    run_dirs: list[Path] = typer.Argument(..., help="One or more run directories written by `kdcache pipeline`."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Combined plot for several runs. [default: comparison.png beside the first run]"),
+):
+    """Re-render the comparison table, report files and plot from saved metrics; several runs side by side."""
+    from kdcache.report import plot, write_report
+
+    records = [write_report(d) for d in run_dirs]
+    out_console.print(_report_table(records))
+    if len(records) > 1:
+        target = plot_path or run_dirs[0].parent / "comparison.png"
+        plot(records, target)
+        out_console.print(f"plot: {target}", highlight=False)
+    else:
+        out_console.print(f"report: {run_dirs[0] / 'report.md'} · plot: {plot_path and plot(records, plot_path) or run_dirs[0] / 'accuracy.png'}", highlight=False)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,7 @@ def dump_logits(
         )
     if not resume:
         cache_io.partial_path(out).unlink(missing_ok=True)
+    t0 = time.perf_counter()
     writer = cache_io.CacheWriter(out, attrs=attrs, num_rows=n, num_test=len(data.test_y), resume=resume)
     progress = progress or _NoProgress()
     try:
@@ -111,7 +113,12 @@ def dump_logits(
         view_acc = (cached.float().argmax(-1) == data.train_y[:, None]).float().mean().item()
         return writer.finish(
             test_logits.to(torch.float16).cpu().numpy(),
-            {"teacher_test_acc": accuracy(test_logits, data.test_y), "teacher_view_acc": view_acc},
+            {
+                "teacher_test_acc": accuracy(test_logits, data.test_y),
+                "teacher_view_acc": view_acc,
+                # time of this (last) session only, when resumed
+                "dump_time_s": time.perf_counter() - t0,
+            },
         )
     except OSError as e:
         writer.close()

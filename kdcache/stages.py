@@ -16,6 +16,7 @@ from kdcache.errors import KDCacheError
 from kdcache.losses import kd_loss
 from kdcache.models import build, num_params, save_checkpoint
 from kdcache.train import (
+    Plan,
     Progress,
     Runtime,
     ViewBatches,
@@ -99,6 +100,28 @@ def _train_and_save(
     return StageResult(out, arch, num_params(raw), history, train_time)
 
 
+def fresh_views_plan(n: int, seed: int, augment: bool, device) -> Plan:
+    """Teacher training: a new deterministic crop+flip of every image each epoch."""
+    idx = torch.arange(n)
+
+    def plan(epoch: int):
+        return view_params(seed, idx, [epoch], augment=augment, stream=STREAM_TRAIN)[:, 0].to(device), None
+
+    return plan
+
+
+def cached_plan(params: torch.Tensor, logits: torch.Tensor, seed: int) -> Plan:
+    """Student training: each sample's scheduled cached view [N,K,3] and its teacher logits [N,K,C]."""
+    n, k = params.shape[:2]
+    rows = torch.arange(n, device=params.device)
+
+    def plan(epoch: int):
+        v = view_schedule(seed, n, k, epoch).to(params.device)
+        return params[rows, v], logits[rows, v]
+
+    return plan
+
+
 def train_teacher(
     recipe: Recipe,
     *,
@@ -114,13 +137,7 @@ def train_teacher(
     validate(recipe)
     out = prepare_output(out, force=force, resume=resume, interrupted=resume_path(out))
     data = load_dataset(recipe.dataset, data_dir, recipe.subset)
-    n = len(data.train_y)
-    idx = torch.arange(n)
-
-    def plan(epoch: int):
-        params = view_params(recipe.seed, idx, [epoch], augment=recipe.augment, stream=STREAM_TRAIN)[:, 0]
-        return params.to(rt.device), None
-
+    plan = fresh_views_plan(len(data.train_y), recipe.seed, recipe.augment, rt.device)
     batches = ViewBatches(data.train_x.to(rt.device), data.train_y.to(rt.device), plan,
                           recipe.batch_size, recipe.seed, recipe.mean, recipe.std)  # fmt: skip
     return _train_and_save(
@@ -157,13 +174,8 @@ def train_student(
         logits, params, labels = cache.tensors(rt.device)
     if not torch.equal(labels.cpu(), data.train_y):
         raise KDCacheError(f"{cache_file}: labels differ from the data's: dump the cache again")
-    n, k = params.shape[:2]
-    rows = torch.arange(n, device=rt.device)
-
-    def plan(epoch: int):
-        v = view_schedule(recipe.seed, n, k, epoch).to(rt.device)
-        return params[rows, v], logits[rows, v]
-
+    plan = cached_plan(params, logits, recipe.seed)
+    k = params.shape[1]
     mean, std = tuple(attrs["normalize_mean"]), tuple(attrs["normalize_std"])
     batches = ViewBatches(data.train_x.to(rt.device), data.train_y.to(rt.device), plan,
                           recipe.batch_size, recipe.seed, mean, std)  # fmt: skip

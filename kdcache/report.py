@@ -1,0 +1,125 @@
+"""Comparison report of a pipeline run: teacher / student alone / student with KD.
+
+Everything is derived from the saved artifacts (checkpoints, metrics logs, cache
+attributes), so `kdcache report` can re-render it at any time, for several runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kdcache.artifacts import metrics_path, read_metrics
+from kdcache.errors import KDCacheError
+from kdcache.models import read_checkpoint
+
+MODELS = (("teacher", "teacher.pt"), ("student alone", "student_alone.pt"), ("student with KD", "student_kd.pt"))
+CACHE_NAME = "teacher_logits.h5"
+
+
+def _img_s(history: list[dict]) -> float:
+    images = sum(m["train_img_s"] * m["train_time_s"] for m in history)
+    return images / max(sum(m["train_time_s"] for m in history), 1e-9)
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """The report record of one run directory, from its saved files alone."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise KDCacheError(f"{run_dir} is not a run directory: pass the --out of a `kdcache pipeline` run")
+    rows, curves = [], {}
+    for label, name in MODELS:
+        ckpt = run_dir / name
+        if not ckpt.exists():
+            raise KDCacheError(f"{run_dir} has no {name}: finish the run with `kdcache pipeline --resume --out {run_dir}`")
+        meta = {k: v for k, v in read_checkpoint(ckpt).items() if k != "state_dict"}
+        history = read_metrics(metrics_path(ckpt))
+        curves[label] = [m["test_acc"] for m in history]
+        rows.append({
+            "model": label, "arch": meta["arch"], "params": meta["params"],
+            "test_acc": history[-1]["test_acc"], "best_test_acc": max(curves[label]),
+            "epochs": len(history), "train_time_s": sum(m["train_time_s"] for m in history),
+            "img_s": _img_s(history), **({"T": meta["T"], "alpha": meta["alpha"]} if "alpha" in meta else {}),
+        })  # fmt: skip
+    record = {"run_dir": str(run_dir), "rows": rows, "curves": curves}
+    cache = run_dir / CACHE_NAME
+    if cache.exists():
+        import h5py
+
+        with h5py.File(cache, "r") as f:
+            n, k = f["logits"].shape[:2]
+            t = float(f.attrs.get("dump_time_s", 0.0))
+            record["dump"] = {"images": n, "views": k, "time_s": t, "img_s": n * k / t if t else None,
+                              "size_mb": cache.stat().st_size / 1e6}  # fmt: skip
+    by = {r["model"]: r for r in rows}
+    record["kd_gain"] = by["student with KD"]["test_acc"] - by["student alone"]["test_acc"]
+    previous = run_dir / "report.json"
+    if previous.exists():
+        record["run"] = json.loads(previous.read_text()).get("run", {})
+    return record
+
+
+def markdown(record: dict) -> str:
+    lines = [
+        f"# kdcache run `{record['run_dir']}`",
+        "",
+        "| model | arch | parameters | test accuracy | training time | images/s |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in record["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['arch']} | {r['params']:,} | {100 * r['test_acc']:.2f}% | "
+            f"{r['train_time_s']:.0f} s | {r['img_s']:,.0f} |"
+        )
+    lines += ["", f"KD gain over the student alone: {100 * record['kd_gain']:+.2f} points."]
+    if "dump" in record:
+        d = record["dump"]
+        rate = f", {d['img_s']:,.0f} img/s" if d["img_s"] else ""
+        lines.append(f"Cache: {d['images']:,} images x {d['views']} views, {d['size_mb']:.1f} MB, dumped in {d['time_s']:.0f} s{rate}.")
+    run = record.get("run", {})
+    if run:
+        lines.append(f"Preset `{run.get('preset')}` on {run.get('runtime')}; pipeline wall time {run.get('pipeline_wall_s', 0):.0f} s.")
+    lines += ["", "![test accuracy per epoch](accuracy.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: str | Path) -> Path:
+    """Test accuracy per epoch for each model of each run (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    styles = ["-", "--", ":", "-."]
+    colors = {"teacher": "tab:blue", "student alone": "tab:gray", "student with KD": "tab:orange"}
+    for i, record in enumerate(records):
+        suffix = f" ({Path(record['run_dir']).name})" if len(records) > 1 else ""
+        for label, accs in record["curves"].items():
+            ax.plot(range(1, len(accs) + 1), [100 * a for a in accs], styles[i % len(styles)],
+                    color=colors.get(label), marker="o", markersize=3, label=label + suffix)  # fmt: skip
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("kdcache: teacher vs student alone vs student with KD")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dir: str | Path, extra: dict | None = None) -> dict:
+    """(Re)write report.json, report.md and accuracy.png in `run_dir`; return the record."""
+    run_dir = Path(run_dir)
+    record = load_run(run_dir)
+    if extra is not None:
+        record["run"] = extra
+    (run_dir / "report.json").write_text(json.dumps(record, indent=2) + "\n")
+    (run_dir / "report.md").write_text(markdown(record))
+    plot([record], run_dir / "accuracy.png")
+    return record
