@@ -91,10 +91,11 @@ class CacheWriter:
                 f"{self.tmp} cannot be resumed ({str(e).splitlines()[0][:80]}): rerun with --force to start over"
             ) from None
         for key in _IDENTITY_ATTRS:
-            if _plain(f.attrs.get(key)) != _plain(attrs[key]):
-                f.close()
+            started = _plain(f.attrs.get(key))
+            if started != _plain(attrs[key]):
+                f.close()  # after reading the attribute: a closed file has none
                 raise KDCacheError(
-                    f"{self.tmp} was started with {key}={_plain(f.attrs.get(key))!r}, this dump has "
+                    f"{self.tmp} was started with {key}={started!r}, this dump has "
                     f"{_plain(attrs[key])!r}: resume with the same arguments, or pass --force to start over"
                 )
         return f

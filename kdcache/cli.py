@@ -188,7 +188,7 @@ def dump_cmd(
     views: Optional[int] = typer.Option(None, "--views", help="Augmented views per image, K. [default: the preset's, 8 for seed-resnet]"),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Crop+flip views; --no-augment caches the plain image. [default: the preset's]"),
     data_dir: Path = DataDirOpt,
-    subset: Optional[int] = SubsetOpt,
+    subset: Optional[int] = typer.Option(None, "--subset", help="Use only the first N training images. [default: the images the teacher was trained on]"),
     seed: Optional[int] = SeedOpt,
     batch_size: int = typer.Option(512, "--batch-size", help="Teacher inference batch size."),
     block_rows: int = typer.Option(1024, "--block-rows", help="Images per written block (the resume and checksum unit)."),

@@ -57,7 +57,8 @@ def dump_logits(
     out = prepare_output(out, force=force, resume=resume, interrupted=cache_io.partial_path(out))
     teacher, meta = load_checkpoint(teacher_path, arch=arch, device=rt.device)
     teacher = rt.prepare(teacher)
-    data = load_dataset(meta["dataset"], data_dir, subset)
+    # By default, the images the teacher was trained on (its --subset), so the commands chain.
+    data = load_dataset(meta["dataset"], data_dir, subset if subset is not None else meta.get("num_train"))
     if data.num_classes != meta["num_classes"]:
         raise KDCacheError(f"{teacher_path} predicts {meta['num_classes']} classes, {data.name} has {data.num_classes}")
     mean, std = tuple(meta["normalize_mean"]), tuple(meta["normalize_std"])

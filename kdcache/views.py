@@ -101,13 +101,14 @@ def render(images: torch.Tensor, params: torch.Tensor, mean, std) -> torch.Tenso
 
 
 def render_reference(image: torch.Tensor, dx: int, dy: int, flip: int, mean, std) -> torch.Tensor:
-    """One view the torchvision way (pad, crop, flip, normalise): the renderer's yardstick."""
+    """One view the torchvision way (pad, crop, flip on the uint8 image), then `normalize`.
+
+    The renderer's yardstick: the batched gather must pick exactly these pixels.
+    """
     import torchvision.transforms.v2.functional as TF
 
     h, w = image.shape[-2:]
-    x = TF.pad(image, [PAD, PAD, PAD, PAD], fill=0)
-    x = TF.crop(x, dy, dx, h, w)
+    x = TF.crop(TF.pad(image, [PAD, PAD, PAD, PAD], fill=0), dy, dx, h, w)
     if flip:
         x = TF.horizontal_flip(x)
-    x = TF.to_dtype(x, torch.float32, scale=True)
-    return TF.normalize(x, list(mean), list(std))
+    return normalize(x.unsqueeze(0), mean, std)[0]

@@ -1,0 +1,29 @@
+"""`kdcache bench` at toy sizes: every loop measured, table and JSON complete."""
+
+import json
+
+from typer.testing import CliRunner
+
+from kdcache.cli import app
+
+KEYS = ("seed_loop_img_s", "online_img_s", "cached_img_s", "plain_img_s", "dump_img_s", "device")
+
+
+def test_bench_smoke_prints_table_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(
+        app,
+        ["bench", "--teacher-arch", "seed-cnn-student", "--student-arch", "seed-cnn-student", "--batch-size", "8",
+         "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out)],
+        env={"COLUMNS": "200"},
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    for loop in ("seed_loop", "online", "cached", "plain", "dump"):
+        assert loop in r.output
+    record = json.loads(out.read_text())
+    for key in KEYS:
+        assert key in record
+    for key in KEYS[:-1]:
+        assert record[key] > 0
+    assert record["batch_size"] == 8 and record["teacher_arch"] == "seed-cnn-student"
+    assert record["ratios"]["cached_over_online"] == record["cached_img_s"] / record["online_img_s"]

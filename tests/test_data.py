@@ -1,0 +1,46 @@
+"""Datasets are read from the python batches, checked by shape/count/labels, fingerprinted."""
+
+import numpy as np
+import pytest
+
+from kdcache.data import load_dataset
+from kdcache.errors import KDCacheError
+
+from conftest import SHARED_CIFAR
+
+
+def test_generated_dataset_reads_like_cifar10(data_dir):
+    d = load_dataset("cifar10", data_dir)
+    assert d.train_x.shape == (1000, 3, 32, 32) and d.train_x.dtype.is_floating_point is False
+    assert d.test_x.shape == (200, 3, 32, 32) and len(d.classes) == 10
+
+
+def test_subset_is_a_prefix_with_its_own_fingerprint(data_dir):
+    full, sub = load_dataset("cifar10", data_dir), load_dataset("cifar10", data_dir, subset=100)
+    assert np.array_equal(sub.train_x.numpy(), full.train_x[:100].numpy())
+    assert sub.fingerprint != full.fingerprint
+    assert sub.fingerprint == load_dataset("cifar10", data_dir, subset=100).fingerprint
+
+
+def test_subset_larger_than_the_dataset_is_refused(data_dir):
+    with pytest.raises(KDCacheError, match="--subset 1001 is outside 1..1000"):
+        load_dataset("cifar10", data_dir, subset=1001)
+
+
+def test_missing_data_offline_says_where_to_put_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDCACHE_OFFLINE", "1")
+    with pytest.raises(KDCacheError, match="cifar-10-batches-py"):
+        load_dataset("cifar10", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_CIFAR.exists(), reason="real CIFAR-10 not at ../shared/cifar10")
+def test_real_cifar10_from_shared_copy():
+    """The shared copy's md5 sums differ from the original; shapes, counts, labels and stats hold."""
+    d = load_dataset("cifar10", SHARED_CIFAR, download=False)
+    assert d.train_x.shape == (50000, 3, 32, 32) and d.test_x.shape == (10000, 3, 32, 32)
+    assert np.bincount(d.train_y.numpy()).tolist() == [5000] * 10
+    assert np.bincount(d.test_y.numpy()).tolist() == [1000] * 10
+    assert d.classes[0] == "airplane" and d.classes[9] == "truck"
+    mean = d.train_x.float().mean(dim=(0, 2, 3)) / 255
+    assert np.allclose(mean.numpy(), [0.4914, 0.4822, 0.4465], atol=1e-3)

@@ -1,0 +1,56 @@
+"""The registry builds the right models; checkpoints rebuild them from the file alone."""
+
+import pytest
+import torch
+from torch import nn
+
+from kdcache.errors import KDCacheError
+from kdcache.models import ARCHS, build, load_checkpoint, num_params, save_checkpoint
+
+
+@pytest.mark.parametrize(
+    "arch,params", [("seed-cnn-teacher", 1_186_986), ("seed-cnn-student", 267_738), ("resnet18", 11_173_962)]
+)
+def test_parameter_counts(arch, params):
+    assert num_params(build(arch, 10)) == params
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
+def test_resnets_have_the_cifar_stem(arch):
+    model = build(arch, 10)
+    assert (model.conv1.kernel_size, model.conv1.stride, model.conv1.padding) == ((3, 3), (1, 1), (1, 1))
+    assert isinstance(model.maxpool, nn.Identity)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_unknown_arch_is_a_user_error():
+    with pytest.raises(KDCacheError, match="unknown architecture"):
+        build("vgg11", 10)
+
+
+META = {"num_classes": 10, "dataset": "cifar10", "dataset_fingerprint": "f" * 64,
+        "normalize_mean": [0.5] * 3, "normalize_std": [0.25] * 3, "metrics": {"test_acc": 0.5}}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_checkpoint_rebuilds_the_same_model_in_eval_mode(tmp_path, arch):
+    torch.manual_seed(0)
+    model = build(arch, 10).eval()
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model, arch=arch, meta=META)
+    loaded, meta = load_checkpoint(path)
+    assert not loaded.training
+    assert meta["arch"] == arch and meta["dataset_fingerprint"] == META["dataset_fingerprint"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    # Trained stem weights survive: the stem is built before loading, never replaced after.
+    first = next(iter(loaded.state_dict().values()))
+    assert torch.equal(first, next(iter(model.state_dict().values())))
+
+
+def test_checkpoint_of_another_arch_is_refused(tmp_path):
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, build("seed-cnn-student", 10), arch="seed-cnn-student", meta=META)
+    with pytest.raises(KDCacheError, match="seed-cnn-student checkpoint, not resnet18"):
+        load_checkpoint(path, arch="resnet18")

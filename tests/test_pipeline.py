@@ -1,0 +1,96 @@
+"""Presets are the notebooks' recipes; the pipeline compares teacher, student alone and KD student."""
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from kdcache.cli import app
+from kdcache.config import PRESETS, get_preset
+from kdcache.errors import KDCacheError
+from kdcache.pipeline import run_pipeline
+
+from conftest import TINY
+
+
+def test_seed_resnet_preset_is_notebook_one():
+    p = get_preset("seed-resnet")
+    assert (p.teacher_arch, p.student_arch, p.optimizer, p.lr, p.momentum, p.weight_decay) == (
+        "resnet50", "resnet18", "sgd", 0.1, 0.9, 5e-4)  # fmt: skip
+    assert (p.schedule, p.epochs, p.batch_size, p.augment, p.T, p.alpha, p.views) == ("cosine", 200, 128, True, 3.0, 0.5, 8)
+    assert p.mean == (0.4914, 0.4822, 0.4465) and p.std == (0.2023, 0.1994, 0.2010)
+
+
+def test_seed_cnn_preset_is_notebook_two():
+    p = get_preset("seed-cnn")
+    assert (p.teacher_arch, p.student_arch, p.optimizer, p.lr, p.epochs, p.batch_size) == (
+        "seed-cnn-teacher", "seed-cnn-student", "adam", 1e-3, 10, 64)  # fmt: skip
+    assert (p.augment, p.views, p.T, p.alpha, p.schedule) == (False, 1, 2.0, 0.25, "constant")
+    assert p.mean == (0.456, 0.456, 0.406) and p.std == (0.229, 0.224, 0.225)
+
+
+def test_demo_preset_uses_a_subset_and_small_models():
+    p = PRESETS["demo"]
+    assert p.subset and p.subset <= 10000 and p.teacher_arch.startswith("seed-cnn")
+
+
+def test_flags_override_the_preset_field_by_field():
+    p = get_preset("seed-cnn").override(epochs=3, T=None)
+    assert p.epochs == 3 and p.T == 2.0
+
+
+def test_unknown_preset_is_a_user_error():
+    with pytest.raises(KDCacheError, match="unknown preset"):
+        get_preset("nope")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_dir, cpu):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    run_pipeline(TINY.override(views=2, augment=True), preset="test", run_dir=out, data_dir=data_dir, rt=cpu)
+    return out
+
+
+def test_pipeline_writes_every_artifact_and_report(run_dir):
+    for name in ("teacher.pt", "teacher_logits.h5", "student_kd.pt", "student_alone.pt",
+                 "report.json", "report.md", "accuracy.png"):  # fmt: skip
+        assert (run_dir / name).exists(), name
+    record = json.loads((run_dir / "report.json").read_text())
+    assert [r["model"] for r in record["rows"]] == ["teacher", "student alone", "student with KD"]
+    by = {r["model"]: r for r in record["rows"]}
+    assert by["student alone"]["alpha"] == 0.0 and by["student with KD"]["alpha"] == TINY.alpha
+    assert by["student alone"]["epochs"] == by["student with KD"]["epochs"] == TINY.epochs
+    assert record["kd_gain"] == pytest.approx(by["student with KD"]["test_acc"] - by["student alone"]["test_acc"])
+    assert record["run"]["preset"] == "test"
+    assert "| student with KD | seed-cnn-student | 267,738 |" in (run_dir / "report.md").read_text()
+
+
+def test_plot_is_a_valid_png(run_dir):
+    from PIL import Image
+
+    data = (run_dir / "accuracy.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(run_dir / "accuracy.png") as img:
+        img.verify()
+        assert img.size[0] > 300 and img.size[1] > 200
+
+
+def test_report_rerenders_from_saved_metrics(run_dir, tmp_path):
+    for name in ("report.md", "accuracy.png"):
+        (run_dir / name).unlink()
+    r = CliRunner().invoke(app, ["report", str(run_dir), str(run_dir), "--plot", str(tmp_path / "both.png")],
+                           env={"COLUMNS": "200"})  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert (run_dir / "report.md").exists() and (run_dir / "accuracy.png").exists()
+    assert (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG"
+    assert r.output.count("│ student with KD") == 2 and "267,738" in r.output
+
+
+def test_resume_keeps_finished_stages_and_refuses_silent_overwrite(run_dir, data_dir, cpu):
+    recipe = TINY.override(views=2, augment=True)
+    with pytest.raises(KDCacheError, match="already holds a run"):
+        run_pipeline(recipe, preset="test", run_dir=run_dir, data_dir=data_dir, rt=cpu)
+    stamps = {p.name: os.stat(p).st_mtime_ns for p in run_dir.glob("*.pt")}
+    run_pipeline(recipe, preset="test", run_dir=run_dir, data_dir=data_dir, rt=cpu, resume=True)
+    assert stamps == {p.name: os.stat(p).st_mtime_ns for p in run_dir.glob("*.pt")}
