@@ -200,7 +200,7 @@ def fit(
     """Train epochs [start_epoch, epochs); after each, evaluate and hand metrics to `on_epoch`."""
     progress = progress or _NoProgress()
     step = make_step(model, loss_fn, optimizer, rt)
-    test_x, test_y = test
+    test_x, test_y = test[0].to(rt.device), test[1]  # resident too: evaluation copies nothing per epoch
     for epoch in range(start_epoch, epochs):
         model.train()
         lr = optimizer.param_groups[0]["lr"]
