@@ -54,32 +54,61 @@ class CacheWriter:
 
     def __init__(self, out: str | Path, *, attrs: dict, num_rows: int, num_test: int, resume: bool):
         self.out, self.tmp = Path(out), partial_path(out)
-        k, c, block = attrs["num_views"], attrs["num_classes"], attrs["block_rows"]
+        self._discarded = False
         if resume:
             self.file = self._reopen(attrs)
+            self._remember_fd()
         else:
             self.tmp.unlink(missing_ok=True)
             self.file = h5py.File(self.tmp, "w")
-            f = self.file
-            rows = min(block, num_rows)
-            f.create_dataset("logits", (num_rows, k, c), dtype="float16", chunks=(rows, k, c))
-            f.create_dataset("view_params", (num_rows, k, 3), dtype="uint8", chunks=(rows, k, 3))
-            f.create_dataset("labels", (num_rows,), dtype="int64")
-            f.create_dataset("indices", (num_rows,), dtype="int64")
-            f.create_dataset("block_sha256", (-(-num_rows // block), 32), dtype="uint8")
-            if num_test:
-                f.create_dataset("test_logits", (num_test, c), dtype="float16")
-            f.attrs.update(
-                format=FORMAT,
-                format_version=FORMAT_VERSION,
-                view_recipe=VIEW_RECIPE,
-                complete=False,
-                rows_done=0,
-                created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                kdcache_version=__version__,
-                **attrs,
-            )
-            f.flush()
+            self._remember_fd()
+            try:
+                self._create(attrs, num_rows, num_test)
+            except BaseException:
+                self.discard()  # a half-created file is neither usable nor resumable
+                raise
+        self._hold_handles()
+
+    def _remember_fd(self) -> None:
+        """The descriptor HDF5 writes through, and the file it is (for `discard`)."""
+        fd = self.file.id.get_vfd_handle()
+        st = os.fstat(fd)
+        self._fd = (fd, st.st_dev, st.st_ino)
+
+    def _hold_handles(self) -> None:
+        """One open handle per dataset, and on the attributes, for the whole dump.
+
+        A temporary h5py handle writes its cached chunks when it is garbage-collected;
+        a write failing there (disk full) is only printed, and leaves HDF5 in a state
+        that crashes the process at exit. With held handles the writes happen in
+        `flush`, which raises, and the dump can clean up.
+        """
+        f = self.file
+        self.ds = {name: f[name] for name in ("logits", "view_params", "labels", "indices", "block_sha256", "test_logits") if name in f}
+        self.attrs = f.attrs
+
+    def _create(self, attrs: dict, num_rows: int, num_test: int) -> None:
+        k, c, block = attrs["num_views"], attrs["num_classes"], attrs["block_rows"]
+        f = self.file
+        rows = min(block, num_rows)
+        f.create_dataset("logits", (num_rows, k, c), dtype="float16", chunks=(rows, k, c))
+        f.create_dataset("view_params", (num_rows, k, 3), dtype="uint8", chunks=(rows, k, 3))
+        f.create_dataset("labels", (num_rows,), dtype="int64")
+        f.create_dataset("indices", (num_rows,), dtype="int64")
+        f.create_dataset("block_sha256", (-(-num_rows // block), 32), dtype="uint8")
+        if num_test:
+            f.create_dataset("test_logits", (num_test, c), dtype="float16")
+        f.attrs.update(
+            format=FORMAT,
+            format_version=FORMAT_VERSION,
+            view_recipe=VIEW_RECIPE,
+            complete=False,
+            rows_done=0,
+            created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            kdcache_version=__version__,
+            **attrs,
+        )
+        f.flush()
 
     def _reopen(self, attrs: dict) -> h5py.File:
         if not self.tmp.exists():
@@ -102,34 +131,59 @@ class CacheWriter:
 
     @property
     def rows_done(self) -> int:
-        return int(self.file.attrs["rows_done"])
+        return int(self.attrs["rows_done"])
 
     def write_rows(self, start: int, logits: np.ndarray, params: np.ndarray, labels, indices) -> None:
         """Write one block, flush it, and only then record it as done (the resume point)."""
         stop = start + len(logits)
-        f = self.file
-        f["logits"][start:stop] = logits
-        f["view_params"][start:stop] = params
-        f["labels"][start:stop] = labels
-        f["indices"][start:stop] = indices
-        f["block_sha256"][start // int(f.attrs["block_rows"])] = np.frombuffer(block_digest(logits, params), np.uint8)
-        f.flush()
-        f.attrs["rows_done"] = stop
-        f.flush()
+        ds = self.ds
+        ds["logits"][start:stop] = logits
+        ds["view_params"][start:stop] = params
+        ds["labels"][start:stop] = labels
+        ds["indices"][start:stop] = indices
+        ds["block_sha256"][start // int(self.attrs["block_rows"])] = np.frombuffer(block_digest(logits, params), np.uint8)
+        self.file.flush()
+        self.attrs["rows_done"] = stop
+        self.file.flush()
 
     def finish(self, test_logits: np.ndarray | None, extra_attrs: dict) -> Path:
         f = self.file
         if test_logits is not None:
-            f["test_logits"][...] = test_logits
-        f.attrs.update(extra_attrs)
-        f.attrs["complete"] = True
+            self.ds["test_logits"][...] = test_logits
+        self.attrs.update(extra_attrs)
+        self.attrs["complete"] = True
+        f.flush()  # a failure to write shows here, while the file can still be discarded
         f.close()
         os.replace(self.tmp, self.out)
         return self.out
 
     def close(self) -> None:
-        if self.file.id.valid:
+        if not self._discarded and self.file.id.valid:
             self.file.close()
+
+    def discard(self) -> None:
+        """Give up a partial file that can no longer be written (disk full) and remove it.
+
+        HDF5 retries its failed writes when the file is closed, fails again, and then
+        crashes the process at exit (HDF5 2.0). So first point the file's descriptor
+        at /dev/null, where the retries succeed, close, and delete the file.
+        """
+        self._discarded = True
+        fd, dev, ino = self._fd
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (dev, ino):  # still our file, not a reused descriptor
+                null = os.open(os.devnull, os.O_RDWR)
+                os.dup2(null, fd)
+                os.close(null)
+        except OSError:
+            pass
+        try:
+            if self.file.id.valid:
+                self.file.close()
+        except Exception:  # noqa: BLE001 - the file is being thrown away
+            pass
+        self.tmp.unlink(missing_ok=True)
 
 
 def _plain(v):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import time
 from pathlib import Path
@@ -19,10 +20,20 @@ from kdcache.train import Progress, Runtime, _NoProgress, accuracy, predict
 from kdcache.views import view_params
 
 
-def _disk_full(e: OSError) -> bool:
-    """h5py reports a failed write as OSError with the C errno only in its text."""
-    codes = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-    return e.errno in codes or any(f"errno = {c}," in str(e) for c in codes) or "space" in str(e).lower()
+def _disk_full(e: Exception) -> str | None:
+    """Why a write failed for lack of room ("No space left on device", ...), or None.
+
+    h5py reports a failed write as OSError, or RuntimeError for a failed flush, with
+    the C errno only in its (multi-line) text.
+    """
+    for code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        if getattr(e, "errno", None) == code or f"errno = {code}," in str(e):
+            return os.strerror(code)
+    return "no space left" if "space" in str(e).lower() else None
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e5 else f"{max(nbytes / 1e3, 1):.0f} kB"
 
 
 def dump_logits(
@@ -89,9 +100,10 @@ def dump_logits(
     if not resume:
         cache_io.partial_path(out).unlink(missing_ok=True)
     t0 = time.perf_counter()
-    writer = cache_io.CacheWriter(out, attrs=attrs, num_rows=n, num_test=len(data.test_y), resume=resume)
     progress = progress or _NoProgress()
+    writer = None
     try:
+        writer = cache_io.CacheWriter(out, attrs=attrs, num_rows=n, num_test=len(data.test_y), resume=resume)
         images = data.train_x.to(rt.device)
         blocks = range(writer.rows_done, n, block_rows)
         progress.begin(f"dump {n}x{views} views", len(blocks))
@@ -121,14 +133,17 @@ def dump_logits(
                 "dump_time_s": time.perf_counter() - t0,
             },
         )
-    except OSError as e:
-        writer.close()
-        if _disk_full(e):
-            cache_io.partial_path(out).unlink(missing_ok=True)
-            raise KDCacheError(
-                f"the disk filled up while writing {out} ({e.strerror or e}); the partial file was removed: "
-                f"free about {need / 1e6:.0f} MB and run again"
-            ) from None
-        raise
+    except (OSError, RuntimeError) as e:
+        reason = _disk_full(e)
+        if reason is None:
+            raise
+        if writer is not None:
+            writer.discard()  # HDF5 lost the writes that failed: the partial is not resumable
+        cache_io.partial_path(out).unlink(missing_ok=True)
+        raise KDCacheError(
+            f"the disk filled up while writing {out} ({reason}); the partial file was removed: "
+            f"free about {_size(need)} in {out.parent} and run again"
+        ) from None
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
