@@ -54,7 +54,7 @@ class CacheWriter:
 
     def __init__(self, out: str | Path, *, attrs: dict, num_rows: int, num_test: int, resume: bool):
         self.out, self.tmp = Path(out), partial_path(out)
-        self._discarded = False
+        self._discarded, self._fd = False, None
         if resume:
             self.file = self._reopen(attrs)
             self._remember_fd()
@@ -84,7 +84,8 @@ class CacheWriter:
         `flush`, which raises, and the dump can clean up.
         """
         f = self.file
-        self.ds = {name: f[name] for name in ("logits", "view_params", "labels", "indices", "block_sha256", "test_logits") if name in f}
+        names = ("logits", "view_params", "labels", "indices", "block_sha256", "test_logits")
+        self.ds = {name: f[name] for name in names if name in f}
         self.attrs = f.attrs
 
     def _create(self, attrs: dict, num_rows: int, num_test: int) -> None:
@@ -141,7 +142,8 @@ class CacheWriter:
         ds["view_params"][start:stop] = params
         ds["labels"][start:stop] = labels
         ds["indices"][start:stop] = indices
-        ds["block_sha256"][start // int(self.attrs["block_rows"])] = np.frombuffer(block_digest(logits, params), np.uint8)
+        digest = np.frombuffer(block_digest(logits, params), np.uint8)
+        ds["block_sha256"][start // int(self.attrs["block_rows"])] = digest
         self.file.flush()
         self.attrs["rows_done"] = stop
         self.file.flush()
@@ -169,14 +171,14 @@ class CacheWriter:
         at /dev/null, where the retries succeed, close, and delete the file.
         """
         self._discarded = True
-        fd, dev, ino = self._fd
         try:
+            fd, dev, ino = self._fd
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) == (dev, ino):  # still our file, not a reused descriptor
                 null = os.open(os.devnull, os.O_RDWR)
                 os.dup2(null, fd)
                 os.close(null)
-        except OSError:
+        except (OSError, TypeError):
             pass
         try:
             if self.file.id.valid:
