@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -139,6 +140,8 @@ def read_checkpoint(path: str | Path) -> dict:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         reason = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+        if not zipfile.is_zipfile(path):  # torch's own text is then cryptic ("101", "central directory")
+            reason = "not a PyTorch zip file, or only part of one"
         raise KDCacheError(
             f"{path} is not a readable kdcache checkpoint ({reason}): it may be truncated; retrain or pass another file"
         ) from None

@@ -18,17 +18,24 @@ from kdcache.views import view_params
 SCAN_ROWS = 4096
 
 
-def _scan(cache: cache_io.Cache, name: str):
-    """Yield (start, block) over a dataset in row blocks: bounded memory for any N."""
+def _scan(cache: cache_io.Cache, name: str, stop: int | None = None):
+    """Yield (start, block) over a dataset's rows [0, stop) in blocks: bounded memory for any N."""
     ds = cache.file[name]
-    for start in range(0, ds.shape[0], SCAN_ROWS):
-        yield start, ds[start : start + SCAN_ROWS]
+    stop = ds.shape[0] if stop is None else stop
+    for start in range(0, stop, SCAN_ROWS):
+        yield start, ds[start : min(start + SCAN_ROWS, stop)]
+
+
+def rows_written(cache: cache_io.Cache) -> int:
+    """Rows that hold data: all of a complete cache, the first `rows_done` of an interrupted one."""
+    n = cache.num_rows
+    return min(int(cache.attrs.get("rows_done", n)), n)
 
 
 def soft_target_entropy(cache: cache_io.Cache, T: float) -> float:
-    """Mean entropy (nats) of softmax(logits / T) over all N x K cached views."""
+    """Mean entropy (nats) of softmax(logits / T) over the N x K cached views (the written ones)."""
     total, count = 0.0, 0
-    for _, block in _scan(cache, "logits"):
+    for _, block in _scan(cache, "logits", rows_written(cache)):
         logp = torch.log_softmax(torch.from_numpy(block).float() / T, dim=-1)
         total += float(-(logp.exp() * logp).sum(-1).sum())
         count += block.shape[0] * block.shape[1]
@@ -103,16 +110,17 @@ def verify_cache(
         if not shapes_ok:
             return report
 
-        bad = np.concatenate([start + np.nonzero(~np.isfinite(b).all(axis=(1, 2)))[0] for start, b in _scan(cache, "logits")])
+        done = rows_written(cache)  # an interrupted dump's later rows are empty, not wrong
+        bad = [start + np.nonzero(~np.isfinite(b).all(axis=(1, 2)))[0] for start, b in _scan(cache, "logits", done)]
+        bad = np.concatenate(bad) if bad else np.zeros(0, np.int64)
         report.add("finite logits", len(bad) == 0, "all finite" if len(bad) == 0 else f"non-finite logits in rows {_rows_list(bad)}")
 
-        indices = f["indices"][...]
+        indices = f["indices"][:done]
         expected = view_params(a["seed"], indices, range(k), augment=a["augment"]).numpy()
-        wrong = np.nonzero((f["view_params"][...] != expected).any(axis=(1, 2)))[0]
-        report.add("view params", len(wrong) == 0, f"all {n:,} x {k} match seed {a['seed']}" if len(wrong) == 0
+        wrong = np.nonzero((f["view_params"][:done] != expected).any(axis=(1, 2)))[0]
+        report.add("view params", len(wrong) == 0, f"all {done:,} x {k} match seed {a['seed']}" if len(wrong) == 0
                    else f"rows {_rows_list(wrong)} differ from the views of seed {a['seed']}")  # fmt: skip
 
-        done = int(a.get("rows_done", n))
         changed = []
         block = int(a["block_rows"])
         for b, start in enumerate(range(0, done, block)):
@@ -128,7 +136,7 @@ def verify_cache(
             fp_ok = data.fingerprint == a["dataset_fingerprint"]
             report.add("dataset fingerprint", fp_ok, f"{a['dataset']} in {data_dir} matches" if fp_ok else
                        f"{a['dataset']} in {data_dir} (first {a.get('subset')}) is {data.fingerprint[:12]}, the cache says {a['dataset_fingerprint'][:12]}")  # fmt: skip
-            labels_ok = np.array_equal(f["labels"][...], data.train_y[indices].numpy())
+            labels_ok = np.array_equal(f["labels"][:done], data.train_y[indices].numpy())
             report.add("labels", labels_ok, "match the dataset" if labels_ok else "differ from the dataset's")
         except KDCacheError as e:
             report.add("dataset fingerprint", False, str(e))
