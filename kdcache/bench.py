@@ -67,8 +67,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _peak_mb(device: torch.device) -> float | None:
+    """Peak device memory since the last reset (CUDA only; None on CPU)."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**20
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
 def _timed(run_step, batches, cfg: BenchConfig, device) -> float:
     """img/s over `steps` steps after `warmup` untimed ones; `batches` must not run dry."""
+    _peak_mb(device)  # reset
     it = iter(batches)
     for _ in range(cfg.warmup):
         run_step(*next(it))
@@ -109,6 +119,7 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
     torch.manual_seed(0)
     teacher_raw = build(cfg.teacher_arch, c).eval()
     results: dict[str, float] = {}
+    peaks: dict[str, float | None] = {}
 
     def student_and_step(teacher=None, *, rt_: Runtime, alpha: float):
         torch.manual_seed(0)
@@ -140,6 +151,7 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
                 yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), None
 
     results["seed_loop"] = _timed(seed_step, endless_loader(), cfg, dev)
+    peaks["seed_loop"] = _peak_mb(dev)
     del loader, seed_teacher
 
     # -- our loops: device-resident uint8 data, batched rendering.
@@ -149,15 +161,18 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
 
     log("online: hot loop, teacher forward every step")
     results["online"] = _timed(student_and_step(teacher, rt_=rt, alpha=cfg.alpha), _endless(fresh), cfg, dev)
+    peaks["online"] = _peak_mb(dev)
 
     log("cached: hot loop, teacher logits from the device-resident cache")
     params = view_params(0, range(n), range(NUM_VIEWS)).to(dev)
     logits = torch.randn(n, NUM_VIEWS, c, generator=torch.Generator().manual_seed(1)).to(dev, torch.float16)
     cached = ViewBatches(images_d, labels_d, cached_plan(params, logits, 0), cfg.batch_size, 0, mean, std)
     results["cached"] = _timed(student_and_step(rt_=rt, alpha=cfg.alpha), _endless(cached), cfg, dev)
+    peaks["cached"] = _peak_mb(dev)
 
     log("plain: hot loop, no teacher")
     results["plain"] = _timed(student_and_step(rt_=rt, alpha=0.0), _endless(fresh), cfg, dev)
+    peaks["plain"] = _peak_mb(dev)
 
     log("dump: teacher inference over rendered views")
     rows = min(n, cfg.batch_size * (cfg.steps + cfg.warmup))
@@ -169,6 +184,7 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
     predict(teacher, images_d[:rows], mean, std, rt, params=flat, batch_size=cfg.batch_size)
     _sync(dev)
     results["dump"] = rows / (time.perf_counter() - t0)
+    peaks["dump"] = _peak_mb(dev)
 
     return {
         **{f"{k}_img_s": v for k, v in results.items()},
@@ -177,6 +193,7 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
             "cached_over_online": results["cached"] / results["online"],
             "cached_over_plain": results["cached"] / results["plain"],
         },
+        "peak_device_mem_mb": peaks,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "runtime": rt.describe(),
         "teacher_arch": cfg.teacher_arch,

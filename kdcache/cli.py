@@ -374,11 +374,15 @@ def bench_cmd(
         "plain": "our hot loop, no teacher (floor)",
         "dump": "teacher inference over views",
     }
+    peaks = record["peak_device_mem_mb"]
+    show_mem = any(v is not None for v in peaks.values())
+    if show_mem:
+        table.add_column("peak MiB", justify="right")
     table.add_column("what")
     for loop, what in notes.items():
         v = record[f"{loop}_img_s"]
         ratio = "" if loop in ("cached", "dump") else f"{record['cached_img_s'] / v:.2f}x"
-        table.add_row(loop, f"{v:,.0f}", ratio, what)
+        table.add_row(loop, f"{v:,.0f}", ratio, *([f"{peaks[loop]:,.0f}"] if show_mem else []), what)
     out_console.print(table)
     if json_path:
         try:
