@@ -97,19 +97,19 @@ def print_epoch(m: dict) -> None:
 
 # ---- shared options -----------------------------------------------------------------------------
 
-PresetOpt = typer.Option(None, "--preset", help=f"Named recipe: {PRESET_NAMES}. Flags you pass override it. [default: {DEFAULT_PRESET}]")
+PresetOpt = typer.Option(None, "--preset", help=f"Named recipe: {PRESET_NAMES}. Flags you pass override it. \\[default: {DEFAULT_PRESET}]")
 DataDirOpt = typer.Option(Path("data"), "--data-dir", help="Folder with the dataset's python batches (e.g. data/cifar-10-batches-py).")
-SubsetOpt = typer.Option(None, "--subset", help="Use only the first N training images. [default: all, or the preset's]")
-SeedOpt = typer.Option(None, "--seed", help="Seed for initialisation, views and order. [default: 0]")
+SubsetOpt = typer.Option(None, "--subset", help="Use only the first N training images. \\[default: all, or the preset's]")
+SeedOpt = typer.Option(None, "--seed", help="Seed for initialisation, views and order. \\[default: 0]")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda (auto: cuda when available).")
 PrecisionOpt = typer.Option("auto", "--precision", help="auto | fp32 | bf16 (auto: bf16 autocast on cuda, fp32 on cpu).")
 CompileOpt = typer.Option(False, "--compile", help="torch.compile the model (pays off on long CUDA runs).")
 ForceOpt = typer.Option(False, "--force", help="Overwrite an existing output (or discard an interrupted run's state).")
 ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run of the same command from its last saved point.")
-EpochsOpt = typer.Option(None, "--epochs", help="Training epochs. [default: the preset's, 200 for seed-resnet]")
-BatchOpt = typer.Option(None, "--batch-size", help="Training batch size. [default: the preset's, 128 for seed-resnet]")
-LrOpt = typer.Option(None, "--lr", help="Peak learning rate. [default: the preset's, 0.1 (SGD) for seed-resnet]")
-OptimOpt = typer.Option(None, "--optimizer", help="sgd (momentum 0.9, wd 5e-4, cosine) | adam (constant lr). [default: the preset's]")
+EpochsOpt = typer.Option(None, "--epochs", help="Training epochs. \\[default: the preset's, 200 for seed-resnet]")
+BatchOpt = typer.Option(None, "--batch-size", help="Training batch size. \\[default: the preset's, 128 for seed-resnet]")
+LrOpt = typer.Option(None, "--lr", help="Peak learning rate. \\[default: the preset's, 0.1 (SGD) for seed-resnet]")
+OptimOpt = typer.Option(None, "--optimizer", help="sgd (momentum 0.9, wd 5e-4, cosine) | adam (constant lr). \\[default: the preset's]")
 
 
 def _runtime(device: str, precision: str, compile: bool):
@@ -148,15 +148,15 @@ def _stage_summary(title: str, result) -> None:
 @command("teacher")
 def teacher_cmd(
     preset: Optional[str] = PresetOpt,
-    arch: Optional[str] = typer.Option(None, "--arch", help="Teacher architecture: resnet18|34|50, seed-cnn-teacher. [default: resnet50]"),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="cifar10 | cifar100. [default: cifar10]"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Teacher architecture: resnet18|34|50, seed-cnn-teacher. \\[default: resnet50]"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="cifar10 | cifar100. \\[default: cifar10]"),
     data_dir: Path = DataDirOpt,
     subset: Optional[int] = SubsetOpt,
     epochs: Optional[int] = EpochsOpt,
     batch_size: Optional[int] = BatchOpt,
     lr: Optional[float] = LrOpt,
     optimizer: Optional[str] = OptimOpt,
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random pad-4 crop + flip each epoch. [default: the preset's]"),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random pad-4 crop + flip each epoch. \\[default: the preset's]"),
     seed: Optional[int] = SeedOpt,
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
@@ -185,10 +185,10 @@ def dump_cmd(
     preset: Optional[str] = PresetOpt,
     teacher: Path = typer.Option(TEACHER_OUT, "--teacher", help="Teacher checkpoint written by `kdcache teacher`."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Refuse a teacher of any other architecture."),
-    views: Optional[int] = typer.Option(None, "--views", help="Augmented views per image, K. [default: the preset's, 8 for seed-resnet]"),
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Crop+flip views; --no-augment caches the plain image. [default: the preset's]"),
+    views: Optional[int] = typer.Option(None, "--views", help="Augmented views per image, K. \\[default: the preset's, 8 for seed-resnet]"),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Crop+flip views; --no-augment caches the plain image. \\[default: the preset's]"),
     data_dir: Path = DataDirOpt,
-    subset: Optional[int] = typer.Option(None, "--subset", help="Use only the first N training images. [default: the images the teacher was trained on]"),
+    subset: Optional[int] = typer.Option(None, "--subset", help="Use only the first N training images. \\[default: the images the teacher was trained on]"),
     seed: Optional[int] = SeedOpt,
     batch_size: int = typer.Option(512, "--batch-size", help="Teacher inference batch size."),
     block_rows: int = typer.Option(1024, "--block-rows", help="Images per written block (the resume and checksum unit)."),
@@ -223,16 +223,16 @@ def _print_cache_summary(path: Path) -> None:
 @command("student")
 def student_cmd(
     preset: Optional[str] = PresetOpt,
-    arch: Optional[str] = typer.Option(None, "--arch", help="Student architecture: resnet18|34|50, seed-cnn-student. [default: resnet18]"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Student architecture: resnet18|34|50, seed-cnn-student. \\[default: resnet18]"),
     cache: Path = typer.Option(CACHE_OUT, "--cache", help="Logit cache written by `kdcache dump-logits`."),
     data_dir: Path = DataDirOpt,
-    subset: Optional[int] = typer.Option(None, "--subset", help="Must match the cache's; [default: the cache's]"),
+    subset: Optional[int] = typer.Option(None, "--subset", help="Must match the cache's; \\[default: the cache's]"),
     epochs: Optional[int] = EpochsOpt,
     batch_size: Optional[int] = BatchOpt,
     lr: Optional[float] = LrOpt,
     optimizer: Optional[str] = OptimOpt,
-    T: Optional[float] = typer.Option(None, "--T", help="Distillation temperature (> 0). [default: the preset's, 3]"),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="Weight of the soft-target loss in [0, 1]; 0 trains the student alone. [default: 0.5]"),
+    T: Optional[float] = typer.Option(None, "--T", help="Distillation temperature (> 0). \\[default: the preset's, 3]"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Weight of the soft-target loss in [0, 1]; 0 trains the student alone. \\[default: 0.5]"),
     seed: Optional[int] = SeedOpt,
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
@@ -414,13 +414,15 @@ def pipeline_cmd(
     subset: Optional[int] = SubsetOpt,
     teacher_arch: Optional[str] = typer.Option(None, "--teacher-arch", help="[default: the preset's]"),
     student_arch: Optional[str] = typer.Option(None, "--student-arch", help="[default: the preset's]"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Student epochs (and teacher's unless --teacher-epochs). [default: the preset's]"),
-    teacher_epochs: Optional[int] = typer.Option(None, "--teacher-epochs", help="Teacher epochs. [default: the preset's]"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Student epochs (and teacher's unless --teacher-epochs). \\[default: the preset's]"),
+    teacher_epochs: Optional[int] = typer.Option(None, "--teacher-epochs", help="Teacher epochs. \\[default: the preset's]"),
     batch_size: Optional[int] = BatchOpt,
     lr: Optional[float] = LrOpt,
-    views: Optional[int] = typer.Option(None, "--views", help="Cached views per image, K. [default: the preset's]"),
-    T: Optional[float] = typer.Option(None, "--T", help="Distillation temperature. [default: the preset's]"),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="Soft-target weight of the KD student. [default: the preset's]"),
+    views: Optional[int] = typer.Option(None, "--views", help="Cached views per image, K. \\[default: the preset's]"),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Crop+flip views for teacher and cache. \\[default: the preset's]"),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Reuse this teacher checkpoint instead of training one."),
+    T: Optional[float] = typer.Option(None, "--T", help="Distillation temperature. \\[default: the preset's]"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Soft-target weight of the KD student. \\[default: the preset's]"),
     seed: Optional[int] = SeedOpt,
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
@@ -437,12 +439,14 @@ def pipeline_cmd(
     name = preset or DEFAULT_PRESET
     recipe = get_preset(name).override(
         subset=subset, teacher_arch=teacher_arch, student_arch=student_arch, epochs=epochs,
-        teacher_epochs=teacher_epochs, batch_size=batch_size, lr=lr, views=views, T=T, alpha=alpha, seed=seed,
+        teacher_epochs=teacher_epochs, batch_size=batch_size, lr=lr, views=views, augment=augment, T=T,
+        alpha=alpha, seed=seed,
     )  # fmt: skip
     rt = _runtime(device, precision, compile)
     err_console.print(f"pipeline preset {name} -> {out} · {rt.describe()}", highlight=False)
     with RichProgress() as progress:
-        record = run_pipeline(recipe, preset=name, run_dir=out, data_dir=data_dir, rt=rt, force=force, resume=resume,
+        record = run_pipeline(recipe, preset=name, run_dir=out, data_dir=data_dir, rt=rt, teacher=teacher,
+                              force=force, resume=resume,
                               progress=progress, on_epoch=print_epoch,
                               log=lambda msg: err_console.print(f"[bold]{msg}[/]", highlight=False))  # fmt: skip
     out_console.print(_report_table([record]))
@@ -452,7 +456,7 @@ def pipeline_cmd(
 @command("report")
 def report_cmd(
     run_dirs: list[Path] = typer.Argument(..., help="One or more run directories written by `kdcache pipeline`."),
-    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Combined plot for several runs. [default: comparison.png beside the first run]"),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Combined plot for several runs. \\[default: comparison.png beside the first run]"),
 ):
     """Re-render the comparison table, report files and plot from saved metrics; several runs side by side."""
     from kdcache.report import plot, write_report

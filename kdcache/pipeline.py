@@ -7,11 +7,13 @@ With --resume, finished stages are kept and an interrupted one continues.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 from kdcache import cache as cache_io
+from kdcache.artifacts import metrics_path
 from kdcache.config import Recipe, validate
 from kdcache.dump import dump_logits
 from kdcache.errors import KDCacheError
@@ -41,17 +43,24 @@ def run_pipeline(
     run_dir: str | Path,
     data_dir: str | Path,
     rt: Runtime,
+    teacher: str | Path | None = None,
     force: bool = False,
     resume: bool = False,
     progress: Progress | None = None,
     log: Callable[[str], None] = lambda msg: None,
     on_epoch=None,
 ) -> dict:
-    """Run every stage not already done; write and return the report."""
+    """Run every stage not already done; write and return the report.
+
+    `teacher`: reuse this checkpoint (copied into the run, with its metrics) instead
+    of training one, so several student recipes can share one teacher.
+    """
     validate(recipe)
     run_dir = Path(run_dir)
     paths = {name: run_dir / name for name in (TEACHER, CACHE, STUDENT_KD, STUDENT_ALONE)}
     existing = [p for p in paths.values() if p.exists() or resume_path(p).exists() or cache_io.partial_path(p).exists()]
+    if teacher is not None and paths[TEACHER] in existing and Path(teacher).resolve() != paths[TEACHER].resolve():
+        existing.remove(paths[TEACHER])  # replaced by the reused teacher
     if existing and not (force or resume):
         raise KDCacheError(f"{run_dir} already holds a run: pass --resume to continue it, or --force to redo it")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -66,8 +75,16 @@ def run_pipeline(
         log(f"{title}: {'resuming' if interrupted else 'running'} -> {path}")
         run(path, dict(force=force or (resume and not interrupted), resume=interrupted))
 
-    stage(TEACHER, "teacher", lambda out, kw: train_teacher(
-        recipe, data_dir=data_dir, out=out, rt=rt, progress=progress, on_epoch=on_epoch, **kw))  # fmt: skip
+    if teacher is not None:
+        read_checkpoint(teacher)  # refuse a bad file before copying it
+        if Path(teacher).resolve() != paths[TEACHER].resolve():
+            shutil.copy2(teacher, paths[TEACHER])
+            if metrics_path(teacher).exists():
+                shutil.copy2(metrics_path(teacher), metrics_path(paths[TEACHER]))
+        log(f"teacher: reusing {teacher}")
+    else:
+        stage(TEACHER, "teacher", lambda out, kw: train_teacher(
+            recipe, data_dir=data_dir, out=out, rt=rt, progress=progress, on_epoch=on_epoch, **kw))  # fmt: skip
     stage(CACHE, "dump-logits", lambda out, kw: dump_logits(
         teacher_path=paths[TEACHER], data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
         batch_size=max(256, recipe.batch_size), rt=rt, subset=recipe.subset, augment=recipe.augment,
