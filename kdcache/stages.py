@@ -67,7 +67,8 @@ def _train_and_save(
         weight_decay=recipe.weight_decay, epochs=epochs, schedule=recipe.schedule,
     )  # fmt: skip
     identity = {"role": role, "arch": arch, "fingerprint": data.fingerprint, "epochs": epochs,
-                "recipe": repr(dataclasses.replace(recipe, subset=None)), **{k: str(v) for k, v in extra_meta.items()}}  # fmt: skip
+                "recipe": {k: repr(v) for k, v in dataclasses.asdict(dataclasses.replace(recipe, subset=None)).items()},
+                **{k: str(v) for k, v in extra_meta.items()}}  # fmt: skip
     state_file, log_file = resume_path(out), metrics_path(out)
     start, history = 0, []
     if resume:

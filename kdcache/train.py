@@ -266,13 +266,17 @@ def load_resume(path: Path, *, model, optimizer, scheduler, identity: dict) -> t
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise KDCacheError(f"{path} is unreadable ({type(e).__name__}): start over without --resume") from None
+        raise KDCacheError(f"{path} is unreadable ({type(e).__name__}): pass --force to start over") from None
     differs = [k for k in identity if state["identity"].get(k) != identity[k]]
     if differs:
         k = differs[0]
+        was, now = state["identity"].get(k), identity[k]
+        if isinstance(was, dict) and isinstance(now, dict):  # the recipe: name the field that differs
+            k = next(f for f in [*now, *was] if was.get(f) != now.get(f))
+            was, now = was.get(k), now.get(k)
         raise KDCacheError(
-            f"{path} was started with {k}={state['identity'].get(k)!r}, this run has {identity[k]!r}: "
-            "resume with the same arguments, or start over without --resume"
+            f"{path} was started with {k}={was!r}, this run has {now!r}: "
+            "resume with the same arguments, or pass --force to start over"
         )
     unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
