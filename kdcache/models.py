@@ -72,13 +72,20 @@ class SeedCNNStudent(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
-def _registry() -> dict[str, Callable[[int], nn.Module]]:
-    from torchvision import models as tv
+def _torchvision_resnet(name: str) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        from torchvision import models as tv  # only here: importing it costs 1-2 s per command
 
+        return _cifar_resnet(getattr(tv, name))(num_classes)
+
+    return build
+
+
+def _registry() -> dict[str, Callable[[int], nn.Module]]:
     return {
-        "resnet18": _cifar_resnet(tv.resnet18),
-        "resnet34": _cifar_resnet(tv.resnet34),
-        "resnet50": _cifar_resnet(tv.resnet50),
+        "resnet18": _torchvision_resnet("resnet18"),
+        "resnet34": _torchvision_resnet("resnet34"),
+        "resnet50": _torchvision_resnet("resnet50"),
         "seed-cnn-teacher": SeedCNNTeacher,
         "seed-cnn-student": SeedCNNStudent,
     }
