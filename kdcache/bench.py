@@ -26,7 +26,7 @@ from kdcache.config import SEED_RESNET_MEAN, SEED_RESNET_STD
 from kdcache.data import load_dataset
 from kdcache.errors import KDCacheError
 from kdcache.losses import kd_loss
-from kdcache.models import build
+from kdcache.models import ARCHS, build
 from kdcache.stages import cached_plan, fresh_views_plan
 from kdcache.train import Runtime, ViewBatches, make_step, predict
 from kdcache.views import view_params
@@ -45,6 +45,14 @@ class BenchConfig:
     data_dir: Path | None = None
     T: float = 3.0
     alpha: float = 0.5
+
+    def validate(self) -> "BenchConfig":
+        if self.batch_size < 1 or self.steps < 1 or self.warmup < 0:
+            raise KDCacheError("--batch-size and --steps must be >= 1, --warmup >= 0")
+        for arch in (self.teacher_arch, self.student_arch):
+            if arch not in ARCHS:
+                raise KDCacheError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHS)}")
+        return self
 
 
 class _PILImages(torch.utils.data.Dataset):
@@ -102,8 +110,7 @@ def _endless(source: ViewBatches):
 
 def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
     """Measure every loop on the same data, models and batch size; return the JSON record."""
-    if cfg.batch_size < 1 or cfg.steps < 1 or cfg.warmup < 0:
-        raise KDCacheError("--batch-size and --steps must be >= 1, --warmup >= 0")
+    cfg.validate()
     dev = rt.device
     if cfg.data_dir is not None:
         data = load_dataset("cifar10", cfg.data_dir)

@@ -77,6 +77,9 @@ class RichProgress:
     def __exit__(self, *exc) -> None:
         self.bar.stop()
 
+    def note(self, message: str) -> None:
+        self.bar.console.print(message, highlight=False)
+
     def begin(self, description: str, total: int) -> None:
         self.task = self.bar.add_task(description, total=total)
 
@@ -173,7 +176,6 @@ def teacher_cmd(
         lr=lr, optimizer=optimizer, augment=augment, seed=seed,
     )  # fmt: skip
     rt = _runtime(device, precision, compile)
-    err_console.print(f"teacher {recipe.teacher_arch} on {recipe.dataset} · {rt.describe()}", highlight=False)
     with RichProgress() as progress:
         result = train_teacher(recipe, data_dir=data_dir, out=out, rt=rt, force=force, resume=resume,
                                progress=progress, on_epoch=print_epoch)  # fmt: skip
@@ -204,7 +206,6 @@ def dump_cmd(
 
     recipe = get_preset(preset).override(views=views, augment=augment, seed=seed, subset=subset)
     rt = _runtime(device, precision, compile)
-    err_console.print(f"dump {recipe.views} view(s) per image · {rt.describe()}", highlight=False)
     with RichProgress() as progress:
         path = dump_logits(
             teacher_path=teacher, data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
@@ -252,9 +253,6 @@ def student_cmd(
         optimizer=optimizer, T=T, alpha=alpha, seed=seed,
     )  # fmt: skip
     rt = _runtime(device, precision, compile)
-    err_console.print(
-        f"student {recipe.student_arch} · T={recipe.T} alpha={recipe.alpha} · {rt.describe()}", highlight=False
-    )
     with RichProgress() as progress:
         result = train_student(recipe, cache_file=cache, data_dir=data_dir, out=out, rt=rt, force=force,
                                resume=resume, progress=progress, on_epoch=print_epoch)  # fmt: skip
@@ -359,7 +357,7 @@ def bench_cmd(
     from kdcache.bench import BenchConfig, run_bench
 
     rt = _runtime(device, precision, compile)
-    cfg = BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, data_dir)
+    cfg = BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, data_dir).validate()
     err_console.print(f"bench {teacher_arch} -> {student_arch} · batch {batch_size} · {steps} steps · {rt.describe()}", highlight=False)
     with err_console.status("measuring") as status:
         record = run_bench(cfg, rt, log=lambda msg: status.update(msg))
@@ -443,7 +441,6 @@ def pipeline_cmd(
         alpha=alpha, seed=seed,
     )  # fmt: skip
     rt = _runtime(device, precision, compile)
-    err_console.print(f"pipeline preset {name} -> {out} · {rt.describe()}", highlight=False)
     with RichProgress() as progress:
         record = run_pipeline(recipe, preset=name, run_dir=out, data_dir=data_dir, rt=rt, teacher=teacher,
                               force=force, resume=resume,

@@ -99,8 +99,9 @@ def dump_logits(
         )
     if not resume:
         cache_io.partial_path(out).unlink(missing_ok=True)
-    t0 = time.perf_counter()
     progress = progress or _NoProgress()
+    progress.note(f"dump {n:,} {data.name} images x {views} view(s) through {meta['arch']} · {rt.describe()}")
+    t0 = time.perf_counter()
     writer = None
     try:
         writer = cache_io.CacheWriter(out, attrs=attrs, num_rows=n, num_test=len(data.test_y), resume=resume)

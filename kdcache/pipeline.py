@@ -64,6 +64,7 @@ def run_pipeline(
     if existing and not (force or resume):
         raise KDCacheError(f"{run_dir} already holds a run: pass --resume to continue it, or --force to redo it")
     run_dir.mkdir(parents=True, exist_ok=True)
+    log(f"pipeline preset {preset} -> {run_dir} · {rt.describe()}")
     t0 = time.perf_counter()
 
     def stage(name: str, title: str, run) -> None:

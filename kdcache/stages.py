@@ -18,6 +18,7 @@ from kdcache.models import build, num_params, save_checkpoint
 from kdcache.train import (
     Plan,
     Progress,
+    _NoProgress,
     Runtime,
     ViewBatches,
     build_optimizer,
@@ -59,6 +60,7 @@ def _train_and_save(
     on_epoch=None,
 ) -> StageResult:
     """Shared by both stages: seed, build, (resume), fit with per-epoch state, checkpoint."""
+    progress = progress or _NoProgress()
     torch.manual_seed(recipe.seed)
     raw = build(arch, data.num_classes)
     model = rt.prepare(raw)
@@ -73,6 +75,11 @@ def _train_and_save(
     start, history = 0, []
     if resume:
         start, history = load_resume(state_file, model=raw, optimizer=optimizer, scheduler=scheduler, identity=identity)
+    extra = f" · T={extra_meta['T']:g} alpha={extra_meta['alpha']:g}" if "alpha" in extra_meta else ""
+    progress.note(
+        f"{role} {arch} ({num_params(raw):,} parameters) on {len(data.train_y):,} {data.name} images{extra} · "
+        f"{rt.describe()}" + (f" · resuming after epoch {start}" if resume else "")
+    )
 
     def after_epoch(epoch: int, metrics: dict) -> None:
         metrics["elapsed_s"] = (history[-1]["elapsed_s"] if history else 0.0) + metrics["train_time_s"]

@@ -132,12 +132,18 @@ def make_step(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimize
 
 
 class Progress(Protocol):
+    """How long work reports itself: bars, plus one-line notes once the inputs are checked."""
+
+    def note(self, message: str) -> None: ...
     def begin(self, description: str, total: int) -> None: ...
     def advance(self) -> None: ...
     def end(self) -> None: ...
 
 
 class _NoProgress:
+    def note(self, message: str) -> None:
+        pass
+
     def begin(self, description: str, total: int) -> None:
         pass
 

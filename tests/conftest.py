@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from kdcache.config import get_preset
 from kdcache.data import write_fake_cifar10
@@ -20,6 +21,12 @@ from kdcache.train import Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "cifar10"
+
+# One thread in tests and their subprocesses: timings stay predictable on a shared 2-core
+# machine (two oversubscribed torch thread pools run 10x slower), and runs compared
+# bit for bit use the same thread count.
+torch.set_num_threads(1)
+THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 # A small, fast recipe for tests: notebook-2 CNNs on generated data.
 TINY = get_preset("seed-cnn").override(epochs=2, teacher_epochs=1, batch_size=64, subset=400)
@@ -57,7 +64,7 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, **kwar
     return subprocess.run(
         [sys.executable, "-m", "kdcache", *args],
         cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **(env or {})},
+        env={**os.environ, **THREAD_ENV, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **(env or {})},
         capture_output=True,
         text=True,
         timeout=600,
