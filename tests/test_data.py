@@ -44,3 +44,22 @@ def test_real_cifar10_from_shared_copy():
     assert d.classes[0] == "airplane" and d.classes[9] == "truck"
     mean = d.train_x.float().mean(dim=(0, 2, 3)) / 255
     assert np.allclose(mean.numpy(), [0.4914, 0.4822, 0.4465], atol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_CIFAR.exists(), reason="real CIFAR-10 not at ../shared/cifar10")
+def test_real_cifar10_teacher_cache_student(tmp_path, cpu):
+    """The whole flow on 1,000 real images: learns above chance, replays the real views."""
+    import h5py
+
+    from conftest import TINY
+    from kdcache.pipeline import run_pipeline
+
+    # The small CNN as teacher too: this checks the flow on real data, not the teacher.
+    recipe = TINY.override(subset=1000, teacher_arch="seed-cnn-student", teacher_epochs=2, epochs=2, views=2, augment=True)
+    record = run_pipeline(recipe, preset="test", run_dir=tmp_path / "real", data_dir=SHARED_CIFAR, rt=cpu)
+    by = {r["model"]: r for r in record["rows"]}
+    assert by["teacher"]["test_acc"] > 0.15  # 10 classes: chance is 0.10, on all 10,000 test images
+    with h5py.File(tmp_path / "real" / "teacher_logits.h5", "r") as f:
+        assert f["logits"].shape == (1000, 2, 10) and bool(f.attrs["complete"])
+        assert f.attrs["dataset_fingerprint"] == load_dataset("cifar10", SHARED_CIFAR, 1000).fingerprint
