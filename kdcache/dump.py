@@ -112,7 +112,8 @@ def dump_logits(
             stop = min(start + block_rows, n)
             params = view_params(seed, range(start, stop), range(views), augment=augment)  # [b, K, 3]
             imgs = images[start:stop].unsqueeze(1).expand(-1, views, -1, -1, -1).flatten(0, 1)
-            logits = predict(teacher, imgs, mean, std, rt, params=params.flatten(0, 1), batch_size=batch_size)
+            flat = params.flatten(0, 1).to(rt.device)  # one copy per block, not per batch
+            logits = predict(teacher, imgs, mean, std, rt, params=flat, batch_size=batch_size)
             writer.write_rows(
                 start,
                 logits.view(stop - start, views, c).to(torch.float16).cpu().numpy(),

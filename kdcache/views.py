@@ -12,6 +12,8 @@ device, worker count or resume point.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -75,10 +77,16 @@ def shuffle_order(seed: int, num_samples: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_samples, generator=g)
 
 
+@functools.lru_cache(maxsize=16)
+def _stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean/std as device tensors, made once: a fresh torch.tensor per batch is a host sync on CUDA."""
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1)  # noqa: E731
+    return as_tensor(mean), as_tensor(std)
+
+
 def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 [B,3,H,W] -> float32, computed as ToTensor + Normalize do (bit for bit)."""
-    m = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    """uint8 [B,3,H,W] -> float32, computed as ToTensor + Normalize do."""
+    m, s = _stats(tuple(mean), tuple(std), pixels.device)
     return (pixels.float() / 255.0 - m) / s
 
 
