@@ -147,7 +147,7 @@ def train_teacher(
     data = load_dataset(recipe.dataset, data_dir, recipe.subset)
     plan = fresh_views_plan(len(data.train_y), recipe.seed, recipe.augment, rt.device)
     batches = ViewBatches(data.train_x.to(rt.device), data.train_y.to(rt.device), plan,
-                          recipe.batch_size, recipe.seed, recipe.mean, recipe.std)  # fmt: skip
+                          recipe.batch_size, recipe.seed, recipe.mean, recipe.std, drop_last=rt.compile)  # fmt: skip
     return _train_and_save(
         role="teacher", arch=recipe.teacher_arch, data=data, recipe=recipe, epochs=recipe.teacher_recipe_epochs,
         batches=batches, loss_fn=lambda s, y, t: kd_loss(s, y, None, T=1.0, alpha=0.0), rt=rt, out=out,
@@ -186,7 +186,7 @@ def train_student(
     k = params.shape[1]
     mean, std = tuple(attrs["normalize_mean"]), tuple(attrs["normalize_std"])
     batches = ViewBatches(data.train_x.to(rt.device), data.train_y.to(rt.device), plan,
-                          recipe.batch_size, recipe.seed, mean, std)  # fmt: skip
+                          recipe.batch_size, recipe.seed, mean, std, drop_last=rt.compile)  # fmt: skip
     T, alpha = recipe.T, recipe.alpha
     return _train_and_save(
         role="student", arch=recipe.student_arch, data=data, recipe=recipe, epochs=recipe.epochs,

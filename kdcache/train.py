@@ -92,14 +92,18 @@ class ViewBatches:
     seed: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # Compiled models recompile for every new batch shape: skip the epoch's last
+    # partial batch then (the order changes each epoch, so no sample is always left out).
+    drop_last: bool = False
 
     def __len__(self) -> int:
-        return -(-len(self.labels) // self.batch_size)
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last and n >= self.batch_size else -(-n // self.batch_size)
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         params, targets = self.plan(epoch)
         order = shuffle_order(self.seed, len(self.labels), epoch).to(self.images.device)
-        for start in range(0, len(order), self.batch_size):
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
             idx = order[start : start + self.batch_size]
             x = render(self.images[idx], params[idx], self.mean, self.std)
             yield x, self.labels[idx], None if targets is None else targets[idx]
@@ -225,7 +229,8 @@ def fit(
         train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen  # the one sync per epoch
         train_time = time.perf_counter() - t0
         progress.end()
-        test_acc = accuracy(predict(model, test_x, batches.mean, batches.std, rt), test_y)
+        # Eager evaluation: eval mode and no_grad would each be one more compiled graph.
+        test_acc = accuracy(predict(unwrap(model), test_x, batches.mean, batches.std, rt), test_y)
         on_epoch(
             epoch,
             {
