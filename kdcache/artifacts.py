@@ -52,4 +52,10 @@ def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise KDCacheError(f"no metrics at {path}: run the training that writes it first")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KDCacheError(f"{path} is not a kdcache metrics log ({e}): rerun the training that writes it") from None
+    if not history:
+        raise KDCacheError(f"{path} holds no epochs: rerun the training that writes it")
+    return history

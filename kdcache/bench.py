@@ -184,8 +184,9 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
     log("dump: teacher inference over rendered views")
     rows = min(n, cfg.batch_size * (cfg.steps + cfg.warmup))
     flat = params[:rows, 0]
-    predict(teacher, images_d[: cfg.batch_size * cfg.warmup], mean, std, rt,
-            params=flat[: cfg.batch_size * cfg.warmup], batch_size=cfg.batch_size)  # fmt: skip
+    if cfg.warmup:
+        predict(teacher, images_d[: cfg.batch_size * cfg.warmup], mean, std, rt,
+                params=flat[: cfg.batch_size * cfg.warmup], batch_size=cfg.batch_size)  # fmt: skip
     _sync(dev)
     t0 = time.perf_counter()
     predict(teacher, images_d[:rows], mean, std, rt, params=flat, batch_size=cfg.batch_size)

@@ -212,14 +212,6 @@ class Cache:
     def num_rows(self) -> int:
         return self.file["logits"].shape[0]
 
-    @property
-    def num_views(self) -> int:
-        return int(self.attrs["num_views"])
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.attrs["num_classes"])
-
     def tensors(self, device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits fp16 [N,K,C], view_params uint8 [N,K,3], labels int64 [N]) on `device`."""
         return tuple(torch.from_numpy(self.file[name][...]).to(device) for name in ("logits", "view_params", "labels"))
@@ -270,11 +262,9 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> Cache:
     return Cache(path, f)
 
 
-def check_matches(cache: Cache, fingerprint: str, num_classes: int, dataset: str) -> None:
+def check_matches(cache: Cache, fingerprint: str, num_classes: int) -> None:
     """Refuse a cache made from other data (fingerprint covers --subset too) or class count."""
     a = cache.attrs
-    if a["dataset"] != dataset:
-        raise KDCacheError(f"{cache.path} was made from {a['dataset']}, not {dataset}: pass --dataset {a['dataset']}")
     if int(a["num_classes"]) != num_classes:
         raise KDCacheError(
             f"{cache.path} has {a['num_classes']} classes, the data has {num_classes}: use a cache of this dataset"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -100,7 +102,7 @@ def print_epoch(m: dict) -> None:
 
 # ---- shared options -----------------------------------------------------------------------------
 
-PresetOpt = typer.Option(None, "--preset", help=f"Named recipe: {PRESET_NAMES}. Flags you pass override it. \\[default: {DEFAULT_PRESET}]")
+PresetOpt = typer.Option(None, "--preset", help=f"Named recipe: {PRESET_NAMES}. Flags you pass override it. \\[default: {DEFAULT_PRESET} for teacher and pipeline; dump-logits and student start from the recipe the teacher/cache recorded]")
 DataDirOpt = typer.Option(Path("data"), "--data-dir", help="Folder with the dataset's python batches (e.g. data/cifar-10-batches-py).")
 SubsetOpt = typer.Option(None, "--subset", help="Use only the first N training images. \\[default: all, or the preset's]")
 SeedOpt = typer.Option(None, "--seed", help="Seed for initialisation, views and order. \\[default: 0]")
@@ -112,7 +114,17 @@ ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run of
 EpochsOpt = typer.Option(None, "--epochs", help="Training epochs. \\[default: the preset's, 200 for seed-resnet]")
 BatchOpt = typer.Option(None, "--batch-size", help="Training batch size. \\[default: the preset's, 128 for seed-resnet]")
 LrOpt = typer.Option(None, "--lr", help="Peak learning rate. \\[default: the preset's, 0.1 (SGD) for seed-resnet]")
-OptimOpt = typer.Option(None, "--optimizer", help="sgd (momentum 0.9, wd 5e-4, cosine) | adam (constant lr). \\[default: the preset's]")
+OptimOpt = typer.Option(None, "--optimizer", help="sgd | adam; momentum, weight decay and schedule stay the preset's. \\[default: the preset's: sgd for seed-resnet, adam for seed-cnn]")
+
+
+def _base_recipe(preset: str | None, upstream) -> "Recipe":
+    """--preset if given, else the recipe the upstream artifact recorded, so commands chain."""
+    from kdcache.config import Recipe
+
+    if preset is not None:
+        return get_preset(preset)
+    recorded = upstream()
+    return Recipe.from_dict(recorded) if recorded else get_preset(None)
 
 
 def _runtime(device: str, precision: str, compile: bool):
@@ -204,7 +216,11 @@ def dump_cmd(
     """Cache the teacher's raw logits for K deterministic augmented views of every training image."""
     from kdcache.dump import dump_logits
 
-    recipe = get_preset(preset).override(views=views, augment=augment, seed=seed, subset=subset)
+    from kdcache.models import read_checkpoint
+
+    recipe = _base_recipe(preset, lambda: read_checkpoint(teacher).get("recipe")).override(
+        views=views, augment=augment, seed=seed, subset=subset
+    )
     rt = _runtime(device, precision, compile)
     with RichProgress() as progress:
         path = dump_logits(
@@ -233,7 +249,7 @@ def student_cmd(
     lr: Optional[float] = LrOpt,
     optimizer: Optional[str] = OptimOpt,
     T: Optional[float] = typer.Option(None, "--T", help="Distillation temperature (> 0). \\[default: the preset's, 3]"),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="Weight of the soft-target loss in [0, 1]; 0 trains the student alone. \\[default: 0.5]"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Weight of the soft-target loss in [0, 1]; 0 trains the student alone. \\[default: the preset's, 0.5 for seed-resnet]"),
     seed: Optional[int] = SeedOpt,
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
@@ -248,10 +264,16 @@ def student_cmd(
     """
     from kdcache.stages import train_student
 
-    recipe = get_preset(preset).override(
-        student_arch=arch, subset=subset, epochs=epochs, batch_size=batch_size, lr=lr,
-        optimizer=optimizer, T=T, alpha=alpha, seed=seed,
+    from kdcache.cache import open_cache
+
+    def recorded() -> dict | None:
+        with open_cache(cache) as c:
+            return json.loads(c.attrs["recipe"]) if "recipe" in c.attrs else None
+
+    recipe = _base_recipe(preset, recorded).override(
+        student_arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, T=T, alpha=alpha, seed=seed,
     )  # fmt: skip
+    recipe = dataclasses.replace(recipe, subset=subset)  # the cache's rows unless asked otherwise
     rt = _runtime(device, precision, compile)
     with RichProgress() as progress:
         result = train_student(recipe, cache_file=cache, data_dir=data_dir, out=out, rt=rt, force=force,

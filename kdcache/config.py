@@ -46,6 +46,12 @@ class Recipe:
         """A copy with every non-None value replaced (None means: keep the preset's)."""
         return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        """The recipe an artifact recorded (checkpoint meta, cache attribute); unknown keys ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
+
     @property
     def teacher_recipe_epochs(self) -> int:
         return self.teacher_epochs if self.teacher_epochs is not None else self.epochs

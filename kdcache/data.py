@@ -66,11 +66,6 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    @property
-    def indices(self) -> torch.Tensor:
-        """Rows of the full training set that this split holds (a prefix)."""
-        return torch.arange(len(self.train_y))
-
 
 def fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
     h = hashlib.sha256()

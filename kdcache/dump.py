@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import time
@@ -16,7 +17,7 @@ from kdcache.artifacts import prepare_output
 from kdcache.data import load_dataset
 from kdcache.errors import KDCacheError
 from kdcache.models import file_sha256, load_checkpoint
-from kdcache.train import Progress, Runtime, _NoProgress, accuracy, predict
+from kdcache.train import Progress, Runtime, NoProgress, accuracy, predict
 from kdcache.views import view_params
 
 
@@ -61,6 +62,8 @@ def dump_logits(
     """
     if views < 1:
         raise KDCacheError(f"--views must be >= 1 (got {views})")
+    if not augment and views > 1:
+        raise KDCacheError(f"--no-augment caches the one un-augmented view: pass --views 1 (got --views {views})")
     if batch_size < 1:
         raise KDCacheError(f"--batch-size must be >= 1 (got {batch_size})")
     if block_rows < 1:
@@ -90,6 +93,8 @@ def dump_logits(
         "batch_size": batch_size,
         "block_rows": block_rows,
         "precision": "bf16" if rt.amp_dtype is not None else "fp32",
+        # The teacher's recipe with this dump's view settings: students start from it.
+        "recipe": json.dumps({**meta.get("recipe", {}), "views": views, "augment": augment, "seed": seed, "subset": n}),
     }
     need = cache_io.bytes_needed(n, views, c, len(data.test_y))
     free = shutil.disk_usage(out.parent).free
@@ -99,7 +104,7 @@ def dump_logits(
         )
     if not resume:
         cache_io.partial_path(out).unlink(missing_ok=True)
-    progress = progress or _NoProgress()
+    progress = progress or NoProgress()
     progress.note(f"dump {n:,} {data.name} images x {views} view(s) through {meta['arch']} · {rt.describe()}")
     t0 = time.perf_counter()
     writer = None

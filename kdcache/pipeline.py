@@ -17,7 +17,7 @@ from kdcache.artifacts import metrics_path
 from kdcache.config import Recipe, validate
 from kdcache.dump import dump_logits
 from kdcache.errors import KDCacheError
-from kdcache.models import read_checkpoint
+from kdcache.models import file_sha256, read_checkpoint
 from kdcache.report import write_report
 from kdcache.stages import train_student, train_teacher
 from kdcache.train import Progress, Runtime, resume_path
@@ -25,14 +25,26 @@ from kdcache.train import Progress, Runtime, resume_path
 TEACHER, CACHE, STUDENT_KD, STUDENT_ALONE = "teacher.pt", "teacher_logits.h5", "student_kd.pt", "student_alone.pt"
 
 
-def _done(path: Path) -> bool:
-    """A finished artifact is a complete file at its final name (partials live under other names)."""
+def _done(path: Path, expect: dict) -> bool:
+    """Is `path` a finished artifact of *this* run? A complete file made with other settings is refused.
+
+    Partials live under other names, so a file at the final name is complete; `expect`
+    holds what it must have been made with (compared with its recorded metadata).
+    """
     if not path.exists():
         return False
     if path.suffix == ".h5":
-        cache_io.open_cache(path).close()  # raises if it cannot be trusted
+        with cache_io.open_cache(path) as cache:  # raises if it cannot be trusted
+            got = cache.attrs
     else:
-        read_checkpoint(path)
+        record = read_checkpoint(path)
+        got = {**record, "epochs": record["metrics"]["epochs"]}
+    for key, want in expect.items():
+        if got.get(key) != want:
+            raise KDCacheError(
+                f"{path} was made with {key}={got.get(key)!r}, this run asks for {want!r}: "
+                "pass --force to redo the run, or choose another --out"
+            )
     return True
 
 
@@ -67,9 +79,9 @@ def run_pipeline(
     log(f"pipeline preset {preset} -> {run_dir} · {rt.describe()}")
     t0 = time.perf_counter()
 
-    def stage(name: str, title: str, run) -> None:
+    def stage(name: str, title: str, run, expect: dict) -> None:
         path = paths[name]
-        if resume and _done(path):
+        if resume and _done(path, expect):
             log(f"{title}: kept {path}")
             return
         interrupted = resume and (resume_path(path).exists() or cache_io.partial_path(path).exists())
@@ -85,15 +97,23 @@ def run_pipeline(
         log(f"teacher: reusing {teacher}")
     else:
         stage(TEACHER, "teacher", lambda out, kw: train_teacher(
-            recipe, data_dir=data_dir, out=out, rt=rt, progress=progress, on_epoch=on_epoch, **kw))  # fmt: skip
+            recipe, data_dir=data_dir, out=out, rt=rt, progress=progress, on_epoch=on_epoch, **kw),
+            expect={"arch": recipe.teacher_arch, "epochs": recipe.teacher_recipe_epochs})  # fmt: skip
+    teacher_sha = lambda: file_sha256(paths[TEACHER])  # noqa: E731 - the teacher may only exist later
     stage(CACHE, "dump-logits", lambda out, kw: dump_logits(
         teacher_path=paths[TEACHER], data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
         batch_size=max(256, recipe.batch_size), rt=rt, subset=recipe.subset, augment=recipe.augment,
-        progress=progress, **kw))  # fmt: skip
-    stage(STUDENT_KD, f"student with KD (T={recipe.T:g}, alpha={recipe.alpha:g})", lambda out, kw: train_student(
-        recipe, cache_file=paths[CACHE], data_dir=data_dir, out=out, rt=rt, progress=progress, on_epoch=on_epoch, **kw))  # fmt: skip
-    alone = dataclasses.replace(recipe, alpha=0.0)
-    stage(STUDENT_ALONE, "student alone (alpha=0, same views, seed and budget)", lambda out, kw: train_student(
-        alone, cache_file=paths[CACHE], data_dir=data_dir, out=out, rt=rt, progress=progress, on_epoch=on_epoch, **kw))  # fmt: skip
+        progress=progress, **kw),
+        expect={"teacher_sha256": teacher_sha(), "num_views": recipe.views, "seed": recipe.seed,
+                "augment": recipe.augment})  # fmt: skip
+    for name, title, student in (
+        (STUDENT_KD, f"student with KD (T={recipe.T:g}, alpha={recipe.alpha:g})", recipe),
+        (STUDENT_ALONE, "student alone (alpha=0, same views, seed and budget)", dataclasses.replace(recipe, alpha=0.0)),
+    ):
+        stage(name, title, lambda out, kw, student=student: train_student(
+            student, cache_file=paths[CACHE], data_dir=data_dir, out=out, rt=rt, progress=progress,
+            on_epoch=on_epoch, **kw),
+            expect={"arch": student.student_arch, "epochs": student.epochs, "T": student.T, "alpha": student.alpha,
+                    "cache_teacher_sha256": teacher_sha()})  # fmt: skip
     return write_report(run_dir, extra={"preset": preset, "recipe": dataclasses.asdict(recipe),
                                         "runtime": rt.describe(), "pipeline_wall_s": time.perf_counter() - t0})  # fmt: skip

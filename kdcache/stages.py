@@ -18,7 +18,7 @@ from kdcache.models import build, num_params, save_checkpoint
 from kdcache.train import (
     Plan,
     Progress,
-    _NoProgress,
+    NoProgress,
     Runtime,
     ViewBatches,
     build_optimizer,
@@ -60,7 +60,7 @@ def _train_and_save(
     on_epoch=None,
 ) -> StageResult:
     """Shared by both stages: seed, build, (resume), fit with per-epoch state, checkpoint."""
-    progress = progress or _NoProgress()
+    progress = progress or NoProgress()
     torch.manual_seed(recipe.seed)
     raw = build(arch, data.num_classes)
     model = rt.prepare(raw)
@@ -178,7 +178,7 @@ def train_student(
         attrs = cache.attrs
         subset = recipe.subset if recipe.subset is not None else attrs.get("subset")
         data = load_dataset(attrs["dataset"], data_dir, subset)
-        cache_io.check_matches(cache, data.fingerprint, data.num_classes, attrs["dataset"])
+        cache_io.check_matches(cache, data.fingerprint, data.num_classes)
         logits, params, labels = cache.tensors(rt.device)
     if not torch.equal(labels.cpu(), data.train_y):
         raise KDCacheError(f"{cache_file}: labels differ from the data's: dump the cache again")

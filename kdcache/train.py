@@ -144,7 +144,7 @@ class Progress(Protocol):
     def end(self) -> None: ...
 
 
-class _NoProgress:
+class NoProgress:
     def note(self, message: str) -> None:
         pass
 
@@ -208,7 +208,7 @@ def fit(
     progress: Progress | None = None,
 ) -> None:
     """Train epochs [start_epoch, epochs); after each, evaluate and hand metrics to `on_epoch`."""
-    progress = progress or _NoProgress()
+    progress = progress or NoProgress()
     step = make_step(model, loss_fn, optimizer, rt)
     test_x, test_y = test[0].to(rt.device), test[1]  # resident too: evaluation copies nothing per epoch
     for epoch in range(start_epoch, epochs):

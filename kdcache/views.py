@@ -106,17 +106,3 @@ def render(images: torch.Tensor, params: torch.Tensor, mean, std) -> torch.Tenso
     batch = torch.arange(b, device=images.device)[:, None, None]
     crops = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # [B, H, W, C]
     return normalize(crops.permute(0, 3, 1, 2), mean, std)
-
-
-def render_reference(image: torch.Tensor, dx: int, dy: int, flip: int, mean, std) -> torch.Tensor:
-    """One view the torchvision way (pad, crop, flip on the uint8 image), then `normalize`.
-
-    The renderer's yardstick: the batched gather must pick exactly these pixels.
-    """
-    import torchvision.transforms.v2.functional as TF
-
-    h, w = image.shape[-2:]
-    x = TF.crop(TF.pad(image, [PAD, PAD, PAD, PAD], fill=0), dy, dx, h, w)
-    if flip:
-        x = TF.horizontal_flip(x)
-    return normalize(x.unsqueeze(0), mean, std)[0]

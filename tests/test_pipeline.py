@@ -94,3 +94,12 @@ def test_resume_keeps_finished_stages_and_refuses_silent_overwrite(run_dir, data
     stamps = {p.name: os.stat(p).st_mtime_ns for p in run_dir.glob("*.pt")}
     run_pipeline(recipe, preset="test", run_dir=run_dir, data_dir=data_dir, rt=cpu, resume=True)
     assert stamps == {p.name: os.stat(p).st_mtime_ns for p in run_dir.glob("*.pt")}
+
+
+def test_resume_refuses_finished_stages_made_with_other_settings(run_dir, data_dir, cpu):
+    changed = TINY.override(views=2, augment=True, alpha=0.9)
+    with pytest.raises(KDCacheError, match=r"student_kd.pt was made with alpha=0.25, this run asks for 0.9"):
+        run_pipeline(changed, preset="test", run_dir=run_dir, data_dir=data_dir, rt=cpu, resume=True)
+    with pytest.raises(KDCacheError, match="num_views"):
+        run_pipeline(TINY.override(views=3, augment=True), preset="test", run_dir=run_dir, data_dir=data_dir,
+                     rt=cpu, resume=True)  # fmt: skip

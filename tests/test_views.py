@@ -5,9 +5,23 @@ import pytest
 import torch
 from torchvision import transforms
 
-from kdcache.views import IDENTITY, PAD, render, render_reference, shuffle_order, view_params, view_schedule
+from kdcache.views import IDENTITY, PAD, normalize, render, shuffle_order, view_params, view_schedule
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+
+
+def render_reference(image: torch.Tensor, dx: int, dy: int, flip: int, mean, std) -> torch.Tensor:
+    """One view the torchvision way (pad, crop, flip on the uint8 image), then `normalize`.
+
+    The renderer's yardstick: the batched gather must pick exactly these pixels.
+    """
+    import torchvision.transforms.v2.functional as TF
+
+    h, w = image.shape[-2:]
+    x = TF.crop(TF.pad(image, [PAD, PAD, PAD, PAD], fill=0), dy, dx, h, w)
+    if flip:
+        x = TF.horizontal_flip(x)
+    return normalize(x.unsqueeze(0), mean, std)[0]
 
 
 @pytest.fixture
