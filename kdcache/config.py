@@ -43,7 +43,13 @@ class Recipe:
     seed: int = 0
 
     def override(self, **values) -> "Recipe":
-        """A copy with every non-None value replaced (None means: keep the preset's)."""
+        """A copy with every non-None value replaced (None means: keep the preset's).
+
+        Asking for several views asks for augmented ones, unless augment is set too:
+        K copies of the same plain image would only cost K times the teacher's time.
+        """
+        if (values.get("views") or 1) > 1 and values.get("augment") is None:
+            values["augment"] = True
         return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
 
     @classmethod

@@ -40,6 +40,12 @@ def test_flags_override_the_preset_field_by_field():
     assert p.epochs == 3 and p.T == 2.0
 
 
+def test_several_views_mean_augmented_views_unless_said_otherwise():
+    assert get_preset("seed-cnn").override(views=8).augment is True
+    assert get_preset("seed-cnn").override(views=8, augment=False).augment is False
+    assert get_preset("seed-cnn").override(views=1).augment is False
+
+
 def test_unknown_preset_is_a_user_error():
     with pytest.raises(KDCacheError, match="unknown preset"):
         get_preset("nope")
