@@ -416,7 +416,8 @@ def _report_table(records: list[dict]) -> Table:
     several = len(records) > 1
     table = Table(title="teacher vs student alone vs student with KD", title_justify="left")
     for col in (["run"] if several else []) + ["model", "arch", "params", "test acc", "train time", "img/s"]:
-        table.add_column(col, justify="left" if col in ("run", "model", "arch") else "right")
+        table.add_column(col, justify="left" if col in ("run", "model", "arch") else "right",
+                         min_width=16 if col == "arch" else None)  # fmt: skip
     for rec in records:
         for r in rec["rows"]:
             cells = [r["model"], r["arch"], f"{r['params']:,}", f"{100 * r['test_acc']:.2f}%",
