@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -414,8 +415,8 @@ def bench_cmd(
 
 def _report_table(records: list[dict]) -> Table:
     several = len(records) > 1
-    table = Table(title="teacher vs student alone vs student with KD", title_justify="left")
-    for col in (["run"] if several else []) + ["model", "arch", "params", "test acc", "train time", "img/s"]:
+    table = Table(title="teacher vs student alone vs student with KD", title_justify="left", box=box.SIMPLE_HEAD)
+    for col in (["run"] if several else []) + ["model", "arch", "params", "test acc", "time", "img/s"]:
         table.add_column(col, justify="left" if col in ("run", "model", "arch") else "right",
                          min_width=16 if col == "arch" else None)  # fmt: skip
     for rec in records:
