@@ -32,7 +32,9 @@ def prepare_output(out: str | Path, *, force: bool, resume: bool = False, interr
         with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".kdcache-write-test-"):
             pass
     except OSError as e:
-        raise KDCacheError(f"cannot write to {out.parent} ({e.strerror or e}): choose another --out") from None
+        blocker = next((p for p in (out.parent, *out.parent.parents) if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file, not a directory" if blocker else (e.strerror or str(e))
+        raise KDCacheError(f"cannot write to {out.parent} ({reason}): choose another --out") from None
     return out
 
 

@@ -139,7 +139,7 @@ def load_dataset(
         if not download or os.environ.get("KDCACHE_OFFLINE"):
             raise KDCacheError(
                 f"{name} not found in {data_dir}: put the python batches in {data_dir / spec.folder} "
-                "(make data links ../shared/cifar10 there), or allow the download"
+                "(make data links ../shared/cifar10 there), or unset KDCACHE_OFFLINE to download it"
             )
         folder = _download(name, data_dir)
     meta = _unpickle(folder / spec.meta_file) if (folder / spec.meta_file).is_file() else {}
