@@ -31,8 +31,8 @@ from kdcache.stages import train_student, train_teacher
 
 ONE = {"OMP_NUM_THREADS": "1", "KDCACHE_OFFLINE": "1"}
 
-# The dump under test: 80 images x 8 views in 8 blocks of 10 rows (a few seconds).
-DUMP_ROWS, DUMP_VIEWS, DUMP_BLOCK, DUMP_BATCH, DUMP_SEED = 80, 8, 10, 40, 3
+# The dump under test: 400 images x 8 views in 20 blocks of 20 rows.
+DUMP_ROWS, DUMP_VIEWS, DUMP_BLOCK, DUMP_BATCH, DUMP_SEED = 400, 8, 20, 40, 3  # seconds: signals land mid-dump
 # The teacher under test: seed-cnn-teacher on 40 images for 6 epochs, with the default recipe's
 # SGD + momentum + cosine schedule, crop+flip views and dropout: every kind of state is exercised.
 TEACHER = dict(subset=40, epochs=6, batch_size=20, lr=0.01, seed=1)
