@@ -229,13 +229,13 @@ def dump_cmd(
             batch_size=batch_size, rt=rt, subset=recipe.subset, augment=recipe.augment, arch=arch,
             block_rows=block_rows, force=force, resume=resume, progress=progress,
         )  # fmt: skip
-    _print_cache_summary(path)
+    _print_cache_summary(path, recipe.T)
 
 
-def _print_cache_summary(path: Path) -> None:
+def _print_cache_summary(path: Path, T: float) -> None:
     from kdcache.verify import cache_summary
 
-    out_console.print(_results_table(f"cache {path}", cache_summary(path)))
+    out_console.print(_results_table(f"cache {path}", cache_summary(path, T)))
 
 
 @command("student")
@@ -326,7 +326,7 @@ def inspect_cmd(
 
     if T <= 0:
         raise KDCacheError(f"--T must be > 0 (got {T})")
-    out_console.print(_results_table(f"cache {cache}", cache_summary(cache, T)))
+    _print_cache_summary(cache, T)
 
 
 @command("verify")
