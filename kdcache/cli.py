@@ -322,8 +322,6 @@ def inspect_cmd(
     T: float = typer.Option(3.0, "--T", help="Temperature for the soft-target entropy."),
 ):
     """Summarise a cache: format, dataset, N x K x C, size, teacher, accuracy, entropy, completeness."""
-    from kdcache.verify import cache_summary
-
     if T <= 0:
         raise KDCacheError(f"--T must be > 0 (got {T})")
     _print_cache_summary(cache, T)
