@@ -43,11 +43,25 @@ def metrics_path(out: str | Path) -> Path:
     return out.with_name(out.stem + ".metrics.jsonl")
 
 
+def atomic_write(path: str | Path, write) -> Path:
+    """Call `write(tmp_path)`, then rename onto `path`: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
 def write_metrics(path: Path, history: list[dict]) -> None:
     """Rewrite the whole JSON-lines log atomically (it is short: one line per epoch)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in history))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in history))
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from kdcache.artifacts import atomic_write_text
 from kdcache.config import DEFAULT_PRESET, PRESETS, get_preset
 from kdcache.errors import KDCacheError
 
@@ -406,7 +407,7 @@ def bench_cmd(
     if json_path:
         try:
             json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(record, indent=2) + "\n")
+            atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")
         except OSError as e:
             raise KDCacheError(f"cannot write {json_path} ({e.strerror or e}): choose another --json path") from None
 
@@ -487,7 +488,8 @@ def report_cmd(
         plot(records, target)
         out_console.print(f"plot: {target}", highlight=False)
     else:
-        out_console.print(f"report: {run_dirs[0] / 'report.md'} · plot: {plot_path and plot(records, plot_path) or run_dirs[0] / 'accuracy.png'}", highlight=False)
+        target = plot(records, plot_path) if plot_path else run_dirs[0] / "accuracy.png"
+        out_console.print(f"report: {run_dirs[0] / 'report.md'} · plot: {target}", highlight=False)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from kdcache import cache as cache_io
-from kdcache.artifacts import metrics_path
+from kdcache.artifacts import atomic_write, metrics_path
 from kdcache.config import Recipe, validate
 from kdcache.dump import dump_logits
 from kdcache.errors import KDCacheError
@@ -91,9 +91,9 @@ def run_pipeline(
     if teacher is not None:
         read_checkpoint(teacher)  # refuse a bad file before copying it
         if Path(teacher).resolve() != paths[TEACHER].resolve():
-            shutil.copy2(teacher, paths[TEACHER])
+            atomic_write(paths[TEACHER], lambda tmp: shutil.copy2(teacher, tmp))
             if metrics_path(teacher).exists():
-                shutil.copy2(metrics_path(teacher), metrics_path(paths[TEACHER]))
+                atomic_write(metrics_path(paths[TEACHER]), lambda tmp: shutil.copy2(metrics_path(teacher), tmp))
         log(f"teacher: reusing {teacher}")
     else:
         stage(TEACHER, "teacher", lambda out, kw: train_teacher(

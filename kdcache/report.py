@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kdcache.artifacts import metrics_path, read_metrics
+from kdcache.artifacts import atomic_write, atomic_write_text, metrics_path, read_metrics
 from kdcache.errors import KDCacheError
 from kdcache.models import read_checkpoint
 
@@ -107,10 +107,12 @@ def plot(records: list[dict], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    except OSError as e:
+        raise KDCacheError(f"cannot write the plot {path} ({e.strerror or e}): choose another path") from None
+    finally:
+        plt.close(fig)
 
 
 def write_report(run_dir: str | Path, extra: dict | None = None) -> dict:
@@ -119,7 +121,7 @@ def write_report(run_dir: str | Path, extra: dict | None = None) -> dict:
     record = load_run(run_dir)
     if extra is not None:
         record["run"] = extra
-    (run_dir / "report.json").write_text(json.dumps(record, indent=2) + "\n")
-    (run_dir / "report.md").write_text(markdown(record))
+    atomic_write_text(run_dir / "report.json", json.dumps(record, indent=2) + "\n")
+    atomic_write_text(run_dir / "report.md", markdown(record))
     plot([record], run_dir / "accuracy.png")
     return record

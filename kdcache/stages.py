@@ -193,5 +193,6 @@ def train_student(
         batches=batches, loss_fn=lambda s, y, t: kd_loss(s, y, t, T=T, alpha=alpha), rt=rt, out=out,
         resume=resume, progress=progress, on_epoch=on_epoch,
         extra_meta={"T": T, "alpha": alpha, "cache_teacher_sha256": attrs["teacher_sha256"],
-                    "cache_num_views": k, "teacher_arch": attrs["teacher_arch"]},
+                    "cache_num_views": k, "cache_seed": attrs["seed"], "cache_augment": attrs["augment"],
+                    "teacher_arch": attrs["teacher_arch"]},
     )  # fmt: skip

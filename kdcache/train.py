@@ -49,8 +49,9 @@ class Runtime:
         bf16 = precision == "bf16" or (precision == "auto" and device == "cuda")
         if device == "cuda":
             torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            # TF32 only where precision was traded already: --precision fp32 stays fp32.
+            torch.backends.cuda.matmul.allow_tf32 = bf16
+            torch.backends.cudnn.allow_tf32 = bf16
         return cls(torch.device(device), torch.bfloat16 if bf16 else None, channels_last=True, compile=compile)
 
     def autocast(self):
