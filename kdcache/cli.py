@@ -293,7 +293,7 @@ def eval_cmd(
 ):
     """Print a checkpoint's test accuracy on its dataset."""
     from kdcache.data import load_dataset
-    from kdcache.models import load_checkpoint, num_params
+    from kdcache.models import check_classes, load_checkpoint, num_params
     from kdcache.train import accuracy, predict
 
     if batch_size < 1:
@@ -301,8 +301,7 @@ def eval_cmd(
     rt = _runtime(device, precision, False)
     model, meta = load_checkpoint(checkpoint, device=rt.device)
     data = load_dataset(meta["dataset"], data_dir, subset=1)
-    if data.num_classes != meta["num_classes"]:
-        raise KDCacheError(f"{checkpoint} predicts {meta['num_classes']} classes, {data.name} has {data.num_classes}")
+    check_classes(checkpoint, meta, data.name, data.num_classes)
     logits = predict(rt.prepare(model), data.test_x, meta["normalize_mean"], meta["normalize_std"], rt, batch_size=batch_size)
     acc = accuracy(logits, data.test_y)
     out_console.print(

@@ -16,7 +16,7 @@ from kdcache import cache as cache_io
 from kdcache.artifacts import prepare_output
 from kdcache.data import load_dataset
 from kdcache.errors import KDCacheError
-from kdcache.models import file_sha256, load_checkpoint
+from kdcache.models import check_classes, file_sha256, load_checkpoint
 from kdcache.train import Progress, Runtime, NoProgress, accuracy, predict
 from kdcache.views import view_params
 
@@ -73,8 +73,7 @@ def dump_logits(
     teacher = rt.prepare(teacher)
     # By default, the images the teacher was trained on (its --subset), so the commands chain.
     data = load_dataset(meta["dataset"], data_dir, subset if subset is not None else meta.get("num_train"))
-    if data.num_classes != meta["num_classes"]:
-        raise KDCacheError(f"{teacher_path} predicts {meta['num_classes']} classes, {data.name} has {data.num_classes}")
+    check_classes(teacher_path, meta, data.name, data.num_classes)
     mean, std = tuple(meta["normalize_mean"]), tuple(meta["normalize_std"])
     n, c = len(data.train_y), data.num_classes
     attrs = {

@@ -178,6 +178,12 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None, device: str | 
     return model.to(device).eval(), meta
 
 
+def check_classes(path: str | Path, meta: dict, dataset: str, num_classes: int) -> None:
+    """Refuse to run a checkpoint on data with another class count."""
+    if meta["num_classes"] != num_classes:
+        raise KDCacheError(f"{path} predicts {meta['num_classes']} classes, {dataset} has {num_classes}: use a checkpoint of this dataset")
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
