@@ -163,8 +163,13 @@ class NoProgress:
 def predict(
     model: nn.Module, images: torch.Tensor, mean, std, rt: Runtime, *, params=None, batch_size: int = 1024
 ) -> torch.Tensor:
-    """float32 logits [N, C] for uint8 images (views `params` [N,3] if given, else the plain image)."""
+    """float32 logits [N, C] for uint8 images (views `params` [N,3] if given, else the plain image).
+
+    A compiled model sees one batch shape only: a short last batch is padded with zero
+    images (and their logits dropped), since a second shape means a recompilation.
+    """
     model.eval()
+    one_shape = unwrap(model) is not model
     outs = []
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size].to(rt.device, non_blocking=True)
@@ -172,8 +177,11 @@ def predict(
             x = normalize(x, mean, std)
         else:
             x = render(x, params[start : start + batch_size], mean, std)
+        rows = len(x)
+        if one_shape and rows < batch_size:
+            x = torch.cat([x, x.new_zeros((batch_size - rows, *x.shape[1:]))])
         with rt.autocast():
-            outs.append(model(rt.input(x)).float())
+            outs.append(model(rt.input(x))[:rows].float())
     return torch.cat(outs)
 
 
