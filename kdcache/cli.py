@@ -116,7 +116,8 @@ ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run of
 EpochsOpt = typer.Option(None, "--epochs", help="Training epochs. \\[default: the preset's, 200 for seed-resnet]")
 BatchOpt = typer.Option(None, "--batch-size", help="Training batch size. \\[default: the preset's, 128 for seed-resnet]")
 LrOpt = typer.Option(None, "--lr", help="Peak learning rate. \\[default: the preset's, 0.1 (SGD) for seed-resnet]")
-OptimOpt = typer.Option(None, "--optimizer", help="sgd | adam; momentum, weight decay and schedule stay the preset's. \\[default: the preset's: sgd for seed-resnet, adam for seed-cnn]")
+OptimOpt = typer.Option(None, "--optimizer", help="sgd | adam; momentum and weight decay stay the preset's. \\[default: the preset's: sgd for seed-resnet, adam for seed-cnn]")
+ScheduleOpt = typer.Option(None, "--schedule", help="Learning rate over the epochs: cosine (decays to 0) | constant. \\[default: the preset's: cosine for seed-resnet, constant for seed-cnn]")
 
 
 def _base_recipe(preset: str | None, upstream) -> "Recipe":
@@ -173,6 +174,7 @@ def teacher_cmd(
     batch_size: Optional[int] = BatchOpt,
     lr: Optional[float] = LrOpt,
     optimizer: Optional[str] = OptimOpt,
+    schedule: Optional[str] = ScheduleOpt,
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random pad-4 crop + flip each epoch. \\[default: the preset's]"),
     seed: Optional[int] = SeedOpt,
     device: str = DeviceOpt,
@@ -187,7 +189,7 @@ def teacher_cmd(
 
     recipe = get_preset(preset).override(
         teacher_arch=arch, dataset=dataset, subset=subset, teacher_epochs=epochs, batch_size=batch_size,
-        lr=lr, optimizer=optimizer, augment=augment, seed=seed,
+        lr=lr, optimizer=optimizer, schedule=schedule, augment=augment, seed=seed,
     )  # fmt: skip
     rt = _runtime(device, precision, compile)
     with RichProgress() as progress:
@@ -250,6 +252,7 @@ def student_cmd(
     batch_size: Optional[int] = BatchOpt,
     lr: Optional[float] = LrOpt,
     optimizer: Optional[str] = OptimOpt,
+    schedule: Optional[str] = ScheduleOpt,
     T: Optional[float] = typer.Option(None, "--T", help="Distillation temperature (> 0). \\[default: the preset's, 3]"),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Weight of the soft-target loss in [0, 1]; 0 trains the student alone. \\[default: the preset's, 0.5 for seed-resnet]"),
     seed: Optional[int] = SeedOpt,
@@ -273,7 +276,8 @@ def student_cmd(
             return json.loads(c.attrs["recipe"]) if "recipe" in c.attrs else None
 
     recipe = _base_recipe(preset, recorded).override(
-        student_arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, T=T, alpha=alpha, seed=seed,
+        student_arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
+        T=T, alpha=alpha, seed=seed,
     )  # fmt: skip
     recipe = dataclasses.replace(recipe, subset=subset)  # the cache's rows unless asked otherwise
     rt = _runtime(device, precision, compile)
@@ -438,6 +442,8 @@ def pipeline_cmd(
     teacher_epochs: Optional[int] = typer.Option(None, "--teacher-epochs", help="Teacher epochs. \\[default: the preset's]"),
     batch_size: Optional[int] = BatchOpt,
     lr: Optional[float] = LrOpt,
+    optimizer: Optional[str] = OptimOpt,
+    schedule: Optional[str] = ScheduleOpt,
     views: Optional[int] = typer.Option(None, "--views", help="Cached views per image, K. \\[default: the preset's]"),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Crop+flip views for teacher and cache. \\[default: the preset's]"),
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="Reuse this teacher checkpoint instead of training one."),
@@ -459,7 +465,7 @@ def pipeline_cmd(
     name = preset or DEFAULT_PRESET
     recipe = get_preset(name).override(
         subset=subset, teacher_arch=teacher_arch, student_arch=student_arch, epochs=epochs,
-        teacher_epochs=teacher_epochs, batch_size=batch_size, lr=lr, views=views, augment=augment, T=T,
+        teacher_epochs=teacher_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule, views=views, augment=augment, T=T,
         alpha=alpha, seed=seed,
     )  # fmt: skip
     rt = _runtime(device, precision, compile)

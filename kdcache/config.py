@@ -114,7 +114,7 @@ def validate(recipe: Recipe) -> Recipe:
         (recipe.lr > 0, f"--lr must be > 0 (got {recipe.lr})"),
         (recipe.subset is None or recipe.subset >= 1, f"--subset must be >= 1 (got {recipe.subset})"),
         (recipe.optimizer in ("sgd", "adam"), f"--optimizer must be sgd or adam (got {recipe.optimizer!r})"),
-        (recipe.schedule in ("cosine", "constant"), f"schedule must be cosine or constant (got {recipe.schedule!r})"),
+        (recipe.schedule in ("cosine", "constant"), f"--schedule must be cosine or constant (got {recipe.schedule!r})"),
     ]
     for ok, message in checks:
         if not ok:

@@ -202,6 +202,8 @@ FLAGS = [
     ("student", ["--alpha", "-0.1"], "--alpha"),
     ("student", ["--alpha", "1.5"], "--alpha"),
     ("student", ["--subset", "5000"], "--subset 5000"),
+    ("student", ["--schedule", "linear"], "--schedule"),
+    ("teacher", ["--optimizer", "rmsprop"], "--optimizer"),
     ("dump-logits", ["--views", "0"], "--views"),
     ("dump-logits", ["--views", "-2"], "--views"),
     ("dump-logits", ["--batch-size", "0"], "--batch-size"),
