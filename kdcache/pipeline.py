@@ -29,7 +29,8 @@ def _done(path: Path, expect: dict) -> bool:
     """Is `path` a finished artifact of *this* run? A complete file made with other settings is refused.
 
     Partials live under other names, so a file at the final name is complete; `expect`
-    holds what it must have been made with (compared with its recorded metadata).
+    holds what it must have been made with (compared with its recorded metadata and,
+    for checkpoints, the recipe they recorded).
     """
     if not path.exists():
         return False
@@ -38,7 +39,7 @@ def _done(path: Path, expect: dict) -> bool:
             got = cache.attrs
     else:
         record = read_checkpoint(path)
-        got = {**record, "epochs": record["metrics"]["epochs"]}
+        got = {**record.get("recipe", {}), **record, "epochs": record["metrics"]["epochs"]}
     for key, want in expect.items():
         if got.get(key) != want:
             raise KDCacheError(
@@ -46,6 +47,12 @@ def _done(path: Path, expect: dict) -> bool:
                 "pass --force to redo the run, or choose another --out"
             )
     return True
+
+
+def _training(recipe: Recipe) -> dict:
+    """The optimisation settings a finished stage must share with this run to be kept."""
+    keys = ("optimizer", "lr", "momentum", "weight_decay", "schedule", "batch_size", "seed")
+    return {k: getattr(recipe, k) for k in keys}
 
 
 def run_pipeline(
@@ -98,7 +105,7 @@ def run_pipeline(
     else:
         stage(TEACHER, "teacher", lambda out, kw: train_teacher(
             recipe, data_dir=data_dir, out=out, rt=rt, progress=progress, on_epoch=on_epoch, **kw),
-            expect={"arch": recipe.teacher_arch, "epochs": recipe.teacher_recipe_epochs})  # fmt: skip
+            expect={"arch": recipe.teacher_arch, "epochs": recipe.teacher_recipe_epochs, **_training(recipe)})  # fmt: skip
     teacher_sha = lambda: file_sha256(paths[TEACHER])  # noqa: E731 - the teacher may only exist later
     stage(CACHE, "dump-logits", lambda out, kw: dump_logits(
         teacher_path=paths[TEACHER], data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
@@ -114,6 +121,6 @@ def run_pipeline(
             student, cache_file=paths[CACHE], data_dir=data_dir, out=out, rt=rt, progress=progress,
             on_epoch=on_epoch, **kw),
             expect={"arch": student.student_arch, "epochs": student.epochs, "T": student.T, "alpha": student.alpha,
-                    "cache_teacher_sha256": teacher_sha()})  # fmt: skip
+                    "cache_teacher_sha256": teacher_sha(), **_training(student)})  # fmt: skip
     return write_report(run_dir, extra={"preset": preset, "recipe": dataclasses.asdict(recipe),
                                         "runtime": rt.describe(), "pipeline_wall_s": time.perf_counter() - t0})  # fmt: skip

@@ -185,6 +185,8 @@ def train_student(
     plan = cached_plan(params, logits, recipe.seed)
     k = params.shape[1]
     mean, std = tuple(attrs["normalize_mean"]), tuple(attrs["normalize_std"])
+    # The views and normalisation are the cache's, whatever the preset said: record those.
+    recipe = dataclasses.replace(recipe, views=k, augment=bool(attrs["augment"]), mean=mean, std=std)
     batches = ViewBatches(data.train_x.to(rt.device), data.train_y.to(rt.device), plan,
                           recipe.batch_size, recipe.seed, mean, std, drop_last=rt.compile)  # fmt: skip
     T, alpha = recipe.T, recipe.alpha

@@ -107,6 +107,12 @@ def test_resume_refuses_finished_stages_made_with_other_settings(run_dir, data_d
     changed = TINY.override(views=2, augment=True, alpha=0.9)
     with pytest.raises(KDCacheError, match=r"student_kd.pt was made with alpha=0.25, this run asks for 0.9"):
         run_pipeline(changed, preset="test", run_dir=run_dir, data_dir=data_dir, rt=cpu, resume=True)
+    with pytest.raises(KDCacheError, match=r"teacher.pt was made with schedule='constant', this run asks for 'cosine'"):
+        run_pipeline(TINY.override(views=2, augment=True, schedule="cosine"), preset="test", run_dir=run_dir,
+                     data_dir=data_dir, rt=cpu, resume=True)  # fmt: skip
+    with pytest.raises(KDCacheError, match=r"student_kd.pt was made with lr=0.001, this run asks for 0.002"):
+        run_pipeline(TINY.override(views=2, augment=True, lr=0.002), preset="test", run_dir=run_dir,
+                     data_dir=data_dir, rt=cpu, teacher=run_dir / "teacher.pt", resume=True)  # fmt: skip
     with pytest.raises(KDCacheError, match="num_views"):
         run_pipeline(TINY.override(views=3, augment=True), preset="test", run_dir=run_dir, data_dir=data_dir,
                      rt=cpu, resume=True)  # fmt: skip

@@ -27,6 +27,7 @@ from kdcache.cli import app
 from kdcache.config import get_preset
 from kdcache.data import write_fake_cifar10
 from kdcache.dump import dump_logits
+from kdcache.models import read_checkpoint
 from kdcache.stages import train_student, train_teacher
 
 ONE = {"OMP_NUM_THREADS": "1", "KDCACHE_OFFLINE": "1"}
@@ -310,3 +311,5 @@ def test_student_sigkill_then_resume_equals_uninterrupted(tmp_path, cache_file, 
     recipe = get_preset("seed-cnn").override(**STUDENT)
     train_student(recipe, cache_file=cache_file, data_dir=data_dir, out=ref, rt=cpu)
     assert_same_run(out, ref, STUDENT["epochs"])
+    recorded = read_checkpoint(out)["recipe"]  # the cache's 4 crop+flip views, not the preset's one plain view
+    assert (recorded["views"], recorded["augment"]) == (4, True)
