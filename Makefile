@@ -27,7 +27,7 @@ test: setup data
 	$(PY) -m pytest -q
 
 bench: setup data
-	$(PY) -m kdcache bench --teacher-arch seed-cnn-teacher --student-arch seed-cnn-student --batch-size 64
+	$(PY) -m kdcache bench --teacher-arch seed-cnn-teacher --student-arch seed-cnn-student --batch-size 64 --repeats 5
 
 clean:
 	rm -rf runs .pytest_cache

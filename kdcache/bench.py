@@ -13,6 +13,7 @@ Weights are random: throughput does not depend on what a model has learned.
 from __future__ import annotations
 
 import platform
+import statistics
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -42,13 +43,14 @@ class BenchConfig:
     batch_size: int = 512
     steps: int = 50
     warmup: int = 5
+    repeats: int = 3
     data_dir: Path | None = None
     T: float = 3.0
     alpha: float = 0.5
 
     def validate(self) -> "BenchConfig":
-        if self.batch_size < 1 or self.steps < 1 or self.warmup < 0:
-            raise KDCacheError("--batch-size and --steps must be >= 1, --warmup >= 0")
+        if self.batch_size < 1 or self.steps < 1 or self.repeats < 1 or self.warmup < 0:
+            raise KDCacheError("--batch-size, --steps and --repeats must be >= 1, --warmup >= 0")
         for arch in (self.teacher_arch, self.student_arch):
             if arch not in ARCHS:
                 raise KDCacheError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHS)}")
@@ -75,25 +77,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _peak_mb(device: torch.device) -> float | None:
-    """Peak device memory since the last reset (CUDA only; None on CPU)."""
+def _working_mb(run, device: torch.device):
+    """Run `run()`; return its result and the device memory it needed above what was
+    already allocated (every loop's models, optimiser state and data stay resident
+    throughout, so this is the loop's own working memory: activations, temporaries).
+    None on CPU."""
     if device.type != "cuda":
-        return None
-    peak = torch.cuda.max_memory_allocated(device) / 2**20
+        return run(), None
+    torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
-    return peak
+    base = torch.cuda.memory_allocated(device)
+    result = run()
+    return result, (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
-def _timed(run_step, batches, cfg: BenchConfig, device) -> float:
-    """img/s over `steps` steps after `warmup` untimed ones; `batches` must not run dry."""
-    _peak_mb(device)  # reset
-    it = iter(batches)
-    for _ in range(cfg.warmup):
-        run_step(*next(it))
+def _window(run_step, it, steps: int, device) -> float:
+    """img/s over `steps` steps of one loop (the device is drained before and after)."""
     _sync(device)
     t0 = time.perf_counter()
     seen = 0
-    for _ in range(cfg.steps):
+    for _ in range(steps):
         batch = next(it)
         run_step(*batch)
         seen += len(batch[1])
@@ -106,6 +109,26 @@ def _endless(source: ViewBatches):
     while True:
         yield from source.epoch(epoch)
         epoch += 1
+
+
+def _measure(loops: dict, cfg: BenchConfig, device, log) -> tuple[dict, dict, dict]:
+    """Warm every loop up, then time them in turn, `repeats` rounds: per loop the median img/s,
+    every round's figure, and the peak working memory. Taking turns means a machine that
+    slows down or speeds up mid-run moves every loop alike, and the ratios stay fair."""
+    its = {name: iter(batches) for name, (_, batches) in loops.items()}
+    rounds: dict[str, list[float]] = {name: [] for name in loops}
+    peaks: dict[str, float | None] = {name: None for name in loops}
+    for name, (step, _) in loops.items():
+        log(f"warming up {name}")
+        for _ in range(cfg.warmup):
+            step(*next(its[name]))
+    for r in range(cfg.repeats):
+        for name, (step, _) in loops.items():
+            log(f"round {r + 1}/{cfg.repeats}: {name}")
+            img_s, mb = _working_mb(lambda: _window(step, its[name], cfg.steps, device), device)
+            rounds[name].append(img_s)
+            peaks[name] = mb if peaks[name] is None else max(peaks[name], mb)
+    return {name: statistics.median(v) for name, v in rounds.items()}, rounds, peaks
 
 
 def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
@@ -125,8 +148,6 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
     mean, std = SEED_RESNET_MEAN, SEED_RESNET_STD
     torch.manual_seed(0)
     teacher_raw = build(cfg.teacher_arch, c).eval()
-    results: dict[str, float] = {}
-    peaks: dict[str, float | None] = {}
 
     def student_and_step(teacher=None, *, rt_: Runtime, alpha: float):
         torch.manual_seed(0)
@@ -136,7 +157,6 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
         return make_step(model, loss, opt, rt_, teacher=teacher)
 
     # -- seed_loop: the notebook's loop, fp32, NCHW, PIL + DataLoader workers.
-    log("seed_loop: DataLoader(num_workers=2) + PIL transforms + teacher forward, fp32")
     from torchvision import transforms
 
     tf = transforms.Compose([
@@ -157,42 +177,34 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
             for x, y in loader:
                 yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), None
 
-    results["seed_loop"] = _timed(seed_step, endless_loader(), cfg, dev)
-    peaks["seed_loop"] = _peak_mb(dev)
-    del loader, seed_teacher
-
     # -- our loops: device-resident uint8 data, batched rendering.
     images_d, labels_d = images.to(dev), labels.to(dev)
     teacher = rt.prepare(teacher_raw)
     fresh = ViewBatches(images_d, labels_d, fresh_views_plan(n, 0, True, dev), cfg.batch_size, 0, mean, std, rt.compile)
-
-    log("online: hot loop, teacher forward every step")
-    results["online"] = _timed(student_and_step(teacher, rt_=rt, alpha=cfg.alpha), _endless(fresh), cfg, dev)
-    peaks["online"] = _peak_mb(dev)
-
-    log("cached: hot loop, teacher logits from the device-resident cache")
     params = view_params(0, range(n), range(NUM_VIEWS)).to(dev)
     logits = torch.randn(n, NUM_VIEWS, c, generator=torch.Generator().manual_seed(1)).to(dev, torch.float16)
     cached = ViewBatches(images_d, labels_d, cached_plan(params, logits, 0), cfg.batch_size, 0, mean, std, rt.compile)
-    results["cached"] = _timed(student_and_step(rt_=rt, alpha=cfg.alpha), _endless(cached), cfg, dev)
-    peaks["cached"] = _peak_mb(dev)
+    # dump: teacher inference over rendered views, one batch of (image, view) rows per step, as dump-logits runs it
+    flat_params = params.flatten(0, 1)
 
-    log("plain: hot loop, no teacher")
-    results["plain"] = _timed(student_and_step(rt_=rt, alpha=0.0), _endless(fresh), cfg, dev)
-    peaks["plain"] = _peak_mb(dev)
+    def dump_rows():
+        rows = n * NUM_VIEWS
+        while True:
+            for start in range(0, rows - cfg.batch_size + 1, cfg.batch_size):
+                idx = torch.arange(start, start + cfg.batch_size, device=dev)
+                yield images_d[idx // NUM_VIEWS], flat_params[idx], None
 
-    log("dump: teacher inference over rendered views")
-    rows = min(n, cfg.batch_size * (cfg.steps + cfg.warmup))
-    flat = params[:rows, 0]
-    if cfg.warmup:
-        predict(teacher, images_d[: cfg.batch_size * cfg.warmup], mean, std, rt,
-                params=flat[: cfg.batch_size * cfg.warmup], batch_size=cfg.batch_size)  # fmt: skip
-    _sync(dev)
-    t0 = time.perf_counter()
-    predict(teacher, images_d[:rows], mean, std, rt, params=flat, batch_size=cfg.batch_size)
-    _sync(dev)
-    results["dump"] = rows / (time.perf_counter() - t0)
-    peaks["dump"] = _peak_mb(dev)
+    def dump_step(x, p, _):
+        predict(teacher, x, mean, std, rt, params=p, batch_size=cfg.batch_size)
+
+    loops = {
+        "seed_loop": (seed_step, endless_loader()),
+        "online": (student_and_step(teacher, rt_=rt, alpha=cfg.alpha), _endless(fresh)),
+        "cached": (student_and_step(rt_=rt, alpha=cfg.alpha), _endless(cached)),
+        "plain": (student_and_step(rt_=rt, alpha=0.0), _endless(fresh)),
+        "dump": (dump_step, dump_rows()),
+    }
+    results, rounds, peaks = _measure(loops, cfg, dev, log)
 
     return {
         **{f"{k}_img_s": v for k, v in results.items()},
@@ -201,7 +213,8 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
             "cached_over_online": results["cached"] / results["online"],
             "cached_over_plain": results["cached"] / results["plain"],
         },
-        "peak_device_mem_mb": peaks,
+        "rounds_img_s": rounds,
+        "peak_working_mem_mb": peaks,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "runtime": rt.describe(),
         "teacher_arch": cfg.teacher_arch,
@@ -209,6 +222,7 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
         "batch_size": cfg.batch_size,
         "steps": cfg.steps,
         "warmup": cfg.warmup,
+        "repeats": cfg.repeats,
         "data": source,
         "torch": torch.__version__,
         "kdcache": __version__,

@@ -366,7 +366,8 @@ def bench_cmd(
     student_arch: str = typer.Option("resnet18", "--student-arch", help="Student architecture (random weights)."),
     batch_size: int = typer.Option(512, "--batch-size", help="Batch size for every loop."),
     steps: int = typer.Option(50, "--steps", help="Timed steps per loop."),
-    warmup: int = typer.Option(5, "--warmup", help="Untimed steps before each measurement."),
+    warmup: int = typer.Option(5, "--warmup", help="Untimed steps per loop before the first round."),
+    repeats: int = typer.Option(3, "--repeats", help="Rounds: the loops take turns, each timed once a round; the table shows each loop's median."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Real CIFAR-10 here; without it, synthetic uint8 images of the same shape."),
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
@@ -375,20 +376,23 @@ def bench_cmd(
 ):
     """Measure img/s of the seed notebook's loop, online KD, cached KD, no-teacher training and the dump.
 
-    All five run side by side in one process on one device; the table shows the ratios that matter.
+    All five run side by side in one process on one device, taking turns for --repeats
+    rounds of --steps steps; the table shows each loop's median, its spread over the
+    rounds, and the ratios that matter.
     """
     import json
 
     from kdcache.bench import BenchConfig, run_bench
 
     rt = _runtime(device, precision, compile)
-    cfg = BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, data_dir).validate()
-    err_console.print(f"bench {teacher_arch} -> {student_arch} · batch {batch_size} · {steps} steps · {rt.describe()}", highlight=False)
+    cfg = BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, repeats, data_dir).validate()
+    err_console.print(f"bench {teacher_arch} -> {student_arch} · batch {batch_size} · {repeats} rounds of {steps} steps · {rt.describe()}", highlight=False)
     with err_console.status("measuring") as status:
         record = run_bench(cfg, rt, log=lambda msg: status.update(msg))
     table = Table(title=f"kdcache bench · {record['device']} · {record['data']}", title_justify="left")
     table.add_column("loop")
     table.add_column("img/s", justify="right")
+    table.add_column("spread", justify="right")
     table.add_column("cached is", justify="right")
     notes = {
         "seed_loop": "notebook: DataLoader + PIL, teacher every step, fp32",
@@ -397,15 +401,17 @@ def bench_cmd(
         "plain": "our hot loop, no teacher (floor)",
         "dump": "teacher inference over views",
     }
-    peaks = record["peak_device_mem_mb"]
+    peaks = record["peak_working_mem_mb"]
     show_mem = any(v is not None for v in peaks.values())
     if show_mem:
-        table.add_column("peak MiB", justify="right")
+        table.add_column("working MiB", justify="right")
     table.add_column("what")
     for loop, what in notes.items():
         v = record[f"{loop}_img_s"]
+        rounds = record["rounds_img_s"][loop]
+        spread = f"±{50 * (max(rounds) - min(rounds)) / v:.0f}%"  # half the range, relative to the median
         ratio = "" if loop in ("cached", "dump") else f"{record['cached_img_s'] / v:.2f}x"
-        table.add_row(loop, f"{v:,.0f}", ratio, *([f"{peaks[loop]:,.0f}"] if show_mem else []), what)
+        table.add_row(loop, f"{v:,.0f}", spread, ratio, *([f"{peaks[loop]:,.0f}"] if show_mem else []), what)
     out_console.print(table)
     if json_path:
         try:

@@ -96,7 +96,7 @@ def render(images: torch.Tensor, params: torch.Tensor, mean, std) -> torch.Tenso
     One `torch.gather` over each zero-padded image flattened to [3, (H+2P)*(W+2P)], no
     per-sample Python. Padding is zeros in pixel space (as torchvision's RandomCrop
     pads the PIL image), so padded pixels normalise to -mean/std. (A flat gather is
-    2.5x faster on CPU than advanced indexing with three broadcast index tensors.)
+    about 2x faster on CPU than advanced indexing with three broadcast index tensors.)
     """
     b, c, h, w = images.shape
     pw = w + 2 * PAD

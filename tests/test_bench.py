@@ -14,7 +14,7 @@ def test_bench_smoke_prints_table_and_writes_json(tmp_path):
     r = CliRunner().invoke(
         app,
         ["bench", "--teacher-arch", "seed-cnn-student", "--student-arch", "seed-cnn-student", "--batch-size", "8",
-         "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out)],
+         "--steps", "2", "--warmup", "1", "--repeats", "2", "--device", "cpu", "--json", str(out)],
         env={"COLUMNS": "200"},
     )  # fmt: skip
     assert r.exit_code == 0, r.output
@@ -27,3 +27,7 @@ def test_bench_smoke_prints_table_and_writes_json(tmp_path):
         assert record[key] > 0
     assert record["batch_size"] == 8 and record["teacher_arch"] == "seed-cnn-student"
     assert record["ratios"]["cached_over_online"] == record["cached_img_s"] / record["online_img_s"]
+    for loop in ("seed_loop", "online", "cached", "plain", "dump"):  # two rounds each; the figure is their median
+        rounds = record["rounds_img_s"][loop]
+        assert len(rounds) == 2 and record[f"{loop}_img_s"] == sum(rounds) / 2
+    assert record["repeats"] == 2
