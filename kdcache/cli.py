@@ -117,6 +117,8 @@ EpochsOpt = typer.Option(None, "--epochs", help="Training epochs. \\[default: th
 BatchOpt = typer.Option(None, "--batch-size", help="Training batch size. \\[default: the preset's, 128 for seed-resnet]")
 LrOpt = typer.Option(None, "--lr", help="Peak learning rate. \\[default: the preset's, 0.1 (SGD) for seed-resnet]")
 OptimOpt = typer.Option(None, "--optimizer", help="sgd | adam; momentum and weight decay stay the preset's. \\[default: the preset's: sgd for seed-resnet, adam for seed-cnn]")
+WarmupOpt = typer.Option(None, "--warmup-epochs", help="Epochs of linear warm-up to --lr before the schedule starts. \\[default: the preset's, 0]")
+NesterovOpt = typer.Option(None, "--nesterov/--no-nesterov", help="Nesterov momentum (SGD). \\[default: the preset's, off]")
 ScheduleOpt = typer.Option(None, "--schedule", help="Learning rate over the epochs: cosine (decays to 0) | constant. \\[default: the preset's: cosine for seed-resnet, constant for seed-cnn]")
 
 
@@ -175,6 +177,8 @@ def teacher_cmd(
     lr: Optional[float] = LrOpt,
     optimizer: Optional[str] = OptimOpt,
     schedule: Optional[str] = ScheduleOpt,
+    warmup_epochs: Optional[int] = WarmupOpt,
+    nesterov: Optional[bool] = NesterovOpt,
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random pad-4 crop + flip each epoch. \\[default: the preset's]"),
     seed: Optional[int] = SeedOpt,
     device: str = DeviceOpt,
@@ -189,7 +193,8 @@ def teacher_cmd(
 
     recipe = get_preset(preset).override(
         teacher_arch=arch, dataset=dataset, subset=subset, teacher_epochs=epochs, batch_size=batch_size,
-        lr=lr, optimizer=optimizer, schedule=schedule, augment=augment, seed=seed,
+        lr=lr, optimizer=optimizer, schedule=schedule, warmup_epochs=warmup_epochs, nesterov=nesterov,
+        augment=augment, seed=seed,
     )  # fmt: skip
     rt = _runtime(device, precision, compile)
     with RichProgress() as progress:
@@ -253,6 +258,8 @@ def student_cmd(
     lr: Optional[float] = LrOpt,
     optimizer: Optional[str] = OptimOpt,
     schedule: Optional[str] = ScheduleOpt,
+    warmup_epochs: Optional[int] = WarmupOpt,
+    nesterov: Optional[bool] = NesterovOpt,
     T: Optional[float] = typer.Option(None, "--T", help="Distillation temperature (> 0). \\[default: the preset's, 3]"),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Weight of the soft-target loss in [0, 1]; 0 trains the student alone. \\[default: the preset's, 0.5 for seed-resnet]"),
     seed: Optional[int] = SeedOpt,
@@ -277,7 +284,7 @@ def student_cmd(
 
     recipe = _base_recipe(preset, recorded).override(
         student_arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-        T=T, alpha=alpha, seed=seed,
+        warmup_epochs=warmup_epochs, nesterov=nesterov, T=T, alpha=alpha, seed=seed,
     )  # fmt: skip
     recipe = dataclasses.replace(recipe, subset=subset)  # the cache's rows unless asked otherwise
     rt = _runtime(device, precision, compile)
@@ -450,6 +457,8 @@ def pipeline_cmd(
     lr: Optional[float] = LrOpt,
     optimizer: Optional[str] = OptimOpt,
     schedule: Optional[str] = ScheduleOpt,
+    warmup_epochs: Optional[int] = WarmupOpt,
+    nesterov: Optional[bool] = NesterovOpt,
     views: Optional[int] = typer.Option(None, "--views", help="Cached views per image, K. \\[default: the preset's]"),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Crop+flip views for teacher and cache. \\[default: the preset's]"),
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="Reuse this teacher checkpoint instead of training one."),
@@ -471,7 +480,8 @@ def pipeline_cmd(
     name = preset or DEFAULT_PRESET
     recipe = get_preset(name).override(
         subset=subset, teacher_arch=teacher_arch, student_arch=student_arch, epochs=epochs,
-        teacher_epochs=teacher_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule, views=views, augment=augment, T=T,
+        teacher_epochs=teacher_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
+        warmup_epochs=warmup_epochs, nesterov=nesterov, views=views, augment=augment, T=T,
         alpha=alpha, seed=seed,
     )  # fmt: skip
     rt = _runtime(device, precision, compile)

@@ -34,6 +34,8 @@ class Recipe:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"  # cosine | constant
+    warmup_epochs: int = 0  # linear warm-up to `lr` before the schedule (0: none)
+    nesterov: bool = False  # SGD only
     augment: bool = True  # pad-4 crop + flip; False: the identity view only
     views: int = 8
     T: float = 3.0
@@ -115,6 +117,9 @@ def validate(recipe: Recipe) -> Recipe:
         (recipe.subset is None or recipe.subset >= 1, f"--subset must be >= 1 (got {recipe.subset})"),
         (recipe.optimizer in ("sgd", "adam"), f"--optimizer must be sgd or adam (got {recipe.optimizer!r})"),
         (recipe.schedule in ("cosine", "constant"), f"--schedule must be cosine or constant (got {recipe.schedule!r})"),
+        (0 <= recipe.warmup_epochs < epochs, f"--warmup-epochs must be in 0..{epochs - 1}, below --epochs (got {recipe.warmup_epochs})"),
+        (not recipe.nesterov or (recipe.optimizer == "sgd" and recipe.momentum > 0),
+         "--nesterov needs --optimizer sgd with momentum (the preset's has none): drop --nesterov or use sgd"),
     ]
     for ok, message in checks:
         if not ok:

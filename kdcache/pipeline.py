@@ -51,7 +51,7 @@ def _done(path: Path, expect: dict) -> bool:
 
 def _training(recipe: Recipe) -> dict:
     """The optimisation settings a finished stage must share with this run to be kept."""
-    keys = ("optimizer", "lr", "momentum", "weight_decay", "schedule", "batch_size", "seed")
+    keys = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "batch_size", "seed")
     return {k: getattr(recipe, k) for k in keys}
 
 

@@ -67,6 +67,7 @@ def _train_and_save(
     optimizer, scheduler = build_optimizer(
         raw, optimizer=recipe.optimizer, lr=recipe.lr, momentum=recipe.momentum,
         weight_decay=recipe.weight_decay, epochs=epochs, schedule=recipe.schedule,
+        warmup_epochs=recipe.warmup_epochs, nesterov=recipe.nesterov,
     )  # fmt: skip
     identity = {"role": role, "arch": arch, "fingerprint": data.fingerprint, "epochs": epochs,
                 "recipe": {k: repr(v) for k, v in dataclasses.asdict(dataclasses.replace(recipe, subset=None)).items()},

@@ -189,17 +189,24 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(1).cpu() == labels.cpu()).float().mean().item()
 
 
-def build_optimizer(model: nn.Module, *, optimizer: str, lr: float, momentum: float, weight_decay: float, epochs: int, schedule: str):
+def build_optimizer(
+    model: nn.Module, *, optimizer: str, lr: float, momentum: float, weight_decay: float, epochs: int,
+    schedule: str, warmup_epochs: int = 0, nesterov: bool = False,
+):
+    """The optimiser and its per-epoch schedule: `warmup_epochs` of linear warm-up
+    (lr/(w+1), 2lr/(w+1), ...), then cosine to 0 over the remaining epochs, or constant."""
     params = unwrap(model).parameters()
     if optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     else:
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    return opt, sched
+    lr_scheduler = torch.optim.lr_scheduler
+    main = (lr_scheduler.CosineAnnealingLR(opt, T_max=epochs - warmup_epochs) if schedule == "cosine"
+            else lr_scheduler.LambdaLR(opt, lambda _: 1.0))  # fmt: skip
+    if warmup_epochs == 0:
+        return opt, main
+    warmup = lr_scheduler.LinearLR(opt, start_factor=1 / (warmup_epochs + 1), total_iters=warmup_epochs)
+    return opt, lr_scheduler.SequentialLR(opt, [warmup, main], milestones=[warmup_epochs])
 
 
 def fit(

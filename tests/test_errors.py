@@ -204,6 +204,8 @@ FLAGS = [
     ("student", ["--subset", "5000"], "--subset 5000"),
     ("student", ["--schedule", "linear"], "--schedule"),
     ("teacher", ["--optimizer", "rmsprop"], "--optimizer"),
+    ("teacher", ["--epochs", "2", "--warmup-epochs", "2"], "--warmup-epochs"),
+    ("student", ["--optimizer", "adam", "--nesterov"], "--nesterov"),
     ("dump-logits", ["--views", "0"], "--views"),
     ("dump-logits", ["--views", "-2"], "--views"),
     ("dump-logits", ["--batch-size", "0"], "--batch-size"),

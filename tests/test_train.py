@@ -1,9 +1,10 @@
 """The one training loop's batch source: every sample once per epoch, fixed by (seed, epoch)."""
 
+import pytest
 import torch
 
 from kdcache.stages import fresh_views_plan
-from kdcache.train import Runtime, ViewBatches, predict
+from kdcache.train import Runtime, ViewBatches, build_optimizer, predict
 from kdcache.views import view_params
 
 
@@ -52,3 +53,36 @@ def test_predict_pads_a_compiled_models_short_last_batch_to_the_one_shape():
     assert set(wrapped.shapes) == {(10, 3, 32, 32)} and len(wrapped.shapes) == 3
     eager = predict(net, images, (0.5,) * 3, (0.25,) * 3, rt, params=params, batch_size=10)
     assert got.shape == (23, 4) and torch.allclose(got, eager, atol=1e-6)
+
+
+def _lrs(epochs: int, stop: int | None = None, state=None, **kw):
+    """The lr of every epoch from build_optimizer; optionally stop early and return the state, or start from one."""
+    net = torch.nn.Linear(2, 2)
+    opt, sched = build_optimizer(net, optimizer="sgd", lr=0.2, momentum=0.9, weight_decay=0.0, epochs=epochs, **kw)
+    if state is not None:
+        opt.load_state_dict(state[0])
+        sched.load_state_dict(state[1])
+    lrs = []
+    for _ in range(sched.last_epoch, stop or epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs, (opt.state_dict(), sched.state_dict()), opt
+
+
+def test_warmup_rises_linearly_to_lr_then_the_schedule_runs_over_the_remaining_epochs():
+    lrs, _, opt = _lrs(10, schedule="cosine", warmup_epochs=2, nesterov=True)
+    assert lrs[:3] == pytest.approx([0.2 / 3, 0.4 / 3, 0.2])
+    assert all(a > b > 0 for a, b in zip(lrs[2:], lrs[3:]))  # cosine over epochs 2..9, never reaching 0
+    assert lrs[2 + 8 // 2] == pytest.approx(0.1)  # half-way through the cosine part: lr / 2
+    assert opt.param_groups[0]["nesterov"] is True
+    constant, _, _ = _lrs(5, schedule="constant", warmup_epochs=1)
+    assert constant == pytest.approx([0.1, 0.2, 0.2, 0.2, 0.2])
+    assert _lrs(4, schedule="cosine")[0] == pytest.approx([0.2, 0.2 * (1 + 2**-0.5) / 2, 0.1, 0.2 * (1 - 2**-0.5) / 2])
+
+
+def test_a_warmup_schedule_resumes_where_it_stopped():
+    whole, _, _ = _lrs(10, schedule="cosine", warmup_epochs=3)
+    first, state, _ = _lrs(10, stop=2, schedule="cosine", warmup_epochs=3)  # stopped inside the warm-up
+    rest, _, _ = _lrs(10, state=state, schedule="cosine", warmup_epochs=3)
+    assert first + rest == pytest.approx(whole) and len(whole) == 10
