@@ -39,7 +39,8 @@ def _done(path: Path, expect: dict) -> bool:
             got = cache.attrs
     else:
         record = read_checkpoint(path)
-        got = {**record.get("recipe", {}), **record, "epochs": record["metrics"]["epochs"]}
+        recorded = dataclasses.asdict(Recipe.from_dict(record.get("recipe", {})))  # fields added since: defaults
+        got = {**recorded, **record, "epochs": record["metrics"]["epochs"]}
     for key, want in expect.items():
         if got.get(key) != want:
             raise KDCacheError(

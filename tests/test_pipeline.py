@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from kdcache.cli import app
@@ -116,3 +118,18 @@ def test_resume_refuses_finished_stages_made_with_other_settings(run_dir, data_d
     with pytest.raises(KDCacheError, match="num_views"):
         run_pipeline(TINY.override(views=3, augment=True), preset="test", run_dir=run_dir, data_dir=data_dir,
                      rt=cpu, resume=True)  # fmt: skip
+
+
+def test_resume_keeps_stages_whose_recipe_predates_newer_fields(run_dir, data_dir, cpu, tmp_path):
+    """A checkpoint written before a recipe field existed counts as made with that field's default."""
+    old_run = tmp_path / "old"
+    shutil.copytree(run_dir, old_run)
+    for name in ("student_kd.pt", "student_alone.pt"):  # not the teacher: the cache records its sha256
+        record = torch.load(old_run / name, weights_only=True)
+        del record["recipe"]["warmup_epochs"], record["recipe"]["nesterov"]
+        torch.save(record, old_run / name)
+    stamps = {p.name: os.stat(p).st_mtime_ns for p in old_run.glob("*.pt")}
+    run_pipeline(TINY.override(views=2, augment=True), preset="test", run_dir=old_run, data_dir=data_dir, rt=cpu,
+                 resume=True)  # fmt: skip
+    assert stamps == {p.name: os.stat(p).st_mtime_ns for p in old_run.glob("*.pt")}
+
