@@ -19,6 +19,7 @@ import torch
 
 from kdcache import __version__
 from kdcache.errors import KDCacheError
+from kdcache.views import PAD
 
 FORMAT = "kdcache-logits"
 FORMAT_VERSION = 1
@@ -201,6 +202,21 @@ def _plain(v):
     return v
 
 
+def check_finite(path: str | Path, logits: torch.Tensor, fix: str) -> None:
+    """Refuse NaN/inf logits [N, K, C] (or [N, C]) with the first rows and views named.
+
+    One reduction and one host sync on the logits' device: done once per load, not per step.
+    """
+    bad = ~torch.isfinite(logits)
+    if not bool(bad.any()):
+        return
+    per_view = bad.flatten(2).any(-1) if logits.dim() == 3 else bad.any(-1, keepdim=True)  # [N, K]
+    where = per_view.nonzero()[:3].tolist()
+    rows = int(per_view.any(1).sum())
+    first = ", ".join(f"row {r} view {v}" for r, v in where)
+    raise KDCacheError(f"{path} holds non-finite logits (NaN or inf) in {rows} row(s), first at {first}: {fix}")
+
+
 class Cache:
     """A validated, open cache. Attributes are plain Python in `attrs`."""
 
@@ -213,8 +229,18 @@ class Cache:
         return self.file["logits"].shape[0]
 
     def tensors(self, device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits fp16 [N,K,C], view_params uint8 [N,K,3], labels int64 [N]) on `device`."""
-        return tuple(torch.from_numpy(self.file[name][...]).to(device) for name in ("logits", "view_params", "labels"))
+        """(logits fp16 [N,K,C], view_params uint8 [N,K,3], labels int64 [N]) on `device`, checked:
+        finite logits, view parameters and labels in range (a hand-edited cache is refused here)."""
+        logits, params, labels = (torch.from_numpy(self.file[name][...]).to(device)
+                                  for name in ("logits", "view_params", "labels"))  # fmt: skip
+        fix = f"see `kdcache verify {self.path}`, then dump the cache again"
+        check_finite(self.path, logits, fix)
+        c = logits.shape[-1]
+        if bool((params[..., :2] > 2 * PAD).any() | (params[..., 2] > 1).any()):
+            raise KDCacheError(f"{self.path} holds view parameters outside the view recipe's range: {fix}")
+        if bool(((labels < 0) | (labels >= c)).any()):
+            raise KDCacheError(f"{self.path} holds labels outside 0..{c - 1}: {fix}")
+        return logits, params, labels
 
     def close(self) -> None:
         self.file.close()
@@ -256,10 +282,33 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> Cache:
         problem = f"{path} is incomplete (an interrupted dump): finish it with `kdcache dump-logits --resume`"
     elif not all(name in f for name in ("logits", "view_params", "labels", "indices")):
         problem = f"{path} lacks datasets of format v1: recreate it with `kdcache dump-logits`"
+    elif missing := [key for key in REQUIRED_ATTRS if key not in attrs]:
+        problem = f"{path} lacks the attribute {missing[0]!r}: it was edited or damaged; recreate it with `kdcache dump-logits`"
+    elif shape_problem := _layout_problem(f):
+        problem = f"{path} {shape_problem}: it was edited or damaged; recreate it with `kdcache dump-logits`"
     if problem:
         f.close()
         raise KDCacheError(problem)
     return Cache(path, f)
+
+
+REQUIRED_ATTRS = ("num_views", "num_classes", "dataset", "dataset_fingerprint", "subset", "teacher_arch",
+                  "teacher_sha256", "seed", "augment", "normalize_mean", "normalize_std")  # fmt: skip
+
+
+def _layout_problem(f: h5py.File) -> str | None:
+    """What is inconsistent between the datasets' shapes and the attributes, if anything."""
+    try:
+        n, k, c = (int(_plain(f.attrs[a])) for a in ("subset", "num_views", "num_classes"))
+    except (TypeError, ValueError):
+        return "has subset, num_views or num_classes attributes that are not whole numbers"
+    expect = {"logits": (n, k, c), "view_params": (n, k, 3), "labels": (n,), "indices": (n,)}
+    if "test_logits" in f:
+        expect["test_logits"] = (f["test_logits"].shape[0], c)
+    for name, shape in expect.items():
+        if f[name].shape != shape:
+            return f"has {name} of shape {f[name].shape}, its attributes say {shape}"
+    return None
 
 
 def check_matches(cache: Cache, fingerprint: str, num_classes: int) -> None:

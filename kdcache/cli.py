@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -39,20 +41,30 @@ STUDENT_OUT = Path("saved_models/student.pt")
 PRESET_NAMES = ", ".join(PRESETS)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so writers close and locks go as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def command(name: str | None = None, **kwargs):
-    """`app.command` that turns KDCacheError into one line on stderr and exit code 2."""
+    """`app.command` that turns KDCacheError into one line on stderr and exit code 2, and
+    Ctrl-C or SIGTERM into a clean stop (exit 130 or 143) that keeps resumable work."""
 
     def decorate(fn):
         @functools.wraps(fn)
         def run(*args, **kw):
+            signal.signal(signal.SIGTERM, _on_sigterm)
             try:
                 return fn(*args, **kw)
             except KDCacheError as e:
                 typer.echo(f"error: {e}", err=True)
                 raise typer.Exit(2) from None
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as e:
                 typer.echo("interrupted: partial work is kept; rerun the same command with --resume", err=True)
-                raise typer.Exit(130) from None
+                raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
 
         return app.command(name, **kwargs)(run)
 
@@ -333,8 +345,8 @@ def inspect_cmd(
     T: float = typer.Option(3.0, "--T", help="Temperature for the soft-target entropy."),
 ):
     """Summarise a cache: format, dataset, N x K x C, size, teacher, accuracy, entropy, completeness."""
-    if T <= 0:
-        raise KDCacheError(f"--T must be > 0 (got {T})")
+    if not (math.isfinite(T) and T > 0):
+        raise KDCacheError(f"--T must be a finite number > 0 (got {T})")
     _print_cache_summary(cache, T)
 
 

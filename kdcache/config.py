@@ -7,6 +7,7 @@ CLI flags the user actually typed override the preset field by field.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from kdcache.errors import KDCacheError
@@ -107,6 +108,11 @@ def get_preset(name: str | None) -> Recipe:
 def validate(recipe: Recipe) -> Recipe:
     """Refuse values that cannot train, with a message naming the flag (--subset is checked by the reader)."""
     epochs = min(recipe.epochs, recipe.teacher_recipe_epochs)
+    numbers = {"--lr": recipe.lr, "--T": recipe.T, "--alpha": recipe.alpha, "momentum": recipe.momentum,
+               "weight decay": recipe.weight_decay}  # fmt: skip
+    for flag, value in numbers.items():
+        if not math.isfinite(value):
+            raise KDCacheError(f"{flag} must be a finite number (got {value})")
     checks = [
         (epochs >= 1, f"--epochs must be >= 1 (got {epochs})"),
         (recipe.batch_size >= 1, f"--batch-size must be >= 1 (got {recipe.batch_size})"),

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from kdcache import cache as cache_io
-from kdcache.artifacts import prepare_output
+from kdcache.artifacts import claim_output
 from kdcache.data import load_dataset
 from kdcache.errors import KDCacheError
 from kdcache.models import check_classes, file_sha256, load_checkpoint
@@ -35,6 +35,19 @@ def _disk_full(e: Exception) -> str | None:
 
 def _size(nbytes: float) -> str:
     return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e5 else f"{max(nbytes / 1e3, 1):.0f} kB"
+
+
+def _refuse_nonfinite(logits: torch.Tensor, start: int, teacher_path, writer, what: str = "row") -> None:
+    """A teacher answering NaN/inf stops the dump; the partial file goes (it would never be usable)."""
+    bad = ~torch.isfinite(logits).flatten(1).all(1)
+    if bool(bad.any()):
+        rows = (bad.nonzero().flatten()[:3] + start).tolist()
+        writer.discard()
+        raise KDCacheError(
+            f"the teacher {teacher_path} gives non-finite logits (NaN or inf, or beyond fp16's range) for "
+            f"{int(bad.sum())} {what}(s), first {', '.join(map(str, rows))}; the partial cache was removed: "
+            "check the teacher with `kdcache eval`, or retrain it"
+        )
 
 
 def dump_logits(
@@ -68,88 +81,94 @@ def dump_logits(
         raise KDCacheError(f"--batch-size must be >= 1 (got {batch_size})")
     if block_rows < 1:
         raise KDCacheError(f"--block-rows must be >= 1 (got {block_rows})")
-    out = prepare_output(out, force=force, resume=resume, interrupted=cache_io.partial_path(out))
-    teacher, meta = load_checkpoint(teacher_path, arch=arch, device=rt.device)
-    teacher = rt.prepare(teacher)
-    # By default, the images the teacher was trained on (its --subset), so the commands chain.
-    data = load_dataset(meta["dataset"], data_dir, subset if subset is not None else meta.get("num_train"))
-    check_classes(teacher_path, meta, data.name, data.num_classes)
-    mean, std = tuple(meta["normalize_mean"]), tuple(meta["normalize_std"])
-    n, c = len(data.train_y), data.num_classes
-    attrs = {
-        "num_views": views,
-        "num_classes": c,
-        "dataset": data.name,
-        "dataset_fingerprint": data.fingerprint,
-        "subset": n,
-        "teacher_arch": meta["arch"],
-        "teacher_sha256": file_sha256(teacher_path),
-        "teacher_path": str(teacher_path),
-        "seed": seed,
-        "augment": augment,
-        "normalize_mean": list(mean),
-        "normalize_std": list(std),
-        "batch_size": batch_size,
-        "block_rows": block_rows,
-        "precision": "bf16" if rt.amp_dtype is not None else "fp32",
-        # The teacher's recipe with this dump's view settings: students start from it.
-        "recipe": json.dumps({**meta.get("recipe", {}), "views": views, "augment": augment, "seed": seed, "subset": n}),
-    }
-    need = cache_io.bytes_needed(n, views, c, len(data.test_y))
-    free = shutil.disk_usage(out.parent).free
-    if free < need * 1.1:
-        raise KDCacheError(
-            f"{out.parent} has {free / 1e6:.1f} MB free, the cache needs about {need / 1e6:.1f} MB: free space or choose another --out"
-        )
-    if not resume:
-        cache_io.partial_path(out).unlink(missing_ok=True)
-    progress = progress or NoProgress()
-    progress.note(f"dump {n:,} {data.name} images x {views} view(s) through {meta['arch']} · {rt.describe()}")
-    t0 = time.perf_counter()
-    writer = None
-    try:
-        writer = cache_io.CacheWriter(out, attrs=attrs, num_rows=n, num_test=len(data.test_y), resume=resume)
-        images = data.train_x.to(rt.device)
-        blocks = range(writer.rows_done, n, block_rows)
-        progress.begin(f"dump {n}x{views} views", len(blocks))
-        for start in blocks:
-            stop = min(start + block_rows, n)
-            params = view_params(seed, range(start, stop), range(views), augment=augment)  # [b, K, 3]
-            imgs = images[start:stop].unsqueeze(1).expand(-1, views, -1, -1, -1).flatten(0, 1)
-            flat = params.flatten(0, 1).to(rt.device)  # one copy per block, not per batch
-            logits = predict(teacher, imgs, mean, std, rt, params=flat, batch_size=batch_size)
-            writer.write_rows(
-                start,
-                logits.view(stop - start, views, c).to(torch.float16).cpu().numpy(),
-                params.numpy(),
-                data.train_y[start:stop].numpy(),
-                np.arange(start, stop, dtype=np.int64),
+    with claim_output(out, force=force, resume=resume, interrupted=cache_io.partial_path(out)) as out:
+        teacher, meta = load_checkpoint(teacher_path, arch=arch, device=rt.device)
+        teacher = rt.prepare(teacher)
+        # By default, the images the teacher was trained on (its --subset), so the commands chain.
+        data = load_dataset(meta["dataset"], data_dir, subset if subset is not None else meta.get("num_train"))
+        check_classes(teacher_path, meta, data.name, data.num_classes)
+        mean, std = tuple(meta["normalize_mean"]), tuple(meta["normalize_std"])
+        n, c = len(data.train_y), data.num_classes
+        attrs = {
+            "num_views": views,
+            "num_classes": c,
+            "dataset": data.name,
+            "dataset_fingerprint": data.fingerprint,
+            "subset": n,
+            "teacher_arch": meta["arch"],
+            "teacher_sha256": file_sha256(teacher_path),
+            "teacher_path": str(teacher_path),
+            "seed": seed,
+            "augment": augment,
+            "normalize_mean": list(mean),
+            "normalize_std": list(std),
+            "batch_size": batch_size,
+            "block_rows": block_rows,
+            "precision": "bf16" if rt.amp_dtype is not None else "fp32",
+            # The teacher's recipe with this dump's view settings: students start from it.
+            "recipe": json.dumps({**meta.get("recipe", {}), "views": views, "augment": augment, "seed": seed, "subset": n}),
+        }
+        need = cache_io.bytes_needed(n, views, c, len(data.test_y))
+        free = shutil.disk_usage(out.parent).free
+        if free < need * 1.1:
+            raise KDCacheError(
+                f"{out.parent} has {free / 1e6:.1f} MB free, the cache needs about {need / 1e6:.1f} MB: free space or choose another --out"
             )
-            progress.advance()
-        progress.end()
-        test_logits = predict(teacher, data.test_x, mean, std, rt, batch_size=batch_size)
-        cached = torch.from_numpy(writer.file["logits"][...])
-        view_acc = (cached.float().argmax(-1) == data.train_y[:, None]).float().mean().item()
-        return writer.finish(
-            test_logits.to(torch.float16).cpu().numpy(),
-            {
-                "teacher_test_acc": accuracy(test_logits, data.test_y),
-                "teacher_view_acc": view_acc,
-                # time of this (last) session only, when resumed
-                "dump_time_s": time.perf_counter() - t0,
-            },
-        )
-    except (OSError, RuntimeError) as e:
-        reason = _disk_full(e)
-        if reason is None:
-            raise
-        if writer is not None:
-            writer.discard()  # HDF5 lost the writes that failed: the partial is not resumable
-        cache_io.partial_path(out).unlink(missing_ok=True)
-        raise KDCacheError(
-            f"the disk filled up while writing {out} ({reason}); the partial file was removed: "
-            f"free about {_size(need)} in {out.parent} and run again"
-        ) from None
-    finally:
-        if writer is not None:
-            writer.close()
+        if not resume:
+            cache_io.partial_path(out).unlink(missing_ok=True)
+        progress = progress or NoProgress()
+        progress.note(f"dump {n:,} {data.name} images x {views} view(s) through {meta['arch']} · {rt.describe()}")
+        t0 = time.perf_counter()
+        writer = None
+        try:
+            writer = cache_io.CacheWriter(out, attrs=attrs, num_rows=n, num_test=len(data.test_y), resume=resume)
+            if resume:  # what an earlier run wrote must be sound before more is added to it
+                done = torch.from_numpy(writer.ds["logits"][: writer.rows_done]).to(rt.device)
+                cache_io.check_finite(writer.tmp, done, "start the dump over with --force")
+            images = data.train_x.to(rt.device)
+            blocks = range(writer.rows_done, n, block_rows)
+            progress.begin(f"dump {n}x{views} views", len(blocks))
+            for start in blocks:
+                stop = min(start + block_rows, n)
+                params = view_params(seed, range(start, stop), range(views), augment=augment)  # [b, K, 3]
+                imgs = images[start:stop].unsqueeze(1).expand(-1, views, -1, -1, -1).flatten(0, 1)
+                flat = params.flatten(0, 1).to(rt.device)  # one copy per block, not per batch
+                logits = predict(teacher, imgs, mean, std, rt, params=flat, batch_size=batch_size)
+                logits = logits.view(stop - start, views, c).to(torch.float16)  # fp16: > 65504 is inf too
+                _refuse_nonfinite(logits, start, teacher_path, writer)
+                writer.write_rows(
+                    start,
+                    logits.cpu().numpy(),
+                    params.numpy(),
+                    data.train_y[start:stop].numpy(),
+                    np.arange(start, stop, dtype=np.int64),
+                )
+                progress.advance()
+            progress.end()
+            test_logits = predict(teacher, data.test_x, mean, std, rt, batch_size=batch_size)
+            _refuse_nonfinite(test_logits.to(torch.float16)[:, None], 0, teacher_path, writer, "test image")
+            cached = torch.from_numpy(writer.file["logits"][...])
+            view_acc = (cached.float().argmax(-1) == data.train_y[:, None]).float().mean().item()
+            return writer.finish(
+                test_logits.to(torch.float16).cpu().numpy(),
+                {
+                    "teacher_test_acc": accuracy(test_logits, data.test_y),
+                    "teacher_view_acc": view_acc,
+                    # time of this (last) session only, when resumed
+                    "dump_time_s": time.perf_counter() - t0,
+                },
+            )
+        except (OSError, RuntimeError) as e:
+            reason = _disk_full(e)
+            if reason is None:
+                raise
+            if writer is not None:
+                writer.discard()  # HDF5 lost the writes that failed: the partial is not resumable
+            cache_io.partial_path(out).unlink(missing_ok=True)
+            raise KDCacheError(
+                f"the disk filled up while writing {out} ({reason}); the partial file was removed: "
+                f"free about {_size(need)} in {out.parent} and run again"
+            ) from None
+        finally:
+            if writer is not None:
+                writer.close()

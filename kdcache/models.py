@@ -174,8 +174,27 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None, device: str | 
         model.load_state_dict(record["state_dict"])
     except RuntimeError as e:
         raise KDCacheError(f"{path}: weights do not fit {record['arch']} ({str(e).splitlines()[0][:100]})") from None
+    broken = first_nonfinite(model)
+    if broken:
+        raise KDCacheError(
+            f"{path} holds non-finite weights (NaN or inf, first in {broken}): it was saved from a diverged run; "
+            "retrain it (a lower --lr helps) or pass another file"
+        )
     meta = {k: v for k, v in record.items() if k != "state_dict"}
     return model.to(device).eval(), meta
+
+
+def finite_weights(model: nn.Module) -> bool:
+    """All floating parameters and buffers finite: one reduction, one host sync."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+
+
+def first_nonfinite(model: nn.Module) -> str | None:
+    """The name of the first parameter or buffer holding NaN or inf, or None."""
+    if finite_weights(model):
+        return None
+    return next(n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all())
 
 
 def check_classes(path: str | Path, meta: dict, dataset: str, num_classes: int) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from kdcache import cache as cache_io
-from kdcache.artifacts import metrics_path, prepare_output, write_metrics
+from kdcache.artifacts import claim_output, metrics_path, write_metrics
 from kdcache.config import Recipe, validate
 from kdcache.data import Dataset, load_dataset
 from kdcache.errors import KDCacheError
@@ -19,6 +19,7 @@ from kdcache.train import (
     Plan,
     Progress,
     NoProgress,
+    Diverged,
     Runtime,
     ViewBatches,
     build_optimizer,
@@ -91,8 +92,12 @@ def _train_and_save(
         if on_epoch:
             on_epoch(metrics)
 
-    fit(model, batches, loss_fn, optimizer, scheduler, rt, epochs=epochs, start_epoch=start,
-        test=(data.test_x, data.test_y), on_epoch=after_epoch, progress=progress)  # fmt: skip
+    try:
+        fit(model, batches, loss_fn, optimizer, scheduler, rt, epochs=epochs, start_epoch=start,
+            test=(data.test_x, data.test_y), on_epoch=after_epoch, progress=progress)  # fmt: skip
+    except Diverged as e:
+        kept = f"the state after epoch {e.epoch - 1} is kept in {state_file}" if e.epoch > 1 else "nothing was kept"
+        raise KDCacheError(f"{e}; {kept}: try a lower --lr, then run again with --force") from None
     train_time = sum(m["train_time_s"] for m in history)
     save_checkpoint(
         out, raw, arch=arch,
@@ -144,16 +149,16 @@ def train_teacher(
 ) -> StageResult:
     """Train `recipe.teacher_arch` with cross-entropy on fresh crop+flip views every epoch."""
     validate(recipe)
-    out = prepare_output(out, force=force, resume=resume, interrupted=resume_path(out))
-    data = load_dataset(recipe.dataset, data_dir, recipe.subset)
-    plan = fresh_views_plan(len(data.train_y), recipe.seed, recipe.augment, rt.device)
-    batches = ViewBatches(data.train_x.to(rt.device), data.train_y.to(rt.device), plan,
-                          recipe.batch_size, recipe.seed, recipe.mean, recipe.std, drop_last=rt.compile)  # fmt: skip
-    return _train_and_save(
-        role="teacher", arch=recipe.teacher_arch, data=data, recipe=recipe, epochs=recipe.teacher_recipe_epochs,
-        batches=batches, loss_fn=lambda s, y, t: kd_loss(s, y, None, T=1.0, alpha=0.0), rt=rt, out=out,
-        resume=resume, extra_meta={}, progress=progress, on_epoch=on_epoch,
-    )  # fmt: skip
+    with claim_output(out, force=force, resume=resume, interrupted=resume_path(out)) as out:
+        data = load_dataset(recipe.dataset, data_dir, recipe.subset)
+        plan = fresh_views_plan(len(data.train_y), recipe.seed, recipe.augment, rt.device)
+        batches = ViewBatches(data.train_x.to(rt.device), data.train_y.to(rt.device), plan,
+                              recipe.batch_size, recipe.seed, recipe.mean, recipe.std, drop_last=rt.compile)  # fmt: skip
+        return _train_and_save(
+            role="teacher", arch=recipe.teacher_arch, data=data, recipe=recipe, epochs=recipe.teacher_recipe_epochs,
+            batches=batches, loss_fn=lambda s, y, t: kd_loss(s, y, None, T=1.0, alpha=0.0), rt=rt, out=out,
+            resume=resume, extra_meta={}, progress=progress, on_epoch=on_epoch,
+        )  # fmt: skip
 
 
 def train_student(
@@ -174,28 +179,28 @@ def train_student(
     epochs), rendered exactly as the dump rendered it; alpha = 0 ignores the logits.
     """
     validate(recipe)
-    out = prepare_output(out, force=force, resume=resume, interrupted=resume_path(out))
-    with cache_io.open_cache(cache_file) as cache:
-        attrs = cache.attrs
-        subset = recipe.subset if recipe.subset is not None else attrs.get("subset")
-        data = load_dataset(attrs["dataset"], data_dir, subset)
-        cache_io.check_matches(cache, data.fingerprint, data.num_classes)
-        logits, params, labels = cache.tensors(rt.device)
-    if not torch.equal(labels.cpu(), data.train_y):
-        raise KDCacheError(f"{cache_file}: labels differ from the data's: dump the cache again")
-    plan = cached_plan(params, logits, recipe.seed)
-    k = params.shape[1]
-    mean, std = tuple(attrs["normalize_mean"]), tuple(attrs["normalize_std"])
-    # The views and normalisation are the cache's, whatever the preset said: record those.
-    recipe = dataclasses.replace(recipe, views=k, augment=bool(attrs["augment"]), mean=mean, std=std)
-    batches = ViewBatches(data.train_x.to(rt.device), data.train_y.to(rt.device), plan,
-                          recipe.batch_size, recipe.seed, mean, std, drop_last=rt.compile)  # fmt: skip
-    T, alpha = recipe.T, recipe.alpha
-    return _train_and_save(
-        role="student", arch=recipe.student_arch, data=data, recipe=recipe, epochs=recipe.epochs,
-        batches=batches, loss_fn=lambda s, y, t: kd_loss(s, y, t, T=T, alpha=alpha), rt=rt, out=out,
-        resume=resume, progress=progress, on_epoch=on_epoch,
-        extra_meta={"T": T, "alpha": alpha, "cache_teacher_sha256": attrs["teacher_sha256"],
-                    "cache_num_views": k, "cache_seed": attrs["seed"], "cache_augment": attrs["augment"],
-                    "teacher_arch": attrs["teacher_arch"]},
-    )  # fmt: skip
+    with claim_output(out, force=force, resume=resume, interrupted=resume_path(out)) as out:
+        with cache_io.open_cache(cache_file) as cache:
+            attrs = cache.attrs
+            subset = recipe.subset if recipe.subset is not None else attrs.get("subset")
+            data = load_dataset(attrs["dataset"], data_dir, subset)
+            cache_io.check_matches(cache, data.fingerprint, data.num_classes)
+            logits, params, labels = cache.tensors(rt.device)
+        if not torch.equal(labels.cpu(), data.train_y):
+            raise KDCacheError(f"{cache_file}: labels differ from the data's: dump the cache again")
+        plan = cached_plan(params, logits, recipe.seed)
+        k = params.shape[1]
+        mean, std = tuple(attrs["normalize_mean"]), tuple(attrs["normalize_std"])
+        # The views and normalisation are the cache's, whatever the preset said: record those.
+        recipe = dataclasses.replace(recipe, views=k, augment=bool(attrs["augment"]), mean=mean, std=std)
+        batches = ViewBatches(data.train_x.to(rt.device), data.train_y.to(rt.device), plan,
+                              recipe.batch_size, recipe.seed, mean, std, drop_last=rt.compile)  # fmt: skip
+        T, alpha = recipe.T, recipe.alpha
+        return _train_and_save(
+            role="student", arch=recipe.student_arch, data=data, recipe=recipe, epochs=recipe.epochs,
+            batches=batches, loss_fn=lambda s, y, t: kd_loss(s, y, t, T=T, alpha=alpha), rt=rt, out=out,
+            resume=resume, progress=progress, on_epoch=on_epoch,
+            extra_meta={"T": T, "alpha": alpha, "cache_teacher_sha256": attrs["teacher_sha256"],
+                        "cache_num_views": k, "cache_seed": attrs["seed"], "cache_augment": attrs["augment"],
+                        "teacher_arch": attrs["teacher_arch"]},
+        )  # fmt: skip

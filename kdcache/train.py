@@ -8,6 +8,7 @@ epoch, so there is no host synchronisation per step.
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from kdcache.errors import KDCacheError
-from kdcache.models import atomic_torch_save, unwrap
+from kdcache.models import atomic_torch_save, finite_weights, unwrap
 from kdcache.views import normalize, render, shuffle_order
 
 
@@ -108,6 +109,14 @@ class ViewBatches:
             idx = order[start : start + self.batch_size]
             x = render(self.images[idx], params[idx], self.mean, self.std)
             yield x, self.labels[idx], None if targets is None else targets[idx]
+
+
+class Diverged(KDCacheError):
+    """The loss (or a weight) went NaN/inf during `epoch` (1-based): the epoch is thrown away."""
+
+    def __init__(self, epoch: int, loss: float, lr: float):
+        self.epoch, self.loss, self.lr = epoch, loss, lr
+        super().__init__(f"training diverged in epoch {epoch} (loss {loss:g}, lr {lr:g})")
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -245,6 +254,8 @@ def fit(
         train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen  # the one sync per epoch
         train_time = time.perf_counter() - t0
         progress.end()
+        if not (math.isfinite(train_loss) and finite_weights(model)):
+            raise Diverged(epoch + 1, train_loss, lr)
         # Eager evaluation: eval mode and no_grad would each be one more compiled graph.
         test_acc = accuracy(predict(unwrap(model), test_x, batches.mean, batches.std, rt), test_y)
         on_epoch(

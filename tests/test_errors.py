@@ -95,9 +95,14 @@ def bad(tmp_path_factory, teacher_ckpt, cache_file) -> dict[str, Path]:
         with h5py.File(files[name], "r+") as f:
             f.attrs.update(attrs)
 
-    variant("future.h5", format_version=2)
+    variant("future.h5", format_version=99)
     variant("incomplete.h5", complete=False, rows_done=128)
     variant("cifar100-classes.h5", num_classes=100)
+    with h5py.File(files["cifar100-classes.h5"], "r+") as f:  # consistent: a real 100-class cache
+        for name in ("logits", "test_logits"):
+            shape = (*f[name].shape[:-1], 100)
+            del f[name]
+            f.create_dataset(name, shape, dtype="float16")
 
     # The cache path is missing, but an interrupted dump of it is there.
     files["interrupted.h5"] = d / "interrupted.h5"
@@ -148,7 +153,7 @@ CACHE_FILES = [
     ("truncated.h5", ["not a readable HDF5 file", "truncated"]),
     ("text.h5", ["not a readable HDF5 file"]),
     ("foreign.h5", ["not a kdcache logit cache", "dump-logits"]),
-    ("future.h5", ["format v2", "reads v1"]),
+    ("future.h5", ["format v99", "recreate it"]),
 ]
 
 

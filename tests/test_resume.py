@@ -191,15 +191,18 @@ def test_dump_sigkill_then_resume_equals_uninterrupted(tmp_path, teacher_ckpt, d
     assert_same_cache(out, reference_dump)
 
 
-def test_dump_ctrl_c_keeps_a_resumable_partial(tmp_path, teacher_ckpt, data_dir, reference_dump, cpu, one_thread):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_dump_ctrl_c_keeps_a_resumable_partial(tmp_path, teacher_ckpt, data_dir, reference_dump, cpu, one_thread,
+                                               sig, code):  # fmt: skip
     out = tmp_path / "cache.h5"
     partial = tmp_path / "cache.h5.partial"
 
     proc = start_cli(*dump_args(teacher_ckpt, data_dir, out))
     wait_for(proc, lambda: rows_done(partial) > 0, "the first block was written")
-    err = kill(proc, signal.SIGINT)
+    err = kill(proc, sig)
 
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
+    assert not (tmp_path / "cache.h5.lock").exists()  # released on the way out
     assert "Traceback" not in err
     assert "--resume" in err.strip().splitlines()[-1]
     assert not out.exists()
