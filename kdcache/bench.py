@@ -26,11 +26,11 @@ from kdcache import __version__
 from kdcache.config import SEED_RESNET_MEAN, SEED_RESNET_STD
 from kdcache.data import load_dataset
 from kdcache.errors import KDCacheError
-from kdcache.losses import kd_loss
+from kdcache.losses import student_loss
 from kdcache.models import ARCHS, build
 from kdcache.stages import cached_plan, fresh_views_plan
-from kdcache.train import Runtime, ViewBatches, make_step, predict
-from kdcache.views import view_params
+from kdcache.train import Batch, Runtime, ViewBatches, make_step, predict
+from kdcache.views import mix_params, view_params
 
 LOOPS = ("seed_loop", "online", "cached", "plain", "dump")
 NUM_VIEWS = 8
@@ -98,7 +98,7 @@ def _window(run_step, it, steps: int, device) -> float:
     seen = 0
     for _ in range(steps):
         batch = next(it)
-        run_step(*batch)
+        run_step(batch)
         seen += len(batch[1])
     _sync(device)
     return seen / (time.perf_counter() - t0)
@@ -121,7 +121,7 @@ def _measure(loops: dict, cfg: BenchConfig, device, log) -> tuple[dict, dict, di
     for name, (step, _) in loops.items():
         log(f"warming up {name}")
         for _ in range(cfg.warmup):
-            step(*next(its[name]))
+            step(next(its[name]))
     for r in range(cfg.repeats):
         for name, (step, _) in loops.items():
             log(f"round {r + 1}/{cfg.repeats}: {name}")
@@ -153,7 +153,7 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
         torch.manual_seed(0)
         model = rt_.prepare(build(cfg.student_arch, c)).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        loss = lambda s, y, t: kd_loss(s, y, t, T=cfg.T, alpha=alpha)  # noqa: E731
+        loss = lambda s, b: student_loss(s, b.y, b.t, T=cfg.T, alpha=alpha, partner_labels=b.y2, lam=b.lam)  # noqa: E731
         return make_step(model, loss, opt, rt_, teacher=teacher)
 
     # -- seed_loop: the notebook's loop, fp32, NCHW, PIL + DataLoader workers.
@@ -175,32 +175,38 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
     def endless_loader():
         while True:
             for x, y in loader:
-                yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), None
+                yield Batch(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), None, None, None)
 
     # -- our loops: device-resident uint8 data, batched rendering.
     images_d, labels_d = images.to(dev), labels.to(dev)
     teacher = rt.prepare(teacher_raw)
     fresh = ViewBatches(images_d, labels_d, fresh_views_plan(n, 0, True, dev), cfg.batch_size, 0, mean, std, rt.compile)
-    params = view_params(0, range(n), range(NUM_VIEWS)).to(dev)
-    logits = torch.randn(n, NUM_VIEWS, c, generator=torch.Generator().manual_seed(1)).to(dev, torch.float16)
-    cached = ViewBatches(images_d, labels_d, cached_plan(params, logits, 0), cfg.batch_size, 0, mean, std, rt.compile)
+    params = view_params(0, range(n), range(NUM_VIEWS))
+    mixes = mix_params(0, range(n), range(NUM_VIEWS), num_rows=n, mix="both", prob=1.0)
+    logits = torch.randn(n, NUM_VIEWS, c, generator=torch.Generator().manual_seed(1)).to(torch.float16)
+    cached, cached_mixed = (
+        ViewBatches(images_d, labels_d, cached_plan(params, m, logits, 0, dev), cfg.batch_size, 0, mean, std, rt.compile)
+        for m in (None, mixes)
+    )  # fmt: skip
     # dump: teacher inference over rendered views, one batch of (image, view) rows per step, as dump-logits runs it
-    flat_params = params.flatten(0, 1)
+    flat_params = params.flatten(0, 1).to(dev)
 
     def dump_rows():
         rows = n * NUM_VIEWS
         while True:
             for start in range(0, rows - cfg.batch_size + 1, cfg.batch_size):
                 idx = torch.arange(start, start + cfg.batch_size, device=dev)
-                yield images_d[idx // NUM_VIEWS], flat_params[idx], None
+                yield idx // NUM_VIEWS, flat_params[idx]
 
-    def dump_step(x, p, _):
-        predict(teacher, x, mean, std, rt, params=p, batch_size=cfg.batch_size)
+    def dump_step(rows_and_crops):
+        rows, crop = rows_and_crops
+        predict(teacher, images_d, mean, std, rt, rows=rows, crop=crop, batch_size=cfg.batch_size)
 
     loops = {
         "seed_loop": (seed_step, endless_loader()),
         "online": (student_and_step(teacher, rt_=rt, alpha=cfg.alpha), _endless(fresh)),
         "cached": (student_and_step(rt_=rt, alpha=cfg.alpha), _endless(cached)),
+        "cached_mixed": (student_and_step(rt_=rt, alpha=cfg.alpha), _endless(cached_mixed)),
         "plain": (student_and_step(rt_=rt, alpha=0.0), _endless(fresh)),
         "dump": (dump_step, dump_rows()),
     }
@@ -212,6 +218,7 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
             "cached_over_seed_loop": results["cached"] / results["seed_loop"],
             "cached_over_online": results["cached"] / results["online"],
             "cached_over_plain": results["cached"] / results["plain"],
+            "cached_mixed_over_plain": results["cached_mixed"] / results["plain"],
         },
         "rounds_img_s": rounds,
         "peak_working_mem_mb": peaks,

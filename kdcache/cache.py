@@ -1,4 +1,4 @@
-"""The HDF5 logit cache, format v1 (see docs/cache-format.md).
+"""The HDF5 logit cache, format v2 (see docs/cache-format.md); v1 files read as unmixed views.
 
 The writer builds the file under `<out>.partial`, records how many rows are done
 after each flushed block (so an interrupted dump resumes from there), and renames
@@ -19,10 +19,12 @@ import torch
 
 from kdcache import __version__
 from kdcache.errors import KDCacheError
-from kdcache.views import PAD
+from kdcache.views import PAD, Mix
 
 FORMAT = "kdcache-logits"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MIX_DATASETS = ("mix_partner", "mix_crop", "mix_box", "mix_lam")  # v2, present when attrs mix != "none"
 VIEW_RECIPE = "pad4-crop-flip"
 BLOCK_ROWS = 1024  # default HDF5 chunk, checksum and resume granularity along N
 
@@ -32,21 +34,30 @@ def partial_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def bytes_needed(n: int, k: int, c: int, n_test: int) -> int:
-    return n * k * (2 * c + 3) + n * 16 + n_test * 2 * c
+def bytes_needed(n: int, k: int, c: int, n_test: int, mixed: bool = False) -> int:
+    per_view = 2 * c + 3 + (8 + 3 + 4 + 4 if mixed else 0)
+    return n * k * per_view + n * 16 + n_test * 2 * c
 
 
 # Attributes that must match for a partial file to be resumed by the same dump.
 _IDENTITY_ATTRS = (
     "num_views", "num_classes", "dataset", "dataset_fingerprint", "teacher_sha256", "seed", "augment",
-    "batch_size", "block_rows", "precision",
+    "batch_size", "block_rows", "precision", "mix", "mix_prob",
 )  # fmt: skip
 
 
-def block_digest(logits: np.ndarray, params: np.ndarray) -> bytes:
-    """sha256 of one block's logits + view params: `verify` finds rows changed after the dump."""
+def mix_arrays(mix: Mix) -> dict[str, np.ndarray]:
+    """A `Mix` [rows, K] as the cache's mix datasets (numpy, their on-disk dtypes)."""
+    return {"mix_partner": mix.partner.numpy().astype(np.int32), "mix_crop": mix.crop.numpy(),
+            "mix_box": mix.box.numpy(), "mix_lam": mix.lam.numpy()}  # fmt: skip
+
+
+def block_digest(logits: np.ndarray, params: np.ndarray, mix: dict | None = None) -> bytes:
+    """sha256 of one block's logits + view params (+ mix record): `verify` finds rows changed after the dump."""
     h = hashlib.sha256(np.ascontiguousarray(logits, dtype=np.float16).tobytes())
     h.update(np.ascontiguousarray(params, dtype=np.uint8).tobytes())
+    for name in MIX_DATASETS if mix is not None else ():
+        h.update(np.ascontiguousarray(mix[name]).tobytes())
     return h.digest()
 
 
@@ -85,7 +96,7 @@ class CacheWriter:
         `flush`, which raises, and the dump can clean up.
         """
         f = self.file
-        names = ("logits", "view_params", "labels", "indices", "block_sha256", "test_logits")
+        names = ("logits", "view_params", "labels", "indices", "block_sha256", "test_logits", *MIX_DATASETS)
         self.ds = {name: f[name] for name in names if name in f}
         self.attrs = f.attrs
 
@@ -95,6 +106,9 @@ class CacheWriter:
         rows = min(block, num_rows)
         f.create_dataset("logits", (num_rows, k, c), dtype="float16", chunks=(rows, k, c))
         f.create_dataset("view_params", (num_rows, k, 3), dtype="uint8", chunks=(rows, k, 3))
+        if attrs["mix"] != "none":
+            for name, dtype, tail in zip(MIX_DATASETS, ("int32", "uint8", "uint8", "float32"), ((), (3,), (4,), ())):
+                f.create_dataset(name, (num_rows, k, *tail), dtype=dtype, chunks=(rows, k, *tail))
         f.create_dataset("labels", (num_rows,), dtype="int64")
         f.create_dataset("indices", (num_rows,), dtype="int64")
         f.create_dataset("block_sha256", (-(-num_rows // block), 32), dtype="uint8")
@@ -135,15 +149,18 @@ class CacheWriter:
     def rows_done(self) -> int:
         return int(self.attrs["rows_done"])
 
-    def write_rows(self, start: int, logits: np.ndarray, params: np.ndarray, labels, indices) -> None:
+    def write_rows(self, start: int, logits: np.ndarray, params: np.ndarray, labels, indices,
+                   mix: dict | None = None) -> None:  # fmt: skip
         """Write one block, flush it, and only then record it as done (the resume point)."""
         stop = start + len(logits)
         ds = self.ds
         ds["logits"][start:stop] = logits
         ds["view_params"][start:stop] = params
+        for name in MIX_DATASETS if mix is not None else ():
+            ds[name][start:stop] = mix[name]
         ds["labels"][start:stop] = labels
         ds["indices"][start:stop] = indices
-        digest = np.frombuffer(block_digest(logits, params), np.uint8)
+        digest = np.frombuffer(block_digest(logits, params, mix), np.uint8)
         ds["block_sha256"][start // int(self.attrs["block_rows"])] = digest
         self.file.flush()
         self.attrs["rows_done"] = stop
@@ -228,19 +245,31 @@ class Cache:
     def num_rows(self) -> int:
         return self.file["logits"].shape[0]
 
-    def tensors(self, device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits fp16 [N,K,C], view_params uint8 [N,K,3], labels int64 [N]) on `device`, checked:
-        finite logits, view parameters and labels in range (a hand-edited cache is refused here)."""
-        logits, params, labels = (torch.from_numpy(self.file[name][...]).to(device)
-                                  for name in ("logits", "view_params", "labels"))  # fmt: skip
+    @property
+    def mix(self) -> str:
+        return self.attrs.get("mix", "none")  # v1: crop/flip views only
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, Mix | None, torch.Tensor]:
+        """(logits fp16 [N,K,C], view_params uint8 [N,K,3], Mix [N,K] or None, labels int64 [N]) in host
+        memory, checked: finite logits, view parameters, partners and labels in range (a hand-edited
+        cache is refused here). The student moves one epoch's slice to the device at a time."""
+        f = self.file
+        logits, params, labels = (torch.from_numpy(f[name][...]) for name in ("logits", "view_params", "labels"))
+        mix = None
+        if self.mix != "none":
+            partner, crop, box, lam = (torch.from_numpy(f[name][...]) for name in MIX_DATASETS)
+            mix = Mix(partner.long(), crop, box, lam)
         fix = f"see `kdcache verify {self.path}`, then dump the cache again"
         check_finite(self.path, logits, fix)
-        c = logits.shape[-1]
-        if bool((params[..., :2] > 2 * PAD).any() | (params[..., 2] > 1).any()):
+        n, c = logits.shape[0], logits.shape[-1]
+        crops = [params] + ([mix.crop] if mix is not None else [])
+        if any(bool((p[..., :2] > 2 * PAD).any() | (p[..., 2] > 1).any()) for p in crops):
             raise KDCacheError(f"{self.path} holds view parameters outside the view recipe's range: {fix}")
+        if mix is not None and bool(((mix.partner < -1) | (mix.partner >= n)).any() | ~torch.isfinite(mix.lam).all()):
+            raise KDCacheError(f"{self.path} holds mix partners or weights out of range: {fix}")
         if bool(((labels < 0) | (labels >= c)).any()):
             raise KDCacheError(f"{self.path} holds labels outside 0..{c - 1}: {fix}")
-        return logits, params, labels
+        return logits, params, mix, labels
 
     def close(self) -> None:
         self.file.close()
@@ -271,9 +300,9 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> Cache:
     problem = None
     if _plain(attrs.get("format")) != FORMAT:
         problem = f"{path} is not a kdcache logit cache (format {_plain(attrs.get('format'))!r}): pass a file written by dump-logits"
-    elif _plain(attrs.get("format_version")) != FORMAT_VERSION:
+    elif _plain(attrs.get("format_version")) not in READABLE_VERSIONS:
         problem = (
-            f"{path} is cache format v{_plain(attrs.get('format_version'))}, this kdcache reads v{FORMAT_VERSION}: "
+            f"{path} is cache format v{_plain(attrs.get('format_version'))}, this kdcache reads v1 and v2: "
             "recreate it with this version's dump-logits"
         )
     elif _plain(attrs.get("view_recipe")) != VIEW_RECIPE:
@@ -303,6 +332,10 @@ def _layout_problem(f: h5py.File) -> str | None:
     except (TypeError, ValueError):
         return "has subset, num_views or num_classes attributes that are not whole numbers"
     expect = {"logits": (n, k, c), "view_params": (n, k, 3), "labels": (n,), "indices": (n,)}
+    if _plain(f.attrs.get("mix", "none")) != "none":
+        expect.update(mix_partner=(n, k), mix_crop=(n, k, 3), mix_box=(n, k, 4), mix_lam=(n, k))
+        if any(name not in f for name in MIX_DATASETS):
+            return f"lacks its mix record (attribute mix={_plain(f.attrs['mix'])!r})"
     if "test_logits" in f:
         expect["test_logits"] = (f["test_logits"].shape[0], c)
     for name, shape in expect.items():

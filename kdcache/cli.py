@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kdcache.artifacts import atomic_write_text
-from kdcache.config import DEFAULT_PRESET, PRESETS, get_preset
+from kdcache.config import DEFAULT_PRESET, PRESETS, get_preset, validate
 from kdcache.errors import KDCacheError
 
 app = typer.Typer(
@@ -109,7 +109,8 @@ class RichProgress:
 def print_epoch(m: dict) -> None:
     err_console.print(
         f"epoch {m['epoch']:>3}  loss {m['train_loss']:.4f}  train {100 * m['train_acc']:5.2f}%  "
-        f"test {100 * m['test_acc']:5.2f}%  lr {m['lr']:.4g}  {m['train_img_s']:,.0f} img/s  {m['train_time_s']:.1f} s",
+        f"test {100 * m['test_acc']:5.2f}%  lr {m['lr']:.4g}  {m['train_img_s']:,.0f} img/s  {m['train_time_s']:.1f} s"
+        + (f"  agrees with teacher {100 * m['teacher_agreement']:5.2f}%  KL {m['teacher_kl']:.3f}" if "teacher_kl" in m else ""),
         highlight=False,
     )
 
@@ -131,6 +132,9 @@ LrOpt = typer.Option(None, "--lr", help="Peak learning rate. \\[default: the pre
 OptimOpt = typer.Option(None, "--optimizer", help="sgd | adam; momentum and weight decay stay the preset's. \\[default: the preset's: sgd for seed-resnet, adam for seed-cnn]")
 WarmupOpt = typer.Option(None, "--warmup-epochs", help="Epochs of linear warm-up to --lr before the schedule starts. \\[default: the preset's, 0]")
 NesterovOpt = typer.Option(None, "--nesterov/--no-nesterov", help="Nesterov momentum (SGD). \\[default: the preset's, off]")
+MixOpt = typer.Option(None, "--mix", help="Mixed views (function matching): none | cutmix | mixup | both; the partner image and box or weight are a pure function of (seed, image, view). \\[default: the preset's, none]")
+MixProbOpt = typer.Option(None, "--mix-prob", help="Share of views that are mixed, in [0, 1]. \\[default: the preset's, 1]")
+LossOpt = typer.Option(None, "--loss", help="Soft-target loss from raw logits: kd (Hinton) | dkd (decoupled KD) | dist (DIST) | ls (logit standardisation). \\[default: kd]")
 ScheduleOpt = typer.Option(None, "--schedule", help="Learning rate over the epochs: cosine (decays to 0) | constant. \\[default: the preset's: cosine for seed-resnet, constant for seed-cnn]")
 
 
@@ -192,6 +196,8 @@ def teacher_cmd(
     warmup_epochs: Optional[int] = WarmupOpt,
     nesterov: Optional[bool] = NesterovOpt,
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random pad-4 crop + flip each epoch. \\[default: the preset's]"),
+    mix: Optional[str] = MixOpt,
+    mix_prob: Optional[float] = MixProbOpt,
     seed: Optional[int] = SeedOpt,
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
@@ -206,7 +212,7 @@ def teacher_cmd(
     recipe = get_preset(preset).override(
         teacher_arch=arch, dataset=dataset, subset=subset, teacher_epochs=epochs, batch_size=batch_size,
         lr=lr, optimizer=optimizer, schedule=schedule, warmup_epochs=warmup_epochs, nesterov=nesterov,
-        augment=augment, seed=seed,
+        augment=augment, mix=mix, mix_prob=mix_prob, seed=seed,
     )  # fmt: skip
     rt = _runtime(device, precision, compile)
     with RichProgress() as progress:
@@ -222,6 +228,8 @@ def dump_cmd(
     arch: Optional[str] = typer.Option(None, "--arch", help="Refuse a teacher of any other architecture."),
     views: Optional[int] = typer.Option(None, "--views", help="Augmented views per image, K. \\[default: the preset's, 8 for seed-resnet]"),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Crop+flip views; --no-augment caches the plain image. \\[default: the preset's]"),
+    mix: Optional[str] = typer.Option(None, "--mix", help="Mixed views: none | cutmix | mixup | both. The teacher runs on the mixed image itself, and the cache stores the partner and box/weight, so a student replays exactly that image. \\[default: what the teacher was trained with]"),
+    mix_prob: Optional[float] = MixProbOpt,
     data_dir: Path = DataDirOpt,
     subset: Optional[int] = typer.Option(None, "--subset", help="Use only the first N training images. \\[default: the images the teacher was trained on]"),
     seed: Optional[int] = SeedOpt,
@@ -240,13 +248,15 @@ def dump_cmd(
     from kdcache.models import read_checkpoint
 
     recipe = _base_recipe(preset, lambda: read_checkpoint(teacher).get("recipe")).override(
-        views=views, augment=augment, seed=seed, subset=subset
+        views=views, augment=augment, mix=mix, mix_prob=mix_prob, seed=seed, subset=subset
     )
+    validate(recipe)
     rt = _runtime(device, precision, compile)
     with RichProgress() as progress:
         path = dump_logits(
             teacher_path=teacher, data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
-            batch_size=batch_size, rt=rt, subset=recipe.subset, augment=recipe.augment, arch=arch,
+            batch_size=batch_size, rt=rt, subset=recipe.subset, augment=recipe.augment, mix=recipe.mix,
+            mix_prob=recipe.mix_prob, arch=arch,
             block_rows=block_rows, force=force, resume=resume, progress=progress,
         )  # fmt: skip
     _print_cache_summary(path, recipe.T)
@@ -263,6 +273,10 @@ def student_cmd(
     preset: Optional[str] = PresetOpt,
     arch: Optional[str] = typer.Option(None, "--arch", help="Student architecture: resnet18|34|50, seed-cnn-student. \\[default: resnet18]"),
     cache: Path = typer.Option(CACHE_OUT, "--cache", help="Logit cache written by `kdcache dump-logits`."),
+    online_teacher: Optional[Path] = typer.Option(None, "--online-teacher", help="No cache: run this teacher checkpoint on a fresh view every step (online distillation, to compare with the cache at equal budget). Views follow --mix/--mix-prob, default the teacher's."),
+    loss: Optional[str] = LossOpt,
+    mix: Optional[str] = typer.Option(None, "--mix", help="With --online-teacher only: the view family. \\[default: the teacher's]"),
+    mix_prob: Optional[float] = typer.Option(None, "--mix-prob", help="With --online-teacher only. \\[default: the teacher's]"),
     data_dir: Path = DataDirOpt,
     subset: Optional[int] = typer.Option(None, "--subset", help="Must match the cache's; \\[default: the cache's]"),
     epochs: Optional[int] = EpochsOpt,
@@ -284,25 +298,34 @@ def student_cmd(
 ):
     """Train a student against the cached soft targets, replaying exactly the views the teacher saw.
 
-    Loss = alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y).
+    Loss = alpha * soft(s, t) + (1 - alpha) * CE, where soft is --loss (kd: T^2 * KL(softmax(t/T) ||
+    softmax(s/T))) and, on a mixed view, CE = lam * CE(s, y_i) + (1 - lam) * CE(s, y_j). Each epoch
+    shows every image one of its K cached views, each once per K epochs.
     """
+    from kdcache.cache import open_cache
+    from kdcache.models import read_checkpoint
     from kdcache.stages import train_student
 
-    from kdcache.cache import open_cache
+    if online_teacher is None and (mix is not None or mix_prob is not None):
+        raise KDCacheError("--mix and --mix-prob go with --online-teacher; a cache student replays the cache's views")
 
     def recorded() -> dict | None:
+        if online_teacher is not None:
+            return read_checkpoint(online_teacher).get("recipe")
         with open_cache(cache) as c:
             return json.loads(c.attrs["recipe"]) if "recipe" in c.attrs else None
 
     recipe = _base_recipe(preset, recorded).override(
         student_arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-        warmup_epochs=warmup_epochs, nesterov=nesterov, T=T, alpha=alpha, seed=seed,
+        warmup_epochs=warmup_epochs, nesterov=nesterov, T=T, alpha=alpha, seed=seed, loss=loss, mix=mix,
+        mix_prob=mix_prob,
     )  # fmt: skip
     recipe = dataclasses.replace(recipe, subset=subset)  # the cache's rows unless asked otherwise
     rt = _runtime(device, precision, compile)
     with RichProgress() as progress:
         result = train_student(recipe, cache_file=cache, data_dir=data_dir, out=out, rt=rt, force=force,
-                               resume=resume, progress=progress, on_epoch=print_epoch)  # fmt: skip
+                               online_teacher=online_teacher, resume=resume, progress=progress,
+                               on_epoch=print_epoch)  # fmt: skip
     _stage_summary("student", result)
 
 
@@ -417,6 +440,7 @@ def bench_cmd(
         "seed_loop": "notebook: DataLoader + PIL, teacher every step, fp32",
         "online": "our hot loop, teacher every step",
         "cached": "our hot loop, logits from the cache",
+        "cached_mixed": "the same, mixed views (CutMix/MixUp replayed)",
         "plain": "our hot loop, no teacher (floor)",
         "dump": "teacher inference over views",
     }
@@ -429,7 +453,7 @@ def bench_cmd(
         v = record[f"{loop}_img_s"]
         rounds = record["rounds_img_s"][loop]
         spread = f"±{50 * (max(rounds) - min(rounds)) / v:.0f}%"  # half the range, relative to the median
-        ratio = "" if loop in ("cached", "dump") else f"{record['cached_img_s'] / v:.2f}x"
+        ratio = "" if loop in ("cached", "cached_mixed", "dump") else f"{record['cached_img_s'] / v:.2f}x"
         table.add_row(loop, f"{v:,.0f}", spread, ratio, *([f"{peaks[loop]:,.0f}"] if show_mem else []), what)
     out_console.print(table)
     if json_path:
@@ -443,12 +467,13 @@ def bench_cmd(
 def _report_table(records: list[dict]) -> Table:
     several = len(records) > 1
     table = Table(title="teacher vs student alone vs student with KD", title_justify="left", box=box.SIMPLE_HEAD)
-    for col in (["run"] if several else []) + ["model", "arch", "params", "test acc", "time", "img/s"]:
+    for col in (["run"] if several else []) + ["model", "arch", "params", "test acc", "agree", "time", "img/s"]:
         table.add_column(col, justify="left" if col in ("run", "model", "arch") else "right",
                          min_width=16 if col == "arch" else None)  # fmt: skip
     for rec in records:
         for r in rec["rows"]:
-            cells = [r["model"], r["arch"], f"{r['params']:,}", f"{100 * r['test_acc']:.2f}%",
+            agree = f"{100 * r['teacher_agreement']:.2f}%" if "teacher_agreement" in r else ""
+            cells = [r["model"], r["arch"], f"{r['params']:,}", f"{100 * r['test_acc']:.2f}%", agree,
                      f"{r['train_time_s']:.1f} s", f"{r['img_s']:,.0f}"]  # fmt: skip
             table.add_row(*([Path(rec["run_dir"]).name] if several else []) + cells)
         table.add_section()
@@ -474,6 +499,10 @@ def pipeline_cmd(
     views: Optional[int] = typer.Option(None, "--views", help="Cached views per image, K. \\[default: the preset's]"),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Crop+flip views for teacher and cache. \\[default: the preset's]"),
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="Reuse this teacher checkpoint instead of training one."),
+    mix: Optional[str] = MixOpt,
+    mix_prob: Optional[float] = MixProbOpt,
+    loss: Optional[str] = LossOpt,
+    with_online: bool = typer.Option(False, "--with-online", help="Also train the KD student with the teacher in the loop on fresh views of the same family (no cache): accuracy and time beside the cached student."),
     T: Optional[float] = typer.Option(None, "--T", help="Distillation temperature. \\[default: the preset's]"),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Soft-target weight of the KD student. \\[default: the preset's]"),
     seed: Optional[int] = SeedOpt,
@@ -494,12 +523,12 @@ def pipeline_cmd(
         subset=subset, teacher_arch=teacher_arch, student_arch=student_arch, epochs=epochs,
         teacher_epochs=teacher_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
         warmup_epochs=warmup_epochs, nesterov=nesterov, views=views, augment=augment, T=T,
-        alpha=alpha, seed=seed,
+        alpha=alpha, seed=seed, mix=mix, mix_prob=mix_prob, loss=loss,
     )  # fmt: skip
     rt = _runtime(device, precision, compile)
     with RichProgress() as progress:
         record = run_pipeline(recipe, preset=name, run_dir=out, data_dir=data_dir, rt=rt, teacher=teacher,
-                              force=force, resume=resume,
+                              with_online=with_online, force=force, resume=resume,
                               progress=progress, on_epoch=print_epoch,
                               log=lambda msg: err_console.print(f"[bold]{msg}[/]", highlight=False))  # fmt: skip
     out_console.print(_report_table([record]))

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 
 from kdcache.errors import KDCacheError
+from kdcache.losses import LOSSES
+from kdcache.views import MIXES
 
 # Normalisation constants of the two seed notebooks.
 SEED_RESNET_MEAN = (0.4914, 0.4822, 0.4465)
@@ -39,6 +41,9 @@ class Recipe:
     nesterov: bool = False  # SGD only
     augment: bool = True  # pad-4 crop + flip; False: the identity view only
     views: int = 8
+    mix: str = "none"  # none | cutmix | mixup | both: mixed views for teacher and cache (function matching)
+    mix_prob: float = 1.0  # share of views that are mixed, when mix is not none
+    loss: str = "kd"  # kd | dkd | dist | ls: the student's soft-target term
     T: float = 3.0
     alpha: float = 0.5
     mean: tuple[float, float, float] = SEED_RESNET_MEAN
@@ -108,8 +113,8 @@ def get_preset(name: str | None) -> Recipe:
 def validate(recipe: Recipe) -> Recipe:
     """Refuse values that cannot train, with a message naming the flag (--subset is checked by the reader)."""
     epochs = min(recipe.epochs, recipe.teacher_recipe_epochs)
-    numbers = {"--lr": recipe.lr, "--T": recipe.T, "--alpha": recipe.alpha, "momentum": recipe.momentum,
-               "weight decay": recipe.weight_decay}  # fmt: skip
+    numbers = {"--lr": recipe.lr, "--T": recipe.T, "--alpha": recipe.alpha, "--mix-prob": recipe.mix_prob,
+               "momentum": recipe.momentum, "weight decay": recipe.weight_decay}  # fmt: skip
     for flag, value in numbers.items():
         if not math.isfinite(value):
             raise KDCacheError(f"{flag} must be a finite number (got {value})")
@@ -121,6 +126,9 @@ def validate(recipe: Recipe) -> Recipe:
         (0.0 <= recipe.alpha <= 1.0, f"--alpha must be in [0, 1] (got {recipe.alpha})"),
         (recipe.lr > 0, f"--lr must be > 0 (got {recipe.lr})"),
         (recipe.subset is None or recipe.subset >= 1, f"--subset must be >= 1 (got {recipe.subset})"),
+        (recipe.mix in MIXES, f"--mix must be one of {', '.join(MIXES)} (got {recipe.mix!r})"),
+        (0.0 <= recipe.mix_prob <= 1.0, f"--mix-prob must be in [0, 1] (got {recipe.mix_prob})"),
+        (recipe.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)} (got {recipe.loss!r})"),
         (recipe.optimizer in ("sgd", "adam"), f"--optimizer must be sgd or adam (got {recipe.optimizer!r})"),
         (recipe.schedule in ("cosine", "constant"), f"--schedule must be cosine or constant (got {recipe.schedule!r})"),
         (0 <= recipe.warmup_epochs < epochs, f"--warmup-epochs must be in 0..{epochs - 1}, below --epochs (got {recipe.warmup_epochs})"),

@@ -18,7 +18,7 @@ from kdcache.data import load_dataset
 from kdcache.errors import KDCacheError
 from kdcache.models import check_classes, file_sha256, load_checkpoint
 from kdcache.train import Progress, Runtime, NoProgress, accuracy, predict
-from kdcache.views import view_params
+from kdcache.views import MIXES, mix_params, view_params
 
 
 def _disk_full(e: Exception) -> str | None:
@@ -61,13 +61,17 @@ def dump_logits(
     rt: Runtime,
     subset: int | None = None,
     augment: bool = True,
+    mix: str = "none",
+    mix_prob: float = 1.0,
     arch: str | None = None,
     block_rows: int = cache_io.BLOCK_ROWS,
     force: bool = False,
     resume: bool = False,
     progress: Progress | None = None,
 ) -> Path:
-    """Write `out` (cache format v1): raw teacher logits for `views` views of every training image.
+    """Write `out` (cache format v2): raw teacher logits for `views` views of every training image,
+    each view a crop/flip, mixed with a partner (CutMix or MixUp) when `mix` is set: the teacher
+    sees exactly the mixed image the student will see (function matching).
 
     Rows are processed in blocks of `block_rows` samples; each block is flushed
     before it counts as done, so `resume` restarts at the first unfinished block and
@@ -75,8 +79,12 @@ def dump_logits(
     """
     if views < 1:
         raise KDCacheError(f"--views must be >= 1 (got {views})")
-    if not augment and views > 1:
+    if not augment and views > 1 and mix == "none":
         raise KDCacheError(f"--no-augment caches the one un-augmented view: pass --views 1 (got --views {views})")
+    if mix not in MIXES:
+        raise KDCacheError(f"--mix must be one of {', '.join(MIXES)} (got {mix!r})")
+    if not (0.0 <= mix_prob <= 1.0):  # also refuses nan
+        raise KDCacheError(f"--mix-prob must be in [0, 1] (got {mix_prob})")
     if batch_size < 1:
         raise KDCacheError(f"--batch-size must be >= 1 (got {batch_size})")
     if block_rows < 1:
@@ -100,15 +108,18 @@ def dump_logits(
             "teacher_path": str(teacher_path),
             "seed": seed,
             "augment": augment,
+            "mix": mix,
+            "mix_prob": mix_prob,
             "normalize_mean": list(mean),
             "normalize_std": list(std),
             "batch_size": batch_size,
             "block_rows": block_rows,
             "precision": "bf16" if rt.amp_dtype is not None else "fp32",
             # The teacher's recipe with this dump's view settings: students start from it.
-            "recipe": json.dumps({**meta.get("recipe", {}), "views": views, "augment": augment, "seed": seed, "subset": n}),
+            "recipe": json.dumps({**meta.get("recipe", {}), "views": views, "augment": augment, "seed": seed, "subset": n,
+                                 "mix": mix, "mix_prob": mix_prob}),
         }
-        need = cache_io.bytes_needed(n, views, c, len(data.test_y))
+        need = cache_io.bytes_needed(n, views, c, len(data.test_y), mixed=mix != "none")
         free = shutil.disk_usage(out.parent).free
         if free < need * 1.1:
             raise KDCacheError(
@@ -131,9 +142,12 @@ def dump_logits(
             for start in blocks:
                 stop = min(start + block_rows, n)
                 params = view_params(seed, range(start, stop), range(views), augment=augment)  # [b, K, 3]
-                imgs = images[start:stop].unsqueeze(1).expand(-1, views, -1, -1, -1).flatten(0, 1)
-                flat = params.flatten(0, 1).to(rt.device)  # one copy per block, not per batch
-                logits = predict(teacher, imgs, mean, std, rt, params=flat, batch_size=batch_size)
+                mixes = None if mix == "none" else mix_params(
+                    seed, range(start, stop), range(views), num_rows=n, mix=mix, prob=mix_prob, augment=augment)
+                rows = torch.arange(start, stop, device=rt.device).repeat_interleave(views)
+                flat = lambda t: t.flatten(0, 1).to(rt.device)  # noqa: E731 - one copy per block, not per batch
+                logits = predict(teacher, images, mean, std, rt, rows=rows, crop=flat(params),
+                                 mix=None if mixes is None else mixes.map(flat), batch_size=batch_size)  # fmt: skip
                 logits = logits.view(stop - start, views, c).to(torch.float16)  # fp16: > 65504 is inf too
                 _refuse_nonfinite(logits, start, teacher_path, writer)
                 writer.write_rows(
@@ -142,6 +156,7 @@ def dump_logits(
                     params.numpy(),
                     data.train_y[start:stop].numpy(),
                     np.arange(start, stop, dtype=np.int64),
+                    None if mixes is None else cache_io.mix_arrays(mixes),
                 )
                 progress.advance()
             progress.end()

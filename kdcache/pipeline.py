@@ -23,6 +23,7 @@ from kdcache.stages import train_student, train_teacher
 from kdcache.train import Progress, Runtime, resume_path
 
 TEACHER, CACHE, STUDENT_KD, STUDENT_ALONE = "teacher.pt", "teacher_logits.h5", "student_kd.pt", "student_alone.pt"
+STUDENT_ONLINE = "student_online.pt"
 
 
 def _done(path: Path, expect: dict) -> bool:
@@ -64,6 +65,7 @@ def run_pipeline(
     data_dir: str | Path,
     rt: Runtime,
     teacher: str | Path | None = None,
+    with_online: bool = False,
     force: bool = False,
     resume: bool = False,
     progress: Progress | None = None,
@@ -73,11 +75,13 @@ def run_pipeline(
     """Run every stage not already done; write and return the report.
 
     `teacher`: reuse this checkpoint (copied into the run, with its metrics) instead
-    of training one, so several student recipes can share one teacher.
+    of training one, so several student recipes can share one teacher. `with_online`: also
+    train the KD student with the teacher in the loop on fresh views of the same family
+    (no cache), the equal-budget comparison of cached and online distillation.
     """
     validate(recipe)
     run_dir = Path(run_dir)
-    paths = {name: run_dir / name for name in (TEACHER, CACHE, STUDENT_KD, STUDENT_ALONE)}
+    paths = {name: run_dir / name for name in (TEACHER, CACHE, STUDENT_KD, STUDENT_ALONE, STUDENT_ONLINE)}
     existing = [p for p in paths.values() if p.exists() or resume_path(p).exists() or cache_io.partial_path(p).exists()]
     if teacher is not None and paths[TEACHER] in existing and Path(teacher).resolve() != paths[TEACHER].resolve():
         existing.remove(paths[TEACHER])  # replaced by the reused teacher
@@ -111,9 +115,9 @@ def run_pipeline(
     stage(CACHE, "dump-logits", lambda out, kw: dump_logits(
         teacher_path=paths[TEACHER], data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
         batch_size=max(256, recipe.batch_size), rt=rt, subset=recipe.subset, augment=recipe.augment,
-        progress=progress, **kw),
+        mix=recipe.mix, mix_prob=recipe.mix_prob, progress=progress, **kw),
         expect={"teacher_sha256": teacher_sha(), "num_views": recipe.views, "seed": recipe.seed,
-                "augment": recipe.augment})  # fmt: skip
+                "augment": recipe.augment, "mix": recipe.mix, "mix_prob": recipe.mix_prob})  # fmt: skip
     for name, title, student in (
         (STUDENT_KD, f"student with KD (T={recipe.T:g}, alpha={recipe.alpha:g})", recipe),
         (STUDENT_ALONE, "student alone (alpha=0, same views, seed and budget)", dataclasses.replace(recipe, alpha=0.0)),
@@ -123,5 +127,11 @@ def run_pipeline(
             on_epoch=on_epoch, **kw),
             expect={"arch": student.student_arch, "epochs": student.epochs, "T": student.T, "alpha": student.alpha,
                     "cache_teacher_sha256": teacher_sha(), **_training(student)})  # fmt: skip
+    if with_online:
+        stage(STUDENT_ONLINE, f"student with online KD (teacher in the loop, T={recipe.T:g}, alpha={recipe.alpha:g})",
+              lambda out, kw: train_student(recipe, cache_file=None, online_teacher=paths[TEACHER], data_dir=data_dir,
+                                            out=out, rt=rt, progress=progress, on_epoch=on_epoch, **kw),
+              expect={"arch": recipe.student_arch, "epochs": recipe.epochs, "T": recipe.T, "alpha": recipe.alpha,
+                      "online_teacher_sha256": teacher_sha(), **_training(recipe)})  # fmt: skip
     return write_report(run_dir, extra={"preset": preset, "recipe": dataclasses.asdict(recipe),
                                         "runtime": rt.describe(), "pipeline_wall_s": time.perf_counter() - t0})  # fmt: skip

@@ -14,6 +14,7 @@ from kdcache.errors import KDCacheError
 from kdcache.models import read_checkpoint
 
 MODELS = (("teacher", "teacher.pt"), ("student alone", "student_alone.pt"), ("student with KD", "student_kd.pt"))
+ONLINE = ("student, online KD", "student_online.pt")  # only with pipeline --with-online
 CACHE_NAME = "teacher_logits.h5"
 
 
@@ -28,7 +29,7 @@ def load_run(run_dir: str | Path) -> dict:
     if not run_dir.is_dir():
         raise KDCacheError(f"{run_dir} is not a run directory: pass the --out of a `kdcache pipeline` run")
     rows, curves = [], {}
-    for label, name in MODELS:
+    for label, name in MODELS + ((ONLINE,) if (run_dir / ONLINE[1]).exists() else ()):
         ckpt = run_dir / name
         if not ckpt.exists():
             raise KDCacheError(f"{run_dir} has no {name}: finish the run with `kdcache pipeline --resume --out {run_dir}`")
@@ -40,6 +41,7 @@ def load_run(run_dir: str | Path) -> dict:
             "test_acc": history[-1]["test_acc"], "best_test_acc": max(curves[label]),
             "epochs": len(history), "train_time_s": sum(m["train_time_s"] for m in history),
             "img_s": _img_s(history), **({"T": meta["T"], "alpha": meta["alpha"]} if "alpha" in meta else {}),
+            **{k: history[-1][k] for k in ("teacher_agreement", "teacher_kl") if k in history[-1]},
         })  # fmt: skip
     record = {"run_dir": str(run_dir), "rows": rows, "curves": curves}
     cache = run_dir / CACHE_NAME
@@ -63,12 +65,14 @@ def markdown(record: dict) -> str:
     lines = [
         f"# kdcache run `{record['run_dir']}`",
         "",
-        "| model | arch | parameters | test accuracy | training time | images/s |",
-        "|---|---|---:|---:|---:|---:|",
+        "| model | arch | parameters | test accuracy | agrees with teacher | KL to teacher | training time | images/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in record["rows"]:
+        agree = f"{100 * r['teacher_agreement']:.2f}%" if "teacher_agreement" in r else ""
+        kl = f"{r['teacher_kl']:.3f}" if "teacher_kl" in r else ""
         lines.append(
-            f"| {r['model']} | {r['arch']} | {r['params']:,} | {100 * r['test_acc']:.2f}% | "
+            f"| {r['model']} | {r['arch']} | {r['params']:,} | {100 * r['test_acc']:.2f}% | {agree} | {kl} | "
             f"{r['train_time_s']:.0f} s | {r['img_s']:,.0f} |"
         )
     lines += ["", f"KD gain over the student alone: {100 * record['kd_gain']:+.2f} points."]

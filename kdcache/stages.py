@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kdcache import cache as cache_io
@@ -13,22 +14,24 @@ from kdcache.artifacts import claim_output, metrics_path, write_metrics
 from kdcache.config import Recipe, validate
 from kdcache.data import Dataset, load_dataset
 from kdcache.errors import KDCacheError
-from kdcache.losses import kd_loss
-from kdcache.models import build, num_params, save_checkpoint
+from kdcache.losses import label_loss, student_loss
+from kdcache.models import build, check_classes, file_sha256, load_checkpoint, num_params, save_checkpoint
 from kdcache.train import (
     Plan,
     Progress,
     NoProgress,
     Diverged,
+    EpochViews,
     Runtime,
     ViewBatches,
     build_optimizer,
     fit,
     load_resume,
+    predict,
     resume_path,
     save_resume,
 )
-from kdcache.views import STREAM_TRAIN, view_params, view_schedule
+from kdcache.views import STREAM_ONLINE, STREAM_TRAIN, Mix, mix_params, view_params, view_schedule
 
 
 @dataclass
@@ -59,6 +62,8 @@ def _train_and_save(
     extra_meta: dict,
     progress: Progress | None,
     on_epoch=None,
+    teacher=None,
+    teacher_test_logits=None,
 ) -> StageResult:
     """Shared by both stages: seed, build, (resume), fit with per-epoch state, checkpoint."""
     progress = progress or NoProgress()
@@ -94,7 +99,8 @@ def _train_and_save(
 
     try:
         fit(model, batches, loss_fn, optimizer, scheduler, rt, epochs=epochs, start_epoch=start,
-            test=(data.test_x, data.test_y), on_epoch=after_epoch, progress=progress)  # fmt: skip
+            test=(data.test_x, data.test_y), on_epoch=after_epoch, progress=progress, teacher=teacher,
+            teacher_test_logits=teacher_test_logits)  # fmt: skip
     except Diverged as e:
         kept = f"the state after epoch {e.epoch - 1} is kept in {state_file}" if e.epoch > 1 else "nothing was kept"
         raise KDCacheError(f"{e}; {kept}: try a lower --lr, then run again with --force") from None
@@ -114,24 +120,32 @@ def _train_and_save(
     return StageResult(out, arch, num_params(raw), history, train_time)
 
 
-def fresh_views_plan(n: int, seed: int, augment: bool, device) -> Plan:
-    """Teacher training: a new deterministic crop+flip of every image each epoch."""
-    idx = torch.arange(n)
+def fresh_views_plan(n: int, seed: int, augment: bool, device, *, mix: str = "none", mix_prob: float = 1.0,
+                     stream: int = STREAM_TRAIN) -> Plan:  # fmt: skip
+    """A new deterministic view of every image each epoch (view index = epoch in `stream`):
+    crop+flip, mixed with a partner when `mix` is set. Teacher training and online students."""
+    idx = np.arange(n)
 
-    def plan(epoch: int):
-        return view_params(seed, idx, [epoch], augment=augment, stream=STREAM_TRAIN)[:, 0].to(device), None
+    def plan(epoch: int) -> EpochViews:
+        crop = view_params(seed, idx, [epoch], augment=augment, stream=stream)[:, 0].to(device)
+        if mix == "none":
+            return EpochViews(crop, None, None)
+        m = mix_params(seed, idx, [epoch], num_rows=n, mix=mix, prob=mix_prob, augment=augment, stream=stream)
+        return EpochViews(crop, m[:, 0].to(device), None)
 
     return plan
 
 
-def cached_plan(params: torch.Tensor, logits: torch.Tensor, seed: int) -> Plan:
-    """Student training: each sample's scheduled cached view [N,K,3] and its teacher logits [N,K,C]."""
+def cached_plan(params: torch.Tensor, mix: Mix | None, logits: torch.Tensor, seed: int, device) -> Plan:
+    """Students: each sample's scheduled cached view ([N,K,3] crops, [N,K] mixes) and its teacher
+    logits [N,K,C]. The cache stays in host memory; only the epoch's slice goes to the device."""
     n, k = params.shape[:2]
-    rows = torch.arange(n, device=params.device)
+    rows = torch.arange(n)
 
-    def plan(epoch: int):
-        v = view_schedule(seed, n, k, epoch).to(params.device)
-        return params[rows, v], logits[rows, v]
+    def plan(epoch: int) -> EpochViews:
+        v = view_schedule(seed, n, k, epoch)
+        m = None if mix is None else mix[rows, v].to(device)
+        return EpochViews(params[rows, v].to(device), m, logits[rows, v].to(device))
 
     return plan
 
@@ -147,60 +161,91 @@ def train_teacher(
     progress: Progress | None = None,
     on_epoch=None,
 ) -> StageResult:
-    """Train `recipe.teacher_arch` with cross-entropy on fresh crop+flip views every epoch."""
+    """Train `recipe.teacher_arch` with cross-entropy (against the mixed labels on mixed views)
+    on a fresh view of every image each epoch, of the family the cache will hold."""
     validate(recipe)
     with claim_output(out, force=force, resume=resume, interrupted=resume_path(out)) as out:
         data = load_dataset(recipe.dataset, data_dir, recipe.subset)
-        plan = fresh_views_plan(len(data.train_y), recipe.seed, recipe.augment, rt.device)
+        _check_mixable(recipe, len(data.train_y))
+        plan = fresh_views_plan(len(data.train_y), recipe.seed, recipe.augment, rt.device, mix=recipe.mix,
+                                mix_prob=recipe.mix_prob)  # fmt: skip
         batches = ViewBatches(data.train_x.to(rt.device), data.train_y.to(rt.device), plan,
                               recipe.batch_size, recipe.seed, recipe.mean, recipe.std, drop_last=rt.compile)  # fmt: skip
         return _train_and_save(
             role="teacher", arch=recipe.teacher_arch, data=data, recipe=recipe, epochs=recipe.teacher_recipe_epochs,
-            batches=batches, loss_fn=lambda s, y, t: kd_loss(s, y, None, T=1.0, alpha=0.0), rt=rt, out=out,
+            batches=batches, loss_fn=lambda s, b: label_loss(s, b.y, b.y2, b.lam), rt=rt, out=out,
             resume=resume, extra_meta={}, progress=progress, on_epoch=on_epoch,
         )  # fmt: skip
+
+
+def _check_mixable(recipe: Recipe, n: int) -> None:
+    if recipe.mix != "none" and n < 2:
+        raise KDCacheError(f"--mix {recipe.mix} needs at least 2 training images (got {n}): use --mix none")
 
 
 def train_student(
     recipe: Recipe,
     *,
-    cache_file: str | Path,
+    cache_file: str | Path | None,
     data_dir: str | Path,
     out: str | Path,
     rt: Runtime,
+    online_teacher: str | Path | None = None,
     force: bool = False,
     resume: bool = False,
     progress: Progress | None = None,
     on_epoch=None,
 ) -> StageResult:
-    """Train `recipe.student_arch` on the cached views, against the cached soft targets.
+    """Train `recipe.student_arch` against the teacher's soft targets.
 
-    Each epoch every sample shows one of its K cached views (each view once per K
-    epochs), rendered exactly as the dump rendered it; alpha = 0 ignores the logits.
+    From a cache: each epoch every sample shows one of its K cached views (each view once
+    per K epochs, so K >= epochs means a view never seen before every epoch), rendered
+    exactly as the dump rendered it. With `online_teacher` (no cache): the teacher runs on
+    a fresh view of the recipe's family every epoch, the honest comparison for a cache.
+    alpha = 0 ignores the teacher.
     """
     validate(recipe)
     with claim_output(out, force=force, resume=resume, interrupted=resume_path(out)) as out:
-        with cache_io.open_cache(cache_file) as cache:
-            attrs = cache.attrs
-            subset = recipe.subset if recipe.subset is not None else attrs.get("subset")
-            data = load_dataset(attrs["dataset"], data_dir, subset)
-            cache_io.check_matches(cache, data.fingerprint, data.num_classes)
-            logits, params, labels = cache.tensors(rt.device)
-        if not torch.equal(labels.cpu(), data.train_y):
-            raise KDCacheError(f"{cache_file}: labels differ from the data's: dump the cache again")
-        plan = cached_plan(params, logits, recipe.seed)
-        k = params.shape[1]
-        mean, std = tuple(attrs["normalize_mean"]), tuple(attrs["normalize_std"])
-        # The views and normalisation are the cache's, whatever the preset said: record those.
-        recipe = dataclasses.replace(recipe, views=k, augment=bool(attrs["augment"]), mean=mean, std=std)
+        teacher = None
+        if online_teacher is not None:
+            teacher, meta = load_checkpoint(online_teacher, device=rt.device)
+            subset = recipe.subset if recipe.subset is not None else meta.get("num_train")
+            data = load_dataset(meta["dataset"], data_dir, subset)
+            check_classes(online_teacher, meta, data.name, data.num_classes)
+            _check_mixable(recipe, len(data.train_y))
+            mean, std = tuple(meta["normalize_mean"]), tuple(meta["normalize_std"])
+            plan = fresh_views_plan(len(data.train_y), recipe.seed, recipe.augment, rt.device, mix=recipe.mix,
+                                    mix_prob=recipe.mix_prob, stream=STREAM_ONLINE)  # fmt: skip
+            teacher = rt.prepare(teacher)
+            test_logits = predict(teacher, data.test_x.to(rt.device), mean, std, rt)
+            source = {"online_teacher_sha256": file_sha256(online_teacher), "teacher_arch": meta["arch"]}
+        else:
+            with cache_io.open_cache(cache_file) as cache:
+                attrs = cache.attrs
+                subset = recipe.subset if recipe.subset is not None else attrs.get("subset")
+                data = load_dataset(attrs["dataset"], data_dir, subset)
+                cache_io.check_matches(cache, data.fingerprint, data.num_classes)
+                logits, params, mix, labels = cache.tensors()
+                test_logits = torch.from_numpy(cache.file["test_logits"][...]) if "test_logits" in cache.file else None
+            if not torch.equal(labels, data.train_y):
+                raise KDCacheError(f"{cache_file}: labels differ from the data's: dump the cache again")
+            plan = cached_plan(params, mix, logits, recipe.seed, rt.device)
+            mean, std = tuple(attrs["normalize_mean"]), tuple(attrs["normalize_std"])
+            # The views and normalisation are the cache's, whatever the preset said: record those.
+            recipe = dataclasses.replace(recipe, views=params.shape[1], augment=bool(attrs["augment"]), mean=mean,
+                                         std=std, mix=cache.mix, mix_prob=float(attrs.get("mix_prob", 1.0)))  # fmt: skip
+            source = {"cache_teacher_sha256": attrs["teacher_sha256"], "cache_num_views": params.shape[1],
+                      "cache_seed": attrs["seed"], "cache_augment": attrs["augment"], "teacher_arch": attrs["teacher_arch"]}  # fmt: skip
         batches = ViewBatches(data.train_x.to(rt.device), data.train_y.to(rt.device), plan,
                               recipe.batch_size, recipe.seed, mean, std, drop_last=rt.compile)  # fmt: skip
-        T, alpha = recipe.T, recipe.alpha
+        T, alpha, kind = recipe.T, recipe.alpha, recipe.loss
+
+        def loss_fn(s, b):
+            return student_loss(s, b.y, b.t, kind=kind, T=T, alpha=alpha, partner_labels=b.y2, lam=b.lam)
+
         return _train_and_save(
             role="student", arch=recipe.student_arch, data=data, recipe=recipe, epochs=recipe.epochs,
-            batches=batches, loss_fn=lambda s, y, t: kd_loss(s, y, t, T=T, alpha=alpha), rt=rt, out=out,
-            resume=resume, progress=progress, on_epoch=on_epoch,
-            extra_meta={"T": T, "alpha": alpha, "cache_teacher_sha256": attrs["teacher_sha256"],
-                        "cache_num_views": k, "cache_seed": attrs["seed"], "cache_augment": attrs["augment"],
-                        "teacher_arch": attrs["teacher_arch"]},
+            batches=batches, loss_fn=loss_fn, rt=rt, out=out, resume=resume, progress=progress, on_epoch=on_epoch,
+            extra_meta={"T": T, "alpha": alpha, "loss": kind, **source},
+            teacher=teacher if alpha > 0 else None, teacher_test_logits=test_logits,
         )  # fmt: skip

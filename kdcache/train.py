@@ -13,14 +13,14 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator, NamedTuple, Protocol
 
 import torch
 from torch import nn
 
 from kdcache.errors import KDCacheError
 from kdcache.models import atomic_torch_save, finite_weights, unwrap
-from kdcache.views import normalize, render, shuffle_order
+from kdcache.views import Mix, normalize, render_views, shuffle_order
 
 
 @dataclass(frozen=True)
@@ -75,16 +75,32 @@ class Runtime:
         )
 
 
-Plan = Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]
+class EpochViews(NamedTuple):
+    """What a plan gives for one epoch, one entry per sample, on the device."""
+
+    crop: torch.Tensor  # uint8 [N, 3]: each sample's own (dx, dy, flip)
+    mix: Mix | None  # its mix (v2 record), None for crop/flip views only
+    targets: torch.Tensor | None  # the teacher's logits for that exact view [N, C] (students)
+
+
+class Batch(NamedTuple):
+    x: torch.Tensor  # normalised views [B, 3, H, W]
+    y: torch.Tensor  # labels of the samples [B]
+    t: torch.Tensor | None  # teacher logits for these views [B, C]
+    y2: torch.Tensor | None  # partner labels [B] (mixed views)
+    lam: torch.Tensor | None  # share of the sample's own label [B] (mixed views)
+
+
+Plan = Callable[[int], EpochViews]
 
 
 @dataclass
 class ViewBatches:
     """Per-epoch batches of rendered views from device-resident uint8 images.
 
-    `plan(epoch)` gives the view (dx, dy, flip) of every sample [N, 3] and, for a
-    student, the matching teacher logits [N, C]; the sample order depends only on
-    (seed, epoch), so an epoch is the same whatever happened before it.
+    `plan(epoch)` gives every sample's view for the epoch and, for a student, the
+    matching teacher logits; the sample order depends only on (seed, epoch), so an
+    epoch is the same whatever happened before it.
     """
 
     images: torch.Tensor  # uint8 [N, 3, H, W], on the device
@@ -102,13 +118,15 @@ class ViewBatches:
         n = len(self.labels)
         return n // self.batch_size if self.drop_last and n >= self.batch_size else -(-n // self.batch_size)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        params, targets = self.plan(epoch)
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        crop, mix, targets = self.plan(epoch)
         order = shuffle_order(self.seed, len(self.labels), epoch).to(self.images.device)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             idx = order[start : start + self.batch_size]
-            x = render(self.images[idx], params[idx], self.mean, self.std)
-            yield x, self.labels[idx], None if targets is None else targets[idx]
+            m = None if mix is None else mix[idx]
+            x = render_views(self.images, idx, crop[idx], m, self.mean, self.std)
+            yield Batch(x, self.labels[idx], None if targets is None else targets[idx],
+                        None if m is None else self.labels[m.partner.clamp(min=0)], None if m is None else m.lam)  # fmt: skip
 
 
 class Diverged(KDCacheError):
@@ -119,28 +137,28 @@ class Diverged(KDCacheError):
         super().__init__(f"training diverged in epoch {epoch} (loss {loss:g}, lr {lr:g})")
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
 
 
 def make_step(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, rt: Runtime, teacher=None):
     """One optimisation step; returns (loss, correct) as device tensors (no sync).
 
-    With `teacher`, its logits are computed on the same batch in every step: the
-    online distillation of the seed notebook, kept for the benchmark.
+    With `teacher`, its logits are computed on the same views in every step (online
+    distillation: the honest comparison for a cache, and the seed notebook's loop).
     """
 
-    def step(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None):
-        x = rt.input(x)
+    def step(batch: Batch):
+        x = rt.input(batch.x)
         with rt.autocast():
             if teacher is not None:
                 with torch.no_grad():
-                    t = teacher(x)
+                    batch = batch._replace(t=teacher(x))
             out = model(x)
-        loss = loss_fn(out, y, t)
+        loss = loss_fn(out, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return loss.detach(), (out.argmax(1) == y).sum()
+        return loss.detach(), (out.argmax(1) == batch.y).sum()
 
     return step
 
@@ -170,9 +188,11 @@ class NoProgress:
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, images: torch.Tensor, mean, std, rt: Runtime, *, params=None, batch_size: int = 1024
+    model: nn.Module, images: torch.Tensor, mean, std, rt: Runtime, *, rows: torch.Tensor | None = None,
+    crop: torch.Tensor | None = None, mix: Mix | None = None, batch_size: int = 1024,
 ) -> torch.Tensor:
-    """float32 logits [N, C] for uint8 images (views `params` [N,3] if given, else the plain image).
+    """float32 logits for uint8 images: [N, C] for the plain images, or, with `rows` [M] and
+    their views (`crop` [M,3], optional `mix` [M]), [M, C] for the views of images[rows].
 
     A compiled model sees one batch shape only: a short last batch is padded with zero
     images (and their logits dropped), since a second shape means a recompilation.
@@ -180,17 +200,19 @@ def predict(
     model.eval()
     one_shape = unwrap(model) is not model
     outs = []
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size].to(rt.device, non_blocking=True)
-        if params is None:
-            x = normalize(x, mean, std)
+    total = len(images) if rows is None else len(rows)
+    for start in range(0, total, batch_size):
+        if rows is None:
+            x = normalize(images[start : start + batch_size].to(rt.device, non_blocking=True), mean, std)
         else:
-            x = render(x, params[start : start + batch_size], mean, std)
-        rows = len(x)
-        if one_shape and rows < batch_size:
-            x = torch.cat([x, x.new_zeros((batch_size - rows, *x.shape[1:]))])
+            part = slice(start, start + batch_size)
+            x = render_views(images, rows[part].to(images.device), crop[part].to(images.device),
+                             None if mix is None else mix[part].to(images.device), mean, std)  # fmt: skip
+        n = len(x)
+        if one_shape and n < batch_size:
+            x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
         with rt.autocast():
-            outs.append(model(rt.input(x))[:rows].float())
+            outs.append(model(rt.input(x))[:n].float())
     return torch.cat(outs)
 
 
@@ -231,10 +253,16 @@ def fit(
     on_epoch: Callable[[int, dict], None],
     start_epoch: int = 0,
     progress: Progress | None = None,
+    teacher: nn.Module | None = None,
+    teacher_test_logits: torch.Tensor | None = None,
 ) -> None:
-    """Train epochs [start_epoch, epochs); after each, evaluate and hand metrics to `on_epoch`."""
+    """Train epochs [start_epoch, epochs); after each, evaluate and hand metrics to `on_epoch`.
+
+    `teacher`: run it on every batch (online distillation). `teacher_test_logits` [N_test, C]:
+    also log the student's fidelity to the teacher on the test set (top-1 agreement, KL).
+    """
     progress = progress or NoProgress()
-    step = make_step(model, loss_fn, optimizer, rt)
+    step = make_step(model, loss_fn, optimizer, rt, teacher=teacher)
     test_x, test_y = test[0].to(rt.device), test[1]  # resident too: evaluation copies nothing per epoch
     for epoch in range(start_epoch, epochs):
         model.train()
@@ -244,11 +272,11 @@ def fit(
         seen = 0
         progress.begin(f"epoch {epoch + 1}/{epochs}", len(batches))
         t0 = time.perf_counter()
-        for x, y, t in batches.epoch(epoch):
-            loss, right = step(x, y, t)
-            loss_sum += loss * len(y)
+        for batch in batches.epoch(epoch):
+            loss, right = step(batch)
+            loss_sum += loss * len(batch.y)
             correct += right
-            seen += len(y)
+            seen += len(batch.y)
             progress.advance()
         scheduler.step()
         train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen  # the one sync per epoch
@@ -257,19 +285,27 @@ def fit(
         if not (math.isfinite(train_loss) and finite_weights(model)):
             raise Diverged(epoch + 1, train_loss, lr)
         # Eager evaluation: eval mode and no_grad would each be one more compiled graph.
-        test_acc = accuracy(predict(unwrap(model), test_x, batches.mean, batches.std, rt), test_y)
-        on_epoch(
-            epoch,
-            {
-                "epoch": epoch + 1,
-                "lr": lr,
-                "train_loss": train_loss,
-                "train_acc": train_acc,
-                "test_acc": test_acc,
-                "train_time_s": train_time,
-                "train_img_s": seen / train_time,
-            },
-        )
+        test_logits = predict(unwrap(model), test_x, batches.mean, batches.std, rt)
+        metrics = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "test_acc": accuracy(test_logits, test_y),
+            "train_time_s": train_time,
+            "train_img_s": seen / train_time,
+        }
+        if teacher_test_logits is not None:
+            metrics.update(fidelity(test_logits, teacher_test_logits))
+        on_epoch(epoch, metrics)
+
+
+def fidelity(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> dict:
+    """How closely the student matches the teacher on the same images: top-1 agreement and
+    KL(teacher || student) at T = 1 (mean over images, nats)."""
+    s, t = student_logits.float().cpu(), teacher_logits.float().cpu()
+    kl = torch.nn.functional.kl_div(s.log_softmax(1), t.log_softmax(1), reduction="batchmean", log_target=True)
+    return {"teacher_agreement": (s.argmax(1) == t.argmax(1)).float().mean().item(), "teacher_kl": kl.item()}
 
 
 # ---- resumable training state -------------------------------------------------------------

@@ -13,7 +13,7 @@ from kdcache.data import load_dataset
 from kdcache.errors import KDCacheError
 from kdcache.models import file_sha256, load_checkpoint
 from kdcache.train import Runtime, predict
-from kdcache.views import view_params
+from kdcache.views import Mix, mix_params, view_params
 
 SCAN_ROWS = 4096
 
@@ -60,7 +60,9 @@ def cache_summary(path: str | Path, T: float = 1.0) -> list[tuple[str, str]]:
             ("teacher test accuracy", pct("teacher_test_acc")),
             ("teacher accuracy on cached views", pct("teacher_view_acc")),
             (f"mean soft-target entropy at T={T:g}", f"{soft_target_entropy(cache, T):.3f} nats (max {np.log(c):.3f})"),
-            ("views", f"seed {a['seed']} · {'pad-4 crop + flip' if a['augment'] else 'identity (no augmentation)'}"),
+            ("views", f"seed {a['seed']} · {'pad-4 crop + flip' if a['augment'] else 'identity (no augmentation)'}"
+                      + (f" · mixed: {a['mix']}, p={a['mix_prob']:g}" if cache.mix != "none" else " · unmixed")),
+            ("fresh views", f"{k} epochs before a student sees any view twice"),
             ("normalisation", f"mean {tuple(round(x, 4) for x in a['normalize_mean'])} std {tuple(round(x, 4) for x in a['normalize_std'])}"),
             ("created", f"{a['created_utc']} by kdcache {a['kdcache_version']}"),
         ]
@@ -117,7 +119,13 @@ def verify_cache(
 
         indices = f["indices"][:done]
         expected = view_params(a["seed"], indices, range(k), augment=a["augment"]).numpy()
-        wrong = np.nonzero((f["view_params"][:done] != expected).any(axis=(1, 2)))[0]
+        differs = (f["view_params"][:done] != expected).any(axis=(1, 2))
+        if cache.mix != "none":  # the mix record too: partner, partner crop, box and weight
+            mix = cache_io.mix_arrays(mix_params(a["seed"], indices, range(k), num_rows=n, mix=cache.mix,
+                                                 prob=float(a["mix_prob"]), augment=a["augment"]))  # fmt: skip
+            for name, want in mix.items():
+                differs |= (f[name][:done] != want).reshape(done, -1).any(axis=1)
+        wrong = np.nonzero(differs)[0]
         report.add("view params", len(wrong) == 0, f"all {done:,} x {k} match seed {a['seed']}" if len(wrong) == 0
                    else f"rows {_rows_list(wrong)} differ from the views of seed {a['seed']}")  # fmt: skip
 
@@ -125,7 +133,8 @@ def verify_cache(
         block = int(a["block_rows"])
         for b, start in enumerate(range(0, done, block)):
             stop = min(start + block, done)
-            digest = cache_io.block_digest(f["logits"][start:stop], f["view_params"][start:stop])
+            mix = {name: f[name][start:stop] for name in cache_io.MIX_DATASETS} if cache.mix != "none" else None
+            digest = cache_io.block_digest(f["logits"][start:stop], f["view_params"][start:stop], mix)
             if digest != bytes(f["block_sha256"][b]):
                 changed.append((start, stop))
         report.add("block checksums", not changed, f"{-(-done // block)} blocks intact" if not changed
@@ -162,8 +171,12 @@ def verify_cache(
             uniq, inv = np.unique(rows, return_inverse=True)
             cached = torch.from_numpy(f["logits"][uniq][inv, vs]).float()
             params = torch.from_numpy(f["view_params"][uniq][inv, vs])
-            images = data.train_x[torch.from_numpy(indices[rows])]
-            fresh = predict(model, images, mean, std, rt, params=params, batch_size=512).cpu()
+            mixed = None
+            if cache.mix != "none":
+                mixed = Mix(*(torch.from_numpy(f[name][uniq][inv, vs]) for name in cache_io.MIX_DATASETS))
+                mixed.partner = mixed.partner.long()
+            fresh = predict(model, data.train_x.to(rt.device), mean, std, rt, rows=torch.from_numpy(indices[rows]),
+                            crop=params, mix=mixed, batch_size=512).cpu()  # fmt: skip
             err = (fresh - cached).abs()
             bf16 = a.get("precision") == "bf16" or rt.amp_dtype is not None
             tol = (0.15 + 0.03 * fresh.abs()) if bf16 else (0.01 + 2e-3 * fresh.abs())

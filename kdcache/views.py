@@ -1,9 +1,14 @@
 """THE definition of a view, shared by teacher training, the dump and the student.
 
-A view of image i is `(dx, dy, flip)`: zero-pad the uint8 image by PAD pixels,
-crop rows dy:dy+H and columns dx:dx+W, mirror left-right if flip, then normalise.
-That is exactly torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip
-before ToTensor/Normalize. (PAD, PAD, 0) is the un-augmented image.
+A view of image i is its own crop `(dx, dy, flip)`: zero-pad the uint8 image by PAD
+pixels, crop rows dy:dy+H and columns dx:dx+W, mirror left-right if flip. That is
+exactly torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip before
+ToTensor/Normalize. (PAD, PAD, 0) is the un-augmented image.
+
+A view may also be mixed with a partner (view record v2, `Mix`): the partner row j
+is cropped with its own `(dx, dy, flip)`, then either pasted into a CutMix box of the
+output, or blended (MixUp) as `lam * own + (1 - lam) * partner` in pixel space;
+`lam` is the share of sample i, the weight of its label. Then normalise.
 
 View parameters come from a counter-based hash of (seed, stream, sample index,
 view index), never from a stateful RNG, so they do not depend on batch size,
@@ -13,6 +18,7 @@ device, worker count or resume point.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,7 +28,11 @@ IDENTITY = (PAD, PAD, 0)
 
 # Independent hash streams, so teacher augmentation, cached views, the student's
 # view schedule and the shuffling order never share random numbers.
-STREAM_TRAIN, STREAM_DUMP, STREAM_SCHEDULE, STREAM_SHUFFLE = 1, 2, 3, 4
+STREAM_TRAIN, STREAM_DUMP, STREAM_SCHEDULE, STREAM_SHUFFLE, STREAM_ONLINE = 1, 2, 3, 4, 5
+MIX_CROP_STREAM = 16  # added to a view stream: the partner's crop in that stream's views
+MIXES = ("none", "cutmix", "mixup", "both")
+# Sub-counters of one (seed, stream, sample, view): independent draws for the mix.
+_APPLY, _KIND, _PARTNER, _LAM, _CY, _CX = 1, 2, 3, 4, 5, 6
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -59,6 +69,75 @@ def view_params(seed: int, indices, views, *, augment: bool = True, stream: int 
     return torch.from_numpy(np.stack([dx, dy, flip], axis=-1).astype(np.uint8))
 
 
+def _uniform(h: np.ndarray) -> np.ndarray:
+    """float64 in [0, 1) from the top 53 bits of a uint64 hash."""
+    return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+@dataclass
+class Mix:
+    """The mix part of view record v2, for a batch of views (any leading shape S).
+
+    partner int64 S: the partner's row, -1 for an unmixed view; crop uint8 S+[3]: the
+    partner's (dx, dy, flip); box uint8 S+[4]: CutMix box (y0, x0, h, w) in output pixels,
+    h*w == 0 for a MixUp blend; lam float32 S: share of sample i (1 when unmixed).
+    """
+
+    partner: torch.Tensor
+    crop: torch.Tensor
+    box: torch.Tensor
+    lam: torch.Tensor
+
+    def map(self, fn) -> "Mix":
+        return Mix(*(fn(t) for t in (self.partner, self.crop, self.box, self.lam)))
+
+    def __getitem__(self, idx) -> "Mix":
+        return self.map(lambda t: t[idx])
+
+    def to(self, device) -> "Mix":
+        return self.map(lambda t: t.to(device, non_blocking=True))
+
+
+def mix_params(
+    seed: int, indices, views, *, num_rows: int, mix: str, prob: float, size: tuple[int, int] = (32, 32),
+    augment: bool = True, stream: int = STREAM_DUMP,
+) -> Mix:
+    """Mix [len(indices), len(views)] for every (sample, view): a pure function of (seed, stream, i, v).
+
+    With probability `prob` a view is mixed; `both` picks CutMix or MixUp with equal odds.
+    Partner j != i is uniform over the other rows. lam0 ~ U(0, 1) (Beta(1, 1), the CutMix
+    and CIFAR MixUp papers' alpha = 1). CutMix: a box of side H*sqrt(1-lam0) x W*sqrt(1-lam0)
+    centred at a uniform pixel, clipped to the image as timm's rand_bbox does, and
+    lam = 1 - box area / (H*W) (exact after clipping). MixUp: lam = lam0.
+    """
+    if mix not in MIXES:
+        raise ValueError(f"mix must be one of {MIXES}")
+    h_out, w_out = size
+    if max(size) > 255:
+        raise ValueError("the mix record stores boxes as uint8: outputs up to 255 pixels a side")
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1, 1)
+    vs = np.asarray(views, dtype=np.int64).reshape(1, -1)
+    shape = (idx.shape[0], vs.shape[1])
+    draw = lambda sub: hash_u64(seed, stream, idx, vs, sub).reshape(shape)  # noqa: E731
+    apply = (_uniform(draw(_APPLY)) < prob) & (mix != "none") & (num_rows > 1)
+    cut = np.full(shape, mix == "cutmix") if mix != "both" else _uniform(draw(_KIND)) < 0.5
+    partner = (idx + 1 + (draw(_PARTNER) % np.uint64(max(num_rows - 1, 1))).astype(np.int64)) % num_rows
+    lam0 = _uniform(draw(_LAM))
+    ratio = np.sqrt(1.0 - lam0)
+    ch, cw = (h_out * ratio).astype(np.int64), (w_out * ratio).astype(np.int64)
+    cy = (draw(_CY) % np.uint64(h_out)).astype(np.int64)
+    cx = (draw(_CX) % np.uint64(w_out)).astype(np.int64)
+    y0, y1 = np.clip(cy - ch // 2, 0, h_out), np.clip(cy + ch // 2, 0, h_out)
+    x0, x1 = np.clip(cx - cw // 2, 0, w_out), np.clip(cx + cw // 2, 0, w_out)
+    boxed = apply & cut
+    box = np.where(boxed[..., None], np.stack([y0, x0, y1 - y0, x1 - x0], axis=-1), 0).astype(np.uint8)
+    lam = np.where(boxed, 1.0 - (y1 - y0) * (x1 - x0) / (h_out * w_out), np.where(apply, lam0, 1.0))
+    crop = view_params(seed, indices, views, augment=augment, stream=stream + MIX_CROP_STREAM)
+    crop[~torch.from_numpy(apply)] = 0
+    return Mix(torch.from_numpy(np.where(apply, partner, -1)), crop, torch.from_numpy(box),
+               torch.from_numpy(lam.astype(np.float32)))  # fmt: skip
+
+
 def view_schedule(seed: int, num_samples: int, num_views: int, epoch: int) -> torch.Tensor:
     """int64 [N]: which cached view each sample shows in `epoch`.
 
@@ -90,8 +169,41 @@ def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
     return pixels.to(torch.float32, copy=True).div_(255.0).sub_(m).div_(s)
 
 
+def render_views(
+    images: torch.Tensor, rows: torch.Tensor, crop: torch.Tensor, mix: Mix | None, mean, std
+) -> torch.Tensor:
+    """THE renderer: views of `images[rows]` (uint8 [N,3,H,W] on the device, rows int64 [B])
+    with their crops [B,3] and optional `Mix` [B] -> normalised float32 [B,3,H,W].
+
+    A CutMix paste is exact in uint8; a MixUp blend is `lam * own + (1 - lam) * partner` in
+    float32 pixel values, then normalised as ToTensor + Normalize do. An unmixed row in a
+    mixed batch has lam 1 and no box, which the blend leaves exactly as it was.
+    """
+    own = crop_pixels(images[rows], crop)
+    if mix is None:
+        return normalize(own, mean, std)
+    partner = crop_pixels(images[mix.partner.clamp(min=0)], mix.crop)
+    b, _, h, w = own.shape
+    box = mix.box.to(torch.long)
+    y = torch.arange(h, device=own.device).view(1, h, 1)
+    x = torch.arange(w, device=own.device).view(1, 1, w)
+    y0, x0, bh, bw = (box[:, i].view(b, 1, 1) for i in range(4))
+    inside = ((y >= y0) & (y < y0 + bh) & (x >= x0) & (x < x0 + bw)).unsqueeze(1)  # [B,1,H,W]
+    pasted = torch.where(inside, partner, own).to(torch.float32)
+    lam = mix.lam.to(torch.float32).view(b, 1, 1, 1)
+    blended = lam * own.to(torch.float32) + (1.0 - lam) * partner.to(torch.float32)
+    boxed = (bh * bw > 0).view(b, 1, 1, 1)
+    m, s = _stats(tuple(mean), tuple(std), own.device)
+    return torch.where(boxed, pasted, blended).div_(255.0).sub_(m).div_(s)
+
+
 def render(images: torch.Tensor, params: torch.Tensor, mean, std) -> torch.Tensor:
-    """Batched views on the images' device: uint8 [B,3,H,W] + (dx,dy,flip) [B,3] -> float32 [B,3,H,W].
+    """Crop views of a batch, normalised: `render_views` without a mix, row b of `images` for view b."""
+    return normalize(crop_pixels(images, params), mean, std)
+
+
+def crop_pixels(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Batched crops on the images' device: uint8 [B,3,H,W] + (dx,dy,flip) [B,3] -> uint8 [B,3,H,W].
 
     One `torch.gather` over each zero-padded image flattened to [3, (H+2P)*(W+2P)], no
     per-sample Python. Padding is zeros in pixel space (as torchvision's RandomCrop
@@ -107,5 +219,4 @@ def render(images: torch.Tensor, params: torch.Tensor, mean, std) -> torch.Tenso
     cols = dx + torch.where(flip.bool(), w - 1 - ar, ar)  # [B, W]
     rows = dy + torch.arange(h, device=images.device)  # [B, H]
     flat = (rows[:, :, None] * pw + cols[:, None, :]).view(b, 1, h * w)  # [B, 1, H*W]
-    crops = torch.gather(padded, 2, flat.expand(b, c, h * w)).view(b, c, h, w)
-    return normalize(crops, mean, std)
+    return torch.gather(padded, 2, flat.expand(b, c, h * w)).view(b, c, h, w)

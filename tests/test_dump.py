@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.cache import open_cache, partial_path
+from kdcache.cache import MIX_DATASETS, open_cache, partial_path
 from kdcache.data import load_dataset
 from kdcache.dump import dump_logits
 from kdcache.models import file_sha256, load_checkpoint
@@ -13,7 +13,7 @@ from kdcache.train import predict
 from kdcache.views import render, view_params
 
 
-def test_cache_follows_format_v1(cache_file, teacher_ckpt, data_dir):
+def test_cache_follows_format_v2(cache_file, teacher_ckpt, data_dir):
     data = load_dataset("cifar10", data_dir, 400)
     with h5py.File(cache_file, "r") as f:
         assert f["logits"].dtype == np.float16 and f["logits"].shape == (400, 4, 10)
@@ -22,13 +22,14 @@ def test_cache_follows_format_v1(cache_file, teacher_ckpt, data_dir):
         assert np.array_equal(f["indices"][...], np.arange(400))
         assert f["test_logits"].shape == (len(data.test_y), 10)
         a = f.attrs
-        assert a["format"] == "kdcache-logits" and a["format_version"] == 1 and bool(a["complete"])
+        assert a["format"] == "kdcache-logits" and a["format_version"] == 2 and a["mix"] == "none" and bool(a["complete"])
         assert a["num_views"] == 4 and a["num_classes"] == 10 and a["dataset"] == "cifar10" and a["seed"] == 0
         assert a["dataset_fingerprint"] == data.fingerprint
         assert a["teacher_arch"] == "seed-cnn-teacher" and a["teacher_sha256"] == file_sha256(teacher_ckpt)
         for key in ("normalize_mean", "normalize_std", "created_utc", "kdcache_version"):
             assert key in a
         assert np.array_equal(f["view_params"][...], view_params(0, range(400), range(4)).numpy())
+        assert not any(name in f for name in MIX_DATASETS)  # unmixed views need no mix record
     assert not partial_path(cache_file).exists()
 
 
@@ -39,7 +40,7 @@ def test_replay_fidelity(cache_file, teacher_ckpt, data_dir, cpu):
     g = np.random.default_rng(0)
     rows, vs = g.integers(0, 400, 64), g.integers(0, 4, 64)
     with open_cache(cache_file) as cache:
-        logits, params, _ = cache.tensors()
+        logits, params, _, _ = cache.tensors()
     x = render(data.train_x[rows], params[rows, vs], meta["normalize_mean"], meta["normalize_std"])
     with torch.no_grad():
         fresh = teacher(x)
@@ -84,7 +85,8 @@ def test_predict_on_views_equals_rendering_then_forward(teacher_ckpt, data_dir, 
     teacher, meta = load_checkpoint(teacher_ckpt)
     data = load_dataset("cifar10", data_dir, 50)
     params = view_params(0, range(50), [1])[:, 0]
-    got = predict(teacher, data.train_x, meta["normalize_mean"], meta["normalize_std"], cpu, params=params, batch_size=16)
+    got = predict(teacher, data.train_x, meta["normalize_mean"], meta["normalize_std"], cpu, rows=torch.arange(50),
+                  crop=params, batch_size=16)  # fmt: skip
     with torch.no_grad():
         expected = teacher(render(data.train_x, params, meta["normalize_mean"], meta["normalize_std"]))
     assert torch.allclose(got, expected, atol=1e-5)

@@ -16,17 +16,17 @@ def batches(n: int, bs: int, drop_last: bool = False) -> ViewBatches:
 
 def test_every_sample_once_per_epoch_in_an_order_fixed_by_seed_and_epoch():
     vb = batches(103, 10)
-    seen = torch.cat([y for _, y, _ in vb.epoch(0)])
+    seen = torch.cat([b.y for b in vb.epoch(0)])
     assert len(vb) == 11 and torch.equal(seen.sort().values, torch.arange(103))
-    assert torch.equal(seen, torch.cat([y for _, y, _ in vb.epoch(0)]))
-    assert not torch.equal(seen, torch.cat([y for _, y, _ in vb.epoch(1)]))
+    assert torch.equal(seen, torch.cat([b.y for b in vb.epoch(0)]))
+    assert not torch.equal(seen, torch.cat([b.y for b in vb.epoch(1)]))
 
 
 def test_drop_last_keeps_one_batch_shape_for_compiled_models():
     vb = batches(103, 10, drop_last=True)
-    shapes = {x.shape for x, _, _ in vb.epoch(0)}
+    shapes = {b.x.shape for b in vb.epoch(0)}
     assert len(vb) == 10 and shapes == {torch.Size([10, 3, 32, 32])}
-    left_out = [set(range(103)) - set(torch.cat([y for _, y, _ in vb.epoch(e)]).tolist()) for e in range(3)]
+    left_out = [set(range(103)) - set(torch.cat([b.y for b in vb.epoch(e)]).tolist()) for e in range(3)]
     assert all(len(s) == 3 for s in left_out) and len(set.union(*left_out)) > 3  # not always the same ones
 
 
@@ -49,9 +49,9 @@ def test_predict_pads_a_compiled_models_short_last_batch_to_the_one_shape():
     params = view_params(0, range(23), [0])[:, 0]
     rt = Runtime.create("cpu")
     wrapped = _Compiled(net)
-    got = predict(wrapped, images, (0.5,) * 3, (0.25,) * 3, rt, params=params, batch_size=10)
+    got = predict(wrapped, images, (0.5,) * 3, (0.25,) * 3, rt, rows=torch.arange(23), crop=params, batch_size=10)
     assert set(wrapped.shapes) == {(10, 3, 32, 32)} and len(wrapped.shapes) == 3
-    eager = predict(net, images, (0.5,) * 3, (0.25,) * 3, rt, params=params, batch_size=10)
+    eager = predict(net, images, (0.5,) * 3, (0.25,) * 3, rt, rows=torch.arange(23), crop=params, batch_size=10)
     assert got.shape == (23, 4) and torch.allclose(got, eager, atol=1e-6)
 
 
