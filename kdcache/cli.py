@@ -467,13 +467,12 @@ def bench_cmd(
 def _report_table(records: list[dict]) -> Table:
     several = len(records) > 1
     table = Table(title="teacher vs student alone vs student with KD", title_justify="left", box=box.SIMPLE_HEAD)
-    for col in (["run"] if several else []) + ["model", "arch", "params", "test acc", "agree", "time", "img/s"]:
+    for col in (["run"] if several else []) + ["model", "arch", "params", "test acc", "time", "img/s"]:
         table.add_column(col, justify="left" if col in ("run", "model", "arch") else "right",
                          min_width=16 if col == "arch" else None)  # fmt: skip
     for rec in records:
         for r in rec["rows"]:
-            agree = f"{100 * r['teacher_agreement']:.2f}%" if "teacher_agreement" in r else ""
-            cells = [r["model"], r["arch"], f"{r['params']:,}", f"{100 * r['test_acc']:.2f}%", agree,
+            cells = [r["model"], r["arch"], f"{r['params']:,}", f"{100 * r['test_acc']:.2f}%",
                      f"{r['train_time_s']:.1f} s", f"{r['img_s']:,.0f}"]  # fmt: skip
             table.add_row(*([Path(rec["run_dir"]).name] if several else []) + cells)
         table.add_section()
@@ -532,6 +531,15 @@ def pipeline_cmd(
                               progress=progress, on_epoch=print_epoch,
                               log=lambda msg: err_console.print(f"[bold]{msg}[/]", highlight=False))  # fmt: skip
     out_console.print(_report_table([record]))
+    agree = [f"{r['model']} {100 * r['teacher_agreement']:.2f}%" for r in record["rows"] if "teacher_agreement" in r]
+    if agree:
+        out_console.print("top-1 agreement with the teacher on the test set: " + ", ".join(agree), highlight=False)
+    by = {r["model"]: r for r in record["rows"]}
+    if "student, online KD" in by:
+        cached, online = by["student with KD"], by["student, online KD"]
+        out_console.print(
+            f"cached vs online KD: {100 * (cached['test_acc'] - online['test_acc']):+.2f} points, "
+            f"{online['train_time_s'] / cached['train_time_s']:.1f}x less training time", highlight=False)  # fmt: skip
     out_console.print(f"KD gain over the student alone: {100 * record['kd_gain']:+.2f} points · report: {out / 'report.md'} · plot: {out / 'accuracy.png'}", highlight=False)
 
 

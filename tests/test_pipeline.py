@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import h5py
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 from kdcache.cli import app
 from kdcache.config import PRESETS, get_preset
 from kdcache.errors import KDCacheError
+from kdcache.models import file_sha256, load_checkpoint
 from kdcache.pipeline import run_pipeline
 
 from conftest import TINY
@@ -133,3 +135,16 @@ def test_resume_keeps_stages_whose_recipe_predates_newer_fields(run_dir, data_di
                  resume=True)  # fmt: skip
     assert stamps == {p.name: os.stat(p).st_mtime_ns for p in old_run.glob("*.pt")}
 
+
+
+def test_with_online_adds_the_online_kd_row_beside_the_cached_one(tmp_path, data_dir, cpu):
+    out = tmp_path / "online"
+    recipe = TINY.override(views=2, mix="cutmix", mix_prob=0.5, teacher_epochs=1, epochs=1)
+    record = run_pipeline(recipe, preset="test", run_dir=out, data_dir=data_dir, rt=cpu, with_online=True)
+    by = {r["model"]: r for r in record["rows"]}
+    assert list(by) == ["teacher", "student alone", "student with KD", "student, online KD"]
+    assert load_checkpoint(out / "student_online.pt")[1]["online_teacher_sha256"] == file_sha256(out / "teacher.pt")
+    assert 0.0 <= by["student, online KD"]["teacher_agreement"] <= 1.0
+    with h5py.File(out / "teacher_logits.h5", "r") as f:
+        assert f.attrs["mix"] == "cutmix" and "mix_partner" in f
+    assert "online KD" in (out / "report.md").read_text()
