@@ -25,8 +25,8 @@ MIXED = dict(views=6, seed=5, batch_size=128, subset=300, augment=True, mix="bot
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     monkeypatch.setenv("KDCACHE_OFFLINE", "1")
-    monkeypatch.setattr(err_console, "width", 200)
-    monkeypatch.setattr(out_console, "width", 200)
+    monkeypatch.setattr(err_console, "_width", 200)
+    monkeypatch.setattr(out_console, "_width", 200)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from kdcache.train import resume_path
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     monkeypatch.setenv("KDCACHE_OFFLINE", "1")
-    monkeypatch.setattr(err_console, "width", 200)  # a stage's progress note stays one line
+    monkeypatch.setattr(err_console, "_width", 200)  # a stage's progress note stays one line
 
 
 def edited_copy(src: Path, dst: Path, edit) -> Path:
