@@ -175,26 +175,27 @@ def render_views(
     """THE renderer: views of `images[rows]` (uint8 [N,3,H,W] on the device, rows int64 [B])
     with their crops [B,3] and optional `Mix` [B] -> normalised float32 [B,3,H,W].
 
-    A CutMix paste is exact in uint8; a MixUp blend is `lam * own + (1 - lam) * partner` in
-    float32 pixel values, then normalised as ToTensor + Normalize do. An unmixed row in a
-    mixed batch has lam 1 and no box, which the blend leaves exactly as it was.
+    Both mixes are one `torch.lerp(partner, own, weight)` in float32 pixel values: weight is
+    1 outside and 0 inside a CutMix box (exact: the pixels are whole numbers), lam for a MixUp
+    blend, i.e. `partner + lam * (own - partner)` = `lam * own + (1 - lam) * partner` up to
+    float rounding. An unmixed row in a mixed batch has lam 1 and no box, which leaves it
+    exactly as it was. Then normalised as ToTensor + Normalize do.
     """
-    own = crop_pixels(images[rows], crop)
     if mix is None:
-        return normalize(own, mean, std)
-    partner = crop_pixels(images[mix.partner.clamp(min=0)], mix.crop)
-    b, _, h, w = own.shape
+        return normalize(crop_pixels(images[rows], crop), mean, std)
+    b = len(rows)
+    both = crop_pixels(images[torch.cat([rows, mix.partner.clamp(min=0)])], torch.cat([crop, mix.crop]))  # one gather
+    own, partner = both[:b].to(torch.float32), both[b:].to(torch.float32)
+    h, w = own.shape[-2:]
     box = mix.box.to(torch.long)
     y = torch.arange(h, device=own.device).view(1, h, 1)
     x = torch.arange(w, device=own.device).view(1, 1, w)
     y0, x0, bh, bw = (box[:, i].view(b, 1, 1) for i in range(4))
-    inside = ((y >= y0) & (y < y0 + bh) & (x >= x0) & (x < x0 + bw)).unsqueeze(1)  # [B,1,H,W]
-    pasted = torch.where(inside, partner, own).to(torch.float32)
-    lam = mix.lam.to(torch.float32).view(b, 1, 1, 1)
-    blended = lam * own.to(torch.float32) + (1.0 - lam) * partner.to(torch.float32)
-    boxed = (bh * bw > 0).view(b, 1, 1, 1)
+    outside = ~((y >= y0) & (y < y0 + bh) & (x >= x0) & (x < x0 + bw))  # [B,H,W]
+    # The share of the own pixel at each position: 0/1 around a CutMix box, lam for a blend.
+    weight = torch.where((bh * bw > 0), outside.to(torch.float32), mix.lam.to(torch.float32).view(b, 1, 1))
     m, s = _stats(tuple(mean), tuple(std), own.device)
-    return torch.where(boxed, pasted, blended).div_(255.0).sub_(m).div_(s)
+    return torch.lerp(partner, own, weight.unsqueeze(1)).div_(255.0).sub_(m).div_(s)
 
 
 def render(images: torch.Tensor, params: torch.Tensor, mean, std) -> torch.Tensor:

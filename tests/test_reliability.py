@@ -168,7 +168,8 @@ def test_nonfinite_flags_are_refused(tmp_path, cache_file, data_dir, flag, value
 
 def test_a_second_dump_to_the_same_out_is_refused_and_the_first_finishes(tmp_path, teacher_ckpt, data_dir):
     out = tmp_path / "cache.h5"
-    first = start_cli(*dump_args(teacher_ckpt, data_dir, out))
+    longer = ["--views", "24"]  # the last --views wins: the first dump is still running when the second starts
+    first = start_cli(*dump_args(teacher_ckpt, data_dir, out), *longer)
     wait_for(first, lambda: (tmp_path / "cache.h5.partial").exists(), "the first dump started writing")
     second = run_cli(*dump_args(teacher_ckpt, data_dir, out), "--force")
     _, first_err = first.communicate(timeout=300)
@@ -183,7 +184,7 @@ def test_a_second_dump_to_the_same_out_is_refused_and_the_first_finishes(tmp_pat
 def test_a_second_student_to_the_same_out_is_refused(tmp_path, cache_file, data_dir):
     out = tmp_path / "student.pt"
     args = ["student", "--cache", str(cache_file), "--data-dir", str(data_dir), "--out", str(out),
-            "--epochs", "30", "--device", "cpu"]  # fmt: skip
+            "--epochs", "5000", "--device", "cpu"]  # fmt: skip: still running when the second starts
     first = start_cli(*args)
     wait_for(first, lambda: resume_path(out).exists(), "the first student finished an epoch")
     second = run_cli(*args, "--force")
