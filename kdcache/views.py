@@ -94,6 +94,10 @@ class Mix:
     def __getitem__(self, idx) -> "Mix":
         return self.map(lambda t: t[idx])
 
+    def take(self, rows: torch.Tensor) -> "Mix":
+        """Entries `rows` (int64 [B]) of a 1-D record, by index_select (fast on CPU)."""
+        return self.map(lambda t: t.index_select(0, rows))
+
     def to(self, device) -> "Mix":
         return self.map(lambda t: t.to(device, non_blocking=True))
 
@@ -181,10 +185,11 @@ def render_views(
     float rounding. An unmixed row in a mixed batch has lam 1 and no box, which leaves it
     exactly as it was. Then normalised as ToTensor + Normalize do.
     """
+    # index_select, not images[rows]: ~20x faster for whole uint8 rows on CPU (16 vs 308 us for 128 rows)
     if mix is None:
-        return normalize(crop_pixels(images[rows], crop), mean, std)
+        return normalize(crop_pixels(images.index_select(0, rows), crop), mean, std)
     b = len(rows)
-    both = crop_pixels(images[torch.cat([rows, mix.partner.clamp(min=0)])], torch.cat([crop, mix.crop]))  # one gather
+    both = crop_pixels(images.index_select(0, torch.cat([rows, mix.partner.clamp(min=0)])), torch.cat([crop, mix.crop]))
     own, partner = both[:b].to(torch.float32), both[b:].to(torch.float32)
     h, w = own.shape[-2:]
     box = mix.box.to(torch.long)
