@@ -37,7 +37,7 @@ def _done(path: Path, expect: dict) -> bool:
         return False
     if path.suffix == ".h5":
         with cache_io.open_cache(path) as cache:  # raises if it cannot be trusted
-            got = cache.attrs
+            got = {"mix": "none", "mix_prob": 1.0, **cache.attrs}  # a v1 cache: unmixed views
     else:
         record = read_checkpoint(path)
         recorded = dataclasses.asdict(Recipe.from_dict(record.get("recipe", {})))  # fields added since: defaults
