@@ -19,7 +19,7 @@ import torch
 
 from kdcache import __version__
 from kdcache.errors import KDCacheError
-from kdcache.views import PAD, Mix
+from kdcache.views import MIXES, PAD, Mix
 
 FORMAT = "kdcache-logits"
 FORMAT_VERSION = 2
@@ -44,6 +44,11 @@ _IDENTITY_ATTRS = (
     "num_views", "num_classes", "dataset", "dataset_fingerprint", "teacher_sha256", "seed", "augment",
     "batch_size", "block_rows", "precision", "mix", "mix_prob",
 )  # fmt: skip
+
+
+def content_digest(cache: "Cache") -> str:
+    """sha256 over the per-block checksums: names the cache's logits and views in 64 hex digits."""
+    return hashlib.sha256(cache.file["block_sha256"][...].tobytes()).hexdigest()
 
 
 def mix_arrays(mix: Mix) -> dict[str, np.ndarray]:
@@ -136,7 +141,7 @@ class CacheWriter:
                 f"{self.tmp} cannot be resumed ({str(e).splitlines()[0][:80]}): rerun with --force to start over"
             ) from None
         for key in _IDENTITY_ATTRS:
-            started = _plain(f.attrs.get(key))
+            started = _plain(f.attrs.get(key, V1_DEFAULTS.get(key)))
             if started != _plain(attrs[key]):
                 f.close()  # after reading the attribute: a closed file has none
                 raise KDCacheError(
@@ -265,8 +270,13 @@ class Cache:
         crops = [params] + ([mix.crop] if mix is not None else [])
         if any(bool((p[..., :2] > 2 * PAD).any() | (p[..., 2] > 1).any()) for p in crops):
             raise KDCacheError(f"{self.path} holds view parameters outside the view recipe's range: {fix}")
-        if mix is not None and bool(((mix.partner < -1) | (mix.partner >= n)).any() | ~torch.isfinite(mix.lam).all()):
-            raise KDCacheError(f"{self.path} holds mix partners or weights out of range: {fix}")
+        if mix is not None:
+            box = mix.box.int()
+            h = w = 32  # boxes are in output pixels: CIFAR images, the only kind a cache holds today
+            bad = ((mix.partner < -1) | (mix.partner >= n)).any() | ~((mix.lam >= 0) & (mix.lam <= 1)).all()
+            bad |= ((box[..., 0] + box[..., 2] > h) | (box[..., 1] + box[..., 3] > w)).any()
+            if bool(bad):
+                raise KDCacheError(f"{self.path} holds mix partners, weights or boxes out of range: {fix}")
         if bool(((labels < 0) | (labels >= c)).any()):
             raise KDCacheError(f"{self.path} holds labels outside 0..{c - 1}: {fix}")
         return logits, params, mix, labels
@@ -311,7 +321,8 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> Cache:
         problem = f"{path} is incomplete (an interrupted dump): finish it with `kdcache dump-logits --resume`"
     elif not all(name in f for name in ("logits", "view_params", "labels", "indices")):
         problem = f"{path} lacks datasets of format v1: recreate it with `kdcache dump-logits`"
-    elif missing := [key for key in REQUIRED_ATTRS if key not in attrs]:
+    elif missing := [key for key in REQUIRED_ATTRS + (tuple(V1_DEFAULTS) if _plain(attrs.get("format_version")) >= 2 else ())
+                     if key not in attrs]:
         problem = f"{path} lacks the attribute {missing[0]!r}: it was edited or damaged; recreate it with `kdcache dump-logits`"
     elif shape_problem := _layout_problem(f):
         problem = f"{path} {shape_problem}: it was edited or damaged; recreate it with `kdcache dump-logits`"
@@ -322,7 +333,9 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> Cache:
 
 
 REQUIRED_ATTRS = ("num_views", "num_classes", "dataset", "dataset_fingerprint", "subset", "teacher_arch",
-                  "teacher_sha256", "seed", "augment", "normalize_mean", "normalize_std")  # fmt: skip
+                  "teacher_sha256", "seed", "augment", "normalize_mean", "normalize_std", "block_rows",
+                  "created_utc", "kdcache_version")  # fmt: skip
+V1_DEFAULTS = {"mix": "none", "mix_prob": 1.0}  # what a v1 file (no mix attributes) means
 
 
 def _layout_problem(f: h5py.File) -> str | None:
@@ -332,7 +345,10 @@ def _layout_problem(f: h5py.File) -> str | None:
     except (TypeError, ValueError):
         return "has subset, num_views or num_classes attributes that are not whole numbers"
     expect = {"logits": (n, k, c), "view_params": (n, k, 3), "labels": (n,), "indices": (n,)}
-    if _plain(f.attrs.get("mix", "none")) != "none":
+    mix, prob = _plain(f.attrs.get("mix", "none")), _plain(f.attrs.get("mix_prob", 1.0))
+    if mix not in MIXES or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
+        return f"has mix={mix!r}, mix_prob={prob!r}, outside {'|'.join(MIXES)} and [0, 1]"
+    if mix != "none":
         expect.update(mix_partner=(n, k), mix_crop=(n, k, 3), mix_box=(n, k, 4), mix_lam=(n, k))
         if any(name not in f for name in MIX_DATASETS):
             return f"lacks its mix record (attribute mix={_plain(f.attrs['mix'])!r})"

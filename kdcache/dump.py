@@ -163,7 +163,13 @@ def dump_logits(
             test_logits = predict(teacher, data.test_x, mean, std, rt, batch_size=batch_size)
             _refuse_nonfinite(test_logits.to(torch.float16)[:, None], 0, teacher_path, writer, "test image")
             cached = torch.from_numpy(writer.file["logits"][...])
-            view_acc = (cached.float().argmax(-1) == data.train_y[:, None]).float().mean().item()
+            # The label that dominates each view: the partner's where it holds more than half the image.
+            target = data.train_y[:, None].expand(-1, views)
+            if mix != "none":
+                part = torch.from_numpy(writer.file["mix_partner"][...]).long()
+                lam = torch.from_numpy(writer.file["mix_lam"][...])
+                target = torch.where(lam < 0.5, data.train_y[part.clamp(min=0)], target)
+            view_acc = (cached.float().argmax(-1) == target).float().mean().item()
             return writer.finish(
                 test_logits.to(torch.float16).cpu().numpy(),
                 {

@@ -110,7 +110,8 @@ def run_pipeline(
     else:
         stage(TEACHER, "teacher", lambda out, kw: train_teacher(
             recipe, data_dir=data_dir, out=out, rt=rt, progress=progress, on_epoch=on_epoch, **kw),
-            expect={"arch": recipe.teacher_arch, "epochs": recipe.teacher_recipe_epochs, **_training(recipe)})  # fmt: skip
+            expect={"arch": recipe.teacher_arch, "epochs": recipe.teacher_recipe_epochs, "augment": recipe.augment,
+                    "mix": recipe.mix, "mix_prob": recipe.mix_prob, **_training(recipe)})  # fmt: skip
     teacher_sha = lambda: file_sha256(paths[TEACHER])  # noqa: E731 - the teacher may only exist later
     stage(CACHE, "dump-logits", lambda out, kw: dump_logits(
         teacher_path=paths[TEACHER], data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
@@ -126,12 +127,19 @@ def run_pipeline(
             student, cache_file=paths[CACHE], data_dir=data_dir, out=out, rt=rt, progress=progress,
             on_epoch=on_epoch, **kw),
             expect={"arch": student.student_arch, "epochs": student.epochs, "T": student.T, "alpha": student.alpha,
-                    "cache_teacher_sha256": teacher_sha(), **_training(student)})  # fmt: skip
+                    "loss": student.loss, "cache_teacher_sha256": teacher_sha(), **_training(student)})  # fmt: skip
+    online_expect = {"arch": recipe.student_arch, "epochs": recipe.epochs, "T": recipe.T, "alpha": recipe.alpha,
+                     "loss": recipe.loss, "online_teacher_sha256": teacher_sha(), **_training(recipe)}  # fmt: skip
     if with_online:
         stage(STUDENT_ONLINE, f"student with online KD (teacher in the loop, T={recipe.T:g}, alpha={recipe.alpha:g})",
               lambda out, kw: train_student(recipe, cache_file=None, online_teacher=paths[TEACHER], data_dir=data_dir,
                                             out=out, rt=rt, progress=progress, on_epoch=on_epoch, **kw),
-              expect={"arch": recipe.student_arch, "epochs": recipe.epochs, "T": recipe.T, "alpha": recipe.alpha,
-                      "online_teacher_sha256": teacher_sha(), **_training(recipe)})  # fmt: skip
+              expect=online_expect)  # fmt: skip
+    elif paths[STUDENT_ONLINE].exists():  # from an earlier --with-online run: never report it stale
+        if force:
+            for stale in (paths[STUDENT_ONLINE], metrics_path(paths[STUDENT_ONLINE])):
+                stale.unlink(missing_ok=True)
+        else:
+            _done(paths[STUDENT_ONLINE], online_expect)  # refuses one made with other settings
     return write_report(run_dir, extra={"preset": preset, "recipe": dataclasses.asdict(recipe),
                                         "runtime": rt.describe(), "pipeline_wall_s": time.perf_counter() - t0})  # fmt: skip

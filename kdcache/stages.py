@@ -227,14 +227,16 @@ def train_student(
                 cache_io.check_matches(cache, data.fingerprint, data.num_classes)
                 logits, params, mix, labels = cache.tensors()
                 test_logits = torch.from_numpy(cache.file["test_logits"][...]) if "test_logits" in cache.file else None
+                digest, cache_mix = cache_io.content_digest(cache), cache.mix
             if not torch.equal(labels, data.train_y):
                 raise KDCacheError(f"{cache_file}: labels differ from the data's: dump the cache again")
             plan = cached_plan(params, mix, logits, recipe.seed, rt.device)
             mean, std = tuple(attrs["normalize_mean"]), tuple(attrs["normalize_std"])
             # The views and normalisation are the cache's, whatever the preset said: record those.
             recipe = dataclasses.replace(recipe, views=params.shape[1], augment=bool(attrs["augment"]), mean=mean,
-                                         std=std, mix=cache.mix, mix_prob=float(attrs.get("mix_prob", 1.0)))  # fmt: skip
+                                         std=std, mix=cache_mix, mix_prob=float(attrs.get("mix_prob", 1.0)))  # fmt: skip
             source = {"cache_teacher_sha256": attrs["teacher_sha256"], "cache_num_views": params.shape[1],
+                      "cache_blocks_sha256": digest, "cache_precision": attrs.get("precision"),
                       "cache_seed": attrs["seed"], "cache_augment": attrs["augment"], "teacher_arch": attrs["teacher_arch"]}  # fmt: skip
         batches = ViewBatches(data.train_x.to(rt.device), data.train_y.to(rt.device), plan,
                               recipe.batch_size, recipe.seed, mean, std, drop_last=rt.compile)  # fmt: skip

@@ -62,7 +62,9 @@ def cache_summary(path: str | Path, T: float = 1.0) -> list[tuple[str, str]]:
             (f"mean soft-target entropy at T={T:g}", f"{soft_target_entropy(cache, T):.3f} nats (max {np.log(c):.3f})"),
             ("views", f"seed {a['seed']} · {'pad-4 crop + flip' if a['augment'] else 'identity (no augmentation)'}"
                       + (f" · mixed: {a['mix']}, p={a['mix_prob']:g}" if cache.mix != "none" else " · unmixed")),
-            ("fresh views", f"{k} epochs before a student sees any view twice"),
+            ("view schedule", f"each view once every {k} epochs" + (
+                f": {k} epochs before a student sees any view twice" if cache.mix != "none" and a["mix_prob"] == 1
+                else " (crop/flip draws can coincide: 162 distinct ones exist)")),
             ("normalisation", f"mean {tuple(round(x, 4) for x in a['normalize_mean'])} std {tuple(round(x, 4) for x in a['normalize_std'])}"),
             ("created", f"{a['created_utc']} by kdcache {a['kdcache_version']}"),
         ]
@@ -118,13 +120,16 @@ def verify_cache(
         report.add("finite logits", len(bad) == 0, "all finite" if len(bad) == 0 else f"non-finite logits in rows {_rows_list(bad)}")
 
         indices = f["indices"][:done]
-        expected = view_params(a["seed"], indices, range(k), augment=a["augment"]).numpy()
-        differs = (f["view_params"][:done] != expected).any(axis=(1, 2))
-        if cache.mix != "none":  # the mix record too: partner, partner crop, box and weight
-            mix = cache_io.mix_arrays(mix_params(a["seed"], indices, range(k), num_rows=n, mix=cache.mix,
-                                                 prob=float(a["mix_prob"]), augment=a["augment"]))  # fmt: skip
-            for name, want in mix.items():
-                differs |= (f[name][:done] != want).reshape(done, -1).any(axis=1)
+        differs = np.zeros(done, bool)
+        for start in range(0, done, SCAN_ROWS):  # in blocks: bounded memory for any N x K
+            stop = min(start + SCAN_ROWS, done)
+            rows = indices[start:stop]
+            expected = {"view_params": view_params(a["seed"], rows, range(k), augment=a["augment"]).numpy()}
+            if cache.mix != "none":  # the mix record too: partner, partner crop, box and weight
+                expected |= cache_io.mix_arrays(mix_params(a["seed"], rows, range(k), num_rows=n, mix=cache.mix,
+                                                           prob=float(a["mix_prob"]), augment=a["augment"]))  # fmt: skip
+            for name, want in expected.items():
+                differs[start:stop] |= (f[name][start:stop] != want).reshape(stop - start, -1).any(axis=1)
         wrong = np.nonzero(differs)[0]
         report.add("view params", len(wrong) == 0, f"all {done:,} x {k} match seed {a['seed']}" if len(wrong) == 0
                    else f"rows {_rows_list(wrong)} differ from the views of seed {a['seed']}")  # fmt: skip

@@ -112,7 +112,7 @@ def test_k_at_least_epochs_shows_a_new_view_every_epoch(mixed_cache):
     assert torch.equal(plan(2).mix.partner, mix.partner[torch.arange(300), seen[:, 2]])
     code, err, out = cli("inspect", mixed_cache)
     assert code == 0, err
-    assert "6 epochs before a student sees any view twice" in out and "mixed: both" in out
+    assert "each view once every 6 epochs" in out and "mixed: both" in out
 
 
 def test_student_trains_on_a_mixed_cache_and_logs_fidelity(tmp_path, mixed_cache, data_dir, cpu):
@@ -180,4 +180,20 @@ def test_mix_record_partner_out_of_range_is_refused(tmp_path, mixed_cache, data_
         f["mix_partner"][7, 0] = 10_000
     code, err, _ = cli("student", "--cache", bad, "--data-dir", data_dir, "--out", tmp_path / "s" / "s.pt")
     assert_one_line_error(code, err, "mix partners")
+    assert written(tmp_path / "s") == []
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda f: f.attrs.__setitem__("mix", "foo"), "mix='foo'"),
+    (lambda f: f.attrs.__delitem__("mix_prob"), "mix_prob"),
+    (lambda f: f["mix_lam"].__setitem__((4, 1), 2.0), "out of range"),
+    (lambda f: f["mix_box"].__setitem__((4, 1), [30, 0, 8, 8]), "out of range"),
+], ids=["unknown-mix", "no-mix-prob", "lam-2", "box-outside"])  # fmt: skip
+def test_edited_mix_attributes_and_records_are_refused(tmp_path, mixed_cache, data_dir, edit, needle):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(mixed_cache.read_bytes())
+    with h5py.File(bad, "r+") as f:
+        edit(f)
+    code, err, _ = cli("student", "--cache", bad, "--data-dir", data_dir, "--out", tmp_path / "s" / "s.pt")
+    assert_one_line_error(code, err, needle)
     assert written(tmp_path / "s") == []

@@ -148,3 +148,9 @@ def test_with_online_adds_the_online_kd_row_beside_the_cached_one(tmp_path, data
     with h5py.File(out / "teacher_logits.h5", "r") as f:
         assert f.attrs["mix"] == "cutmix" and "mix_partner" in f
     assert "online KD" in (out / "report.md").read_text()
+
+
+def test_resume_refuses_students_made_with_another_loss(run_dir, data_dir, cpu):
+    with pytest.raises(KDCacheError, match=r"student_kd.pt was made with loss='kd', this run asks for 'dkd'"):
+        run_pipeline(TINY.override(views=2, augment=True, loss="dkd"), preset="test", run_dir=run_dir,
+                     data_dir=data_dir, rt=cpu, resume=True)  # fmt: skip
