@@ -19,7 +19,7 @@ import torch
 
 from kdcache import __version__
 from kdcache.errors import KDCacheError
-from kdcache.views import MIXES, PAD, Mix
+from kdcache.views import MIXES, PAD, SIZE, Mix
 
 FORMAT = "kdcache-logits"
 FORMAT_VERSION = 2
@@ -272,7 +272,7 @@ class Cache:
             raise KDCacheError(f"{self.path} holds view parameters outside the view recipe's range: {fix}")
         if mix is not None:
             box = mix.box.int()
-            h = w = 32  # boxes are in output pixels: CIFAR images, the only kind a cache holds today
+            h, w = SIZE  # boxes are in output pixels
             bad = ((mix.partner < -1) | (mix.partner >= n)).any() | ~((mix.lam >= 0) & (mix.lam <= 1)).all()
             bad |= ((box[..., 0] + box[..., 2] > h) | (box[..., 1] + box[..., 3] > w)).any()
             if bool(bad):

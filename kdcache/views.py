@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 PAD = 4
+SIZE = (32, 32)  # output (H, W) of a view: CIFAR images, the only kind today
 IDENTITY = (PAD, PAD, 0)
 
 # Independent hash streams, so teacher augmentation, cached views, the student's
@@ -103,7 +104,7 @@ class Mix:
 
 
 def mix_params(
-    seed: int, indices, views, *, num_rows: int, mix: str, prob: float, size: tuple[int, int] = (32, 32),
+    seed: int, indices, views, *, num_rows: int, mix: str, prob: float, size: tuple[int, int] = SIZE,
     augment: bool = True, stream: int = STREAM_DUMP,
 ) -> Mix:
     """Mix [len(indices), len(views)] for every (sample, view): a pure function of (seed, stream, i, v).
