@@ -19,13 +19,14 @@ import torch
 
 from kdcache import __version__
 from kdcache.errors import KDCacheError
-from kdcache.views import MIXES, PAD, SIZE, Mix
+from kdcache.views import GEOMETRIES, MIXES, CropFlip, Mix, ResizedCrop
 
 FORMAT = "kdcache-logits"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MIX_DATASETS = ("mix_partner", "mix_crop", "mix_box", "mix_lam")  # v2, present when attrs mix != "none"
-VIEW_RECIPE = "pad4-crop-flip"
+VIEW_RECIPE = CropFlip.recipe  # what a file without a view_recipe attribute holds (the only recipe of v1)
+_FIELDS = {CropFlip.recipe: (CropFlip.fields, "uint8"), ResizedCrop.recipe: (ResizedCrop.fields, "int16")}
 BLOCK_ROWS = 1024  # default HDF5 chunk, checksum and resume granularity along N
 
 
@@ -34,15 +35,15 @@ def partial_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def bytes_needed(n: int, k: int, c: int, n_test: int, mixed: bool = False) -> int:
-    per_view = 2 * c + 3 + (8 + 3 + 4 + 4 if mixed else 0)
+def bytes_needed(n: int, k: int, c: int, n_test: int, mixed: bool = False, view_bytes: int = 3) -> int:
+    per_view = 2 * c + view_bytes + (8 + view_bytes + 4 + 4 if mixed else 0)
     return n * k * per_view + n * 16 + n_test * 2 * c
 
 
 # Attributes that must match for a partial file to be resumed by the same dump.
 _IDENTITY_ATTRS = (
     "num_views", "num_classes", "dataset", "dataset_fingerprint", "teacher_sha256", "seed", "augment",
-    "batch_size", "block_rows", "precision", "mix", "mix_prob",
+    "batch_size", "block_rows", "precision", "mix", "mix_prob", "view_recipe", "data_options",
 )  # fmt: skip
 
 
@@ -60,7 +61,7 @@ def mix_arrays(mix: Mix) -> dict[str, np.ndarray]:
 def block_digest(logits: np.ndarray, params: np.ndarray, mix: dict | None = None) -> bytes:
     """sha256 of one block's logits + view params (+ mix record): `verify` finds rows changed after the dump."""
     h = hashlib.sha256(np.ascontiguousarray(logits, dtype=np.float16).tobytes())
-    h.update(np.ascontiguousarray(params, dtype=np.uint8).tobytes())
+    h.update(np.ascontiguousarray(params).tobytes())  # uint8 crops, int16 boxes: as stored
     for name in MIX_DATASETS if mix is not None else ():
         h.update(np.ascontiguousarray(mix[name]).tobytes())
     return h.digest()
@@ -69,7 +70,8 @@ def block_digest(logits: np.ndarray, params: np.ndarray, mix: dict | None = None
 class CacheWriter:
     """Writes rows [start, stop) of logits and view params into `<out>.partial`, then publishes `<out>`."""
 
-    def __init__(self, out: str | Path, *, attrs: dict, num_rows: int, num_test: int, resume: bool):
+    def __init__(self, out: str | Path, *, attrs: dict, num_rows: int, num_test: int, resume: bool,
+                 store_hw: np.ndarray | None = None):  # fmt: skip
         self.out, self.tmp = Path(out), partial_path(out)
         self._discarded, self._fd = False, None
         if resume:
@@ -80,7 +82,7 @@ class CacheWriter:
             self.file = h5py.File(self.tmp, "w")
             self._remember_fd()
             try:
-                self._create(attrs, num_rows, num_test)
+                self._create(attrs, num_rows, num_test, store_hw)
             except BaseException:
                 self.discard()  # a half-created file is neither usable nor resumable
                 raise
@@ -105,30 +107,33 @@ class CacheWriter:
         self.ds = {name: f[name] for name in names if name in f}
         self.attrs = f.attrs
 
-    def _create(self, attrs: dict, num_rows: int, num_test: int) -> None:
+    def _create(self, attrs: dict, num_rows: int, num_test: int, store_hw: np.ndarray | None) -> None:
         k, c, block = attrs["num_views"], attrs["num_classes"], attrs["block_rows"]
+        fields, dtype = _FIELDS[attrs.get("view_recipe", VIEW_RECIPE)]
         f = self.file
         rows = min(block, num_rows)
         f.create_dataset("logits", (num_rows, k, c), dtype="float16", chunks=(rows, k, c))
-        f.create_dataset("view_params", (num_rows, k, 3), dtype="uint8", chunks=(rows, k, 3))
+        f.create_dataset("view_params", (num_rows, k, fields), dtype=dtype, chunks=(rows, k, fields))
+        if store_hw is not None:  # random-resized crops: each stored image's (h, w), so views can be checked
+            f.create_dataset("store_hw", data=np.asarray(store_hw, dtype=np.int16))
         if attrs["mix"] != "none":
-            for name, dtype, tail in zip(MIX_DATASETS, ("int32", "uint8", "uint8", "float32"), ((), (3,), (4,), ())):
-                f.create_dataset(name, (num_rows, k, *tail), dtype=dtype, chunks=(rows, k, *tail))
+            for name, dt, tail in zip(MIX_DATASETS, ("int32", dtype, "uint8", "float32"), ((), (fields,), (4,), ())):
+                f.create_dataset(name, (num_rows, k, *tail), dtype=dt, chunks=(rows, k, *tail))
         f.create_dataset("labels", (num_rows,), dtype="int64")
         f.create_dataset("indices", (num_rows,), dtype="int64")
         f.create_dataset("block_sha256", (-(-num_rows // block), 32), dtype="uint8")
         if num_test:
             f.create_dataset("test_logits", (num_test, c), dtype="float16")
-        f.attrs.update(
-            format=FORMAT,
-            format_version=FORMAT_VERSION,
-            view_recipe=VIEW_RECIPE,
-            complete=False,
-            rows_done=0,
-            created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            kdcache_version=__version__,
+        f.attrs.update({
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "view_recipe": VIEW_RECIPE,  # the dump's attrs name another recipe where it has one
+            "complete": False,
+            "rows_done": 0,
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "kdcache_version": __version__,
             **attrs,
-        )
+        })  # fmt: skip
         f.flush()
 
     def _reopen(self, attrs: dict) -> h5py.File:
@@ -141,8 +146,8 @@ class CacheWriter:
                 f"{self.tmp} cannot be resumed ({str(e).splitlines()[0][:80]}): rerun with --force to start over"
             ) from None
         for key in _IDENTITY_ATTRS:
-            started = _plain(f.attrs.get(key, V1_DEFAULTS.get(key)))
-            if started != _plain(attrs[key]):
+            started = _plain(f.attrs.get(key, _RESUME_DEFAULTS.get(key)))
+            if started != _plain(attrs.get(key, _RESUME_DEFAULTS.get(key))):
                 f.close()  # after reading the attribute: a closed file has none
                 raise KDCacheError(
                     f"{self.tmp} was started with {key}={started!r}, this dump has "
@@ -254,8 +259,16 @@ class Cache:
     def mix(self) -> str:
         return self.attrs.get("mix", "none")  # v1: crop/flip views only
 
+    def geometry(self) -> CropFlip | ResizedCrop:
+        """What the cached view parameters mean (rebuilt from the file alone)."""
+        a = self.attrs
+        if a.get("view_recipe", VIEW_RECIPE) == CropFlip.recipe:
+            return CropFlip()
+        hw = torch.from_numpy(self.file["store_hw"][...].astype(np.int64))
+        return ResizedCrop(hw, int(a["image_size"]), a["rrc_scale"], a["rrc_ratio"])
+
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, Mix | None, torch.Tensor]:
-        """(logits fp16 [N,K,C], view_params uint8 [N,K,3], Mix [N,K] or None, labels int64 [N]) in host
+        """(logits fp16 [N,K,C], view_params [N,K,F], Mix [N,K] or None, labels int64 [N]) in host
         memory, checked: finite logits, view parameters, partners and labels in range (a hand-edited
         cache is refused here). The student moves one epoch's slice to the device at a time."""
         f = self.file
@@ -267,12 +280,16 @@ class Cache:
         fix = f"see `kdcache verify {self.path}`, then dump the cache again"
         check_finite(self.path, logits, fix)
         n, c = logits.shape[0], logits.shape[-1]
-        crops = [params] + ([mix.crop] if mix is not None else [])
-        if any(bool((p[..., :2] > 2 * PAD).any() | (p[..., 2] > 1).any()) for p in crops):
+        geometry = self.geometry()
+        own = torch.arange(n).view(-1, 1).expand(params.shape[:2])
+        bad = ~geometry.valid(params, own).all()
+        if mix is not None:  # a partner's crop is checked where there is a partner
+            bad |= ~(geometry.valid(mix.crop, mix.partner) | (mix.partner < 0)).all()
+        if bool(bad):
             raise KDCacheError(f"{self.path} holds view parameters outside the view recipe's range: {fix}")
         if mix is not None:
             box = mix.box.int()
-            h, w = SIZE  # boxes are in output pixels
+            h, w = geometry.size  # boxes are in output pixels
             bad = ((mix.partner < -1) | (mix.partner >= n)).any() | ~((mix.lam >= 0) & (mix.lam <= 1)).all()
             bad |= ((box[..., 0] + box[..., 2] > h) | (box[..., 1] + box[..., 3] > w)).any()
             if bool(bad):
@@ -315,8 +332,8 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> Cache:
             f"{path} is cache format v{_plain(attrs.get('format_version'))}, this kdcache reads v1 and v2: "
             "recreate it with this version's dump-logits"
         )
-    elif _plain(attrs.get("view_recipe")) != VIEW_RECIPE:
-        problem = f"{path} uses view recipe {_plain(attrs.get('view_recipe'))!r}, this kdcache knows {VIEW_RECIPE!r} only"
+    elif _plain(attrs.get("view_recipe")) not in GEOMETRIES:
+        problem = f"{path} uses view recipe {_plain(attrs.get('view_recipe'))!r}, this kdcache knows {' and '.join(GEOMETRIES)}"
     elif require_complete and not _plain(attrs.get("complete")):
         problem = f"{path} is incomplete (an interrupted dump): finish it with `kdcache dump-logits --resume`"
     elif not all(name in f for name in ("logits", "view_params", "labels", "indices")):
@@ -336,6 +353,8 @@ REQUIRED_ATTRS = ("num_views", "num_classes", "dataset", "dataset_fingerprint", 
                   "teacher_sha256", "seed", "augment", "normalize_mean", "normalize_std", "block_rows",
                   "created_utc", "kdcache_version")  # fmt: skip
 V1_DEFAULTS = {"mix": "none", "mix_prob": 1.0}  # what a v1 file (no mix attributes) means
+# ... and a partial from before image folders (CIFAR only), for resume's comparison
+_RESUME_DEFAULTS = {**V1_DEFAULTS, "view_recipe": VIEW_RECIPE, "data_options": "{}"}
 
 
 def _layout_problem(f: h5py.File) -> str | None:
@@ -344,12 +363,18 @@ def _layout_problem(f: h5py.File) -> str | None:
         n, k, c = (int(_plain(f.attrs[a])) for a in ("subset", "num_views", "num_classes"))
     except (TypeError, ValueError):
         return "has subset, num_views or num_classes attributes that are not whole numbers"
-    expect = {"logits": (n, k, c), "view_params": (n, k, 3), "labels": (n,), "indices": (n,)}
+    recipe = _plain(f.attrs.get("view_recipe", VIEW_RECIPE))
+    fields = _FIELDS[recipe][0]
+    expect = {"logits": (n, k, c), "view_params": (n, k, fields), "labels": (n,), "indices": (n,)}
+    if recipe == ResizedCrop.recipe:
+        if "store_hw" not in f or any(a not in f.attrs for a in ("image_size", "rrc_scale", "rrc_ratio")):
+            return "lacks the store sizes or crop attributes its random-resized-crop views need"
+        expect["store_hw"] = (n, 2)
     mix, prob = _plain(f.attrs.get("mix", "none")), _plain(f.attrs.get("mix_prob", 1.0))
     if mix not in MIXES or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
         return f"has mix={mix!r}, mix_prob={prob!r}, outside {'|'.join(MIXES)} and [0, 1]"
     if mix != "none":
-        expect.update(mix_partner=(n, k), mix_crop=(n, k, 3), mix_box=(n, k, 4), mix_lam=(n, k))
+        expect.update(mix_partner=(n, k), mix_crop=(n, k, fields), mix_box=(n, k, 4), mix_lam=(n, k))
         if any(name not in f for name in MIX_DATASETS):
             return f"lacks its mix record (attribute mix={_plain(f.attrs['mix'])!r})"
     if "test_logits" in f:

@@ -118,7 +118,12 @@ def print_epoch(m: dict) -> None:
 # ---- shared options -----------------------------------------------------------------------------
 
 PresetOpt = typer.Option(None, "--preset", help=f"Named recipe: {PRESET_NAMES}. Flags you pass override it. \\[default: {DEFAULT_PRESET} for teacher and pipeline; dump-logits and student start from the recipe the teacher/cache recorded]")
-DataDirOpt = typer.Option(Path("data"), "--data-dir", help="Folder with the dataset's python batches (e.g. data/cifar-10-batches-py).")
+DataDirOpt = typer.Option(None, "--data-dir", "--data", help="Where the data is: CIFAR's python batches (\\[default: data/]) or an image folder (\\[default: the path the checkpoint or cache recorded]).")
+ImageSizeOpt = typer.Option(None, "--image-size", help="Image folders: side of a view in pixels, 8..255 (64 trains fast on a CPU). \\[default: 224]")
+StoreSizeOpt = typer.Option(None, "--store-size", help="Image folders: images are stored once, shrunk to fit this many pixels a side. \\[default: image size x 4/3 / 0.875, rounded up to 8: 104 for 64, 344 for 224]")
+ValFractionOpt = typer.Option(None, "--val-fraction", help="Image folders without val/: hold out this share of every class of train/ (chosen by a hash of the file path).")
+SkipBadOpt = typer.Option(False, "--skip-bad-images", help="Image folders: leave out files that do not decode (listed in the store's meta.json) instead of stopping.")
+RebuildStoreOpt = typer.Option(False, "--rebuild-store", help="Image folders: prepare the store again after the folder changed (artifacts of the old store no longer match).")
 SubsetOpt = typer.Option(None, "--subset", help="Use only the first N training images. \\[default: all, or the preset's]")
 SeedOpt = typer.Option(None, "--seed", help="Seed for initialisation, views and order. \\[default: 0]")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda (auto: cuda when available).")
@@ -146,6 +151,22 @@ def _base_recipe(preset: str | None, upstream) -> "Recipe":
         return get_preset(preset)
     recorded = upstream()
     return Recipe.from_dict(recorded) if recorded else get_preset(None)
+
+
+def _data_options(dataset: str | None, data_dir: Path | None, image_size, store_size, val_fraction, skip_bad,
+                  rebuild) -> tuple[str | None, dict]:  # fmt: skip
+    """The dataset (a folder with train/ is an image folder) and its store options, checked."""
+    if dataset is None and data_dir is not None and (data_dir / "train").is_dir():
+        dataset = "imagefolder"
+    given = {"--image-size": image_size, "--store-size": store_size, "--val-fraction": val_fraction,
+             "--skip-bad-images": skip_bad or None}  # fmt: skip
+    if dataset != "imagefolder" and (flag := next((f for f, v in given.items() if v is not None), None)):
+        raise KDCacheError(f"{flag} applies to image folders: pass --data PATH, a folder with train/<class>/ image folders")
+    if dataset == "imagefolder" and data_dir is None:
+        raise KDCacheError("--dataset imagefolder needs --data PATH, a folder with train/<class>/ image folders")
+    options = {"image_size": image_size, "store_size": store_size, "val_fraction": val_fraction,
+               "skip_bad_images": skip_bad, "rebuild_store": rebuild}  # fmt: skip
+    return dataset, options if dataset == "imagefolder" else {}
 
 
 def _runtime(device: str, precision: str, compile: bool):
@@ -184,9 +205,14 @@ def _stage_summary(title: str, result) -> None:
 @command("teacher")
 def teacher_cmd(
     preset: Optional[str] = PresetOpt,
-    arch: Optional[str] = typer.Option(None, "--arch", help="Teacher architecture: resnet18|34|50, seed-cnn-teacher. \\[default: resnet50]"),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="cifar10 | cifar100. \\[default: cifar10]"),
-    data_dir: Path = DataDirOpt,
+    arch: Optional[str] = typer.Option(None, "--arch", help="Teacher architecture: resnet18|34|50, seed-cnn-teacher, torchvision:NAME, timm:NAME or module.path:factory. \\[default: resnet50]"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="cifar10 | cifar100 | imagefolder (implied by --data PATH with a train/ folder). \\[default: cifar10]"),
+    data_dir: Optional[Path] = DataDirOpt,
+    image_size: Optional[int] = ImageSizeOpt,
+    store_size: Optional[int] = StoreSizeOpt,
+    val_fraction: Optional[float] = ValFractionOpt,
+    skip_bad_images: bool = SkipBadOpt,
+    rebuild_store: bool = RebuildStoreOpt,
     subset: Optional[int] = SubsetOpt,
     epochs: Optional[int] = EpochsOpt,
     batch_size: Optional[int] = BatchOpt,
@@ -207,8 +233,12 @@ def teacher_cmd(
     resume: bool = ResumeOpt,
 ):
     """Train the teacher and save a self-describing checkpoint (arch, classes, data fingerprint, metrics)."""
+    from kdcache.models import check_spec
     from kdcache.stages import train_teacher
 
+    dataset, data_options = _data_options(dataset, data_dir, image_size, store_size, val_fraction, skip_bad_images,
+                                          rebuild_store)  # fmt: skip
+    check_spec(arch) if arch else None
     recipe = get_preset(preset).override(
         teacher_arch=arch, dataset=dataset, subset=subset, teacher_epochs=epochs, batch_size=batch_size,
         lr=lr, optimizer=optimizer, schedule=schedule, warmup_epochs=warmup_epochs, nesterov=nesterov,
@@ -217,20 +247,78 @@ def teacher_cmd(
     rt = _runtime(device, precision, compile)
     with RichProgress() as progress:
         result = train_teacher(recipe, data_dir=data_dir, out=out, rt=rt, force=force, resume=resume,
-                               progress=progress, on_epoch=print_epoch)  # fmt: skip
+                               progress=progress, on_epoch=print_epoch, data_options=data_options)  # fmt: skip
     _stage_summary("teacher", result)
+
+
+@command("import-teacher")
+def import_teacher_cmd(
+    weights: Path = typer.Argument(..., help="Weights trained elsewhere: a state dict (.pt/.pth, also nested under 'state_dict' or 'model'), or a whole saved model."),
+    arch: str = typer.Option(..., "--arch", help="What the weights were trained as: a kdcache name, torchvision:NAME, timm:NAME or module.path:factory."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="cifar10 | cifar100 | imagefolder (implied by --data PATH with a train/ folder). \\[default: cifar10]"),
+    data_dir: Optional[Path] = DataDirOpt,
+    image_size: Optional[int] = ImageSizeOpt,
+    store_size: Optional[int] = StoreSizeOpt,
+    val_fraction: Optional[float] = ValFractionOpt,
+    skip_bad_images: bool = SkipBadOpt,
+    rebuild_store: bool = RebuildStoreOpt,
+    mean: Optional[str] = typer.Option(None, "--mean", help="Normalisation the weights were trained with, as R,G,B in [0, 1]. \\[default: ImageNet's for image folders, CIFAR's for CIFAR]"),
+    std: Optional[str] = typer.Option(None, "--std", help="Its standard deviations, R,G,B. \\[default: with --mean's]"),
+    small_stem: Optional[bool] = typer.Option(None, "--small-stem/--no-small-stem", help="ResNet-style models: the CIFAR stem (3x3 stride 1, no max-pool) or the ImageNet one. \\[default: the CIFAR stem for images of at most 64 pixels]"),
+    batch_size: int = typer.Option(512, "--batch-size", help="Evaluation batch size."),
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    out: Path = typer.Option(Path("saved_models/imported_teacher.pt"), "--out", help="kdcache checkpoint to write."),
+    force: bool = ForceOpt,
+):
+    """Wrap a teacher trained elsewhere into a kdcache checkpoint: checked against the data's classes,
+    evaluated on its validation split, with normalisation, input size and data fingerprint recorded."""
+    from kdcache.imports import import_teacher
+
+    dataset, data_options = _data_options(dataset or None, data_dir, image_size, store_size, val_fraction,
+                                          skip_bad_images, rebuild_store)  # fmt: skip
+
+    def rgb(flag: str, text: str | None):
+        if text is None:
+            return None
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != 3 or not all(math.isfinite(v) for v in values):
+            raise KDCacheError(f"{flag} takes three numbers R,G,B (got {text!r}), e.g. {flag} 0.485,0.456,0.406")
+        return values
+
+    m, s = rgb("--mean", mean), rgb("--std", std)
+    if (m is None) != (s is None):
+        raise KDCacheError("--mean and --std go together: pass both, or neither for the defaults")
+    if s is not None and min(s) <= 0:
+        raise KDCacheError(f"--std must be positive (got {std})")
+    rt = _runtime(device, precision, False)
+    with RichProgress() as progress:
+        meta = import_teacher(weights, arch=arch, dataset=dataset or "cifar10", data_dir=data_dir,
+                              data_options=data_options, out=out, rt=rt, mean=m, std=s, small_stem=small_stem,
+                              batch_size=batch_size, force=force, progress=progress)  # fmt: skip
+    out_console.print(_results_table(f"imported teacher {out}", [
+        ("architecture", f"{meta['arch']} ({meta['params']:,} parameters)" if "arch" in meta else arch),
+        ("data", f"{meta['dataset']} · {meta['num_classes']} classes · {meta['image_size']} px"),
+        ("validation accuracy", f"{100 * meta['metrics']['test_acc']:.2f}%"),
+        ("normalisation", f"mean {tuple(meta['normalize_mean'])} std {tuple(meta['normalize_std'])}"),
+        ("checkpoint", str(out)),
+    ]))  # fmt: skip
 
 
 @command("dump-logits")
 def dump_cmd(
     preset: Optional[str] = PresetOpt,
-    teacher: Path = typer.Option(TEACHER_OUT, "--teacher", help="Teacher checkpoint written by `kdcache teacher`."),
+    teacher: list[Path] = typer.Option([TEACHER_OUT], "--teacher", help="Teacher checkpoint written by `kdcache teacher` or `import-teacher`. Repeat it for an ensemble: the cache then holds log(mean of the members' softmax), valid logits at T=1."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Refuse a teacher of any other architecture."),
     views: Optional[int] = typer.Option(None, "--views", help="Augmented views per image, K. \\[default: the preset's, 8 for seed-resnet]"),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Crop+flip views; --no-augment caches the plain image. \\[default: the preset's]"),
     mix: Optional[str] = typer.Option(None, "--mix", help="Mixed views: none | cutmix | mixup | both. The teacher runs on the mixed image itself, and the cache stores the partner and box/weight, so a student replays exactly that image. \\[default: what the teacher was trained with]"),
     mix_prob: Optional[float] = MixProbOpt,
-    data_dir: Path = DataDirOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    rebuild_store: bool = RebuildStoreOpt,
     subset: Optional[int] = typer.Option(None, "--subset", help="Use only the first N training images. \\[default: the images the teacher was trained on]"),
     seed: Optional[int] = SeedOpt,
     batch_size: int = typer.Option(512, "--batch-size", help="Teacher inference batch size."),
@@ -247,17 +335,17 @@ def dump_cmd(
 
     from kdcache.models import read_checkpoint
 
-    recipe = _base_recipe(preset, lambda: read_checkpoint(teacher).get("recipe")).override(
+    recipe = _base_recipe(preset, lambda: read_checkpoint(teacher[0]).get("recipe")).override(
         views=views, augment=augment, mix=mix, mix_prob=mix_prob, seed=seed, subset=subset
     )
     validate(recipe)
     rt = _runtime(device, precision, compile)
     with RichProgress() as progress:
         path = dump_logits(
-            teacher_path=teacher, data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
+            teacher_path=teacher if len(teacher) > 1 else teacher[0], data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
             batch_size=batch_size, rt=rt, subset=recipe.subset, augment=recipe.augment, mix=recipe.mix,
             mix_prob=recipe.mix_prob, arch=arch,
-            block_rows=block_rows, force=force, resume=resume, progress=progress,
+            block_rows=block_rows, force=force, resume=resume, progress=progress, rebuild_store=rebuild_store,
         )  # fmt: skip
     _print_cache_summary(path, recipe.T)
 
@@ -271,13 +359,14 @@ def _print_cache_summary(path: Path, T: float) -> None:
 @command("student")
 def student_cmd(
     preset: Optional[str] = PresetOpt,
-    arch: Optional[str] = typer.Option(None, "--arch", help="Student architecture: resnet18|34|50, seed-cnn-student. \\[default: resnet18]"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Student architecture: resnet18|34|50, seed-cnn-student, torchvision:NAME, timm:NAME or module.path:factory. \\[default: resnet18]"),
     cache: Path = typer.Option(CACHE_OUT, "--cache", help="Logit cache written by `kdcache dump-logits`."),
     online_teacher: Optional[Path] = typer.Option(None, "--online-teacher", help="No cache: run this teacher checkpoint on a fresh view every step (online distillation, to compare with the cache at equal budget). Views follow --mix/--mix-prob, default the teacher's."),
     loss: Optional[str] = LossOpt,
     mix: Optional[str] = typer.Option(None, "--mix", help="With --online-teacher only: the view family. \\[default: the teacher's]"),
     mix_prob: Optional[float] = typer.Option(None, "--mix-prob", help="With --online-teacher only. \\[default: the teacher's]"),
-    data_dir: Path = DataDirOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    rebuild_store: bool = RebuildStoreOpt,
     subset: Optional[int] = typer.Option(None, "--subset", help="Must match the cache's; \\[default: the cache's]"),
     epochs: Optional[int] = EpochsOpt,
     batch_size: Optional[int] = BatchOpt,
@@ -304,8 +393,10 @@ def student_cmd(
     """
     from kdcache.cache import open_cache
     from kdcache.models import read_checkpoint
+    from kdcache.models import check_spec
     from kdcache.stages import train_student
 
+    check_spec(arch) if arch else None
     if online_teacher is None and (mix is not None or mix_prob is not None):
         raise KDCacheError("--mix and --mix-prob go with --online-teacher; a cache student replays the cache's views")
 
@@ -325,20 +416,20 @@ def student_cmd(
     with RichProgress() as progress:
         result = train_student(recipe, cache_file=cache, data_dir=data_dir, out=out, rt=rt, force=force,
                                online_teacher=online_teacher, resume=resume, progress=progress,
-                               on_epoch=print_epoch)  # fmt: skip
+                               on_epoch=print_epoch, rebuild_store=rebuild_store)  # fmt: skip
     _stage_summary("student", result)
 
 
 @command("eval")
 def eval_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint written by `kdcache teacher` or `kdcache student`."),
-    data_dir: Path = DataDirOpt,
+    data_dir: Optional[Path] = DataDirOpt,
     batch_size: int = typer.Option(1024, "--batch-size", help="Inference batch size."),
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
 ):
     """Print a checkpoint's test accuracy on its dataset."""
-    from kdcache.data import load_dataset
+    from kdcache.data import load_dataset, recorded_options
     from kdcache.models import check_classes, load_checkpoint, num_params
     from kdcache.train import accuracy, predict
 
@@ -346,7 +437,7 @@ def eval_cmd(
         raise KDCacheError(f"--batch-size must be >= 1 (got {batch_size})")
     rt = _runtime(device, precision, False)
     model, meta = load_checkpoint(checkpoint, device=rt.device)
-    data = load_dataset(meta["dataset"], data_dir, subset=1)
+    data = load_dataset(meta["dataset"], data_dir, subset=1, **recorded_options(meta))
     check_classes(checkpoint, meta, data.name, data.num_classes)
     logits = predict(rt.prepare(model), data.test_x, meta["normalize_mean"], meta["normalize_std"], rt, batch_size=batch_size)
     acc = accuracy(logits, data.test_y)
@@ -376,8 +467,8 @@ def inspect_cmd(
 @command("verify")
 def verify_cmd(
     cache: Path = typer.Argument(..., help="The logit cache to check."),
-    teacher: Path = typer.Option(TEACHER_OUT, "--teacher", help="The teacher checkpoint the cache was made with."),
-    data_dir: Path = DataDirOpt,
+    teacher: list[Path] = typer.Option([TEACHER_OUT], "--teacher", help="The teacher checkpoint the cache was made with (each member, in order, for an ensemble)."),
+    data_dir: Optional[Path] = DataDirOpt,
     samples: int = typer.Option(256, "--samples", help="Random (image, view) pairs to re-render and re-run through the teacher."),
     device: str = DeviceOpt,
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto for the teacher re-run."),
@@ -483,7 +574,12 @@ def _report_table(records: list[dict]) -> Table:
 def pipeline_cmd(
     preset: Optional[str] = PresetOpt,
     out: Path = typer.Option(Path("runs/run"), "--out", help="Run directory for every artifact and the report."),
-    data_dir: Path = DataDirOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    image_size: Optional[int] = ImageSizeOpt,
+    store_size: Optional[int] = StoreSizeOpt,
+    val_fraction: Optional[float] = ValFractionOpt,
+    skip_bad_images: bool = SkipBadOpt,
+    rebuild_store: bool = RebuildStoreOpt,
     subset: Optional[int] = SubsetOpt,
     teacher_arch: Optional[str] = typer.Option(None, "--teacher-arch", help="[default: the preset's]"),
     student_arch: Optional[str] = typer.Option(None, "--student-arch", help="[default: the preset's]"),
@@ -517,9 +613,15 @@ def pipeline_cmd(
     """
     from kdcache.pipeline import run_pipeline
 
+    from kdcache.models import check_spec
+
+    for spec in (teacher_arch, student_arch):
+        check_spec(spec) if spec else None
+    dataset, data_options = _data_options(None, data_dir, image_size, store_size, val_fraction, skip_bad_images,
+                                          rebuild_store)  # fmt: skip
     name = preset or DEFAULT_PRESET
     recipe = get_preset(name).override(
-        subset=subset, teacher_arch=teacher_arch, student_arch=student_arch, epochs=epochs,
+        dataset=dataset, subset=subset, teacher_arch=teacher_arch, student_arch=student_arch, epochs=epochs,
         teacher_epochs=teacher_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
         warmup_epochs=warmup_epochs, nesterov=nesterov, views=views, augment=augment, T=T,
         alpha=alpha, seed=seed, mix=mix, mix_prob=mix_prob, loss=loss,
@@ -527,7 +629,7 @@ def pipeline_cmd(
     rt = _runtime(device, precision, compile)
     with RichProgress() as progress:
         record = run_pipeline(recipe, preset=name, run_dir=out, data_dir=data_dir, rt=rt, teacher=teacher,
-                              with_online=with_online, force=force, resume=resume,
+                              with_online=with_online, data_options=data_options, force=force, resume=resume,
                               progress=progress, on_epoch=print_epoch,
                               log=lambda msg: err_console.print(f"[bold]{msg}[/]", highlight=False))  # fmt: skip
     out_console.print(_report_table([record]))

@@ -10,13 +10,17 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from kdcache.errors import KDCacheError
+from kdcache.views import CropFlip, ResizedCrop
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # image folders: what pretrained torchvision and timm models expect
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,8 @@ class Dataset:
     test_y: torch.Tensor
     classes: list[str]
     fingerprint: str  # sha256 of the train images + labels used (after --subset)
+    geometry: CropFlip | ResizedCrop = field(default_factory=CropFlip)  # what a view of train_x is
+    options: dict = field(default_factory=dict)  # how to load it again (image folders), kept in every artifact
 
     @property
     def num_classes(self) -> int:
@@ -127,13 +133,30 @@ def _download(name: str, data_dir: Path) -> Path:
     return data_dir / spec.folder
 
 
+DATASETS = (*SPECS, "imagefolder")
+
+
+def recorded_options(meta: dict) -> dict:
+    """The data options an artifact recorded (a checkpoint's dict, a cache's JSON attribute)."""
+    import json
+
+    options = meta.get("data_options") or {}
+    return json.loads(options) if isinstance(options, str) else dict(options)
+
+
 def load_dataset(
-    name: str = "cifar10", data_dir: str | Path = "data", subset: int | None = None, download: bool = True
+    name: str = "cifar10", data_dir: str | Path | None = None, subset: int | None = None, download: bool = True,
+    **folder_options,
 ) -> Dataset:
-    """Read `name` from `data_dir` (downloading through torchvision if allowed) as uint8 tensors."""
+    """Read `name` from `data_dir` (downloading through torchvision if allowed) as uint8 tensors.
+
+    `imagefolder`: `data_dir` is the folder (or `folder_options["data_path"]`, as an artifact
+    recorded it); the options are `load_folder`'s."""
+    if name == "imagefolder":
+        return load_folder(data_dir, subset=subset, **folder_options)
     if name not in SPECS:
-        raise KDCacheError(f"unknown dataset {name!r}: choose one of {', '.join(SPECS)}")
-    spec, data_dir = SPECS[name], Path(data_dir)
+        raise KDCacheError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    spec, data_dir = SPECS[name], Path(data_dir if data_dir is not None else "data")
     folder = find_folder(name, data_dir)
     if folder is None:
         if not download or os.environ.get("KDCACHE_OFFLINE"):
@@ -165,6 +188,51 @@ def load_dataset(
         test_y=torch.from_numpy(test_y),
         classes=classes,
         fingerprint=fingerprint(train_x, train_y),
+    )
+
+
+def load_folder(
+    data_dir: str | Path | None, *, subset: int | None = None, image_size: int | None = None,
+    store_size: int | None = None, val_fraction: float | None = None, skip_bad_images: bool = False,
+    rebuild_store: bool = False, data_path: str | None = None, progress=None, **_ignored,
+) -> Dataset:
+    """An image folder through its prepared store (see `folders`): train rows as store canvases with
+    random-resized-crop views, val rendered once as Resize(size / 0.875) + CenterCrop(size)."""
+    from kdcache import folders
+
+    root = Path(data_dir if data_dir is not None else data_path or "data")
+    image_size = int(image_size or folders.DEFAULT_IMAGE_SIZE)
+    store_size = int(store_size or folders.default_store_size(image_size))
+    if not 8 <= image_size <= 255:
+        raise KDCacheError(f"--image-size must be in 8..255 for image folders (got {image_size})")
+    if image_size > store_size:
+        raise KDCacheError(f"--image-size {image_size} is above the store size {store_size}: lower it, or raise --store-size")
+    train, val, classes, _ = folders.prepare(root, store_size, val_fraction=val_fraction, skip_bad=skip_bad_images,
+                                             rebuild=rebuild_store, progress=progress)  # fmt: skip
+    n = len(train.labels)
+    if subset is not None and not 1 <= subset <= n:
+        raise KDCacheError(f"--subset {subset} is outside 1..{n}, the training images in {root}: use at most {n}")
+    rows = n if subset is None else subset
+    fp = train.meta["train_fingerprint"] if rows == n else folders.content_fingerprint(train.images, train.hw, train.labels, rows)
+    train_hw = torch.from_numpy(train.hw[:rows].astype(np.int64))
+    evaluate = ResizedCrop(torch.from_numpy(val.hw.astype(np.int64)), image_size)
+    val_images = torch.from_numpy(np.array(val.images))
+    val_rows = torch.arange(len(val.labels))
+    params = evaluate.params(0, val_rows, [0], augment=False)[:, 0]
+    test_x = torch.cat([evaluate.pixels(val_images, val_rows[i : i + 256], params[i : i + 256])
+                        for i in range(0, len(val_rows), 256)])  # fmt: skip
+    options = {"data_path": str(root.resolve()), "image_size": image_size, "store_size": store_size,
+               "val_fraction": val_fraction, "skip_bad_images": skip_bad_images}  # fmt: skip
+    return Dataset(
+        name="imagefolder",
+        train_x=torch.from_numpy(np.array(train.images[:rows])),
+        train_y=torch.from_numpy(train.labels[:rows].astype(np.int64)),
+        test_x=test_x,
+        test_y=torch.from_numpy(val.labels.astype(np.int64)),
+        classes=classes,
+        fingerprint=fp,
+        geometry=ResizedCrop(train_hw, image_size),
+        options=options,
     )
 
 

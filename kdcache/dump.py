@@ -14,11 +14,12 @@ import torch
 
 from kdcache import cache as cache_io
 from kdcache.artifacts import claim_output
-from kdcache.data import load_dataset
+from kdcache.data import load_dataset, recorded_options
 from kdcache.errors import KDCacheError
-from kdcache.models import check_classes, file_sha256, load_checkpoint
+from kdcache.imports import load_teachers
+from kdcache.models import check_classes
 from kdcache.train import Progress, Runtime, NoProgress, accuracy, predict
-from kdcache.views import MIXES, mix_params, view_params
+from kdcache.views import MIXES, mix_params
 
 
 def _disk_full(e: Exception) -> str | None:
@@ -52,7 +53,7 @@ def _refuse_nonfinite(logits: torch.Tensor, start: int, teacher_path, writer, wh
 
 def dump_logits(
     *,
-    teacher_path: str | Path,
+    teacher_path: str | Path | list,
     data_dir: str | Path,
     out: str | Path,
     views: int,
@@ -68,6 +69,7 @@ def dump_logits(
     force: bool = False,
     resume: bool = False,
     progress: Progress | None = None,
+    rebuild_store: bool = False,
 ) -> Path:
     """Write `out` (cache format v2): raw teacher logits for `views` views of every training image,
     each view a crop/flip, mixed with a partner (CutMix or MixUp) when `mix` is set: the teacher
@@ -90,11 +92,14 @@ def dump_logits(
     if block_rows < 1:
         raise KDCacheError(f"--block-rows must be >= 1 (got {block_rows})")
     with claim_output(out, force=force, resume=resume, interrupted=cache_io.partial_path(out)) as out:
-        teacher, meta = load_checkpoint(teacher_path, arch=arch, device=rt.device)
-        teacher = rt.prepare(teacher)
+        # One teacher, or an ensemble (several paths): the log of the members' mean softmax.
+        teacher, meta, render_mean, render_std, who = load_teachers(teacher_path, rt=rt, arch=arch)
+        teacher_path = who["teacher_path"]
         # By default, the images the teacher was trained on (its --subset), so the commands chain.
-        data = load_dataset(meta["dataset"], data_dir, subset if subset is not None else meta.get("num_train"))
+        data = load_dataset(meta["dataset"], data_dir, subset if subset is not None else meta.get("num_train"),
+                            progress=progress, rebuild_store=rebuild_store, **recorded_options(meta))  # fmt: skip
         check_classes(teacher_path, meta, data.name, data.num_classes)
+        geometry = data.geometry
         mean, std = tuple(meta["normalize_mean"]), tuple(meta["normalize_std"])
         n, c = len(data.train_y), data.num_classes
         attrs = {
@@ -103,9 +108,7 @@ def dump_logits(
             "dataset": data.name,
             "dataset_fingerprint": data.fingerprint,
             "subset": n,
-            "teacher_arch": meta["arch"],
-            "teacher_sha256": file_sha256(teacher_path),
-            "teacher_path": str(teacher_path),
+            **who,
             "seed": seed,
             "augment": augment,
             "mix": mix,
@@ -115,11 +118,15 @@ def dump_logits(
             "batch_size": batch_size,
             "block_rows": block_rows,
             "precision": "bf16" if rt.amp_dtype is not None else "fp32",
+            "view_recipe": geometry.recipe,
+            **geometry.attrs(),
+            "data_options": json.dumps(data.options),
             # The teacher's recipe with this dump's view settings: students start from it.
             "recipe": json.dumps({**meta.get("recipe", {}), "views": views, "augment": augment, "seed": seed, "subset": n,
                                  "mix": mix, "mix_prob": mix_prob}),
         }
-        need = cache_io.bytes_needed(n, views, c, len(data.test_y), mixed=mix != "none")
+        need = cache_io.bytes_needed(n, views, c, len(data.test_y), mixed=mix != "none",
+                                     view_bytes=geometry.fields * geometry.dtype.itemsize)  # fmt: skip
         free = shutil.disk_usage(out.parent).free
         if free < need * 1.1:
             raise KDCacheError(
@@ -128,11 +135,13 @@ def dump_logits(
         if not resume:
             cache_io.partial_path(out).unlink(missing_ok=True)
         progress = progress or NoProgress()
-        progress.note(f"dump {n:,} {data.name} images x {views} view(s) through {meta['arch']} · {rt.describe()}")
+        progress.note(f"dump {n:,} {data.name} images x {views} view(s) through {who['teacher_arch']} · {rt.describe()}")
         t0 = time.perf_counter()
         writer = None
         try:
-            writer = cache_io.CacheWriter(out, attrs=attrs, num_rows=n, num_test=len(data.test_y), resume=resume)
+            hw = geometry.hw.numpy() if hasattr(geometry, "hw") else None
+            writer = cache_io.CacheWriter(out, attrs=attrs, num_rows=n, num_test=len(data.test_y), resume=resume,
+                                          store_hw=hw)  # fmt: skip
             if resume:  # what an earlier run wrote must be sound before more is added to it
                 done = torch.from_numpy(writer.ds["logits"][: writer.rows_done]).to(rt.device)
                 cache_io.check_finite(writer.tmp, done, "start the dump over with --force")
@@ -141,13 +150,15 @@ def dump_logits(
             progress.begin(f"dump {n}x{views} views", len(blocks))
             for start in blocks:
                 stop = min(start + block_rows, n)
-                params = view_params(seed, range(start, stop), range(views), augment=augment)  # [b, K, 3]
+                params = geometry.params(seed, range(start, stop), range(views), augment=augment)  # [b, K, F]
                 mixes = None if mix == "none" else mix_params(
-                    seed, range(start, stop), range(views), num_rows=n, mix=mix, prob=mix_prob, augment=augment)
+                    seed, range(start, stop), range(views), num_rows=n, mix=mix, prob=mix_prob, augment=augment,
+                    geometry=geometry)
                 rows = torch.arange(start, stop, device=rt.device).repeat_interleave(views)
                 flat = lambda t: t.flatten(0, 1).to(rt.device)  # noqa: E731 - one copy per block, not per batch
-                logits = predict(teacher, images, mean, std, rt, rows=rows, crop=flat(params),
-                                 mix=None if mixes is None else mixes.map(flat), batch_size=batch_size)  # fmt: skip
+                logits = predict(teacher, images, render_mean, render_std, rt, rows=rows, crop=flat(params),
+                                 mix=None if mixes is None else mixes.map(flat), batch_size=batch_size,
+                                 geometry=geometry)  # fmt: skip
                 logits = logits.view(stop - start, views, c).to(torch.float16)  # fp16: > 65504 is inf too
                 _refuse_nonfinite(logits, start, teacher_path, writer)
                 writer.write_rows(
@@ -160,7 +171,7 @@ def dump_logits(
                 )
                 progress.advance()
             progress.end()
-            test_logits = predict(teacher, data.test_x, mean, std, rt, batch_size=batch_size)
+            test_logits = predict(teacher, data.test_x, render_mean, render_std, rt, batch_size=batch_size)
             _refuse_nonfinite(test_logits.to(torch.float16)[:, None], 0, teacher_path, writer, "test image")
             cached = torch.from_numpy(writer.file["logits"][...])
             # The label that dominates each view: the partner's where it holds more than half the image.

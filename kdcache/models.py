@@ -34,6 +34,12 @@ def _cifar_resnet(factory: Callable[..., nn.Module]) -> Callable[[int], nn.Modul
     return build
 
 
+def _to_8x8(features: torch.Tensor) -> torch.Tensor:
+    """The seed CNNs' classifiers read 8x8 maps (32-pixel images): average-pool larger images' maps
+    down to 8x8 (no parameters; at 32 pixels nothing changes)."""
+    return features if features.shape[-2:] == (8, 8) else nn.functional.adaptive_avg_pool2d(features, 8)
+
+
 class SeedCNNTeacher(nn.Module):
     """Notebook 2's teacher: 4 convs + 2 linears, 1,186,986 parameters for 10 classes."""
 
@@ -52,7 +58,7 @@ class SeedCNNTeacher(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
+        return self.classifier(torch.flatten(_to_8x8(self.features(x)), 1))
 
 
 class SeedCNNStudent(nn.Module):
@@ -69,37 +75,102 @@ class SeedCNNStudent(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
+        return self.classifier(torch.flatten(_to_8x8(self.features(x)), 1))
 
 
-def _torchvision_resnet(name: str) -> Callable[[int], nn.Module]:
-    def build(num_classes: int) -> nn.Module:
+SMALL_IMAGES = 64  # images up to this many pixels a side get the CIFAR stem (see `build`)
+
+
+def _torchvision_resnet(name: str) -> Callable[..., nn.Module]:
+    def build(num_classes: int, small: bool = True) -> nn.Module:
         from torchvision import models as tv  # only here: importing it costs 1-2 s per command
 
-        return _cifar_resnet(getattr(tv, name))(num_classes)
+        factory = getattr(tv, name)
+        return _cifar_resnet(factory)(num_classes) if small else factory(num_classes=num_classes)
 
     return build
 
 
-def _registry() -> dict[str, Callable[[int], nn.Module]]:
+def _registry() -> dict[str, Callable[..., nn.Module]]:
     return {
         "resnet18": _torchvision_resnet("resnet18"),
         "resnet34": _torchvision_resnet("resnet34"),
         "resnet50": _torchvision_resnet("resnet50"),
-        "seed-cnn-teacher": SeedCNNTeacher,
-        "seed-cnn-student": SeedCNNStudent,
+        "seed-cnn-teacher": lambda num_classes, small=True: SeedCNNTeacher(num_classes),
+        "seed-cnn-student": lambda num_classes, small=True: SeedCNNStudent(num_classes),
     }
 
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "seed-cnn-teacher", "seed-cnn-student")
+SPEC_HELP = ("a name (" + ", ".join(ARCHS) + "), torchvision:NAME (e.g. torchvision:convnext_tiny), "
+             "timm:NAME (pip install 'kdcache[timm]'), or module.path:factory (called with num_classes)")  # fmt: skip
 
 
-def build(name: str, num_classes: int) -> nn.Module:
-    """A freshly initialised model of a registered architecture."""
+def _small_stem(model: nn.Module) -> nn.Module:
+    """The CIFAR stem on a ResNet-style model (a `conv1` and a `maxpool`): 3x3 stride 1, no max-pool."""
+    conv = getattr(model, "conv1", None)
+    if isinstance(conv, nn.Conv2d) and isinstance(getattr(model, "maxpool", None), nn.Module):
+        model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=conv.bias is not None)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        model.maxpool = nn.Identity()
+    return model
+
+
+def _from_spec(spec: str, num_classes: int) -> nn.Module:
+    source, _, name = spec.partition(":")
+    if source == "torchvision":
+        from torchvision import models as tv
+
+        if name not in tv.list_models(module=tv):
+            raise KDCacheError(f"torchvision has no classification model {name!r}: see torchvision.models.list_models()")
+        return tv.get_model(name, weights=None, num_classes=num_classes)
+    if source == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise KDCacheError(f"--arch {spec} needs timm, which is not installed: pip install 'kdcache[timm]'") from None
+        if not timm.is_model(name):
+            raise KDCacheError(f"timm has no model {name!r}: see timm.list_models()")
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    import importlib
+
+    try:
+        factory = getattr(importlib.import_module(source), name)
+    except ImportError as e:
+        raise KDCacheError(f"--arch {spec}: cannot import {source} ({e}): put it on PYTHONPATH or install it") from None
+    except AttributeError:
+        raise KDCacheError(f"--arch {spec}: {source} has no {name!r}") from None
+    try:
+        model = factory(num_classes=num_classes)
+    except Exception as e:  # noqa: BLE001 - a user's code may raise anything
+        raise KDCacheError(f"--arch {spec}: {name}(num_classes={num_classes}) raised {type(e).__name__}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise KDCacheError(f"--arch {spec}: {name}(num_classes=...) returned a {type(model).__name__}, not a torch nn.Module")
+    return model
+
+
+def check_spec(spec: str) -> str:
+    """Refuse an --arch that is neither a known name nor SOURCE:NAME, before any work starts."""
+    if spec not in ARCHS and ":" not in spec:
+        raise KDCacheError(f"unknown architecture {spec!r}: use {SPEC_HELP}")
+    return spec
+
+
+def build(name: str, num_classes: int, image_size: int = 32, small_stem: bool | None = None) -> nn.Module:
+    """A freshly initialised model: a registered name or a spec (torchvision:, timm:, module:factory).
+
+    The CIFAR stem (3x3 stride-1 conv1, no max-pool) replaces the ImageNet stem (7x7 stride 2 +
+    max-pool, a 4x reduction) of ResNet-style models when images are at most 64 pixels a side:
+    there the ImageNet stem would leave a 32-pixel image 8x8 before the first block. Other models
+    are built as their library defines them. `small_stem` overrides the rule (imported weights).
+    """
+    small = image_size <= SMALL_IMAGES if small_stem is None else small_stem
     registry = _registry()
-    if name not in registry:
-        raise KDCacheError(f"unknown architecture {name!r}: choose one of {', '.join(ARCHS)}")
-    return registry[name](num_classes)
+    if name in registry:
+        return registry[name](num_classes, small)
+    check_spec(name)
+    model = _from_spec(name, num_classes)
+    return _small_stem(model) if small else model
 
 
 def num_params(model: nn.Module) -> int:
@@ -169,7 +240,8 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None, device: str | 
         raise KDCacheError(
             f"{path} holds a {record['arch']} checkpoint, not {arch}: pass --arch {record['arch']} or another file"
         )
-    model = build(record["arch"], record["num_classes"])
+    model = build(record["arch"], record["num_classes"], image_size=record.get("image_size", 32),
+                  small_stem=record.get("small_stem"))
     try:
         model.load_state_dict(record["state_dict"])
     except RuntimeError as e:

@@ -71,6 +71,7 @@ def run_pipeline(
     progress: Progress | None = None,
     log: Callable[[str], None] = lambda msg: None,
     on_epoch=None,
+    data_options: dict | None = None,
 ) -> dict:
     """Run every stage not already done; write and return the report.
 
@@ -109,7 +110,8 @@ def run_pipeline(
         log(f"teacher: reusing {teacher}")
     else:
         stage(TEACHER, "teacher", lambda out, kw: train_teacher(
-            recipe, data_dir=data_dir, out=out, rt=rt, progress=progress, on_epoch=on_epoch, **kw),
+            recipe, data_dir=data_dir, out=out, rt=rt, progress=progress, on_epoch=on_epoch,
+            data_options=data_options, **kw),
             expect={"arch": recipe.teacher_arch, "epochs": recipe.teacher_recipe_epochs, "augment": recipe.augment,
                     "mix": recipe.mix, "mix_prob": recipe.mix_prob, **_training(recipe)})  # fmt: skip
     teacher_sha = lambda: file_sha256(paths[TEACHER])  # noqa: E731 - the teacher may only exist later

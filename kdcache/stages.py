@@ -12,7 +12,7 @@ import torch
 from kdcache import cache as cache_io
 from kdcache.artifacts import claim_output, metrics_path, write_metrics
 from kdcache.config import Recipe, validate
-from kdcache.data import Dataset, load_dataset
+from kdcache.data import IMAGENET_MEAN, IMAGENET_STD, Dataset, load_dataset, recorded_options
 from kdcache.errors import KDCacheError
 from kdcache.losses import label_loss, student_loss
 from kdcache.models import build, check_classes, file_sha256, load_checkpoint, num_params, save_checkpoint
@@ -31,7 +31,7 @@ from kdcache.train import (
     resume_path,
     save_resume,
 )
-from kdcache.views import STREAM_ONLINE, STREAM_TRAIN, Mix, mix_params, view_params, view_schedule
+from kdcache.views import STREAM_ONLINE, STREAM_TRAIN, CropFlip, Mix, ResizedCrop, mix_params, view_schedule
 
 
 @dataclass
@@ -68,7 +68,7 @@ def _train_and_save(
     """Shared by both stages: seed, build, (resume), fit with per-epoch state, checkpoint."""
     progress = progress or NoProgress()
     torch.manual_seed(recipe.seed)
-    raw = build(arch, data.num_classes)
+    raw = build(arch, data.num_classes, image_size=data.geometry.size[0])
     model = rt.prepare(raw)
     optimizer, scheduler = build_optimizer(
         raw, optimizer=recipe.optimizer, lr=recipe.lr, momentum=recipe.momentum,
@@ -111,7 +111,8 @@ def _train_and_save(
             "role": role, "num_classes": data.num_classes, "dataset": data.name,
             "dataset_fingerprint": data.fingerprint, "num_train": len(data.train_y),
             "normalize_mean": list(batches.mean), "normalize_std": list(batches.std),
-            "classes": data.classes, "params": num_params(raw),
+            "classes": data.classes, "params": num_params(raw), "image_size": data.geometry.size[0],
+            "data_options": data.options,
             "metrics": {"test_acc": history[-1]["test_acc"], "epochs": epochs, "train_time_s": train_time},
             "recipe": dataclasses.asdict(recipe), **extra_meta,
         },
@@ -121,16 +122,18 @@ def _train_and_save(
 
 
 def fresh_views_plan(n: int, seed: int, augment: bool, device, *, mix: str = "none", mix_prob: float = 1.0,
-                     stream: int = STREAM_TRAIN) -> Plan:  # fmt: skip
+                     stream: int = STREAM_TRAIN, geometry: CropFlip | ResizedCrop | None = None) -> Plan:  # fmt: skip
     """A new deterministic view of every image each epoch (view index = epoch in `stream`):
     crop+flip, mixed with a partner when `mix` is set. Teacher training and online students."""
     idx = np.arange(n)
+    geometry = geometry or CropFlip()
 
     def plan(epoch: int) -> EpochViews:
-        crop = view_params(seed, idx, [epoch], augment=augment, stream=stream)[:, 0].to(device)
+        crop = geometry.params(seed, idx, [epoch], augment=augment, stream=stream)[:, 0].to(device)
         if mix == "none":
             return EpochViews(crop, None, None)
-        m = mix_params(seed, idx, [epoch], num_rows=n, mix=mix, prob=mix_prob, augment=augment, stream=stream)
+        m = mix_params(seed, idx, [epoch], num_rows=n, mix=mix, prob=mix_prob, augment=augment, stream=stream,
+                       geometry=geometry)  # fmt: skip
         return EpochViews(crop, m[:, 0].to(device), None)
 
     return plan
@@ -160,17 +163,21 @@ def train_teacher(
     resume: bool = False,
     progress: Progress | None = None,
     on_epoch=None,
+    data_options: dict | None = None,
 ) -> StageResult:
     """Train `recipe.teacher_arch` with cross-entropy (against the mixed labels on mixed views)
-    on a fresh view of every image each epoch, of the family the cache will hold."""
+    on a fresh view of every image each epoch, of the family the cache will hold.
+    `data_options`: an image folder's (image size, store size, ...; see `data.load_folder`)."""
     validate(recipe)
     with claim_output(out, force=force, resume=resume, interrupted=resume_path(out)) as out:
-        data = load_dataset(recipe.dataset, data_dir, recipe.subset)
+        data = load_dataset(recipe.dataset, data_dir, recipe.subset, progress=progress, **(data_options or {}))
         _check_mixable(recipe, len(data.train_y))
+        if data.name == "imagefolder":  # photographs: ImageNet's statistics, as pretrained models expect
+            recipe = dataclasses.replace(recipe, mean=IMAGENET_MEAN, std=IMAGENET_STD)
         plan = fresh_views_plan(len(data.train_y), recipe.seed, recipe.augment, rt.device, mix=recipe.mix,
-                                mix_prob=recipe.mix_prob)  # fmt: skip
-        batches = ViewBatches(data.train_x.to(rt.device), data.train_y.to(rt.device), plan,
-                              recipe.batch_size, recipe.seed, recipe.mean, recipe.std, drop_last=rt.compile)  # fmt: skip
+                                mix_prob=recipe.mix_prob, geometry=data.geometry)  # fmt: skip
+        batches = ViewBatches(data.train_x.to(rt.device), data.train_y.to(rt.device), plan, recipe.batch_size,
+                              recipe.seed, recipe.mean, recipe.std, drop_last=rt.compile, geometry=data.geometry)  # fmt: skip
         return _train_and_save(
             role="teacher", arch=recipe.teacher_arch, data=data, recipe=recipe, epochs=recipe.teacher_recipe_epochs,
             batches=batches, loss_fn=lambda s, b: label_loss(s, b.y, b.y2, b.lam), rt=rt, out=out,
@@ -195,6 +202,7 @@ def train_student(
     resume: bool = False,
     progress: Progress | None = None,
     on_epoch=None,
+    rebuild_store: bool = False,
 ) -> StageResult:
     """Train `recipe.student_arch` against the teacher's soft targets.
 
@@ -210,12 +218,13 @@ def train_student(
         if online_teacher is not None:
             teacher, meta = load_checkpoint(online_teacher, device=rt.device)
             subset = recipe.subset if recipe.subset is not None else meta.get("num_train")
-            data = load_dataset(meta["dataset"], data_dir, subset)
+            data = load_dataset(meta["dataset"], data_dir, subset, progress=progress, rebuild_store=rebuild_store,
+                                **recorded_options(meta))  # fmt: skip
             check_classes(online_teacher, meta, data.name, data.num_classes)
             _check_mixable(recipe, len(data.train_y))
             mean, std = tuple(meta["normalize_mean"]), tuple(meta["normalize_std"])
             plan = fresh_views_plan(len(data.train_y), recipe.seed, recipe.augment, rt.device, mix=recipe.mix,
-                                    mix_prob=recipe.mix_prob, stream=STREAM_ONLINE)  # fmt: skip
+                                    mix_prob=recipe.mix_prob, stream=STREAM_ONLINE, geometry=data.geometry)  # fmt: skip
             teacher = rt.prepare(teacher)
             test_logits = predict(teacher, data.test_x.to(rt.device), mean, std, rt)
             source = {"online_teacher_sha256": file_sha256(online_teacher), "teacher_arch": meta["arch"]}
@@ -223,7 +232,8 @@ def train_student(
             with cache_io.open_cache(cache_file) as cache:
                 attrs = cache.attrs
                 subset = recipe.subset if recipe.subset is not None else attrs.get("subset")
-                data = load_dataset(attrs["dataset"], data_dir, subset)
+                data = load_dataset(attrs["dataset"], data_dir, subset, progress=progress, rebuild_store=rebuild_store,
+                                    **recorded_options(attrs))  # fmt: skip
                 cache_io.check_matches(cache, data.fingerprint, data.num_classes)
                 logits, params, mix, labels = cache.tensors()
                 test_logits = torch.from_numpy(cache.file["test_logits"][...]) if "test_logits" in cache.file else None
@@ -238,8 +248,8 @@ def train_student(
             source = {"cache_teacher_sha256": attrs["teacher_sha256"], "cache_num_views": params.shape[1],
                       "cache_blocks_sha256": digest, "cache_precision": attrs.get("precision"),
                       "cache_seed": attrs["seed"], "cache_augment": attrs["augment"], "teacher_arch": attrs["teacher_arch"]}  # fmt: skip
-        batches = ViewBatches(data.train_x.to(rt.device), data.train_y.to(rt.device), plan,
-                              recipe.batch_size, recipe.seed, mean, std, drop_last=rt.compile)  # fmt: skip
+        batches = ViewBatches(data.train_x.to(rt.device), data.train_y.to(rt.device), plan, recipe.batch_size,
+                              recipe.seed, mean, std, drop_last=rt.compile, geometry=data.geometry)  # fmt: skip
         T, alpha, kind = recipe.T, recipe.alpha, recipe.loss
 
         def loss_fn(s, b):

@@ -20,7 +20,7 @@ from torch import nn
 
 from kdcache.errors import KDCacheError
 from kdcache.models import atomic_torch_save, finite_weights, unwrap
-from kdcache.views import Mix, normalize, render_views, shuffle_order
+from kdcache.views import CropFlip, Mix, ResizedCrop, normalize, render_views, shuffle_order
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class Runtime:
 class EpochViews(NamedTuple):
     """What a plan gives for one epoch, one entry per sample, on the device."""
 
-    crop: torch.Tensor  # uint8 [N, 3]: each sample's own (dx, dy, flip)
+    crop: torch.Tensor  # [N, F]: each sample's own crop in its geometry's terms (CIFAR: uint8 (dx, dy, flip))
     mix: Mix | None  # its mix (v2 record), None for crop/flip views only
     targets: torch.Tensor | None  # the teacher's logits for that exact view [N, C] (students)
 
@@ -113,6 +113,7 @@ class ViewBatches:
     # Compiled models recompile for every new batch shape: skip the epoch's last
     # partial batch then (the order changes each epoch, so no sample is always left out).
     drop_last: bool = False
+    geometry: CropFlip | ResizedCrop | None = None  # how a crop becomes pixels (None: CIFAR's pad-4 crop)
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -125,7 +126,7 @@ class ViewBatches:
             idx = order[start : start + self.batch_size]
             take = lambda t: t.index_select(0, idx)  # noqa: E731 - faster than t[idx] on CPU
             m = None if mix is None else mix.take(idx)
-            x = render_views(self.images, idx, take(crop), m, self.mean, self.std)
+            x = render_views(self.images, idx, take(crop), m, self.mean, self.std, self.geometry)
             y2 = None if m is None else self.labels.index_select(0, m.partner.clamp(min=0))
             yield Batch(x, take(self.labels), None if targets is None else take(targets), y2,
                         None if m is None else m.lam)  # fmt: skip
@@ -192,6 +193,7 @@ class NoProgress:
 def predict(
     model: nn.Module, images: torch.Tensor, mean, std, rt: Runtime, *, rows: torch.Tensor | None = None,
     crop: torch.Tensor | None = None, mix: Mix | None = None, batch_size: int = 1024,
+    geometry: CropFlip | ResizedCrop | None = None,
 ) -> torch.Tensor:
     """float32 logits for uint8 images: [N, C] for the plain images, or, with `rows` [M] and
     their views (`crop` [M,3], optional `mix` [M]), [M, C] for the views of images[rows].
@@ -209,7 +211,7 @@ def predict(
         else:
             part = slice(start, start + batch_size)
             x = render_views(images, rows[part].to(images.device), crop[part].to(images.device),
-                             None if mix is None else mix[part].to(images.device), mean, std)  # fmt: skip
+                             None if mix is None else mix[part].to(images.device), mean, std, geometry)  # fmt: skip
         n = len(x)
         if one_shape and n < batch_size:
             x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,11 +10,11 @@ import numpy as np
 import torch
 
 from kdcache import cache as cache_io
-from kdcache.data import load_dataset
+from kdcache.data import load_dataset, recorded_options
+from kdcache.imports import load_teachers
 from kdcache.errors import KDCacheError
-from kdcache.models import file_sha256, load_checkpoint
 from kdcache.train import Runtime, predict
-from kdcache.views import Mix, mix_params, view_params
+from kdcache.views import Mix, mix_params
 
 SCAN_ROWS = 4096
 
@@ -52,15 +53,19 @@ def cache_summary(path: str | Path, T: float = 1.0) -> list[tuple[str, str]]:
         rows = [
             ("format", f"{a['format']} v{a['format_version']} · view recipe {a['view_recipe']}"),
             ("complete", "yes" if complete else f"no: {a.get('rows_done', 0):,} of {n:,} rows written"),
-            ("dataset", f"{a['dataset']} · fingerprint {a['dataset_fingerprint'][:16]}"),
+            ("dataset", f"{a['dataset']}" + (f" {recorded_options(a)['data_path']}" if a["dataset"] == "imagefolder" else "")
+             + f" · fingerprint {a['dataset_fingerprint'][:16]}"),
             ("N x K x C", f"{n:,} images x {k} views x {c} classes"),
             ("logits", f"{cache.file['logits'].dtype} raw logits"),
             ("size on disk", f"{Path(path).stat().st_size / 1e6:.1f} MB"),
             ("teacher", f"{a['teacher_arch']} · sha256 {a['teacher_sha256'][:16]}"),
+            *([("ensemble members", "; ".join(f"{m['arch']} {_pct(m['test_acc'])} · sha256 {m['sha256'][:12]}"
+                                             for m in json.loads(a["ensemble_members"])))]
+              if "ensemble_members" in a else []),
             ("teacher test accuracy", pct("teacher_test_acc")),
             ("teacher accuracy on cached views", pct("teacher_view_acc")),
             (f"mean soft-target entropy at T={T:g}", f"{soft_target_entropy(cache, T):.3f} nats (max {np.log(c):.3f})"),
-            ("views", f"seed {a['seed']} · {'pad-4 crop + flip' if a['augment'] else 'identity (no augmentation)'}"
+            ("views", f"seed {a['seed']} · {_view_words(a)}"
                       + (f" · mixed: {a['mix']}, p={a['mix_prob']:g}" if cache.mix != "none" else " · unmixed")),
             ("view schedule", f"each view once every {k} epochs" + (
                 f": {k} epochs before a student sees any view twice" if cache.mix != "none" and a["mix_prob"] == 1
@@ -95,6 +100,20 @@ def _rows_list(rows: np.ndarray, limit: int = 5) -> str:
     return shown + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
 
 
+def _pct(acc) -> str:
+    return f"{100 * acc:.2f}%" if isinstance(acc, (int, float)) else "accuracy unknown"
+
+
+def _view_words(a: dict) -> str:
+    if a.get("view_recipe", cache_io.VIEW_RECIPE) == cache_io.VIEW_RECIPE:
+        return "pad-4 crop + flip" if a["augment"] else "identity (no augmentation)"
+    size = a["image_size"]
+    if not a["augment"]:
+        return f"resize + centre crop to {size} px (no augmentation)"
+    (s0, s1), (r0, r1) = a["rrc_scale"], a["rrc_ratio"]
+    return f"random-resized crop to {size} px (scale {s0:g}-{s1:g}, ratio {r0:.2f}-{r1:.2f}) + flip"
+
+
 def verify_cache(
     path: str | Path, *, teacher: str | Path, data_dir: str | Path, samples: int, rt: Runtime, seed: int = 0
 ) -> Report:
@@ -107,12 +126,7 @@ def verify_cache(
         n, k, c = f["logits"].shape
         report.add("complete", a.get("complete"), "every row written" if a.get("complete") else
                    f"only {a.get('rows_done', 0):,} of {n:,} rows written: finish it with dump-logits --resume")  # fmt: skip
-        shapes_ok = (f["view_params"].shape == (n, k, 3) and f["labels"].shape == (n,) and f["indices"].shape == (n,)
-                     and k == a["num_views"] and c == a["num_classes"])  # fmt: skip
-        report.add("shapes", shapes_ok, f"logits {f['logits'].shape}, view_params {f['view_params'].shape}, "
-                   f"labels {f['labels'].shape}, attrs K={a['num_views']} C={a['num_classes']}")  # fmt: skip
-        if not shapes_ok:
-            return report
+        geometry = cache.geometry()  # open_cache has checked the shapes against the attributes
 
         done = rows_written(cache)  # an interrupted dump's later rows are empty, not wrong
         bad = [start + np.nonzero(~np.isfinite(b).all(axis=(1, 2)))[0] for start, b in _scan(cache, "logits", done)]
@@ -124,10 +138,11 @@ def verify_cache(
         for start in range(0, done, SCAN_ROWS):  # in blocks: bounded memory for any N x K
             stop = min(start + SCAN_ROWS, done)
             rows = indices[start:stop]
-            expected = {"view_params": view_params(a["seed"], rows, range(k), augment=a["augment"]).numpy()}
+            expected = {"view_params": geometry.params(a["seed"], rows, range(k), augment=a["augment"]).numpy()}
             if cache.mix != "none":  # the mix record too: partner, partner crop, box and weight
                 expected |= cache_io.mix_arrays(mix_params(a["seed"], rows, range(k), num_rows=n, mix=cache.mix,
-                                                           prob=float(a["mix_prob"]), augment=a["augment"]))  # fmt: skip
+                                                           prob=float(a["mix_prob"]), augment=a["augment"],
+                                                           geometry=geometry))  # fmt: skip
             for name, want in expected.items():
                 differs[start:stop] |= (f[name][start:stop] != want).reshape(stop - start, -1).any(axis=1)
         wrong = np.nonzero(differs)[0]
@@ -146,22 +161,28 @@ def verify_cache(
                    else f"rows {', '.join(f'{s}-{e - 1}' for s, e in changed[:5])} changed after the dump")  # fmt: skip
 
         try:
-            data = load_dataset(a["dataset"], data_dir, a.get("subset"))
+            data = load_dataset(a["dataset"], data_dir, a.get("subset"), **recorded_options(a))
             fp_ok = data.fingerprint == a["dataset_fingerprint"]
-            report.add("dataset fingerprint", fp_ok, f"{a['dataset']} in {data_dir} matches" if fp_ok else
-                       f"{a['dataset']} in {data_dir} (first {a.get('subset')}) is {data.fingerprint[:12]}, the cache says {a['dataset_fingerprint'][:12]}")  # fmt: skip
+            where = data_dir if data_dir is not None else recorded_options(a).get("data_path", "data")
+            report.add("dataset fingerprint", fp_ok, f"{a['dataset']} in {where} matches" if fp_ok else
+                       f"{a['dataset']} in {where} (first {a.get('subset')}) is {data.fingerprint[:12]}, the cache says {a['dataset_fingerprint'][:12]}")  # fmt: skip
             labels_ok = np.array_equal(f["labels"][:done], data.train_y[indices].numpy())
             report.add("labels", labels_ok, "match the dataset" if labels_ok else "differ from the dataset's")
         except KDCacheError as e:
             report.add("dataset fingerprint", False, str(e))
             return report
 
-        model, meta = load_checkpoint(teacher, device=rt.device)
-        sha_ok = file_sha256(teacher) == a["teacher_sha256"]
-        report.add("teacher", sha_ok, f"{meta['arch']} matches the cache's sha256" if sha_ok
-                   else f"{teacher} is not the teacher this cache was made with (sha256 differs)")  # fmt: skip
-        model = rt.prepare(model)
-        mean, std = tuple(a["normalize_mean"]), tuple(a["normalize_std"])
+        teachers = [teacher] if isinstance(teacher, (str, Path)) else list(teacher)
+        members = json.loads(a["ensemble_members"]) if "ensemble_members" in a else None
+        if members is not None and len(teachers) != len(members):
+            report.add("teacher", False, f"the cache is an ensemble of {len(members)} teachers "
+                       f"({', '.join(m['path'] for m in members)}): pass each with --teacher, in that order")  # fmt: skip
+            return report
+        model, meta, mean, std, who = load_teachers(teachers, rt=rt)
+        sha_ok = who["teacher_sha256"] == a["teacher_sha256"]
+        named = " and ".join(map(str, teachers))
+        report.add("teacher", sha_ok, f"{who['teacher_arch']} matches the cache's sha256" if sha_ok
+                   else f"{named} is not the teacher this cache was made with (sha256 differs)")  # fmt: skip
 
         # Random (row, view) pairs, plus every view of every row in a changed block.
         g = np.random.default_rng(seed)
@@ -181,7 +202,7 @@ def verify_cache(
                 mixed = Mix(*(torch.from_numpy(f[name][uniq][inv, vs]) for name in cache_io.MIX_DATASETS))
                 mixed.partner = mixed.partner.long()
             fresh = predict(model, data.train_x.to(rt.device), mean, std, rt, rows=torch.from_numpy(indices[rows]),
-                            crop=params, mix=mixed, batch_size=512).cpu()  # fmt: skip
+                            crop=params, mix=mixed, batch_size=512, geometry=geometry).cpu()  # fmt: skip
             err = (fresh - cached).abs()
             bf16 = a.get("precision") == "bf16" or rt.amp_dtype is not None
             tol = (0.15 + 0.03 * fresh.abs()) if bf16 else (0.01 + 2e-3 * fresh.abs())

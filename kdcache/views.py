@@ -24,16 +24,19 @@ import numpy as np
 import torch
 
 PAD = 4
-SIZE = (32, 32)  # output (H, W) of a view: CIFAR images, the only kind today
+SIZE = (32, 32)  # output (H, W) of a pad-4 crop view: CIFAR images
 IDENTITY = (PAD, PAD, 0)
+RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # torchvision RandomResizedCrop's defaults
+EVAL_CROP = 0.875  # evaluation: resize the short side to size / 0.875, centre-crop size (timm's crop_pct)
 
 # Independent hash streams, so teacher augmentation, cached views, the student's
 # view schedule and the shuffling order never share random numbers.
 STREAM_TRAIN, STREAM_DUMP, STREAM_SCHEDULE, STREAM_SHUFFLE, STREAM_ONLINE = 1, 2, 3, 4, 5
 MIX_CROP_STREAM = 16  # added to a view stream: the partner's crop in that stream's views
 MIXES = ("none", "cutmix", "mixup", "both")
-# Sub-counters of one (seed, stream, sample, view): independent draws for the mix.
-_APPLY, _KIND, _PARTNER, _LAM, _CY, _CX = 1, 2, 3, 4, 5, 6
+# Sub-counters of one (seed, stream, sample, view): independent draws for the mix,
+# and (from _RRC on, 4 per attempt) for a random-resized crop.
+_APPLY, _KIND, _PARTNER, _LAM, _CY, _CX, _RRC = 1, 2, 3, 4, 5, 6, 32
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -75,6 +78,121 @@ def _uniform(h: np.ndarray) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
+class CropFlip:
+    """Pad-4 crop + flip views of equal-size images (CIFAR): params uint8 [..., 3] = (dx, dy, flip)."""
+
+    recipe = "pad4-crop-flip"
+    fields, dtype = 3, torch.uint8
+
+    def __init__(self, size: tuple[int, int] = SIZE):
+        self.size = tuple(int(v) for v in size)
+
+    def params(self, seed: int, indices, views, *, augment: bool = True, stream: int = STREAM_DUMP,
+               of_rows: np.ndarray | None = None) -> torch.Tensor:  # fmt: skip
+        """[len(indices), len(views), 3] for every (sample, view); `of_rows` plays no part (equal sizes)."""
+        return view_params(seed, indices, views, augment=augment, stream=stream)
+
+    def pixels(self, images: torch.Tensor, rows: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """uint8 [B,3,H,W]: the views `params` [B,3] of `images[rows]`."""
+        # index_select, not images[rows]: ~20x faster for whole uint8 rows on CPU (16 vs 308 us for 128 rows)
+        return crop_pixels(images.index_select(0, rows), params)
+
+    def valid(self, params: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """bool [...]: which views are inside the recipe's range."""
+        return (params[..., :2] <= 2 * PAD).all(-1) & (params[..., 2] <= 1)
+
+    def attrs(self) -> dict:
+        return {}
+
+
+class ResizedCrop:
+    """Random-resized-crop + flip views of a store of images of different sizes (image folders).
+
+    Images sit top-left in a square uint8 canvas [N,3,S,S] with their true (h, w) in `hw`
+    (int16 [N,2]); the canvas beyond an image repeats its last row and column, so sampling
+    at its edge equals clamping. A view is params int16 [..., 5] = (y0, x0, h, w, flip): a
+    box in store pixels, drawn as torchvision's RandomResizedCrop.get_params draws it (10
+    attempts of area scale x log-uniform aspect ratio, then its central fallback), resized
+    to `size` x `size` by `roi_align` (bilinear, averaging ceil(box/size)^2 samples per
+    output pixel when shrinking: an antialiasing box filter), rounded to uint8, mirrored if
+    flip. Not augmented (and evaluation): the central square of 0.875 x the short side,
+    which is Resize(size / 0.875) + CenterCrop(size).
+    """
+
+    recipe = "rrc-flip"
+    fields, dtype = 5, torch.int16
+
+    def __init__(self, hw: torch.Tensor, size: int, scale=RRC_SCALE, ratio=RRC_RATIO):
+        self.hw = hw.to(torch.int64).cpu()
+        self.size = (int(size), int(size))
+        self.scale, self.ratio = tuple(float(v) for v in scale), tuple(float(v) for v in ratio)
+
+    def params(self, seed: int, indices, views, *, augment: bool = True, stream: int = STREAM_DUMP,
+               of_rows: np.ndarray | None = None) -> torch.Tensor:  # fmt: skip
+        """[len(indices), len(views), 5] for every (sample, view), a pure function of (seed, stream, i, v).
+        The boxes fit the images `of_rows` ([len(indices), len(views)], default the samples themselves):
+        a mix partner's crop is drawn with the sample's counters but fits the partner."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1, 1)
+        vs = np.asarray(views, dtype=np.int64).reshape(1, -1)
+        shape = (idx.shape[0], vs.shape[1])
+        rows = np.broadcast_to(idx, shape) if of_rows is None else np.asarray(of_rows, dtype=np.int64).reshape(shape)
+        hw = self.hw.numpy()[rows]
+        H, W = hw[..., 0].astype(np.int64), hw[..., 1].astype(np.int64)
+        side = np.round(EVAL_CROP * np.minimum(H, W)).astype(np.int64).clip(min=1)  # the evaluation box
+        h, w = side.copy(), side.copy()
+        y0, x0 = np.round((H - h) / 2).astype(np.int64), np.round((W - w) / 2).astype(np.int64)  # as CenterCrop
+        flip = np.zeros(shape, np.int64)
+        if augment:
+            draw = lambda sub: _uniform(hash_u64(seed, stream, idx, vs, sub).reshape(shape))  # noqa: E731
+            found = np.zeros(shape, bool)
+            lo, hi = np.log(self.ratio[0]), np.log(self.ratio[1])
+            for attempt in range(10):
+                u = [draw(_RRC + 4 * attempt + j) for j in range(4)]
+                target = H * W * (self.scale[0] + u[0] * (self.scale[1] - self.scale[0]))
+                aspect = np.exp(lo + u[1] * (hi - lo))
+                cw, chh = np.round(np.sqrt(target * aspect)).astype(np.int64), np.round(np.sqrt(target / aspect)).astype(np.int64)
+                ok = ~found & (cw > 0) & (cw <= W) & (chh > 0) & (chh <= H)
+                i = np.floor(u[2] * (H - chh + 1)).astype(np.int64)
+                j = np.floor(u[3] * (W - cw + 1)).astype(np.int64)
+                for arr, val in ((h, chh), (w, cw), (y0, i), (x0, j)):
+                    arr[ok] = val[ok]
+                found |= ok
+            # torchvision's fallback: the whole image, its aspect ratio clamped to the range
+            in_ratio = W / H
+            fw = np.where(in_ratio < self.ratio[0], W, np.where(in_ratio > self.ratio[1], np.round(H * self.ratio[1]), W))
+            fh = np.where(in_ratio < self.ratio[0], np.round(W / self.ratio[0]), H)
+            fw, fh = fw.astype(np.int64), fh.astype(np.int64)
+            for arr, val in ((h, fh), (w, fw), (y0, (H - fh) // 2), (x0, (W - fw) // 2)):
+                arr[~found] = val[~found]
+            flip = (hash_u64(seed, stream, idx, vs, _RRC - 1).reshape(shape) % np.uint64(2)).astype(np.int64)
+        return torch.from_numpy(np.stack([y0, x0, h, w, flip], axis=-1).astype(np.int16))
+
+    def pixels(self, images: torch.Tensor, rows: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """uint8 [B,3,size,size]: the views `params` [B,5] of `images[rows]` (a canvas [N,3,S,S])."""
+        from torchvision.ops import roi_align
+
+        x = images.index_select(0, rows).to(torch.float32)
+        b = x.shape[0]
+        p = params.to(device=x.device, dtype=torch.float32)
+        y0, x0, h, w, flip = p.unbind(-1)
+        boxes = torch.stack([torch.arange(b, device=x.device, dtype=torch.float32), x0, y0, x0 + w, y0 + h], 1)
+        out = roi_align(x, boxes, output_size=self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        out = torch.where(flip.view(b, 1, 1, 1) > 0, out.flip(-1), out)
+        return out.round_().clamp_(0, 255).to(torch.uint8)
+
+    def valid(self, params: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        p, hw = params.to(torch.int64), self.hw[rows.clamp(min=0).to(torch.int64)]
+        y0, x0, h, w, flip = p.unbind(-1)
+        return (y0 >= 0) & (x0 >= 0) & (h >= 1) & (w >= 1) & (y0 + h <= hw[..., 0]) & (x0 + w <= hw[..., 1]) & (flip <= 1)
+
+    def attrs(self) -> dict:
+        return {"image_size": self.size[0], "rrc_scale": list(self.scale), "rrc_ratio": list(self.ratio)}
+
+
+GEOMETRIES = (CropFlip.recipe, ResizedCrop.recipe)
+_CIFAR = CropFlip()
+
+
 @dataclass
 class Mix:
     """The mix part of view record v2, for a batch of views (any leading shape S).
@@ -104,7 +222,7 @@ class Mix:
 
 
 def mix_params(
-    seed: int, indices, views, *, num_rows: int, mix: str, prob: float, size: tuple[int, int] = SIZE,
+    seed: int, indices, views, *, num_rows: int, mix: str, prob: float, geometry: "CropFlip | ResizedCrop | None" = None,
     augment: bool = True, stream: int = STREAM_DUMP,
 ) -> Mix:
     """Mix [len(indices), len(views)] for every (sample, view): a pure function of (seed, stream, i, v).
@@ -117,7 +235,8 @@ def mix_params(
     """
     if mix not in MIXES:
         raise ValueError(f"mix must be one of {MIXES}")
-    h_out, w_out = size
+    geometry = geometry or CropFlip()
+    h_out, w_out = size = geometry.size
     if max(size) > 255:
         raise ValueError("the mix record stores boxes as uint8: outputs up to 255 pixels a side")
     idx = np.asarray(indices, dtype=np.int64).reshape(-1, 1)
@@ -137,7 +256,8 @@ def mix_params(
     boxed = apply & cut
     box = np.where(boxed[..., None], np.stack([y0, x0, y1 - y0, x1 - x0], axis=-1), 0).astype(np.uint8)
     lam = np.where(boxed, 1.0 - (y1 - y0) * (x1 - x0) / (h_out * w_out), np.where(apply, lam0, 1.0))
-    crop = view_params(seed, indices, views, augment=augment, stream=stream + MIX_CROP_STREAM)
+    crop = geometry.params(seed, indices, views, augment=augment, stream=stream + MIX_CROP_STREAM,
+                           of_rows=np.where(apply, partner, idx))  # the partner's crop fits the partner's image
     crop[~torch.from_numpy(apply)] = 0
     return Mix(torch.from_numpy(np.where(apply, partner, -1)), crop, torch.from_numpy(box),
                torch.from_numpy(lam.astype(np.float32)))  # fmt: skip
@@ -175,10 +295,12 @@ def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def render_views(
-    images: torch.Tensor, rows: torch.Tensor, crop: torch.Tensor, mix: Mix | None, mean, std
+    images: torch.Tensor, rows: torch.Tensor, crop: torch.Tensor, mix: Mix | None, mean, std,
+    geometry: CropFlip | ResizedCrop | None = None,
 ) -> torch.Tensor:
     """THE renderer: views of `images[rows]` (uint8 [N,3,H,W] on the device, rows int64 [B])
-    with their crops [B,3] and optional `Mix` [B] -> normalised float32 [B,3,H,W].
+    with their crops [B,F] and optional `Mix` [B] -> normalised float32 [B,3,h,w]. The
+    geometry (default: CIFAR's pad-4 crop) turns a crop into pixels.
 
     Both mixes are one `torch.lerp(partner, own, weight)` in float32 pixel values: weight is
     1 outside and 0 inside a CutMix box (exact: the pixels are whole numbers), lam for a MixUp
@@ -186,11 +308,11 @@ def render_views(
     float rounding. An unmixed row in a mixed batch has lam 1 and no box, which leaves it
     exactly as it was. Then normalised as ToTensor + Normalize do.
     """
-    # index_select, not images[rows]: ~20x faster for whole uint8 rows on CPU (16 vs 308 us for 128 rows)
+    geometry = geometry or _CIFAR
     if mix is None:
-        return normalize(crop_pixels(images.index_select(0, rows), crop), mean, std)
+        return normalize(geometry.pixels(images, rows, crop), mean, std)
     b = len(rows)
-    both = crop_pixels(images.index_select(0, torch.cat([rows, mix.partner.clamp(min=0)])), torch.cat([crop, mix.crop]))
+    both = geometry.pixels(images, torch.cat([rows, mix.partner.clamp(min=0)]), torch.cat([crop, mix.crop]))
     own, partner = both[:b].to(torch.float32), both[b:].to(torch.float32)
     h, w = own.shape[-2:]
     box = mix.box.to(torch.long)

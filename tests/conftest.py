@@ -32,6 +32,12 @@ THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TINY = get_preset("seed-cnn").override(epochs=2, teacher_epochs=1, batch_size=64, subset=400)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _store_dir(tmp_path_factory):
+    """Image-folder stores go to a temporary folder, never ~/.cache (subprocesses inherit it)."""
+    os.environ["KDCACHE_STORE_DIR"] = str(tmp_path_factory.mktemp("stores"))
+
+
 @pytest.fixture(scope="session")
 def cpu() -> Runtime:
     return Runtime.create("cpu", "fp32")

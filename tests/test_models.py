@@ -54,3 +54,44 @@ def test_checkpoint_of_another_arch_is_refused(tmp_path):
     save_checkpoint(path, build("seed-cnn-student", 10), arch="seed-cnn-student", meta=META)
     with pytest.raises(KDCacheError, match="seed-cnn-student checkpoint, not resnet18"):
         load_checkpoint(path, arch="resnet18")
+
+
+def test_model_specs_build_with_the_stem_their_image_size_needs(tmp_path):
+    from torch import nn
+
+    from kdcache.models import build, load_checkpoint, save_checkpoint
+
+    small = build("torchvision:resnet18", 7, image_size=32)
+    assert small.conv1.stride == (1, 1) and isinstance(small.maxpool, nn.Identity) and small.fc.out_features == 7
+    large = build("torchvision:resnet18", 7, image_size=224)
+    assert large.conv1.stride == (2, 2) and isinstance(large.maxpool, nn.MaxPool2d)
+    assert build("resnet18", 7, image_size=128).conv1.kernel_size == (7, 7)  # named ResNets follow the same rule
+    own = build("byo_models:make_net", 5)
+    assert own(torch.zeros(2, 3, 40, 40)).shape == (2, 5)
+    # the checkpoint records the spec and image size: load_checkpoint rebuilds it from the file alone
+    meta = {"num_classes": 7, "dataset": "imagefolder", "dataset_fingerprint": "x", "normalize_mean": [0.5] * 3,
+            "normalize_std": [0.2] * 3, "image_size": 224}  # fmt: skip
+    save_checkpoint(tmp_path / "m.pt", large, arch="torchvision:resnet18", meta=meta)
+    model, got = load_checkpoint(tmp_path / "m.pt")
+    assert got["arch"] == "torchvision:resnet18" and model.conv1.stride == (2, 2)
+    for a, b in zip(model.state_dict().values(), large.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_seed_cnns_take_larger_images_without_new_parameters():
+    from kdcache.models import build, num_params
+
+    for name in ("seed-cnn-teacher", "seed-cnn-student"):
+        m = build(name, 10)
+        assert m(torch.zeros(2, 3, 64, 64)).shape == (2, 10) and num_params(m) == num_params(build(name, 10, 64))
+
+
+def test_timm_spec_without_timm_says_how_to_install(monkeypatch):
+    import sys
+
+    from kdcache.errors import KDCacheError
+    from kdcache.models import build
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if not installed
+    with pytest.raises(KDCacheError, match=r"pip install 'kdcache\[timm\]'"):
+        build("timm:resnet18", 10)

@@ -77,7 +77,7 @@ def test_verify_passes_a_clean_cache(cache_file, teacher_ckpt, data_dir):
                 "--samples", "64", "--device", "cpu", env=ONE)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert "FAIL" not in r.stdout and "verify failed" not in r.stderr
-    for name in ("complete", "shapes", "finite logits", "view params", "block checksums", "dataset fingerprint",
+    for name in ("complete", "finite logits", "view params", "block checksums", "dataset fingerprint",
                  "labels", "teacher", "teacher replay"):  # fmt: skip
         assert " ok " in check_line(r.stdout, name), name
     replay = check_line(r.stdout, "teacher replay")

@@ -1,0 +1,306 @@
+"""Image folders (`PATH/train/<class>/*`, optional `PATH/val/<class>/*`) as a prepared store.
+
+Decoding JPEGs in the hot loop is what makes training slow, so the first use of a
+folder decodes every image once (threads; PIL releases the GIL while decoding and
+resizing), shrinks it to fit a square of `store_size` pixels (aspect ratio kept,
+never enlarged) and writes uint8 arrays under the store directory
+(`$KDCACHE_STORE_DIR`, default `~/.cache/kdcache/stores`, one folder per data path,
+store size and split). Later runs map the arrays back in a fraction of a second.
+
+Each image sits top-left in a square canvas [3, S, S]; the canvas beyond it repeats the
+image's last row and column, so a bilinear sample at the image's edge reads the edge
+(as clamping would). Its true (h, w) is stored beside it. Rows are in a fixed order
+drawn from a hash of each file's relative path, so `--subset N` takes a class-mixed
+first N.
+
+The store remembers the folder's listing (relative path, size, modification time of
+every file). A run that finds the folder changed stops with a one-line error; pass
+`rebuild=True` (`--rebuild-store`) to prepare it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kdcache.errors import KDCacheError
+
+STORE_VERSION = 1
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+DEFAULT_IMAGE_SIZE = 224
+
+
+def default_store_size(image_size: int) -> int:
+    """Long side of the store: a 4:3 photo's short side then equals image_size / 0.875, the
+    evaluation resize, so neither the evaluation crop nor a full-image random crop is enlarged.
+    Rounded up to a multiple of 8 (64 -> 104, 224 -> 344)."""
+    return -(-int(np.ceil(image_size * 4 / 3 / 0.875)) // 8) * 8
+
+
+def store_root() -> Path:
+    env = os.environ.get("KDCACHE_STORE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kdcache" / "stores"
+
+
+@dataclass
+class Split:
+    files: list[Path]  # absolute paths, in store row order
+    labels: np.ndarray  # int64
+
+
+@dataclass
+class Store:
+    """One prepared split: canvas uint8 [N,3,S,S] (memory-mapped), hw int16 [N,2], labels int64 [N]."""
+
+    images: np.ndarray
+    hw: np.ndarray
+    labels: np.ndarray
+    meta: dict
+
+
+def _rel_key(rel: str) -> int:
+    return int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "little")
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS)
+
+
+def _class_folders(split_dir: Path) -> list[Path]:
+    return sorted((p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def scan(root: Path, val_fraction: float | None) -> tuple[list[str], Split, Split]:
+    """Classes (sorted folder names) and the train/val file lists, checked."""
+    train_dir = root / "train"
+    if not root.is_dir():
+        raise KDCacheError(f"image folder {root} does not exist: pass a folder with train/<class>/ image sub-folders")
+    if not train_dir.is_dir():
+        raise KDCacheError(f"{root} has no train/ folder: lay the images out as {root}/train/<class>/*.jpg")
+    class_dirs = _class_folders(train_dir)
+    if not class_dirs:
+        raise KDCacheError(f"{train_dir} has no class folders: put each class's images in {train_dir}/<class>/")
+    classes = [p.name for p in class_dirs]
+    per_class = {c: _images_in(train_dir / c) for c in classes}
+    if empty := [c for c, files in per_class.items() if not files]:
+        raise KDCacheError(
+            f"class folder {train_dir / empty[0]} has no images ({len(empty)} such folder(s); "
+            f"extensions read: {' '.join(EXTENSIONS)}): add images or remove the folder"
+        )
+    val_dir = root / "val"
+    if val_dir.is_dir():
+        if val_fraction is not None:
+            raise KDCacheError(f"{root} has a val/ folder, so --val-fraction does not apply: leave it out")
+        val_classes = [p.name for p in _class_folders(val_dir)]
+        if val_classes != classes:
+            diff = sorted(set(val_classes) ^ set(classes))
+            raise KDCacheError(
+                f"{val_dir} has other classes than {train_dir} ({len(diff)} differ, e.g. {diff[0]!r}): "
+                "give val/ the same class folders as train/"
+            )
+        val = {c: _images_in(val_dir / c) for c in classes}
+        train = per_class
+    else:
+        if val_fraction is None:
+            raise KDCacheError(f"{root} has no val/ folder: add one, or hold out part of train/ with --val-fraction 0.1")
+        if not 0.0 < val_fraction < 1.0:
+            raise KDCacheError(f"--val-fraction must be in (0, 1) (got {val_fraction})")
+        train, val = {}, {}
+        for c, files in per_class.items():  # stratified: the same share of every class, by a hash of the path
+            ranked = sorted(files, key=lambda p: _rel_key(str(p.relative_to(root))))
+            hold = min(len(files) - 1, round(val_fraction * len(files)))
+            val[c], train[c] = ranked[:hold], ranked[hold:]
+
+    def split(groups: dict[str, list[Path]]) -> Split:
+        pairs = [(p, i) for i, c in enumerate(classes) for p in groups[c]]
+        pairs.sort(key=lambda pl: _rel_key(str(pl[0].relative_to(root))))
+        return Split([p for p, _ in pairs], np.array([i for _, i in pairs], dtype=np.int64))
+
+    train_split, val_split = split(train), split(val)
+    if not len(val_split.files):
+        raise KDCacheError(f"{root}: the validation split is empty: add images to val/ or raise --val-fraction")
+    return classes, train_split, val_split
+
+
+def listing_digest(root: Path, files: list[Path]) -> str:
+    """sha256 of (relative path, size, mtime_ns) of every file: notices added, removed or rewritten files."""
+    h = hashlib.sha256()
+    for p in sorted(files):
+        st = p.stat()
+        h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def decode(path: Path, store_size: int) -> np.ndarray:
+    """uint8 [3, h, w]: any PIL-readable image, EXIF-rotated, as RGB, shrunk to fit store_size (bicubic)."""
+    from PIL import Image, ImageOps
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's palette-transparency and EXIF warnings
+        with Image.open(path) as im:
+            im.draft("RGB", (store_size, store_size))  # JPEG: decode at the smallest scale still >= the store
+            im = ImageOps.exif_transpose(im)
+            if im.mode != "RGB":
+                im = im.convert("RGBA").convert("RGB") if im.mode in ("P", "LA", "PA") else im.convert("RGB")
+            im.thumbnail((store_size, store_size), Image.BICUBIC)
+            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _try_decode(args) -> np.ndarray | str:
+    path, store_size = args
+    try:
+        return decode(path, store_size)
+    except Exception as e:  # noqa: BLE001 - PIL raises many types; reported per file
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+
+
+def _write_split(folder: Path, name: str, root: Path, split: Split, store_size: int, skip_bad: bool, progress) -> dict:
+    n, s = len(split.files), store_size
+    images = np.lib.format.open_memmap(folder / f"{name}_images.npy", mode="w+", dtype=np.uint8, shape=(n, 3, s, s))
+    hw = np.zeros((n, 2), np.int16)
+    bad: list[tuple[str, str]] = []
+    keep = np.ones(n, bool)
+    progress.begin(f"preparing {name} ({n:,} images)", n)
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        for i, result in enumerate(pool.map(_try_decode, [(p, s) for p in split.files], chunksize=16)):
+            if isinstance(result, str):
+                bad.append((str(split.files[i].relative_to(root)), result))
+                keep[i] = False
+            else:
+                h, w = result.shape[1:]
+                images[i, :, :h, :w] = result
+                images[i, :, h:, :w] = result[:, h - 1 : h, :]
+                images[i, :, :, w:] = images[i, :, :, w - 1 : w]
+                hw[i] = (h, w)
+            progress.advance()
+    progress.end()
+    if bad and not skip_bad:
+        raise KDCacheError(
+            f"{root / bad[0][0]} does not decode as an image ({bad[0][1]}; {len(bad)} such file(s)): "
+            "remove or replace it, or pass --skip-bad-images to leave such files out"
+        )
+    labels = split.labels
+    if bad:  # compact the kept rows to the front, in order; readers take the first num_images rows
+        kept = np.flatnonzero(keep)
+        if not len(kept):
+            raise KDCacheError(f"no image in {root}'s {name} split decodes: check the files")
+        for dst, src in enumerate(kept):
+            if dst != src:
+                images[dst] = images[src]
+        hw, labels = hw[kept], labels[kept]
+    images.flush()
+    del images
+    np.save(folder / f"{name}_hw.npy", hw)
+    np.save(folder / f"{name}_labels.npy", labels)
+    return {"num_images": int(len(labels)), "skipped": [f"{p} ({why})" for p, why in bad]}
+
+
+def content_fingerprint(images: np.ndarray, hw: np.ndarray, labels: np.ndarray, rows: int | None = None) -> str:
+    """sha256 over the first `rows` stored images (each its own h x w pixels), sizes and labels."""
+    n = len(labels) if rows is None else rows
+    h = hashlib.sha256()
+    for block in range(0, n, 1024):
+        h.update(np.ascontiguousarray(images[block : min(n, block + 1024)]).tobytes())
+    h.update(np.ascontiguousarray(hw[:n]).tobytes())
+    h.update(np.ascontiguousarray(labels[:n], dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def store_dir(root: Path, store_size: int, val_fraction: float | None) -> Path:
+    key = f"{root.resolve()}\0{store_size}\0{val_fraction}\0{STORE_VERSION}"
+    return store_root() / f"{root.resolve().name}-{store_size}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def prepare(root: str | Path, store_size: int, *, val_fraction: float | None = None, skip_bad: bool = False,
+            rebuild: bool = False, progress=None) -> tuple[Store, Store, list[str], Path]:  # fmt: skip
+    """(train store, val store, classes, store folder): made once per folder and store size, then reused."""
+    from kdcache.train import NoProgress
+
+    progress = progress or NoProgress()
+    root = Path(root)
+    classes, train, val = scan(root, val_fraction)
+    listing = listing_digest(root, train.files + val.files)
+    folder = store_dir(root, store_size, val_fraction)
+    meta_path = folder / "meta.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta["listing_sha256"] != listing or meta["classes"] != classes or meta["skip_bad"] != skip_bad:
+            if not rebuild:
+                what = "its files" if meta["classes"] == classes else "its classes"
+                if meta["skip_bad"] != skip_bad and meta["listing_sha256"] == listing:
+                    what = "--skip-bad-images"
+                raise KDCacheError(
+                    f"{root} changed since its store in {folder} was prepared ({what} differ): "
+                    "pass --rebuild-store to prepare it again (artifacts made from the old store will no longer match)"
+                )
+        else:
+            return _open(folder, meta) + (classes, folder)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        progress.note(f"preparing a {store_size}-pixel store of {root} in {folder} (once)")
+        info = {name: _write_split(tmp, name, root, split, store_size, skip_bad, progress)
+                for name, split in (("train", train), ("val", val))}  # fmt: skip
+        hw, labels = np.load(tmp / "train_hw.npy"), np.load(tmp / "train_labels.npy")
+        images = np.load(tmp / "train_images.npy", mmap_mode="r")[: len(labels)]
+        meta = {
+            "format": "kdcache-image-store", "version": STORE_VERSION, "root": str(root.resolve()),
+            "store_size": store_size, "val_fraction": val_fraction, "skip_bad": skip_bad, "classes": classes,
+            "listing_sha256": listing, "train_fingerprint": content_fingerprint(images, hw, labels), **{
+                f"{name}_{k}": v for name, d in info.items() for k, v in d.items()},
+        }  # fmt: skip
+        del images
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _open(folder, meta) + (classes, folder)
+
+
+def _open(folder: Path, meta: dict) -> tuple[Store, Store]:
+    def one(name: str) -> Store:
+        labels = np.load(folder / f"{name}_labels.npy")
+        images = np.load(folder / f"{name}_images.npy", mmap_mode="r")[: len(labels)]
+        return Store(images, np.load(folder / f"{name}_hw.npy"), labels, meta)
+
+    return one("train"), one("val")
+
+
+def write_image_folder(root: str | Path, classes: int = 3, per_class: int = 8, val_per_class: int = 3,
+                       seed: int = 0, with_val: bool = True) -> Path:  # fmt: skip
+    """Write a small generated image folder in the real layout (tests, benchmarks): JPEG and PNG files of
+    several sizes, some greyscale, one palette image; each class has its own colour and stripe pattern."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for split, count in (("train", per_class), ("val", val_per_class if with_val else 0)):
+        for c in range(classes if count else 0):
+            d = root / split / f"class_{c:02d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                h, w = int(rng.integers(24, 90)), int(rng.integers(24, 90))
+                yy, xx = np.mgrid[0:h, 0:w]
+                base = np.array([40 + 70 * (c % 3), 40 + 50 * ((c // 3) % 3), 200 - 60 * (c % 2)], np.float32)
+                img = base + 50 * np.sin((xx * (c + 1) + yy) / 5.0)[..., None] + rng.normal(0, 20, (h, w, 3))
+                im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+                kind = i % 4
+                if kind == 1:
+                    im.convert("L").save(d / f"img{i}.png")
+                elif kind == 2:
+                    im.convert("P").save(d / f"img{i}.png")
+                else:
+                    im.save(d / f"img{i}.jpg", quality=90)
+    return root

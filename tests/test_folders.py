@@ -1,0 +1,210 @@
+"""Image folders: the prepared store, random-resized-crop views, errors, and the whole flow on a
+small generated folder written with PIL in the real layout (JPEG, PNG, greyscale, palette)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+from PIL import Image
+from typer.testing import CliRunner
+
+from kdcache import folders
+from kdcache.cli import app
+from kdcache.data import load_dataset
+from kdcache.errors import KDCacheError
+from kdcache.views import ResizedCrop, mix_params, render_views
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return folders.write_image_folder(tmp_path_factory.mktemp("imgs") / "shapes", classes=3, per_class=10)
+
+
+def test_store_is_made_once_and_holds_every_image_as_rgb(folder):
+    train, val, classes, where = folders.prepare(folder, 48)
+    assert classes == ["class_00", "class_01", "class_02"]
+    assert train.images.shape == (30, 3, 48, 48) and len(val.labels) == 9
+    assert sorted(np.bincount(train.labels).tolist()) == [10, 10, 10]
+    # every image fits the store, aspect kept; the canvas repeats the last row and column
+    for i in range(len(train.labels)):
+        h, w = train.hw[i]
+        assert max(h, w) <= 48
+        assert (train.images[i, :, h:, :w] == train.images[i, :, h - 1 : h, :w]).all()
+        assert (train.images[i, :, :, w:] == train.images[i, :, :, w - 1 : w]).all()
+    stamp = (where / "meta.json").stat().st_mtime_ns
+    folders.prepare(folder, 48)
+    assert (where / "meta.json").stat().st_mtime_ns == stamp  # reused, not rewritten
+
+
+def test_decoding_handles_greyscale_palette_cmyk_and_exif_rotation(tmp_path):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 40, 3), dtype=np.uint8))
+    for name, im in {"l.png": rgb.convert("L"), "p.png": rgb.convert("P"), "cmyk.jpg": rgb.convert("CMYK")}.items():
+        im.save(tmp_path / name)
+        assert folders.decode(tmp_path / name, 64).shape == (3, 20, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees
+    rgb.save(tmp_path / "rot.jpg", exif=exif)
+    assert folders.decode(tmp_path / "rot.jpg", 64).shape == (3, 40, 20)
+    assert folders.decode(tmp_path / "rot.jpg", 10).shape == (3, 10, 5)  # shrunk to fit, aspect kept
+
+
+def test_val_fraction_is_a_deterministic_stratified_holdout(tmp_path):
+    root = folders.write_image_folder(tmp_path / "noval", classes=3, per_class=10, with_val=False)
+    _, train, val = folders.scan(root, 0.2)
+    assert np.bincount(val.labels).tolist() == [2, 2, 2]
+    assert not set(train.files) & set(val.files)
+    assert folders.scan(root, 0.2)[2].files == val.files
+
+
+def test_dataset_views_and_eval_split(folder):
+    data = load_dataset("imagefolder", folder, image_size=24, store_size=48)
+    assert data.train_x.shape == (30, 3, 48, 48) and data.test_x.shape == (9, 3, 24, 24)
+    assert data.options["image_size"] == 24 and data.classes[0] == "class_00"
+    sub = load_dataset("imagefolder", folder, subset=12, image_size=24, store_size=48)
+    assert len(sub.train_y) == 12 and sub.fingerprint != data.fingerprint
+    assert len(set(sub.train_y.tolist())) > 1  # the row order mixes the classes
+
+
+def test_random_resized_crop_params_follow_torchvision_and_are_pure():
+    hw = torch.tensor([[90, 120], [120, 90], [40, 200]])
+    g = ResizedCrop(hw, 32)
+    p = g.params(3, range(3), range(500)).long()
+    assert torch.equal(p, g.params(3, range(3), range(500)).long())
+    assert torch.equal(p[1:2, 7:9], g.params(3, [1], [7, 8]).long())  # any subset of (row, view)
+    y0, x0, h, w, flip = p.unbind(-1)
+    H, W = hw[:, None, 0], hw[:, None, 1]
+    assert ((y0 >= 0) & (x0 >= 0) & (y0 + h <= H) & (x0 + w <= W)).all()
+    area = (h * w).float() / (H * W)
+    assert area[:2].min() >= 0.07 and area[:2].max() <= 1.0
+    assert 0.35 < flip.float().mean() < 0.65
+    plain = g.params(3, range(3), [0], augment=False)[:, 0].long()
+    assert plain[0].tolist() == [6, 20, 79, 79, 0]  # centred (as CenterCrop rounds) square of 0.875 x 90
+
+
+def test_rrc_rendering_is_close_to_torchvision_on_pil(tmp_path):
+    """The measured difference quoted in docs/image-folders.md: mean well under one grey level."""
+    from torchvision.transforms import functional as F
+
+    rng = np.random.default_rng(1)
+    pils, hw = [], []
+    canvas = np.zeros((12, 3, 64, 64), np.uint8)
+    for i in range(12):
+        h, w = int(rng.integers(30, 65)), int(rng.integers(30, 65))
+        yy, xx = np.mgrid[0:h, 0:w]
+        img = np.clip(128 + 100 * np.sin(xx / 3 + i)[..., None] * np.cos(yy / 5)[..., None] + rng.normal(0, 10, (h, w, 3)), 0, 255)
+        a = img.astype(np.uint8)
+        pils.append(Image.fromarray(a))
+        canvas[i, :, :h, :w] = a.transpose(2, 0, 1)
+        canvas[i, :, h:, :w] = canvas[i, :, h - 1 : h, :w]
+        canvas[i, :, :, w:] = canvas[i, :, :, w - 1 : w]
+        hw.append((h, w))
+    g = ResizedCrop(torch.tensor(hw), 24)
+    params = g.params(0, range(12), range(4)).reshape(-1, 5)
+    rows = torch.arange(12).repeat_interleave(4)
+    ours = g.pixels(torch.from_numpy(canvas), rows, params).numpy().astype(int)
+    ref = []
+    for r, (y0, x0, h, w, fl) in zip(rows.tolist(), params.tolist()):
+        im = F.resized_crop(pils[r], y0, x0, h, w, [24, 24], antialias=True)
+        ref.append(np.asarray(F.hflip(im) if fl else im).transpose(2, 0, 1))
+    err = np.abs(ours - np.stack(ref).astype(int))
+    assert err.mean() < 1.5, err.mean()
+
+
+def test_mixed_rrc_views_fit_the_partner_and_render(folder):
+    data = load_dataset("imagefolder", folder, image_size=24, store_size=48)
+    g, n = data.geometry, len(data.train_y)
+    m = mix_params(0, range(n), range(6), num_rows=n, mix="both", prob=1.0, geometry=g)
+    assert g.valid(m.crop, m.partner).all()
+    crop = g.params(0, range(n), [0])[:, 0]
+    x = render_views(data.train_x, torch.arange(n), crop, m[:, 0], (0.5,) * 3, (0.25,) * 3, g)
+    assert x.shape == (n, 3, 24, 24) and torch.isfinite(x).all()
+    # an unmixed view in a mixed batch renders as the plain view
+    plain = render_views(data.train_x, torch.arange(n), crop, None, (0.5,) * 3, (0.25,) * 3, g)
+    unmixed = mix_params(0, range(n), [0], num_rows=n, mix="both", prob=0.0, geometry=g)[:, 0]
+    assert torch.equal(render_views(data.train_x, torch.arange(n), crop, unmixed, (0.5,) * 3, (0.25,) * 3, g), plain)
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda r: r.mkdir(), "has no train/ folder"),
+        (lambda r: (r / "train").mkdir(parents=True), "has no class folders"),
+        (lambda r: (folders.write_image_folder(r), (r / "train" / "zz_empty").mkdir()), "zz_empty has no images"),
+        (lambda r: (folders.write_image_folder(r), (r / "val" / "extra").mkdir()), "val has other classes"),
+        (lambda r: (folders.write_image_folder(r), (r / "train" / "class_00" / "x.jpg").write_text("no image")),
+         "x.jpg does not decode as an image"),
+        (lambda r: folders.write_image_folder(r, with_val=False), "no val/ folder"),
+    ],
+)
+def test_bad_folders_are_one_line_errors(tmp_path, make, needle):
+    root = tmp_path / "d"
+    make(root)
+    res = CliRunner().invoke(app, ["teacher", "--preset", "seed-cnn", "--data", str(root), "--dataset", "imagefolder",
+                                   "--image-size", "16", "--epochs", "1", "--out", str(tmp_path / "t.pt")])
+    assert res.exit_code == 2, res.output
+    assert needle in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "t.pt").exists()
+    assert not list(Path(os.environ["KDCACHE_STORE_DIR"]).glob("*.partial"))
+
+
+def test_bad_images_can_be_skipped_and_are_listed(tmp_path):
+    root = folders.write_image_folder(tmp_path / "d")
+    (root / "train" / "class_01" / "broken.png").write_bytes(b"\x89PNG not really")
+    train, _, _, where = folders.prepare(root, 32, skip_bad=True)
+    assert len(train.labels) == 24 and train.images.shape[0] == 24
+    meta = json.loads((where / "meta.json").read_text())
+    assert meta["train_skipped"][0].startswith("train/class_01/broken.png")
+
+
+def test_a_changed_folder_is_noticed_and_rebuilt_on_request(tmp_path):
+    root = folders.write_image_folder(tmp_path / "d")
+    folders.prepare(root, 32)
+    Image.new("RGB", (30, 30), (1, 2, 3)).save(root / "train" / "class_00" / "new.png")
+    with pytest.raises(KDCacheError, match="changed since its store .* --rebuild-store"):
+        folders.prepare(root, 32)
+    train, *_ = folders.prepare(root, 32, rebuild=True)
+    assert len(train.labels) == 25
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--image-size", "4"], "--image-size must be in 8..255"),
+    (["--image-size", "64", "--store-size", "48"], "above the store size 48"),
+    (["--arch", "torchvision:no_such_net"], "torchvision has no classification model"),
+    (["--arch", "no_such_module_xyz:make"], "cannot import no_such_module_xyz"),
+    (["--arch", "os:getcwd"], "raised TypeError"),
+    (["--arch", "byo_models:not_a_module"], "returned a dict, not a torch nn.Module"),
+    (["--arch", "byo_models:nothing"], "byo_models has no 'nothing'"),
+])  # fmt: skip
+def test_bad_sizes_and_model_specs(folder, tmp_path, args, needle):
+    res = CliRunner().invoke(app, ["teacher", "--preset", "seed-cnn", "--data", str(folder), "--epochs", "1",
+                                   "--out", str(tmp_path / "t.pt"), *args])  # fmt: skip
+    assert res.exit_code == 2 and needle in res.output, res.output
+    assert not (tmp_path / "t.pt").exists()
+
+
+def test_image_size_flags_need_an_image_folder(data_dir, tmp_path):
+    res = CliRunner().invoke(app, ["teacher", "--data-dir", str(data_dir), "--image-size", "64", "--out", str(tmp_path / "t.pt")])
+    assert res.exit_code == 2 and "--image-size applies to image folders" in res.output
+
+
+def test_whole_flow_on_an_image_folder(folder, tmp_path):
+    """teacher -> dump (mixed RRC views) -> verify -> student -> eval, as a user runs them."""
+    t, c, s = tmp_path / "t.pt", tmp_path / "c.h5", tmp_path / "s.pt"
+    common = ["--epochs", "1", "--batch-size", "16"]
+    r = run_cli("teacher", "--preset", "seed-cnn", "--data", str(folder), "--image-size", "24", "--out", str(t), *common)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("dump-logits", "--teacher", str(t), "--views", "3", "--mix", "cutmix", "--out", str(c))
+    assert r.returncode == 0, r.stderr
+    assert "random-resized crop to 24 px" in r.stdout
+    r = run_cli("verify", str(c), "--teacher", str(t), "--samples", "32")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_cli("student", "--cache", str(c), "--out", str(s), *common)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("eval", str(s))
+    assert r.returncode == 0 and "imagefolder test split, 9 images" in r.stdout, r.stdout + r.stderr
