@@ -123,6 +123,7 @@ ImageSizeOpt = typer.Option(None, "--image-size", help="Image folders: side of a
 StoreSizeOpt = typer.Option(None, "--store-size", help="Image folders: images are stored once, shrunk to fit this many pixels a side. \\[default: image size x 4/3 / 0.875, rounded up to 8: 104 for 64, 344 for 224]")
 ValFractionOpt = typer.Option(None, "--val-fraction", help="Image folders without val/: hold out this share of every class of train/ (chosen by a hash of the file path).")
 SkipBadOpt = typer.Option(False, "--skip-bad-images", help="Image folders: leave out files that do not decode (listed in the store's meta.json) instead of stopping.")
+ResidentOpt = typer.Option(None, "--resident-mb", help="Image folders: training images up to this many MB stay on the device; a larger store is streamed from host memory per batch (same results). \\[default: half the GPU's free memory, or half the RAM]")
 RebuildStoreOpt = typer.Option(False, "--rebuild-store", help="Image folders: prepare the store again after the folder changed (artifacts of the old store no longer match).")
 SubsetOpt = typer.Option(None, "--subset", help="Use only the first N training images. \\[default: all, or the preset's]")
 SeedOpt = typer.Option(None, "--seed", help="Seed for initialisation, views and order. \\[default: 0]")
@@ -169,10 +170,10 @@ def _data_options(dataset: str | None, data_dir: Path | None, image_size, store_
     return dataset, options if dataset == "imagefolder" else {}
 
 
-def _runtime(device: str, precision: str, compile: bool):
+def _runtime(device: str, precision: str, compile: bool, resident_mb: float | None = None):
     from kdcache.train import Runtime
 
-    return Runtime.create(device, precision, compile)
+    return Runtime.create(device, precision, compile, resident_mb)
 
 
 def _results_table(title: str, rows: list[tuple[str, str]]) -> Table:
@@ -213,6 +214,7 @@ def teacher_cmd(
     val_fraction: Optional[float] = ValFractionOpt,
     skip_bad_images: bool = SkipBadOpt,
     rebuild_store: bool = RebuildStoreOpt,
+    resident_mb: Optional[float] = ResidentOpt,
     subset: Optional[int] = SubsetOpt,
     epochs: Optional[int] = EpochsOpt,
     batch_size: Optional[int] = BatchOpt,
@@ -244,7 +246,7 @@ def teacher_cmd(
         lr=lr, optimizer=optimizer, schedule=schedule, warmup_epochs=warmup_epochs, nesterov=nesterov,
         augment=augment, mix=mix, mix_prob=mix_prob, seed=seed,
     )  # fmt: skip
-    rt = _runtime(device, precision, compile)
+    rt = _runtime(device, precision, compile, resident_mb)
     with RichProgress() as progress:
         result = train_teacher(recipe, data_dir=data_dir, out=out, rt=rt, force=force, resume=resume,
                                progress=progress, on_epoch=print_epoch, data_options=data_options)  # fmt: skip
@@ -319,6 +321,7 @@ def dump_cmd(
     mix_prob: Optional[float] = MixProbOpt,
     data_dir: Optional[Path] = DataDirOpt,
     rebuild_store: bool = RebuildStoreOpt,
+    resident_mb: Optional[float] = ResidentOpt,
     subset: Optional[int] = typer.Option(None, "--subset", help="Use only the first N training images. \\[default: the images the teacher was trained on]"),
     seed: Optional[int] = SeedOpt,
     batch_size: int = typer.Option(512, "--batch-size", help="Teacher inference batch size."),
@@ -339,7 +342,7 @@ def dump_cmd(
         views=views, augment=augment, mix=mix, mix_prob=mix_prob, seed=seed, subset=subset
     )
     validate(recipe)
-    rt = _runtime(device, precision, compile)
+    rt = _runtime(device, precision, compile, resident_mb)
     with RichProgress() as progress:
         path = dump_logits(
             teacher_path=teacher if len(teacher) > 1 else teacher[0], data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
@@ -367,6 +370,7 @@ def student_cmd(
     mix_prob: Optional[float] = typer.Option(None, "--mix-prob", help="With --online-teacher only. \\[default: the teacher's]"),
     data_dir: Optional[Path] = DataDirOpt,
     rebuild_store: bool = RebuildStoreOpt,
+    resident_mb: Optional[float] = ResidentOpt,
     subset: Optional[int] = typer.Option(None, "--subset", help="Must match the cache's; \\[default: the cache's]"),
     epochs: Optional[int] = EpochsOpt,
     batch_size: Optional[int] = BatchOpt,
@@ -412,7 +416,7 @@ def student_cmd(
         mix_prob=mix_prob,
     )  # fmt: skip
     recipe = dataclasses.replace(recipe, subset=subset)  # the cache's rows unless asked otherwise
-    rt = _runtime(device, precision, compile)
+    rt = _runtime(device, precision, compile, resident_mb)
     with RichProgress() as progress:
         result = train_student(recipe, cache_file=cache, data_dir=data_dir, out=out, rt=rt, force=force,
                                online_teacher=online_teacher, resume=resume, progress=progress,
@@ -580,6 +584,7 @@ def pipeline_cmd(
     val_fraction: Optional[float] = ValFractionOpt,
     skip_bad_images: bool = SkipBadOpt,
     rebuild_store: bool = RebuildStoreOpt,
+    resident_mb: Optional[float] = ResidentOpt,
     subset: Optional[int] = SubsetOpt,
     teacher_arch: Optional[str] = typer.Option(None, "--teacher-arch", help="[default: the preset's]"),
     student_arch: Optional[str] = typer.Option(None, "--student-arch", help="[default: the preset's]"),
@@ -626,7 +631,7 @@ def pipeline_cmd(
         warmup_epochs=warmup_epochs, nesterov=nesterov, views=views, augment=augment, T=T,
         alpha=alpha, seed=seed, mix=mix, mix_prob=mix_prob, loss=loss,
     )  # fmt: skip
-    rt = _runtime(device, precision, compile)
+    rt = _runtime(device, precision, compile, resident_mb)
     with RichProgress() as progress:
         record = run_pipeline(recipe, preset=name, run_dir=out, data_dir=data_dir, rt=rt, teacher=teacher,
                               with_online=with_online, data_options=data_options, force=force, resume=resume,

@@ -59,7 +59,7 @@ class Dataset:
     """A train split (possibly the first N rows) and the full test split, all uint8 on CPU."""
 
     name: str
-    train_x: torch.Tensor  # uint8 [N, 3, 32, 32]
+    train_x: torch.Tensor | np.ndarray  # uint8 [N, 3, H, W]; an image folder's memory-mapped store [N, 3, S, S]
     train_y: torch.Tensor  # int64 [N]
     test_x: torch.Tensor
     test_y: torch.Tensor
@@ -225,7 +225,7 @@ def load_folder(
                "val_fraction": val_fraction, "skip_bad_images": skip_bad_images}  # fmt: skip
     return Dataset(
         name="imagefolder",
-        train_x=torch.from_numpy(np.array(train.images[:rows])),
+        train_x=train.images[:rows],  # the memory-mapped store: `Runtime.place` loads it, or streams it
         train_y=torch.from_numpy(train.labels[:rows].astype(np.int64)),
         test_x=test_x,
         test_y=torch.from_numpy(val.labels.astype(np.int64)),

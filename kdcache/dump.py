@@ -145,7 +145,7 @@ def dump_logits(
             if resume:  # what an earlier run wrote must be sound before more is added to it
                 done = torch.from_numpy(writer.ds["logits"][: writer.rows_done]).to(rt.device)
                 cache_io.check_finite(writer.tmp, done, "start the dump over with --force")
-            images = data.train_x.to(rt.device)
+            images = rt.place(data.train_x)  # resident, or a host store streamed per batch
             blocks = range(writer.rows_done, n, block_rows)
             progress.begin(f"dump {n}x{views} views", len(blocks))
             for start in blocks:

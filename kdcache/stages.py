@@ -86,6 +86,8 @@ def _train_and_save(
     progress.note(
         f"{role} {arch} ({num_params(raw):,} parameters) on {len(data.train_y):,} {data.name} images{extra} · "
         f"{rt.describe()}" + (f" · resuming after epoch {start}" if resume else "")
+        + ("" if isinstance(batches.images, torch.Tensor) else
+           f" · {batches.images.nbytes / 1e6:,.0f} MB store streamed from host memory (over the resident budget)")
     )
 
     def after_epoch(epoch: int, metrics: dict) -> None:
@@ -176,7 +178,7 @@ def train_teacher(
             recipe = dataclasses.replace(recipe, mean=IMAGENET_MEAN, std=IMAGENET_STD)
         plan = fresh_views_plan(len(data.train_y), recipe.seed, recipe.augment, rt.device, mix=recipe.mix,
                                 mix_prob=recipe.mix_prob, geometry=data.geometry)  # fmt: skip
-        batches = ViewBatches(data.train_x.to(rt.device), data.train_y.to(rt.device), plan, recipe.batch_size,
+        batches = ViewBatches(rt.place(data.train_x), data.train_y.to(rt.device), plan, recipe.batch_size,
                               recipe.seed, recipe.mean, recipe.std, drop_last=rt.compile, geometry=data.geometry)  # fmt: skip
         return _train_and_save(
             role="teacher", arch=recipe.teacher_arch, data=data, recipe=recipe, epochs=recipe.teacher_recipe_epochs,
@@ -248,7 +250,7 @@ def train_student(
             source = {"cache_teacher_sha256": attrs["teacher_sha256"], "cache_num_views": params.shape[1],
                       "cache_blocks_sha256": digest, "cache_precision": attrs.get("precision"),
                       "cache_seed": attrs["seed"], "cache_augment": attrs["augment"], "teacher_arch": attrs["teacher_arch"]}  # fmt: skip
-        batches = ViewBatches(data.train_x.to(rt.device), data.train_y.to(rt.device), plan, recipe.batch_size,
+        batches = ViewBatches(rt.place(data.train_x), data.train_y.to(rt.device), plan, recipe.batch_size,
                               recipe.seed, mean, std, drop_last=rt.compile, geometry=data.geometry)  # fmt: skip
         T, alpha, kind = recipe.T, recipe.alpha, recipe.loss
 

@@ -31,9 +31,11 @@ class Runtime:
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
     compile: bool = False
+    resident_bytes: int | None = None  # training images up to this size live on the device (None: see `place`)
 
     @classmethod
-    def create(cls, device: str = "auto", precision: str = "auto", compile: bool = False) -> "Runtime":
+    def create(cls, device: str = "auto", precision: str = "auto", compile: bool = False,
+               resident_mb: float | None = None) -> "Runtime":  # fmt: skip
         """auto: CUDA when present; bf16 autocast there, fp32 on CPU (bf16 runs on CPU too, slowly).
 
         channels_last everywhere: cuDNN and oneDNN convolutions both run faster in it
@@ -53,7 +55,33 @@ class Runtime:
             # TF32 only where precision was traded already: --precision fp32 stays fp32.
             torch.backends.cuda.matmul.allow_tf32 = bf16
             torch.backends.cudnn.allow_tf32 = bf16
-        return cls(torch.device(device), torch.bfloat16 if bf16 else None, channels_last=True, compile=compile)
+        if resident_mb is not None and not (math.isfinite(resident_mb) and resident_mb >= 0):
+            raise KDCacheError(f"--resident-mb must be a number >= 0 (got {resident_mb})")
+        budget = None if resident_mb is None else int(resident_mb * 1e6)
+        return cls(torch.device(device), torch.bfloat16 if bf16 else None, channels_last=True, compile=compile,
+                   resident_bytes=budget)  # fmt: skip
+
+    def budget(self) -> int:
+        """Bytes of training images that may stay resident: --resident-mb, else half of the device's
+        free memory (CUDA) or half of the machine's physical memory (CPU)."""
+        if self.resident_bytes is not None:
+            return self.resident_bytes
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0] // 2
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+    def place(self, images):
+        """Training images where the loop reads them: a uint8 tensor on the device when they fit the
+        budget (CIFAR always does), else left as a host array (a memory-mapped store), streamed per batch."""
+        if isinstance(images, torch.Tensor):
+            return images.to(self.device)
+        if images.nbytes <= self.budget():
+            import numpy as np
+
+            return torch.from_numpy(np.array(images)).to(self.device)
+        return images
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -121,15 +149,68 @@ class ViewBatches:
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         crop, mix, targets = self.plan(epoch)
-        order = shuffle_order(self.seed, len(self.labels), epoch).to(self.images.device)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        device = self.labels.device
+        order = shuffle_order(self.seed, len(self.labels), epoch)
+        starts = range(0, len(self) * self.batch_size, self.batch_size)
+        streamed = None
+        if not isinstance(self.images, torch.Tensor):  # a host store: gather each batch's rows ahead, in a thread
+            partner = None if mix is None else mix.partner.cpu()
+            streamed = prefetch(self.images, [order[s : s + self.batch_size] for s in starts], partner, device)
+        order = order.to(device)
+        for start in starts:
             idx = order[start : start + self.batch_size]
             take = lambda t: t.index_select(0, idx)  # noqa: E731 - faster than t[idx] on CPU
             m = None if mix is None else mix.take(idx)
-            x = render_views(self.images, idx, take(crop), m, self.mean, self.std, self.geometry)
             y2 = None if m is None else self.labels.index_select(0, m.partner.clamp(min=0))
+            images, rows = self.images, idx
+            if streamed is not None:  # the batch's own and partner rows, renumbered into the gathered block
+                images, rows, local_partner = next(streamed)
+                m = None if m is None else Mix(local_partner, m.crop, m.box, m.lam)
+            x = render_views(images, rows, take(crop), m, self.mean, self.std, self.geometry)
             yield Batch(x, take(self.labels), None if targets is None else take(targets), y2,
                         None if m is None else m.lam)  # fmt: skip
+
+
+def gather_rows(store, rows: torch.Tensor, partner: torch.Tensor | None = None, device=None):
+    """Rows of a host store (a numpy/memory-mapped uint8 array [N,3,H,W]) as one block on `device`:
+    (block, local rows, local partners or None). Each needed row is read once, in ascending order
+    (sequential reads); pinned first when the device is CUDA, so the copy runs asynchronously."""
+    import numpy as np
+
+    own = rows.cpu().numpy()
+    if partner is not None:  # an unmixed view (partner -1) reads no other row
+        p = partner.cpu().numpy()
+        need = np.concatenate([own, np.where(p < 0, own, p)])
+    else:
+        need = own
+    uniq, inverse = np.unique(need, return_inverse=True)
+    block = torch.from_numpy(np.ascontiguousarray(store[uniq]))
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        block = block.pin_memory()
+    inverse = torch.from_numpy(inverse.astype(np.int64))
+    local_partner = None
+    if partner is not None:  # unmixed views keep partner -1
+        local_partner = torch.where(partner.cpu() < 0, -1, inverse[len(own) :])
+        local_partner = local_partner.to(device, non_blocking=True)
+    return block.to(device, non_blocking=True), inverse[: len(own)].to(device, non_blocking=True), local_partner
+
+
+def prefetch(store, batches: list[torch.Tensor], partner: torch.Tensor | None, device, depth: int = 2):
+    """Yield `gather_rows` for each batch of rows, `depth` batches ahead in a background thread
+    (numpy's copy and the page faults of a memory-mapped store overlap the training step)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def job(rows):
+        return gather_rows(store, rows, None if partner is None else partner.index_select(0, rows), device)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = [pool.submit(job, b) for b in batches[:depth]]
+        for i in range(len(batches)):
+            if i + depth < len(batches):
+                pending.append(pool.submit(job, batches[i + depth]))
+            yield pending[i].result()
+            pending[i] = None
 
 
 class Diverged(KDCacheError):
@@ -210,8 +291,14 @@ def predict(
             x = normalize(images[start : start + batch_size].to(rt.device, non_blocking=True), mean, std)
         else:
             part = slice(start, start + batch_size)
-            x = render_views(images, rows[part].to(images.device), crop[part].to(images.device),
-                             None if mix is None else mix[part].to(images.device), mean, std, geometry)  # fmt: skip
+            m = None if mix is None else mix[part]
+            if isinstance(images, torch.Tensor):
+                block, local = images, rows[part].to(images.device)
+                m = None if m is None else m.to(images.device)
+            else:  # a host store: gather this batch's rows (and partners) first
+                block, local, partner = gather_rows(images, rows[part], None if m is None else m.partner, rt.device)
+                m = None if m is None else Mix(partner, *(t.to(rt.device) for t in (m.crop, m.box, m.lam)))
+            x = render_views(block, local, crop[part].to(block.device), m, mean, std, geometry)
         n = len(x)
         if one_shape and n < batch_size:
             x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])

@@ -201,7 +201,7 @@ def verify_cache(
             if cache.mix != "none":
                 mixed = Mix(*(torch.from_numpy(f[name][uniq][inv, vs]) for name in cache_io.MIX_DATASETS))
                 mixed.partner = mixed.partner.long()
-            fresh = predict(model, data.train_x.to(rt.device), mean, std, rt, rows=torch.from_numpy(indices[rows]),
+            fresh = predict(model, rt.place(data.train_x), mean, std, rt, rows=torch.from_numpy(indices[rows]),
                             crop=params, mix=mixed, batch_size=512, geometry=geometry).cpu()  # fmt: skip
             err = (fresh - cached).abs()
             bf16 = a.get("precision") == "bf16" or rt.amp_dtype is not None
