@@ -235,3 +235,90 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
         "kdcache": __version__,
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+FOLDER_LOOPS = ("plain", "cached", "plain_streamed", "cached_streamed")
+
+
+def run_folder_bench(cfg: BenchConfig, rt: Runtime, folder: Path | None, image_size: int, log=lambda msg: None) -> dict:
+    """Image-folder loops side by side: the student from the cache and alone, with the store resident
+    on the device and streamed from host memory; plus the store's preparation speed. Random-resized
+    crops at `image_size`; a synthetic folder (24 classes x 60 images, PIL-written JPEG/PNG) without one."""
+    import os
+    import tempfile
+
+    from kdcache import folders
+    from kdcache.data import IMAGENET_MEAN, IMAGENET_STD, load_folder
+
+    cfg.validate()
+    dev = rt.device
+    with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
+        source = str(folder)
+        if folder is None:
+            folder = folders.write_image_folder(Path(tmp) / "synthetic", classes=24, per_class=60, val_per_class=4)
+            source = "synthetic folder, 24 classes x 60 images"
+        saved = os.environ.get("KDCACHE_STORE_DIR")
+        os.environ["KDCACHE_STORE_DIR"] = str(Path(tmp) / "stores")  # never touch the user's store
+        try:
+            store_size = folders.default_store_size(image_size)
+            log("preparing the store")
+            t0 = time.perf_counter()
+            train, val, _, _ = folders.prepare(folder, store_size)
+            prep_s = time.perf_counter() - t0
+            prepared = len(train.labels) + len(val.labels)
+            data = load_folder(folder, image_size=image_size, store_size=store_size)
+            n, c, g = len(data.train_y), data.num_classes, data.geometry
+            labels = data.train_y.to(dev)
+            resident = torch.from_numpy(np.array(data.train_x)).to(dev)
+            streamed = data.train_x  # the memory-mapped store
+            params = g.params(0, range(n), range(NUM_VIEWS))
+            logits = torch.randn(n, NUM_VIEWS, c, generator=torch.Generator().manual_seed(1)).to(torch.float16)
+
+            def source_of(images, cached: bool) -> ViewBatches:
+                plan = cached_plan(params, None, logits, 0, dev) if cached else fresh_views_plan(n, 0, True, dev, geometry=g)
+                return ViewBatches(images, labels, plan, cfg.batch_size, 0, IMAGENET_MEAN, IMAGENET_STD, rt.compile,
+                                   geometry=g)  # fmt: skip
+
+            def step(alpha: float):
+                torch.manual_seed(0)
+                model = rt.prepare(build(cfg.student_arch, c, image_size=image_size)).train()
+                opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+                loss = lambda s, b: student_loss(s, b.y, b.t, T=cfg.T, alpha=alpha)  # noqa: E731
+                return make_step(model, loss, opt, rt)
+
+            loops = {
+                "plain": (step(0.0), _endless(source_of(resident, False))),
+                "cached": (step(cfg.alpha), _endless(source_of(resident, True))),
+                "plain_streamed": (step(0.0), _endless(source_of(streamed, False))),
+                "cached_streamed": (step(cfg.alpha), _endless(source_of(streamed, True))),
+            }
+            results, rounds, peaks = _measure(loops, cfg, dev, log)
+        finally:
+            if saved is None:
+                os.environ.pop("KDCACHE_STORE_DIR", None)
+            else:
+                os.environ["KDCACHE_STORE_DIR"] = saved
+    return {
+        **{f"{k}_img_s": v for k, v in results.items()},
+        "ratios": {
+            "cached_over_plain": results["cached"] / results["plain"],
+            "cached_streamed_over_plain_streamed": results["cached_streamed"] / results["plain_streamed"],
+            "streamed_over_resident": results["cached_streamed"] / results["cached"],
+        },
+        "prepare_img_s": prepared / prep_s,
+        "prepare_images": prepared,
+        "store": f"{n:,} x 3 x {store_size} x {store_size} uint8 ({resident.numel() / 1e6:,.0f} MB)",
+        "rounds_img_s": rounds,
+        "peak_working_mem_mb": peaks,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "runtime": rt.describe(),
+        "student_arch": cfg.student_arch,
+        "image_size": image_size,
+        "batch_size": cfg.batch_size,
+        "steps": cfg.steps,
+        "repeats": cfg.repeats,
+        "data": source,
+        "torch": torch.__version__,
+        "kdcache": __version__,
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -505,7 +505,9 @@ def bench_cmd(
     steps: int = typer.Option(50, "--steps", help="Timed steps per loop."),
     warmup: int = typer.Option(5, "--warmup", help="Untimed steps per loop before the first round."),
     repeats: int = typer.Option(3, "--repeats", help="Rounds: the loops take turns, each timed once a round; the table shows each loop's median."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Real CIFAR-10 here; without it, synthetic uint8 images of the same shape."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", "--data", help="Real CIFAR-10 here, or an image folder (with train/): its store-backed loops; without it, synthetic uint8 images of CIFAR's shape."),
+    image_folder: bool = typer.Option(False, "--image-folder", help="Measure the image-folder loops (resident and streamed store, random-resized crops) on a synthetic folder when --data is not one."),
+    image_size: int = typer.Option(64, "--image-size", help="Image-folder loops: view size in pixels."),
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     compile: bool = CompileOpt,
@@ -517,11 +519,13 @@ def bench_cmd(
     rounds of --steps steps; the table shows each loop's median, its spread over the
     rounds, and the ratios that matter.
     """
-    import json
-
     from kdcache.bench import BenchConfig, run_bench
 
     rt = _runtime(device, precision, compile)
+    if image_folder or (data_dir is not None and (data_dir / "train").is_dir()):
+        folder = data_dir if data_dir is not None and (data_dir / "train").is_dir() else None
+        record = _folder_bench(student_arch, batch_size, steps, warmup, repeats, folder, image_size, rt)
+        return _write_bench_json(json_path, record)
     cfg = BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, repeats, data_dir).validate()
     err_console.print(f"bench {teacher_arch} -> {student_arch} · batch {batch_size} · {repeats} rounds of {steps} steps · {rt.describe()}", highlight=False)
     with err_console.status("measuring") as status:
@@ -551,12 +555,44 @@ def bench_cmd(
         ratio = "" if loop in ("cached", "cached_mixed", "dump") else f"{record['cached_img_s'] / v:.2f}x"
         table.add_row(loop, f"{v:,.0f}", spread, ratio, *([f"{peaks[loop]:,.0f}"] if show_mem else []), what)
     out_console.print(table)
+    _write_bench_json(json_path, record)
+
+
+def _write_bench_json(json_path: Path | None, record: dict) -> None:
+    import json
+
     if json_path:
         try:
             json_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")
         except OSError as e:
             raise KDCacheError(f"cannot write {json_path} ({e.strerror or e}): choose another --json path") from None
+
+
+def _folder_bench(student_arch, batch_size, steps, warmup, repeats, folder, image_size, rt) -> dict:
+    from kdcache.bench import BenchConfig, run_folder_bench
+
+    cfg = BenchConfig("resnet50", student_arch, batch_size, steps, warmup, repeats)
+    err_console.print(f"bench image folder {folder or '(synthetic)'} -> {student_arch} · {image_size} px · batch {batch_size} · "
+                      f"{repeats} rounds of {steps} steps · {rt.describe()}", highlight=False)  # fmt: skip
+    with err_console.status("measuring") as status:
+        record = run_folder_bench(cfg, rt, folder, image_size, log=lambda msg: status.update(msg))
+    table = Table(title=f"kdcache bench · {record['device']} · {record['data']} · store {record['store']}", title_justify="left")
+    for col in ("loop", "img/s", "spread", "what"):
+        table.add_column(col, justify="right" if col in ("img/s", "spread") else "left")
+    notes = {"plain": "store on the device, no teacher (floor)", "cached": "store on the device, logits from the cache",
+             "plain_streamed": "store streamed from host memory, no teacher",
+             "cached_streamed": "store streamed from host memory, logits from the cache"}  # fmt: skip
+    for loop, what in notes.items():
+        v, rounds = record[f"{loop}_img_s"], record["rounds_img_s"][loop]
+        table.add_row(loop, f"{v:,.0f}", f"±{50 * (max(rounds) - min(rounds)) / v:.0f}%", what)
+    out_console.print(table)
+    r = record["ratios"]
+    out_console.print(
+        f"cached/plain {r['cached_over_plain']:.2f} (resident), {r['cached_streamed_over_plain_streamed']:.2f} (streamed) · "
+        f"streamed/resident {r['streamed_over_resident']:.2f} · store prepared at {record['prepare_img_s']:,.0f} images/s "
+        f"({record['prepare_images']:,} images)", highlight=False)  # fmt: skip
+    return record
 
 
 def _report_table(records: list[dict]) -> Table:

@@ -31,3 +31,23 @@ def test_bench_smoke_prints_table_and_writes_json(tmp_path):
         rounds = record["rounds_img_s"][loop]
         assert len(rounds) == 2 and record[f"{loop}_img_s"] == sum(rounds) / 2
     assert record["repeats"] == 2
+
+
+def test_folder_bench_measures_resident_and_streamed_stores(tmp_path):
+    from kdcache.folders import write_image_folder
+
+    folder = write_image_folder(tmp_path / "imgs", classes=3, per_class=12)
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(
+        app,
+        ["bench", "--data", str(folder), "--student-arch", "seed-cnn-student", "--image-size", "24", "--batch-size", "8",
+         "--steps", "2", "--warmup", "1", "--repeats", "1", "--device", "cpu", "--json", str(out)],
+        env={"COLUMNS": "200", "KDCACHE_STORE_DIR": str(tmp_path / "user-stores")},
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    record = json.loads(out.read_text())
+    for loop in ("plain", "cached", "plain_streamed", "cached_streamed"):
+        assert record[f"{loop}_img_s"] > 0 and loop in r.output
+    assert record["ratios"]["streamed_over_resident"] == record["cached_streamed_img_s"] / record["cached_img_s"]
+    assert record["prepare_images"] == 45 and record["prepare_img_s"] > 0
+    assert not (tmp_path / "user-stores").exists()  # the bench prepares its own, temporary store
