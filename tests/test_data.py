@@ -1,5 +1,7 @@
 """Datasets are read from the python batches, checked by shape/count/labels, fingerprinted."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -63,3 +65,30 @@ def test_real_cifar10_teacher_cache_student(tmp_path, cpu):
     with h5py.File(tmp_path / "real" / "teacher_logits.h5", "r") as f:
         assert f["logits"].shape == (1000, 2, 10) and bool(f.attrs["complete"])
         assert f.attrs["dataset_fingerprint"] == load_dataset("cifar10", SHARED_CIFAR, 1000).fingerprint
+
+
+SHARED_CALTECH = Path(__file__).resolve().parents[1].parent / "shared" / "caltech101"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_CALTECH / "train").is_dir(), reason="real Caltech-101 not at ../shared/caltech101")
+def test_real_caltech101_store_and_flow(tmp_path, cpu):
+    """Real photographs: 101 unequal classes, greyscale images, every file decodes; the flow runs and verifies."""
+    from kdcache.pipeline import run_pipeline
+    from kdcache.verify import verify_cache
+
+    d = load_dataset("imagefolder", SHARED_CALTECH, image_size=32)
+    counts = np.bincount(d.train_y.numpy(), minlength=101)
+    assert d.num_classes == 101 and len(d.train_y) == 5784 and len(d.test_y) == 2893
+    assert counts[d.classes.index("airplanes")] == 534 and counts.min() >= 1
+    assert d.train_x.shape[1:] == (3, 56, 56) and d.test_x.shape[1:] == (3, 32, 32)
+    grey = [(x[0] == x[1]).all() and (x[1] == x[2]).all() for x in d.train_x[:800]]
+    assert 0 < sum(grey) < 800  # the greyscale photographs became RGB, the colour ones stayed colour
+    from conftest import TINY
+
+    recipe = TINY.override(dataset="imagefolder", subset=600, teacher_epochs=1, epochs=1, views=2, mix="cutmix", augment=True)
+    run_pipeline(recipe, preset="test", run_dir=tmp_path / "caltech", data_dir=SHARED_CALTECH, rt=cpu,
+                 data_options={"image_size": 32})  # fmt: skip
+    report = verify_cache(tmp_path / "caltech" / "teacher_logits.h5", teacher=tmp_path / "caltech" / "teacher.pt",
+                          data_dir=None, samples=32, rt=cpu)  # fmt: skip
+    assert report.ok, [(c.name, c.detail) for c in report.checks if not c.ok]
