@@ -9,6 +9,7 @@ refuses anything it cannot trust, with a message that says what differs.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -385,13 +386,15 @@ def _layout_problem(f: h5py.File) -> str | None:
     return None
 
 
-def check_matches(cache: Cache, fingerprint: str, num_classes: int) -> None:
+def check_matches(cache: Cache, fingerprint: str, num_classes: int, classes: list[str] | None = None) -> None:
     """Refuse a cache made from other data (fingerprint covers --subset too) or class count."""
     a = cache.attrs
     if int(a["num_classes"]) != num_classes:
         raise KDCacheError(
             f"{cache.path} has {a['num_classes']} classes, the data has {num_classes}: use a cache of this dataset"
         )
+    if "classes" in a and classes is not None and json.loads(a["classes"]) != list(classes):
+        raise KDCacheError(f"{cache.path} names other classes than the data (e.g. class order): use a cache of this dataset")
     if a["dataset_fingerprint"] != fingerprint:
         raise KDCacheError(
             f"{cache.path} was made from other training images (fingerprint {a['dataset_fingerprint'][:12]}, "

@@ -119,6 +119,7 @@ def print_epoch(m: dict) -> None:
 
 PresetOpt = typer.Option(None, "--preset", help=f"Named recipe: {PRESET_NAMES}. Flags you pass override it. \\[default: {DEFAULT_PRESET} for teacher and pipeline; dump-logits and student start from the recipe the teacher/cache recorded]")
 DataDirOpt = typer.Option(None, "--data-dir", "--data", help="Where the data is: CIFAR's python batches (\\[default: data/]) or an image folder (\\[default: the path the checkpoint or cache recorded]).")
+DatasetOpt = typer.Option(None, "--dataset", help="cifar10 | cifar100 | imagefolder (implied by --data PATH with a train/ folder). \\[default: cifar10]")
 ImageSizeOpt = typer.Option(None, "--image-size", help="Image folders: side of a view in pixels, 8..255 (64 trains fast on a CPU). \\[default: 224]")
 StoreSizeOpt = typer.Option(None, "--store-size", help="Image folders: images are stored once, shrunk to fit this many pixels a side. \\[default: image size x 4/3 / 0.875, rounded up to 8: 104 for 64, 344 for 224]")
 ValFractionOpt = typer.Option(None, "--val-fraction", help="Image folders without val/: hold out this share of every class of train/ (chosen by a hash of the file path).")
@@ -207,7 +208,7 @@ def _stage_summary(title: str, result) -> None:
 def teacher_cmd(
     preset: Optional[str] = PresetOpt,
     arch: Optional[str] = typer.Option(None, "--arch", help="Teacher architecture: resnet18|34|50, seed-cnn-teacher, torchvision:NAME, timm:NAME or module.path:factory. \\[default: resnet50]"),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="cifar10 | cifar100 | imagefolder (implied by --data PATH with a train/ folder). \\[default: cifar10]"),
+    dataset: Optional[str] = DatasetOpt,
     data_dir: Optional[Path] = DataDirOpt,
     image_size: Optional[int] = ImageSizeOpt,
     store_size: Optional[int] = StoreSizeOpt,
@@ -257,7 +258,7 @@ def teacher_cmd(
 def import_teacher_cmd(
     weights: Path = typer.Argument(..., help="Weights trained elsewhere: a state dict (.pt/.pth, also nested under 'state_dict' or 'model'), or a whole saved model."),
     arch: str = typer.Option(..., "--arch", help="What the weights were trained as: a kdcache name, torchvision:NAME, timm:NAME or module.path:factory."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="cifar10 | cifar100 | imagefolder (implied by --data PATH with a train/ folder). \\[default: cifar10]"),
+    dataset: Optional[str] = DatasetOpt,
     data_dir: Optional[Path] = DataDirOpt,
     image_size: Optional[int] = ImageSizeOpt,
     store_size: Optional[int] = StoreSizeOpt,

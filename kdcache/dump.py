@@ -121,6 +121,7 @@ def dump_logits(
             "view_recipe": geometry.recipe,
             **geometry.attrs(),
             "data_options": json.dumps(data.options),
+            "classes": json.dumps(data.classes),
             # The teacher's recipe with this dump's view settings: students start from it.
             "recipe": json.dumps({**meta.get("recipe", {}), "views": views, "augment": augment, "seed": seed, "subset": n,
                                  "mix": mix, "mix_prob": mix_prob}),

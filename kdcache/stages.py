@@ -236,7 +236,7 @@ def train_student(
                 subset = recipe.subset if recipe.subset is not None else attrs.get("subset")
                 data = load_dataset(attrs["dataset"], data_dir, subset, progress=progress, rebuild_store=rebuild_store,
                                     **recorded_options(attrs))  # fmt: skip
-                cache_io.check_matches(cache, data.fingerprint, data.num_classes)
+                cache_io.check_matches(cache, data.fingerprint, data.num_classes, data.classes)
                 logits, params, mix, labels = cache.tensors()
                 test_logits = torch.from_numpy(cache.file["test_logits"][...]) if "test_logits" in cache.file else None
                 digest, cache_mix = cache_io.content_digest(cache), cache.mix

@@ -95,3 +95,13 @@ def test_timm_spec_without_timm_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # as if not installed
     with pytest.raises(KDCacheError, match=r"pip install 'kdcache\[timm\]'"):
         build("timm:resnet18", 10)
+
+
+def test_timm_models_build_with_the_stem_rule_when_timm_is_installed():
+    pytest.importorskip("timm")
+    from kdcache.models import build
+
+    small = build("timm:resnet18", 7, image_size=32)
+    assert small.conv1.stride == (1, 1) and isinstance(small.maxpool, nn.Identity)
+    assert small(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
+    assert build("timm:resnet18", 7, image_size=224).conv1.stride == (2, 2)
