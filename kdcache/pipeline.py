@@ -51,6 +51,13 @@ def _done(path: Path, expect: dict) -> bool:
     return True
 
 
+def _image_size(data_options: dict | None) -> dict:
+    """An image folder's view size, which a kept teacher must share with this run."""
+    from kdcache.folders import DEFAULT_IMAGE_SIZE
+
+    return {"image_size": data_options.get("image_size") or DEFAULT_IMAGE_SIZE} if data_options else {}
+
+
 def _training(recipe: Recipe) -> dict:
     """The optimisation settings a finished stage must share with this run to be kept."""
     keys = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "batch_size", "seed")
@@ -113,6 +120,7 @@ def run_pipeline(
             recipe, data_dir=data_dir, out=out, rt=rt, progress=progress, on_epoch=on_epoch,
             data_options=data_options, **kw),
             expect={"arch": recipe.teacher_arch, "epochs": recipe.teacher_recipe_epochs, "augment": recipe.augment,
+                    "dataset": recipe.dataset, **_image_size(data_options),
                     "mix": recipe.mix, "mix_prob": recipe.mix_prob, **_training(recipe)})  # fmt: skip
     teacher_sha = lambda: file_sha256(paths[TEACHER])  # noqa: E731 - the teacher may only exist later
     stage(CACHE, "dump-logits", lambda out, kw: dump_logits(

@@ -304,3 +304,16 @@ def test_rrc_renderer_matches_a_numpy_reference_of_the_documented_box_meaning():
     ref = np.stack([_reference_view(images[r], p, 8) for r, p in zip(rows.tolist(), params.tolist())]).astype(int)
     diff = np.abs(ours - ref)
     assert diff.max() <= 1 and diff.mean() < 0.01  # float rounding at .5 only
+
+
+def test_pipeline_resume_refuses_a_teacher_of_another_image_size(folder, tmp_path):
+    from kdcache.config import get_preset
+    from kdcache.pipeline import run_pipeline
+    from kdcache.train import Runtime
+
+    rt = Runtime.create("cpu", "fp32")
+    recipe = get_preset("seed-cnn").override(dataset="imagefolder", teacher_epochs=1, epochs=1, batch_size=16)
+    run_pipeline(recipe, preset="t", run_dir=tmp_path / "p", data_dir=folder, rt=rt, data_options={"image_size": 16})
+    with pytest.raises(KDCacheError, match="image_size=16, this run asks for 24"):
+        run_pipeline(recipe, preset="t", run_dir=tmp_path / "p", data_dir=folder, rt=rt, resume=True,
+                     data_options={"image_size": 24})  # fmt: skip
