@@ -26,6 +26,7 @@ FORMAT = "kdcache-logits"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MIX_DATASETS = ("mix_partner", "mix_crop", "mix_box", "mix_lam")  # v2, present when attrs mix != "none"
+TOPK_DATASETS = ("topk_values", "topk_indices", "topk_lse")  # instead of "logits" when attrs topk > 0
 VIEW_RECIPE = CropFlip.recipe  # what a file without a view_recipe attribute holds (the only recipe of v1)
 _FIELDS = {CropFlip.recipe: (CropFlip.fields, "uint8"), ResizedCrop.recipe: (ResizedCrop.fields, "int16")}
 BLOCK_ROWS = 1024  # default HDF5 chunk, checksum and resume granularity along N
@@ -36,15 +37,19 @@ def partial_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def bytes_needed(n: int, k: int, c: int, n_test: int, mixed: bool = False, view_bytes: int = 3) -> int:
-    per_view = 2 * c + view_bytes + (8 + view_bytes + 4 + 4 if mixed else 0)
+def bytes_needed(n: int, k: int, c: int, n_test: int, mixed: bool = False, view_bytes: int = 3,
+                 topk: int | None = None, grid: int = 0) -> int:  # fmt: skip
+    from kdcache.topk import bytes_per_view
+
+    per_view = bytes_per_view(c, topk, grid) + view_bytes + (8 + view_bytes + 4 + 4 if mixed else 0)
     return n * k * per_view + n * 16 + n_test * 2 * c
 
 
 # Attributes that must match for a partial file to be resumed by the same dump.
 _IDENTITY_ATTRS = (
     "num_views", "num_classes", "dataset", "dataset_fingerprint", "teacher_sha256", "seed", "augment",
-    "batch_size", "block_rows", "precision", "mix", "mix_prob", "view_recipe", "data_options",
+    "batch_size", "block_rows", "precision", "mix", "mix_prob", "view_recipe", "data_options", "topk",
+    "lse_temperatures",
 )  # fmt: skip
 
 
@@ -59,9 +64,20 @@ def mix_arrays(mix: Mix) -> dict[str, np.ndarray]:
             "mix_box": mix.box.numpy(), "mix_lam": mix.lam.numpy()}  # fmt: skip
 
 
-def block_digest(logits: np.ndarray, params: np.ndarray, mix: dict | None = None) -> bytes:
-    """sha256 of one block's logits + view params (+ mix record): `verify` finds rows changed after the dump."""
-    h = hashlib.sha256(np.ascontiguousarray(logits, dtype=np.float16).tobytes())
+def target_names(attrs) -> tuple[str, ...]:
+    """The datasets that hold a cache's teacher targets: dense logits, or the top-k record."""
+    return TOPK_DATASETS if int(_plain(attrs.get("topk", 0)) or 0) > 0 else ("logits",)
+
+
+def block_digest(targets: np.ndarray | dict, params: np.ndarray, mix: dict | None = None) -> bytes:
+    """sha256 of one block's targets (dense fp16 logits, or the top-k datasets in order) + view params
+    (+ mix record): `verify` finds rows changed after the dump."""
+    if isinstance(targets, dict):
+        h = hashlib.sha256()
+        for name in TOPK_DATASETS:
+            h.update(np.ascontiguousarray(targets[name]).tobytes())
+    else:
+        h = hashlib.sha256(np.ascontiguousarray(targets, dtype=np.float16).tobytes())
     h.update(np.ascontiguousarray(params).tobytes())  # uint8 crops, int16 boxes: as stored
     for name in MIX_DATASETS if mix is not None else ():
         h.update(np.ascontiguousarray(mix[name]).tobytes())
@@ -104,7 +120,8 @@ class CacheWriter:
         `flush`, which raises, and the dump can clean up.
         """
         f = self.file
-        names = ("logits", "view_params", "labels", "indices", "block_sha256", "test_logits", *MIX_DATASETS)
+        names = ("logits", *TOPK_DATASETS, "view_params", "labels", "indices", "block_sha256", "test_logits",
+                 *MIX_DATASETS)  # fmt: skip
         self.ds = {name: f[name] for name in names if name in f}
         self.attrs = f.attrs
 
@@ -113,7 +130,14 @@ class CacheWriter:
         fields, dtype = _FIELDS[attrs.get("view_recipe", VIEW_RECIPE)]
         f = self.file
         rows = min(block, num_rows)
-        f.create_dataset("logits", (num_rows, k, c), dtype="float16", chunks=(rows, k, c))
+        if topk := int(attrs.get("topk", 0) or 0):
+            from kdcache.topk import index_dtype
+
+            grid = len(attrs["lse_temperatures"])
+            for name, dt, tail in zip(TOPK_DATASETS, ("float16", index_dtype(c), "float32"), (topk, topk, grid)):
+                f.create_dataset(name, (num_rows, k, tail), dtype=dt, chunks=(rows, k, tail))
+        else:
+            f.create_dataset("logits", (num_rows, k, c), dtype="float16", chunks=(rows, k, c))
         f.create_dataset("view_params", (num_rows, k, fields), dtype=dtype, chunks=(rows, k, fields))
         if store_hw is not None:  # random-resized crops: each stored image's (h, w), so views can be checked
             f.create_dataset("store_hw", data=np.asarray(store_hw, dtype=np.int16))
@@ -160,12 +184,14 @@ class CacheWriter:
     def rows_done(self) -> int:
         return int(self.attrs["rows_done"])
 
-    def write_rows(self, start: int, logits: np.ndarray, params: np.ndarray, labels, indices,
+    def write_rows(self, start: int, logits: np.ndarray | dict, params: np.ndarray, labels, indices,
                    mix: dict | None = None) -> None:  # fmt: skip
-        """Write one block, flush it, and only then record it as done (the resume point)."""
-        stop = start + len(logits)
+        """Write one block, flush it, and only then record it as done (the resume point).
+        `logits`: dense fp16 [b, K, C], or the top-k datasets by name."""
+        stop = start + len(params)
         ds = self.ds
-        ds["logits"][start:stop] = logits
+        for name, value in (logits.items() if isinstance(logits, dict) else [("logits", logits)]):
+            ds[name][start:stop] = value
         ds["view_params"][start:stop] = params
         for name in MIX_DATASETS if mix is not None else ():
             ds[name][start:stop] = mix[name]
@@ -254,7 +280,23 @@ class Cache:
 
     @property
     def num_rows(self) -> int:
-        return self.file["logits"].shape[0]
+        return self.file["labels"].shape[0]
+
+    @property
+    def topk(self) -> int:
+        """k of a top-k cache, 0 for dense logits."""
+        return int(self.attrs.get("topk", 0) or 0)
+
+    def targets(self, rows: slice | np.ndarray = slice(None)):
+        """The teacher targets of `rows` (all K views): dense fp16 logits, or a `TopK` (host memory)."""
+        f = self.file
+        if not self.topk:
+            return torch.from_numpy(f["logits"][rows])
+        from kdcache.topk import TopK
+
+        values, idx, lse = (f[name][rows] for name in TOPK_DATASETS)
+        return TopK(torch.from_numpy(values), torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(lse),
+                    tuple(float(t) for t in self.attrs["lse_temperatures"]), int(self.attrs["num_classes"]))  # fmt: skip
 
     @property
     def mix(self) -> str:
@@ -269,18 +311,26 @@ class Cache:
         return ResizedCrop(hw, int(a["image_size"]), a["rrc_scale"], a["rrc_ratio"])
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, Mix | None, torch.Tensor]:
-        """(logits fp16 [N,K,C], view_params [N,K,F], Mix [N,K] or None, labels int64 [N]) in host
-        memory, checked: finite logits, view parameters, partners and labels in range (a hand-edited
-        cache is refused here). The student moves one epoch's slice to the device at a time."""
+        """(targets: logits fp16 [N,K,C] or a `TopK` [N,K], view_params [N,K,F], Mix [N,K] or None,
+        labels int64 [N]) in host memory, checked: finite targets, view parameters, partners, classes
+        and labels in range (a hand-edited cache is refused here). The student moves one epoch's slice
+        to the device at a time."""
         f = self.file
-        logits, params, labels = (torch.from_numpy(f[name][...]) for name in ("logits", "view_params", "labels"))
+        logits = self.targets()
+        params, labels = (torch.from_numpy(f[name][...]) for name in ("view_params", "labels"))
         mix = None
         if self.mix != "none":
             partner, crop, box, lam = (torch.from_numpy(f[name][...]) for name in MIX_DATASETS)
             mix = Mix(partner.long(), crop, box, lam)
         fix = f"see `kdcache verify {self.path}`, then dump the cache again"
-        check_finite(self.path, logits, fix)
-        n, c = logits.shape[0], logits.shape[-1]
+        c = int(self.attrs["num_classes"])
+        if self.topk:
+            check_finite(self.path, torch.cat([logits.values.float(), logits.lse], -1), fix)
+            if bool(((logits.indices < 0) | (logits.indices >= c)).any()):
+                raise KDCacheError(f"{self.path} holds top-k class indices outside 0..{c - 1}: {fix}")
+        else:
+            check_finite(self.path, logits, fix)
+        n = len(labels)
         geometry = self.geometry()
         own = torch.arange(n).view(-1, 1).expand(params.shape[:2])
         bad = ~geometry.valid(params, own).all()
@@ -337,7 +387,7 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> Cache:
         problem = f"{path} uses view recipe {_plain(attrs.get('view_recipe'))!r}, this kdcache knows {' and '.join(GEOMETRIES)}"
     elif require_complete and not _plain(attrs.get("complete")):
         problem = f"{path} is incomplete (an interrupted dump): finish it with `kdcache dump-logits --resume`"
-    elif not all(name in f for name in ("logits", "view_params", "labels", "indices")):
+    elif not all(name in f for name in (*target_names(attrs), "view_params", "labels", "indices")):
         problem = f"{path} lacks datasets of format v1: recreate it with `kdcache dump-logits`"
     elif missing := [key for key in REQUIRED_ATTRS + (tuple(V1_DEFAULTS) if _plain(attrs.get("format_version")) >= 2 else ())
                      if key not in attrs]:
@@ -355,7 +405,7 @@ REQUIRED_ATTRS = ("num_views", "num_classes", "dataset", "dataset_fingerprint", 
                   "created_utc", "kdcache_version")  # fmt: skip
 V1_DEFAULTS = {"mix": "none", "mix_prob": 1.0}  # what a v1 file (no mix attributes) means
 # ... and a partial from before image folders (CIFAR only), for resume's comparison
-_RESUME_DEFAULTS = {**V1_DEFAULTS, "view_recipe": VIEW_RECIPE, "data_options": "{}"}
+_RESUME_DEFAULTS = {**V1_DEFAULTS, "view_recipe": VIEW_RECIPE, "data_options": "{}", "topk": 0, "lse_temperatures": []}
 
 
 def _layout_problem(f: h5py.File) -> str | None:
@@ -366,7 +416,14 @@ def _layout_problem(f: h5py.File) -> str | None:
         return "has subset, num_views or num_classes attributes that are not whole numbers"
     recipe = _plain(f.attrs.get("view_recipe", VIEW_RECIPE))
     fields = _FIELDS[recipe][0]
-    expect = {"logits": (n, k, c), "view_params": (n, k, fields), "labels": (n,), "indices": (n,)}
+    expect = {"view_params": (n, k, fields), "labels": (n,), "indices": (n,)}
+    if topk := int(_plain(f.attrs.get("topk", 0)) or 0):
+        grid = len(_plain(f.attrs.get("lse_temperatures", [])))
+        if not 1 <= topk <= c or grid < 1:
+            return f"has topk={topk} (classes {c}) or no lse_temperatures"
+        expect.update(topk_values=(n, k, topk), topk_indices=(n, k, topk), topk_lse=(n, k, grid))
+    else:
+        expect["logits"] = (n, k, c)
     if recipe == ResizedCrop.recipe:
         if "store_hw" not in f or any(a not in f.attrs for a in ("image_size", "rrc_scale", "rrc_ratio")):
             return "lacks the store sizes or crop attributes its random-resized-crop views need"

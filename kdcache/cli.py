@@ -327,6 +327,8 @@ def dump_cmd(
     seed: Optional[int] = SeedOpt,
     batch_size: int = typer.Option(512, "--batch-size", help="Teacher inference batch size."),
     block_rows: int = typer.Option(1024, "--block-rows", help="Images per written block (the resume and checksum unit)."),
+    topk: Optional[int] = typer.Option(None, "--topk", help="Keep only the k largest logits per view (fp16) and their classes, plus the log-sum-exp of all logits at --topk-temperatures, so the tail's mass stays exact: for many classes (C=1000, k=10: 29x smaller per view). Students then use --loss kd at one of those temperatures. \\[default: dense logits]"),
+    topk_temperatures: Optional[str] = typer.Option(None, "--topk-temperatures", help="Temperatures a top-k cache serves, comma-separated. \\[default: 1,2,3,4,5,8 and the recipe's T]"),
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     compile: bool = CompileOpt,
@@ -350,8 +352,19 @@ def dump_cmd(
             batch_size=batch_size, rt=rt, subset=recipe.subset, augment=recipe.augment, mix=recipe.mix,
             mix_prob=recipe.mix_prob, arch=arch,
             block_rows=block_rows, force=force, resume=resume, progress=progress, rebuild_store=rebuild_store,
+            topk=topk, topk_temperatures=_numbers("--topk-temperatures", topk_temperatures),
         )  # fmt: skip
     _print_cache_summary(path, recipe.T)
+
+
+def _numbers(flag: str, text: str | None) -> tuple[float, ...] | None:
+    """A comma-separated list of numbers, or a one-line error naming the flag."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise KDCacheError(f"{flag} takes numbers separated by commas (got {text!r}), e.g. {flag} 1,2,4") from None
 
 
 def _print_cache_summary(path: Path, T: float) -> None:

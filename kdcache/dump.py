@@ -19,6 +19,7 @@ from kdcache.errors import KDCacheError
 from kdcache.imports import load_teachers
 from kdcache.models import check_classes
 from kdcache.train import Progress, Runtime, NoProgress, accuracy, predict
+from kdcache.topk import DEFAULT_TEMPERATURES, from_dense
 from kdcache.views import MIXES, mix_params
 
 
@@ -51,6 +52,23 @@ def _refuse_nonfinite(logits: torch.Tensor, start: int, teacher_path, writer, wh
         )
 
 
+def _topk_grid(topk: int | None, temperatures, num_classes: int, meta: dict) -> tuple[float, ...]:
+    """The temperatures a top-k cache keeps the tail's mass at: the given grid, or the default one
+    plus the teacher recipe's T. Checked: 1 <= k <= C, every T finite and > 0."""
+    if not topk:
+        if temperatures:
+            raise KDCacheError("--topk-temperatures goes with --topk K")
+        return ()
+    if not 1 <= topk <= num_classes:
+        raise KDCacheError(f"--topk must be in 1..{num_classes}, the class count (got {topk})")
+    grid = tuple(temperatures) if temperatures else DEFAULT_TEMPERATURES
+    if not temperatures and (t := float(meta.get("recipe", {}).get("T", 0) or 0)) > 0 and t not in grid:
+        grid = (*grid, t)
+    if not all(np.isfinite(t) and t > 0 for t in grid):
+        raise KDCacheError(f"--topk-temperatures must be finite numbers > 0 (got {', '.join(map(str, grid))})")
+    return tuple(sorted(set(float(t) for t in grid)))
+
+
 def dump_logits(
     *,
     teacher_path: str | Path | list,
@@ -70,6 +88,8 @@ def dump_logits(
     resume: bool = False,
     progress: Progress | None = None,
     rebuild_store: bool = False,
+    topk: int | None = None,
+    topk_temperatures=None,
 ) -> Path:
     """Write `out` (cache format v2): raw teacher logits for `views` views of every training image,
     each view a crop/flip, mixed with a partner (CutMix or MixUp) when `mix` is set: the teacher
@@ -102,6 +122,7 @@ def dump_logits(
         geometry = data.geometry
         mean, std = tuple(meta["normalize_mean"]), tuple(meta["normalize_std"])
         n, c = len(data.train_y), data.num_classes
+        temps = _topk_grid(topk, topk_temperatures, c, meta)
         attrs = {
             "num_views": views,
             "num_classes": c,
@@ -121,13 +142,15 @@ def dump_logits(
             "view_recipe": geometry.recipe,
             **geometry.attrs(),
             "data_options": json.dumps(data.options),
+            **({"topk": topk, "lse_temperatures": list(temps)} if topk else {}),
             "classes": json.dumps(data.classes),
             # The teacher's recipe with this dump's view settings: students start from it.
             "recipe": json.dumps({**meta.get("recipe", {}), "views": views, "augment": augment, "seed": seed, "subset": n,
                                  "mix": mix, "mix_prob": mix_prob}),
         }
         need = cache_io.bytes_needed(n, views, c, len(data.test_y), mixed=mix != "none",
-                                     view_bytes=geometry.fields * geometry.dtype.itemsize)  # fmt: skip
+                                     view_bytes=geometry.fields * geometry.dtype.itemsize, topk=topk,
+                                     grid=len(temps))  # fmt: skip
         free = shutil.disk_usage(out.parent).free
         if free < need * 1.1:
             raise KDCacheError(
@@ -144,8 +167,9 @@ def dump_logits(
             writer = cache_io.CacheWriter(out, attrs=attrs, num_rows=n, num_test=len(data.test_y), resume=resume,
                                           store_hw=hw)  # fmt: skip
             if resume:  # what an earlier run wrote must be sound before more is added to it
-                done = torch.from_numpy(writer.ds["logits"][: writer.rows_done]).to(rt.device)
-                cache_io.check_finite(writer.tmp, done, "start the dump over with --force")
+                done = [torch.from_numpy(writer.ds[name][: writer.rows_done]).float()
+                        for name in cache_io.target_names(attrs) if name != "topk_indices"]  # fmt: skip
+                cache_io.check_finite(writer.tmp, torch.cat(done, -1), "start the dump over with --force")
             images = rt.place(data.train_x)  # resident, or a host store streamed per batch
             blocks = range(writer.rows_done, n, block_rows)
             progress.begin(f"dump {n}x{views} views", len(blocks))
@@ -160,11 +184,17 @@ def dump_logits(
                 logits = predict(teacher, images, render_mean, render_std, rt, rows=rows, crop=flat(params),
                                  mix=None if mixes is None else mixes.map(flat), batch_size=batch_size,
                                  geometry=geometry)  # fmt: skip
-                logits = logits.view(stop - start, views, c).to(torch.float16)  # fp16: > 65504 is inf too
-                _refuse_nonfinite(logits, start, teacher_path, writer)
+                logits = logits.view(stop - start, views, c)
+                _refuse_nonfinite(logits.to(torch.float16), start, teacher_path, writer)  # fp16: > 65504 is inf too
+                if topk:  # the k largest, their classes, and the tail's log-sum-exp on the grid
+                    values, classes, lse = from_dense(logits, topk, temps)
+                    targets = {"topk_values": values.cpu().numpy(), "topk_lse": lse.cpu().numpy(),
+                               "topk_indices": classes.cpu().numpy().astype(writer.ds["topk_indices"].dtype)}  # fmt: skip
+                else:
+                    targets = logits.to(torch.float16).cpu().numpy()
                 writer.write_rows(
                     start,
-                    logits.cpu().numpy(),
+                    targets,
                     params.numpy(),
                     data.train_y[start:stop].numpy(),
                     np.arange(start, stop, dtype=np.int64),
@@ -174,14 +204,18 @@ def dump_logits(
             progress.end()
             test_logits = predict(teacher, data.test_x, render_mean, render_std, rt, batch_size=batch_size)
             _refuse_nonfinite(test_logits.to(torch.float16)[:, None], 0, teacher_path, writer, "test image")
-            cached = torch.from_numpy(writer.file["logits"][...])
+            # The teacher's class for every cached view (top-k lists are sorted: the first is the argmax).
+            if topk:
+                predicted = torch.from_numpy(writer.file["topk_indices"][:, :, 0].astype(np.int64))
+            else:
+                predicted = torch.from_numpy(writer.file["logits"][...]).float().argmax(-1)
             # The label that dominates each view: the partner's where it holds more than half the image.
             target = data.train_y[:, None].expand(-1, views)
             if mix != "none":
                 part = torch.from_numpy(writer.file["mix_partner"][...]).long()
                 lam = torch.from_numpy(writer.file["mix_lam"][...])
                 target = torch.where(lam < 0.5, data.train_y[part.clamp(min=0)], target)
-            view_acc = (cached.float().argmax(-1) == target).float().mean().item()
+            view_acc = (predicted == target).float().mean().item()
             return writer.finish(
                 test_logits.to(torch.float16).cpu().numpy(),
                 {

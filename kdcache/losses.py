@@ -186,6 +186,12 @@ def student_loss(
         return ce
     if teacher_logits is None:
         raise ValueError("alpha > 0 needs teacher logits")
+    if not isinstance(teacher_logits, torch.Tensor):  # a top-k cache's targets: kd only, the tail as one bucket
+        from kdcache.topk import kl_div
+
+        if kind != "kd":
+            raise ValueError(f"--loss {kind} needs every logit; a top-k cache serves kd only")
+        return alpha * (T * T) * kl_div(student_logits, teacher_logits, T) + (1.0 - alpha) * ce
     div = _divergence(
         kind, student_logits, teacher_logits, T=T, labels=labels, dkd_alpha=dkd_alpha, dkd_beta=dkd_beta
     )

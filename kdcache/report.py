@@ -49,7 +49,7 @@ def load_run(run_dir: str | Path) -> dict:
         import h5py
 
         with h5py.File(cache, "r") as f:
-            n, k = f["logits"].shape[:2]
+            n, k = f["view_params"].shape[:2]
             t = float(f.attrs.get("dump_time_s", 0.0))
             record["dump"] = {"images": n, "views": k, "time_s": t, "img_s": n * k / t if t else None,
                               "size_mb": cache.stat().st_size / 1e6}  # fmt: skip

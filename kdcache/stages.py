@@ -15,6 +15,7 @@ from kdcache.config import Recipe, validate
 from kdcache.data import IMAGENET_MEAN, IMAGENET_STD, Dataset, load_dataset, recorded_options
 from kdcache.errors import KDCacheError
 from kdcache.losses import label_loss, student_loss
+from kdcache.topk import TopK
 from kdcache.models import build, check_classes, file_sha256, load_checkpoint, num_params, save_checkpoint
 from kdcache.train import (
     Plan,
@@ -240,6 +241,11 @@ def train_student(
                 logits, params, mix, labels = cache.tensors()
                 test_logits = torch.from_numpy(cache.file["test_logits"][...]) if "test_logits" in cache.file else None
                 digest, cache_mix = cache_io.content_digest(cache), cache.mix
+            if isinstance(logits, TopK) and recipe.alpha > 0:  # a top-k cache: kd at a temperature it serves
+                if recipe.loss != "kd":
+                    raise KDCacheError(f"--loss {recipe.loss} needs every logit, {cache_file} keeps the top "
+                                       f"{logits.k}: use --loss kd, or a dense cache")  # fmt: skip
+                logits.column(recipe.T)
             if not torch.equal(labels, data.train_y):
                 raise KDCacheError(f"{cache_file}: labels differ from the data's: dump the cache again")
             plan = cached_plan(params, mix, logits, recipe.seed, rt.device)

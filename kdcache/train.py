@@ -108,7 +108,7 @@ class EpochViews(NamedTuple):
 
     crop: torch.Tensor  # [N, F]: each sample's own crop in its geometry's terms (CIFAR: uint8 (dx, dy, flip))
     mix: Mix | None  # its mix (v2 record), None for crop/flip views only
-    targets: torch.Tensor | None  # the teacher's logits for that exact view [N, C] (students)
+    targets: torch.Tensor | None  # the teacher's logits for that exact view [N, C], or a `TopK` [N] (students)
 
 
 class Batch(NamedTuple):

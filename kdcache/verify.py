@@ -33,21 +33,29 @@ def rows_written(cache: cache_io.Cache) -> int:
     return min(int(cache.attrs.get("rows_done", n)), n)
 
 
-def soft_target_entropy(cache: cache_io.Cache, T: float) -> float:
-    """Mean entropy (nats) of softmax(logits / T) over the N x K cached views (the written ones)."""
-    total, count = 0.0, 0
-    for _, block in _scan(cache, "logits", rows_written(cache)):
-        logp = torch.log_softmax(torch.from_numpy(block).float() / T, dim=-1)
-        total += float(-(logp.exp() * logp).sum(-1).sum())
-        count += block.shape[0] * block.shape[1]
-    return total / max(count, 1)
+def soft_target_entropy(cache: cache_io.Cache, T: float) -> tuple[float, float]:
+    """(mean entropy in nats of the teacher's softmax at T, mean tail mass) over the written N x K views.
+    A top-k cache: the entropy of its top k plus the tail as one bucket (a lower bound), and the
+    tail's mass; a dense cache's tail mass is 0."""
+    total, tail, count = 0.0, 0.0, 0
+    for start in range(0, rows_written(cache), SCAN_ROWS):
+        t = cache.targets(slice(start, min(start + SCAN_ROWS, rows_written(cache))))
+        if cache.topk:
+            p, rest = t.probs(T)
+            p = torch.cat([p, rest.unsqueeze(-1)], -1)
+            tail += float(rest.sum())
+        else:
+            p = torch.softmax(t.float() / T, dim=-1)
+        total += float(-(p * p.clamp(min=1e-30).log()).sum(-1).sum())
+        count += p.shape[0] * p.shape[1]
+    return total / max(count, 1), tail / max(count, 1)
 
 
 def cache_summary(path: str | Path, T: float = 1.0) -> list[tuple[str, str]]:
     """Human-readable facts about a cache, complete or not."""
     with cache_io.open_cache(path, require_complete=False) as cache:
         a = cache.attrs
-        n, k, c = cache.file["logits"].shape
+        n, k, c = cache.num_rows, int(a["num_views"]), int(a["num_classes"])
         pct = lambda key: f"{100 * a[key]:.2f}%" if key in a else "n/a (incomplete)"  # noqa: E731
         complete = bool(a.get("complete"))
         rows = [
@@ -56,7 +64,7 @@ def cache_summary(path: str | Path, T: float = 1.0) -> list[tuple[str, str]]:
             ("dataset", f"{a['dataset']}" + (f" {recorded_options(a)['data_path']}" if a["dataset"] == "imagefolder" else "")
              + f" · fingerprint {a['dataset_fingerprint'][:16]}"),
             ("N x K x C", f"{n:,} images x {k} views x {c} classes"),
-            ("logits", f"{cache.file['logits'].dtype} raw logits"),
+            _targets_row(cache, T),
             ("size on disk", f"{Path(path).stat().st_size / 1e6:.1f} MB"),
             ("teacher", f"{a['teacher_arch']} · sha256 {a['teacher_sha256'][:16]}"),
             *([("ensemble members", "; ".join(f"{m['arch']} {_pct(m['test_acc'])} · sha256 {m['sha256'][:12]}"
@@ -64,12 +72,13 @@ def cache_summary(path: str | Path, T: float = 1.0) -> list[tuple[str, str]]:
               if "ensemble_members" in a else []),
             ("teacher test accuracy", pct("teacher_test_acc")),
             ("teacher accuracy on cached views", pct("teacher_view_acc")),
-            (f"mean soft-target entropy at T={T:g}", f"{soft_target_entropy(cache, T):.3f} nats (max {np.log(c):.3f})"),
+            *_entropy_rows(cache, T, c),
             ("views", f"seed {a['seed']} · {_view_words(a)}"
                       + (f" · mixed: {a['mix']}, p={a['mix_prob']:g}" if cache.mix != "none" else " · unmixed")),
             ("view schedule", f"each view once every {k} epochs" + (
                 f": {k} epochs before a student sees any view twice" if cache.mix != "none" and a["mix_prob"] == 1
-                else " (crop/flip draws can coincide: 162 distinct ones exist)")),
+                else " (crop/flip draws can coincide: 162 distinct ones exist)" if a.get("view_recipe", cache_io.VIEW_RECIPE)
+                == cache_io.VIEW_RECIPE else "")),
             ("normalisation", f"mean {tuple(round(x, 4) for x in a['normalize_mean'])} std {tuple(round(x, 4) for x in a['normalize_std'])}"),
             ("created", f"{a['created_utc']} by kdcache {a['kdcache_version']}"),
         ]
@@ -100,6 +109,28 @@ def _rows_list(rows: np.ndarray, limit: int = 5) -> str:
     return shown + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
 
 
+def _targets_row(cache: cache_io.Cache, T: float) -> tuple[str, str]:
+    from kdcache.topk import bytes_per_view
+
+    c = int(cache.attrs["num_classes"])
+    if not cache.topk:
+        return ("logits", f"{cache.file['logits'].dtype} raw logits, all {c} classes")
+    grid = cache.attrs["lse_temperatures"]
+    dense, ours = bytes_per_view(c, None), bytes_per_view(c, cache.topk, len(grid))
+    return ("logits", f"top {cache.topk} of {c} per view (fp16 values + classes) + log-sum-exp at T = "
+            f"{', '.join(f'{t:g}' for t in grid)}: {ours} bytes a view, dense {dense} ({dense / ours:.1f}x)")
+
+
+def _entropy_rows(cache: cache_io.Cache, T: float, c: int) -> list[tuple[str, str]]:
+    if cache.topk and not any(abs(t - T) < 1e-6 for t in cache.attrs["lse_temperatures"]):
+        return [(f"soft targets at T={T:g}", "not served by this top-k cache: see its temperatures above")]
+    entropy, tail = soft_target_entropy(cache, T)
+    rows = [(f"mean soft-target entropy at T={T:g}", f"{entropy:.3f} nats (max {np.log(c):.3f})"
+             + (" (top k + the tail as one class)" if cache.topk else ""))]  # fmt: skip
+    return rows + ([(f"mean tail mass at T={T:g}", f"{tail:.4f} of the teacher's probability outside its top {cache.topk}")]
+                   if cache.topk else [])  # fmt: skip
+
+
 def _pct(acc) -> str:
     return f"{100 * acc:.2f}%" if isinstance(acc, (int, float)) else "accuracy unknown"
 
@@ -123,14 +154,15 @@ def verify_cache(
     report = Report()
     with cache_io.open_cache(path, require_complete=False) as cache:
         a, f = cache.attrs, cache.file
-        n, k, c = f["logits"].shape
+        n, k = cache.num_rows, int(a["num_views"])
         report.add("complete", a.get("complete"), "every row written" if a.get("complete") else
                    f"only {a.get('rows_done', 0):,} of {n:,} rows written: finish it with dump-logits --resume")  # fmt: skip
         geometry = cache.geometry()  # open_cache has checked the shapes against the attributes
 
         done = rows_written(cache)  # an interrupted dump's later rows are empty, not wrong
-        bad = [start + np.nonzero(~np.isfinite(b).all(axis=(1, 2)))[0] for start, b in _scan(cache, "logits", done)]
-        bad = np.concatenate(bad) if bad else np.zeros(0, np.int64)
+        bad = [start + np.nonzero(~np.isfinite(b).all(axis=(1, 2)))[0] for name in cache_io.target_names(a)
+               for start, b in _scan(cache, name, done) if name != "topk_indices"]  # fmt: skip
+        bad = np.unique(np.concatenate(bad)) if bad else np.zeros(0, np.int64)
         report.add("finite logits", len(bad) == 0, "all finite" if len(bad) == 0 else f"non-finite logits in rows {_rows_list(bad)}")
 
         indices = f["indices"][:done]
@@ -154,7 +186,9 @@ def verify_cache(
         for b, start in enumerate(range(0, done, block)):
             stop = min(start + block, done)
             mix = {name: f[name][start:stop] for name in cache_io.MIX_DATASETS} if cache.mix != "none" else None
-            digest = cache_io.block_digest(f["logits"][start:stop], f["view_params"][start:stop], mix)
+            names = cache_io.target_names(a)
+            targets = {name: f[name][start:stop] for name in names} if cache.topk else f["logits"][start:stop]
+            digest = cache_io.block_digest(targets, f["view_params"][start:stop], mix)
             if digest != bytes(f["block_sha256"][b]):
                 changed.append((start, stop))
         report.add("block checksums", not changed, f"{-(-done // block)} blocks intact" if not changed
@@ -195,7 +229,7 @@ def verify_cache(
             order = np.argsort(rows, kind="stable")
             rows, vs = rows[order], vs[order]
             uniq, inv = np.unique(rows, return_inverse=True)
-            cached = torch.from_numpy(f["logits"][uniq][inv, vs]).float()
+            cached = cache.targets(uniq)[inv, vs]
             params = torch.from_numpy(f["view_params"][uniq][inv, vs])
             mixed = None
             if cache.mix != "none":
@@ -203,11 +237,22 @@ def verify_cache(
                 mixed.partner = mixed.partner.long()
             fresh = predict(model, rt.place(data.train_x), mean, std, rt, rows=torch.from_numpy(indices[rows]),
                             crop=params, mix=mixed, batch_size=512, geometry=geometry).cpu()  # fmt: skip
+            fresh_top1 = fresh.argmax(1)
+            if cache.topk:  # the fresh logits at the cached classes, and the fresh log-sum-exp on the grid
+                from kdcache.topk import from_dense
+
+                _, _, lse = from_dense(fresh, 1, cached.temperatures)
+                cached_top1 = cached.indices[:, 0]  # sorted, largest first
+                fresh = torch.cat([fresh.gather(1, cached.indices), lse], 1)
+                cached = torch.cat([cached.values.float(), cached.lse], 1)
+            else:
+                cached = cached.float()
+                cached_top1 = cached.argmax(1)
             err = (fresh - cached).abs()
             bf16 = a.get("precision") == "bf16" or rt.amp_dtype is not None
             tol = (0.15 + 0.03 * fresh.abs()) if bf16 else (0.01 + 2e-3 * fresh.abs())
             off = np.unique(rows[(err > tol).any(dim=1).numpy()])
-            agree = (fresh.argmax(1) == cached.argmax(1)).float().mean().item()
+            agree = (fresh_top1 == cached_top1).float().mean().item()
             report.add("teacher replay", len(off) == 0,
                        f"{len(rows):,} views re-rendered: max |error| {err.max().item():.4f}, argmax agreement {100 * agree:.2f}%"
                        + (f"; rows {_rows_list(off)} disagree with the teacher" if len(off) else ""))  # fmt: skip
