@@ -282,13 +282,8 @@ def import_teacher_cmd(
                                           skip_bad_images, rebuild_store)  # fmt: skip
 
     def rgb(flag: str, text: str | None):
-        if text is None:
-            return None
-        try:
-            values = tuple(float(v) for v in text.split(","))
-        except ValueError:
-            values = ()
-        if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        values = _numbers(flag, text)
+        if values is not None and (len(values) != 3 or not all(math.isfinite(v) for v in values)):
             raise KDCacheError(f"{flag} takes three numbers R,G,B (got {text!r}), e.g. {flag} 0.485,0.456,0.406")
         return values
 
