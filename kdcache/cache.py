@@ -256,6 +256,14 @@ def _plain(v):
     return v
 
 
+def _cat_topk(parts):
+    from kdcache.topk import TopK
+
+    first = parts[0]
+    return TopK(*(torch.cat([getattr(p, f) for p in parts]) for f in ("values", "indices", "lse")),
+                first.temperatures, first.num_classes)  # fmt: skip
+
+
 def check_finite(path: str | Path, logits: torch.Tensor, fix: str) -> None:
     """Refuse NaN/inf logits [N, K, C] (or [N, C]) with the first rows and views named.
 
@@ -310,13 +318,40 @@ class Cache:
         hw = torch.from_numpy(self.file["store_hw"][...].astype(np.int64))
         return ResizedCrop(hw, int(a["image_size"]), a["rrc_scale"], a["rrc_ratio"])
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, Mix | None, torch.Tensor]:
+    @property
+    def target_bytes(self) -> int:
+        """Bytes of the teacher targets (all N x K views): what a student would hold in memory."""
+        return sum(self.file[name].size * self.file[name].dtype.itemsize for name in target_names(self.attrs))
+
+    def check_targets(self, targets, fix: str) -> None:
+        """Refuse non-finite logits (or top-k values and log-sum-exps) and top-k classes out of range."""
+        c = int(self.attrs["num_classes"])
+        if self.topk:
+            check_finite(self.path, torch.cat([targets.values.float(), targets.lse], -1), fix)
+            if bool(((targets.indices < 0) | (targets.indices >= c)).any()):
+                raise KDCacheError(f"{self.path} holds top-k class indices outside 0..{c - 1}: {fix}")
+        else:
+            check_finite(self.path, targets, fix)
+
+    def epoch_targets(self, views: np.ndarray):
+        """targets[i, views[i]] for every row i, read in contiguous blocks of `block_rows` rows (the HDF5
+        chunks: h5py is slow at scattered reads) and checked block by block. For caches larger than memory."""
+        n, block = self.num_rows, int(self.attrs["block_rows"])
+        parts = []
+        for start in range(0, n, block):
+            stop = min(start + block, n)
+            t = self.targets(slice(start, stop))
+            self.check_targets(t, f"see `kdcache verify {self.path}`, then dump the cache again")
+            parts.append(t[torch.arange(stop - start), torch.from_numpy(views[start:stop])])
+        return _cat_topk(parts) if self.topk else torch.cat(parts)
+
+    def tensors(self, targets: bool = True) -> tuple[torch.Tensor, torch.Tensor, Mix | None, torch.Tensor]:
         """(targets: logits fp16 [N,K,C] or a `TopK` [N,K], view_params [N,K,F], Mix [N,K] or None,
         labels int64 [N]) in host memory, checked: finite targets, view parameters, partners, classes
         and labels in range (a hand-edited cache is refused here). The student moves one epoch's slice
         to the device at a time."""
         f = self.file
-        logits = self.targets()
+        logits = self.targets() if targets else None  # targets=False: the caller streams them per epoch
         params, labels = (torch.from_numpy(f[name][...]) for name in ("view_params", "labels"))
         mix = None
         if self.mix != "none":
@@ -324,12 +359,8 @@ class Cache:
             mix = Mix(partner.long(), crop, box, lam)
         fix = f"see `kdcache verify {self.path}`, then dump the cache again"
         c = int(self.attrs["num_classes"])
-        if self.topk:
-            check_finite(self.path, torch.cat([logits.values.float(), logits.lse], -1), fix)
-            if bool(((logits.indices < 0) | (logits.indices >= c)).any()):
-                raise KDCacheError(f"{self.path} holds top-k class indices outside 0..{c - 1}: {fix}")
-        else:
-            check_finite(self.path, logits, fix)
+        if logits is not None:
+            self.check_targets(logits, fix)
         n = len(labels)
         geometry = self.geometry()
         own = torch.arange(n).view(-1, 1).expand(params.shape[:2])

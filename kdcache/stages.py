@@ -142,18 +142,40 @@ def fresh_views_plan(n: int, seed: int, augment: bool, device, *, mix: str = "no
     return plan
 
 
-def cached_plan(params: torch.Tensor, mix: Mix | None, logits: torch.Tensor, seed: int, device) -> Plan:
-    """Students: each sample's scheduled cached view ([N,K,3] crops, [N,K] mixes) and its teacher
-    logits [N,K,C]. The cache stays in host memory; only the epoch's slice goes to the device."""
+def cached_plan(params: torch.Tensor, mix: Mix | None, logits, seed: int, device) -> Plan:
+    """Students: each sample's scheduled cached view ([N,K,F] crops, [N,K] mixes) and its teacher
+    targets ([N,K,C] logits or a `TopK`). The cache stays in host memory; only the epoch's slice
+    goes to the device. `logits` may instead be a reader, views [N] -> that epoch's targets [N]
+    (a cache larger than memory): the next epoch's are then read in a background thread."""
     n, k = params.shape[:2]
     rows = torch.arange(n)
+    if callable(logits):
+        epoch_targets = _prefetched(logits, lambda e: view_schedule(seed, n, k, e).numpy())
+    else:
+        epoch_targets = lambda e: logits[rows, view_schedule(seed, n, k, e)]  # noqa: E731
 
     def plan(epoch: int) -> EpochViews:
         v = view_schedule(seed, n, k, epoch)
         m = None if mix is None else mix[rows, v].to(device)
-        return EpochViews(params[rows, v].to(device), m, logits[rows, v].to(device))
+        return EpochViews(params[rows, v].to(device), m, epoch_targets(epoch).to(device))
 
     return plan
+
+
+def _prefetched(read, views_of):
+    """epoch -> read(views_of(epoch)), with epoch + 1's read started in a background thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-cache")
+    pending: dict = {}
+
+    def targets(epoch: int):
+        future = pending.pop(epoch, None) or pool.submit(read, views_of(epoch))
+        pending.clear()  # an epoch asked out of order: drop stale reads
+        pending[epoch + 1] = pool.submit(read, views_of(epoch + 1))
+        return future.result()
+
+    return targets
 
 
 def train_teacher(
@@ -186,6 +208,18 @@ def train_teacher(
             batches=batches, loss_fn=lambda s, b: label_loss(s, b.y, b.y2, b.lam), rt=rt, out=out,
             resume=resume, extra_meta={}, progress=progress, on_epoch=on_epoch,
         )  # fmt: skip
+
+
+def _cache_reader(path):
+    """views [N] -> that epoch's targets, through the reader thread's own handle on the file."""
+    handle = {}
+
+    def read(views):
+        if "cache" not in handle:
+            handle["cache"] = cache_io.open_cache(path)
+        return handle["cache"].epoch_targets(views)
+
+    return read
 
 
 def _check_mixable(recipe: Recipe, n: int) -> None:
@@ -238,14 +272,19 @@ def train_student(
                 data = load_dataset(attrs["dataset"], data_dir, subset, progress=progress, rebuild_store=rebuild_store,
                                     **recorded_options(attrs))  # fmt: skip
                 cache_io.check_matches(cache, data.fingerprint, data.num_classes, data.classes)
-                logits, params, mix, labels = cache.tensors()
+                streamed = cache.target_bytes > rt.host_budget()  # larger than memory: read per epoch
+                logits, params, mix, labels = cache.tensors(targets=not streamed)
+                if streamed:
+                    (progress or NoProgress()).note(f"{cache.target_bytes / 1e6:,.0f} MB of cached targets are over the memory budget: "
+                                  "each epoch's views are read from the file in blocks, one epoch ahead")  # fmt: skip
+                    logits = _cache_reader(cache_file)
                 test_logits = torch.from_numpy(cache.file["test_logits"][...]) if "test_logits" in cache.file else None
                 digest, cache_mix = cache_io.content_digest(cache), cache.mix
-            if isinstance(logits, TopK) and recipe.alpha > 0:  # a top-k cache: kd at a temperature it serves
+            if attrs.get("topk") and recipe.alpha > 0:  # a top-k cache: kd at a temperature it serves
                 if recipe.loss != "kd":
                     raise KDCacheError(f"--loss {recipe.loss} needs every logit, {cache_file} keeps the top "
-                                       f"{logits.k}: use --loss kd, or a dense cache")  # fmt: skip
-                logits.column(recipe.T)
+                                       f"{attrs['topk']}: use --loss kd, or a dense cache")  # fmt: skip
+                TopK(*(torch.zeros(0),) * 3, tuple(attrs["lse_temperatures"]), data.num_classes).column(recipe.T)
             if not torch.equal(labels, data.train_y):
                 raise KDCacheError(f"{cache_file}: labels differ from the data's: dump the cache again")
             plan = cached_plan(params, mix, logits, recipe.seed, rt.device)

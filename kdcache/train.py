@@ -64,12 +64,16 @@ class Runtime:
     def budget(self) -> int:
         """Bytes of training images that may stay resident: --resident-mb, else half of the device's
         free memory (CUDA) or half of the machine's physical memory (CPU)."""
-        if self.resident_bytes is not None:
-            return self.resident_bytes
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.resident_bytes is None:
             return torch.cuda.mem_get_info(self.device)[0] // 2
+        return self.host_budget()
+
+    def host_budget(self) -> int:
+        """Bytes of cached teacher targets a student may hold in host memory: --resident-mb, else half the RAM."""
         import os
 
+        if self.resident_bytes is not None:
+            return self.resident_bytes
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
     def place(self, images):

@@ -92,3 +92,23 @@ def test_topk_dump_verifies_and_trains(tmp_path, teacher_ckpt, data_dir):
                          (["--topk", 2, "--topk-temperatures", "0,1"], "finite numbers > 0")):  # fmt: skip
         r = invoke("dump-logits", "--teacher", teacher_ckpt, "--data-dir", data_dir, "--out", tmp_path / "y.h5", *args)
         assert r.exit_code == 2 and needle in r.output, r.output
+
+
+@pytest.mark.parametrize("topk", [None, 3])
+def test_a_cache_over_the_memory_budget_is_read_per_epoch_with_the_same_result(tmp_path, teacher_ckpt, data_dir, topk):
+    """--resident-mb 0: the student reads each epoch's views from the file in blocks, one epoch ahead."""
+    from kdcache.config import get_preset
+    from kdcache.dump import dump_logits
+    from kdcache.stages import train_student
+    from kdcache.train import Runtime
+
+    cache = tmp_path / "c.h5"
+    dump_logits(teacher_path=teacher_ckpt, data_dir=data_dir, out=cache, views=3, seed=0, batch_size=64,
+                rt=Runtime.create("cpu", "fp32"), subset=96, block_rows=32, topk=topk)  # fmt: skip
+    recipe = get_preset("seed-cnn").override(epochs=4, batch_size=32, T=2.0, alpha=0.5)
+    states = []
+    for mb in (None, 0.0):
+        out = tmp_path / f"s{mb}.pt"
+        train_student(recipe, cache_file=cache, data_dir=data_dir, out=out, rt=Runtime.create("cpu", "fp32", resident_mb=mb))
+        states.append(torch.load(out)["state_dict"])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
