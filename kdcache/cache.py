@@ -447,14 +447,14 @@ def _layout_problem(f: h5py.File) -> str | None:
         return "has subset, num_views or num_classes attributes that are not whole numbers"
     recipe = _plain(f.attrs.get("view_recipe", VIEW_RECIPE))
     fields = _FIELDS[recipe][0]
-    expect = {"view_params": (n, k, fields), "labels": (n,), "indices": (n,)}
-    if topk := int(_plain(f.attrs.get("topk", 0)) or 0):
+    if topk := int(_plain(f.attrs.get("topk", 0)) or 0):  # the targets first: the likeliest to be edited
         grid = len(_plain(f.attrs.get("lse_temperatures", [])))
         if not 1 <= topk <= c or grid < 1:
             return f"has topk={topk} (classes {c}) or no lse_temperatures"
-        expect.update(topk_values=(n, k, topk), topk_indices=(n, k, topk), topk_lse=(n, k, grid))
+        expect = {"topk_values": (n, k, topk), "topk_indices": (n, k, topk), "topk_lse": (n, k, grid)}
     else:
-        expect["logits"] = (n, k, c)
+        expect = {"logits": (n, k, c)}
+    expect.update(view_params=(n, k, fields), labels=(n,), indices=(n,))
     if recipe == ResizedCrop.recipe:
         if "store_hw" not in f or any(a not in f.attrs for a in ("image_size", "rrc_scale", "rrc_ratio")):
             return "lacks the store sizes or crop attributes its random-resized-crop views need"

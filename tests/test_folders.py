@@ -124,15 +124,16 @@ def test_rrc_rendering_is_close_to_torchvision_on_pil(tmp_path):
 def test_mixed_rrc_views_fit_the_partner_and_render(folder):
     data = load_dataset("imagefolder", folder, image_size=24, store_size=48)
     g, n = data.geometry, len(data.train_y)
+    images = torch.from_numpy(np.array(data.train_x))  # the store, loaded as Runtime.place loads it
     m = mix_params(0, range(n), range(6), num_rows=n, mix="both", prob=1.0, geometry=g)
     assert g.valid(m.crop, m.partner).all()
     crop = g.params(0, range(n), [0])[:, 0]
-    x = render_views(data.train_x, torch.arange(n), crop, m[:, 0], (0.5,) * 3, (0.25,) * 3, g)
+    x = render_views(images, torch.arange(n), crop, m[:, 0], (0.5,) * 3, (0.25,) * 3, g)
     assert x.shape == (n, 3, 24, 24) and torch.isfinite(x).all()
     # an unmixed view in a mixed batch renders as the plain view
-    plain = render_views(data.train_x, torch.arange(n), crop, None, (0.5,) * 3, (0.25,) * 3, g)
+    plain = render_views(images, torch.arange(n), crop, None, (0.5,) * 3, (0.25,) * 3, g)
     unmixed = mix_params(0, range(n), [0], num_rows=n, mix="both", prob=0.0, geometry=g)[:, 0]
-    assert torch.equal(render_views(data.train_x, torch.arange(n), crop, unmixed, (0.5,) * 3, (0.25,) * 3, g), plain)
+    assert torch.equal(render_views(images, torch.arange(n), crop, unmixed, (0.5,) * 3, (0.25,) * 3, g), plain)
 
 
 @pytest.mark.parametrize(
