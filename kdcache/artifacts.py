@@ -56,14 +56,16 @@ def output_lock(out: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def claim_output(out: str | Path, *, force: bool, resume: bool = False, interrupted: Path | None = None) -> Iterator[Path]:
+def claim_output(out: str | Path, *, force: bool, resume: bool = False, interrupted: Path | None = None,
+                 lock: bool = True) -> Iterator[Path]:  # fmt: skip
     """Take `out` for the whole `with` block, the one way a stage claims its output: check it
     can be written before any work starts (never after an hour of training), lock it, then
     refuse to clobber. The lock comes before the clobber checks, so a running twin is named
-    as such, not as an interrupted run."""
+    as such, not as an interrupted run. `lock=False`: torchrun's other ranks, which write
+    nothing, check the same things without taking rank 0's lock."""
     out = Path(out)
     _check_writable(out)
-    with output_lock(out):
+    with output_lock(out) if lock else contextlib.nullcontext():
         _refuse_clobber(out, force=force, resume=resume, interrupted=interrupted)
         yield out
 

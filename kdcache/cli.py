@@ -171,9 +171,16 @@ def _data_options(dataset: str | None, data_dir: Path | None, image_size, store_
     return dataset, options if dataset == "imagefolder" else {}
 
 
-def _runtime(device: str, precision: str, compile: bool, resident_mb: float | None = None):
+def _runtime(device: str, precision: str, compile: bool, resident_mb: float | None = None, distributed: bool = False):
+    """The runtime; `distributed`: the command may run under torchrun (teacher and student train with DDP)."""
+    import os
+
     from kdcache.train import Runtime
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed:
+        raise KDCacheError(
+            "this command runs in one process: start it without torchrun (teacher and student train under torchrun)"
+        )
     return Runtime.create(device, precision, compile, resident_mb)
 
 
@@ -247,11 +254,12 @@ def teacher_cmd(
         lr=lr, optimizer=optimizer, schedule=schedule, warmup_epochs=warmup_epochs, nesterov=nesterov,
         augment=augment, mix=mix, mix_prob=mix_prob, seed=seed,
     )  # fmt: skip
-    rt = _runtime(device, precision, compile, resident_mb)
+    rt = _runtime(device, precision, compile, resident_mb, distributed=True)
     with RichProgress() as progress:
         result = train_teacher(recipe, data_dir=data_dir, out=out, rt=rt, force=force, resume=resume,
                                progress=progress, on_epoch=print_epoch, data_options=data_options)  # fmt: skip
-    _stage_summary("teacher", result)
+    if rt.main:
+        _stage_summary("teacher", result)
 
 
 @command("import-teacher")
@@ -274,8 +282,11 @@ def import_teacher_cmd(
     out: Path = typer.Option(Path("saved_models/imported_teacher.pt"), "--out", help="kdcache checkpoint to write."),
     force: bool = ForceOpt,
 ):
-    """Wrap a teacher trained elsewhere into a kdcache checkpoint: checked against the data's classes,
-    evaluated on its validation split, with normalisation, input size and data fingerprint recorded."""
+    """Wrap a teacher trained elsewhere into a kdcache checkpoint, checked against the data's classes.
+
+    The weights are evaluated on the validation split; the checkpoint records that accuracy, the
+    normalisation, the input size and the data fingerprint, so dump-logits can use it as --teacher.
+    """
     from kdcache.imports import import_teacher
 
     dataset, data_options = _data_options(dataset or None, data_dir, image_size, store_size, val_fraction,
@@ -425,12 +436,13 @@ def student_cmd(
         mix_prob=mix_prob,
     )  # fmt: skip
     recipe = dataclasses.replace(recipe, subset=subset)  # the cache's rows unless asked otherwise
-    rt = _runtime(device, precision, compile, resident_mb)
+    rt = _runtime(device, precision, compile, resident_mb, distributed=True)
     with RichProgress() as progress:
         result = train_student(recipe, cache_file=cache, data_dir=data_dir, out=out, rt=rt, force=force,
                                online_teacher=online_teacher, resume=resume, progress=progress,
                                on_epoch=print_epoch, rebuild_store=rebuild_store)  # fmt: skip
-    _stage_summary("student", result)
+    if rt.main:
+        _stage_summary("student", result)
 
 
 @command("eval")

@@ -178,8 +178,16 @@ def num_params(model: nn.Module) -> int:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module behind a torch.compile wrapper."""
-    return getattr(model, "_orig_mod", model)
+    """The plain module behind DistributedDataParallel and torch.compile wrappers."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:

@@ -66,8 +66,10 @@ def _train_and_save(
     teacher=None,
     teacher_test_logits=None,
 ) -> StageResult:
-    """Shared by both stages: seed, build, (resume), fit with per-epoch state, checkpoint."""
-    progress = progress or NoProgress()
+    """Shared by both stages: seed, build, (resume), fit with per-epoch state, checkpoint.
+    Under torchrun every process trains its share; only rank 0 prints and writes files."""
+    progress = progress if progress is not None and rt.main else NoProgress()
+    batches.rank, batches.world = rt.rank, rt.world
     torch.manual_seed(recipe.seed)
     raw = build(arch, data.num_classes, image_size=data.geometry.size[0])
     model = rt.prepare(raw)
@@ -94,6 +96,8 @@ def _train_and_save(
     def after_epoch(epoch: int, metrics: dict) -> None:
         metrics["elapsed_s"] = (history[-1]["elapsed_s"] if history else 0.0) + metrics["train_time_s"]
         history.append(metrics)
+        if not rt.main:
+            return
         save_resume(state_file, model=raw, optimizer=optimizer, scheduler=scheduler,
                     epochs_done=epoch + 1, history=history, identity=identity)  # fmt: skip
         write_metrics(log_file, history)  # after the state: a logged epoch is always resumable
@@ -108,6 +112,8 @@ def _train_and_save(
         kept = f"the state after epoch {e.epoch - 1} is kept in {state_file}" if e.epoch > 1 else "nothing was kept"
         raise KDCacheError(f"{e}; {kept}: try a lower --lr, then run again with --force") from None
     train_time = sum(m["train_time_s"] for m in history)
+    if not rt.main:
+        return StageResult(out, arch, num_params(raw), history, train_time)
     save_checkpoint(
         out, raw, arch=arch,
         meta={
@@ -194,7 +200,7 @@ def train_teacher(
     on a fresh view of every image each epoch, of the family the cache will hold.
     `data_options`: an image folder's (image size, store size, ...; see `data.load_folder`)."""
     validate(recipe)
-    with claim_output(out, force=force, resume=resume, interrupted=resume_path(out)) as out:
+    with claim_output(out, force=force, resume=resume, interrupted=resume_path(out), lock=rt.main) as out:
         data = load_dataset(recipe.dataset, data_dir, recipe.subset, progress=progress, **(data_options or {}))
         _check_mixable(recipe, len(data.train_y))
         if data.name == "imagefolder":  # photographs: ImageNet's statistics, as pretrained models expect
@@ -250,7 +256,7 @@ def train_student(
     alpha = 0 ignores the teacher.
     """
     validate(recipe)
-    with claim_output(out, force=force, resume=resume, interrupted=resume_path(out)) as out:
+    with claim_output(out, force=force, resume=resume, interrupted=resume_path(out), lock=rt.main) as out:
         teacher = None
         if online_teacher is not None:
             teacher, meta = load_checkpoint(online_teacher, device=rt.device)

@@ -23,6 +23,27 @@ from kdcache.models import atomic_torch_save, finite_weights, unwrap
 from kdcache.views import CropFlip, Mix, ResizedCrop, normalize, render_views, shuffle_order
 
 
+def _distributed(device: str) -> tuple[int, int]:
+    """(rank, world size): under torchrun (WORLD_SIZE > 1) the default process group is set up once,
+    NCCL on CUDA and gloo on CPU; without torchrun (0, 1) and nothing changes."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+        import atexit
+
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    return dist.get_rank(), dist.get_world_size()
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where and how tensors run: device, autocast dtype, memory format, compilation."""
@@ -32,6 +53,13 @@ class Runtime:
     channels_last: bool = False
     compile: bool = False
     resident_bytes: int | None = None  # training images up to this size live on the device (None: see `place`)
+    rank: int = 0  # under torchrun: this process's rank among `world` (one process: 0 of 1)
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        """The one process that writes files and prints (rank 0)."""
+        return self.rank == 0
 
     @classmethod
     def create(cls, device: str = "auto", precision: str = "auto", compile: bool = False,
@@ -58,8 +86,12 @@ class Runtime:
         if resident_mb is not None and not (math.isfinite(resident_mb) and resident_mb >= 0):
             raise KDCacheError(f"--resident-mb must be a number >= 0 (got {resident_mb})")
         budget = None if resident_mb is None else int(resident_mb * 1e6)
-        return cls(torch.device(device), torch.bfloat16 if bf16 else None, channels_last=True, compile=compile,
-                   resident_bytes=budget)  # fmt: skip
+        rank, world = _distributed(device)
+        where = torch.device(device)
+        if device == "cuda" and world > 1:  # one GPU per process
+            where = torch.device("cuda", int(__import__("os").environ.get("LOCAL_RANK", 0)))
+        return cls(where, torch.bfloat16 if bf16 else None, channels_last=True, compile=compile,
+                   resident_bytes=budget, rank=rank, world=world)  # fmt: skip
 
     def budget(self) -> int:
         """Bytes of training images that may stay resident: --resident-mb, else half of the device's
@@ -104,7 +136,15 @@ class Runtime:
         prec = "bf16 autocast" if self.amp_dtype is not None else "fp32"
         return f"{self.device.type} · {prec}" + (" · channels_last" if self.channels_last else "") + (
             " · compiled" if self.compile else ""
-        )
+        ) + (f" · {self.world} processes (torchrun, DDP)" if self.world > 1 else "")
+
+    def all_sum(self, *tensors: torch.Tensor) -> None:
+        """Sum tensors over the processes, in place (nothing without torchrun)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            for t in tensors:
+                dist.all_reduce(t)
 
 
 class EpochViews(NamedTuple):
@@ -121,6 +161,7 @@ class Batch(NamedTuple):
     t: torch.Tensor | None  # teacher logits for these views [B, C]
     y2: torch.Tensor | None  # partner labels [B] (mixed views)
     lam: torch.Tensor | None  # share of the sample's own label [B] (mixed views)
+    scale: float = 1.0  # under torchrun: this rank's share of the global batch x world size (see ViewBatches)
 
 
 Plan = Callable[[int], EpochViews]
@@ -146,23 +187,37 @@ class ViewBatches:
     # partial batch then (the order changes each epoch, so no sample is always left out).
     drop_last: bool = False
     geometry: CropFlip | ResizedCrop | None = None  # how a crop becomes pixels (None: CIFAR's pad-4 crop)
+    # Under torchrun every rank takes its contiguous share of each global batch (the same global
+    # order, views and schedule for any number of processes); a final global batch smaller than
+    # `world` is skipped. A rank's mean loss is scaled by world * its share / the global batch, so
+    # DDP's gradient average is the global batch's mean gradient.
+    rank: int = 0
+    world: int = 1
 
     def __len__(self) -> int:
         n = len(self.labels)
-        return n // self.batch_size if self.drop_last and n >= self.batch_size else -(-n // self.batch_size)
+        full = n // self.batch_size if self.drop_last and n >= self.batch_size else -(-n // self.batch_size)
+        last = n - (full - 1) * self.batch_size if full else 0
+        return full - 1 if self.world > 1 and 0 < last < self.world else full
+
+    def _local(self, order: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
+        """This rank's rows of every global batch of the epoch, and its loss scale."""
+        parts = []
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            mine = idx.tensor_split(self.world)[self.rank] if self.world > 1 else idx
+            parts.append((mine, self.world * len(mine) / len(idx)))
+        return parts
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         crop, mix, targets = self.plan(epoch)
         device = self.labels.device
         order = shuffle_order(self.seed, len(self.labels), epoch)
-        starts = range(0, len(self) * self.batch_size, self.batch_size)
         streamed = None
         if not isinstance(self.images, torch.Tensor):  # a host store: gather each batch's rows ahead, in a thread
             partner = None if mix is None else mix.partner.cpu()
-            streamed = prefetch(self.images, [order[s : s + self.batch_size] for s in starts], partner, device)
-        order = order.to(device)
-        for start in starts:
-            idx = order[start : start + self.batch_size]
+            streamed = prefetch(self.images, [idx for idx, _ in self._local(order)], partner, device)
+        for idx, scale in self._local(order.to(device)):
             take = lambda t: t.index_select(0, idx)  # noqa: E731 - faster than t[idx] on CPU
             m = None if mix is None else mix.take(idx)
             y2 = None if m is None else self.labels.index_select(0, m.partner.clamp(min=0))
@@ -172,7 +227,7 @@ class ViewBatches:
                 m = None if m is None else Mix(local_partner, m.crop, m.box, m.lam)
             x = render_views(images, rows, take(crop), m, self.mean, self.std, self.geometry)
             yield Batch(x, take(self.labels), None if targets is None else take(targets), y2,
-                        None if m is None else m.lam)  # fmt: skip
+                        None if m is None else m.lam, scale)  # fmt: skip
 
 
 def gather_rows(store, rows: torch.Tensor, partner: torch.Tensor | None = None, device=None):
@@ -244,7 +299,7 @@ def make_step(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimize
             out = model(x)
         loss = loss_fn(out, batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * batch.scale if batch.scale != 1.0 else loss).backward()
         optimizer.step()
         return loss.detach(), (out.argmax(1) == batch.y).sum()
 
@@ -357,6 +412,10 @@ def fit(
     also log the student's fidelity to the teacher on the test set (top-1 agreement, KL).
     """
     progress = progress or NoProgress()
+    if rt.world > 1:  # torchrun: gradients averaged over the processes in backward
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     step = make_step(model, loss_fn, optimizer, rt, teacher=teacher)
     test_x, test_y = test[0].to(rt.device), test[1]  # resident too: evaluation copies nothing per epoch
     for epoch in range(start_epoch, epochs):
@@ -374,6 +433,9 @@ def fit(
             seen += len(batch.y)
             progress.advance()
         scheduler.step()
+        total = torch.tensor(seen, device=rt.device, dtype=torch.long)
+        rt.all_sum(loss_sum, correct, total)  # every process's share (nothing to do in one process)
+        seen = int(total.item())
         train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen  # the one sync per epoch
         train_time = time.perf_counter() - t0
         progress.end()

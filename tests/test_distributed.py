@@ -1,0 +1,85 @@
+"""torchrun: teacher and student train with DDP (gloo on CPU, 2 processes); the global batch, views
+and schedule do not depend on the number of processes, so a 2-process run matches 1 process within
+float tolerance on a model without BatchNorm or dropout, and a run resumes under another N."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, THREAD_ENV
+
+from kdcache.stages import train_student
+from kdcache.train import Runtime
+
+ARCH = "byo_models:make_net"  # no BatchNorm, no dropout: the processes' shares add up exactly
+
+
+def recipe_of(cache_file):
+    """The recipe `kdcache student` builds for student_args: the cache's, with these flags."""
+    import dataclasses
+    import json
+
+    from kdcache.cache import open_cache
+    from kdcache.config import Recipe
+
+    with open_cache(cache_file) as c:
+        base = Recipe.from_dict(json.loads(c.attrs["recipe"]))
+    return dataclasses.replace(base.override(student_arch=ARCH, epochs=3, batch_size=32, T=2.0, alpha=0.5), subset=None)
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **THREAD_ENV, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "kdcache", *args]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def close(a: dict, b: dict) -> bool:
+    return all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def student_args(cache_file, data_dir, out, *extra):
+    return ("student", "--cache", str(cache_file), "--data-dir", str(data_dir), "--arch", ARCH, "--epochs", "3",
+            "--batch-size", "32", "--T", "2", "--alpha", "0.5", "--out", str(out), "--device", "cpu", *extra)  # fmt: skip
+
+
+def test_two_processes_train_the_same_student_as_one(tmp_path, cache_file, data_dir, cpu):
+    one = tmp_path / "one.pt"
+    train_student(recipe_of(cache_file), cache_file=cache_file, data_dir=data_dir, out=one, rt=cpu)
+    r = torchrun(*student_args(cache_file, data_dir, tmp_path / "two.pt"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 processes (torchrun, DDP)" in r.stderr
+    assert r.stdout.count("checkpoint") == 1  # only rank 0 prints the summary
+    assert close(weights(one), weights(tmp_path / "two.pt"))
+    assert not (tmp_path / "two.pt.lock").exists() and not (tmp_path / "two.pt.resume").exists()
+
+
+def test_a_run_interrupted_in_one_process_resumes_under_two(tmp_path, cache_file, data_dir, cpu):
+    out, ref = tmp_path / "s.pt", tmp_path / "ref.pt"
+    train_student(recipe_of(cache_file), cache_file=cache_file, data_dir=data_dir, out=ref, rt=cpu)
+
+    def stop_after_first(metrics):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_student(recipe_of(cache_file), cache_file=cache_file, data_dir=data_dir, out=out, rt=cpu, on_epoch=stop_after_first)
+    assert (tmp_path / "s.pt.resume").exists() and not out.exists()
+    r = torchrun(*student_args(cache_file, data_dir, out, "--resume"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resuming after epoch 1" in r.stderr
+    assert close(weights(ref), weights(out))
+
+
+def test_commands_that_run_in_one_process_say_so_under_torchrun(tmp_path, teacher_ckpt, data_dir):
+    r = torchrun("dump-logits", "--teacher", str(teacher_ckpt), "--data-dir", str(data_dir), "--out", str(tmp_path / "c.h5"))
+    assert r.returncode != 0 and "this command runs in one process" in r.stderr
+    assert not (tmp_path / "c.h5").exists()
