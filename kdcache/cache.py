@@ -37,6 +37,54 @@ def partial_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def shard_path(out: str | Path, rank: int, world: int) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.name}.shard-{rank}-of-{world}")
+
+
+def shard_paths(out: str | Path) -> list[Path]:
+    """Every shard an interrupted torchrun dump of `out` left, whatever its process count."""
+    out = Path(out)
+    return sorted(out.parent.glob(f"{out.name}.shard-*-of-*"))
+
+
+def shard_blocks(path: Path, attrs: dict) -> set[int]:
+    """The blocks a shard holds, after checking it was made by the same dump (identity attributes)."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise KDCacheError(f"{path} cannot be read ({str(e).splitlines()[0][:80]}): rerun with --force to start over") from None
+    with f:
+        for key in _IDENTITY_ATTRS:
+            started = _plain(f.attrs.get(key, _RESUME_DEFAULTS.get(key)))
+            if started != _plain(attrs.get(key, _RESUME_DEFAULTS.get(key))):
+                raise KDCacheError(
+                    f"{path} was started with {key}={started!r}, this dump has {_plain(attrs.get(key))!r}: "
+                    "resume with the same arguments, or pass --force to start over"
+                )
+        return {int(b) for b in np.flatnonzero(f["blocks_done"][...])}
+
+
+def merge_shards(writer: "CacheWriter", shards: dict[int, Path], num_rows: int, block_rows: int) -> None:
+    """Copy every block, in order, from the shard holding it into `writer` (a fresh partial):
+    the same writes as a one-process dump, so the same bytes whatever the process count."""
+    names = [n for n in ("logits", *TOPK_DATASETS) if n in writer.ds]
+    mix_names = [n for n in MIX_DATASETS if n in writer.ds]
+    open_files: dict[Path, h5py.File] = {}
+    try:
+        for b, start in enumerate(range(0, num_rows, block_rows)):
+            path = shards[b]
+            f = open_files.get(path) or open_files.setdefault(path, h5py.File(path, "r"))
+            stop = min(start + block_rows, num_rows)
+            targets = {n: f[n][start:stop] for n in names}
+            writer.write_rows(start, targets if "logits" not in targets else targets["logits"], f["view_params"][start:stop],
+                              f["labels"][start:stop], f["indices"][start:stop],
+                              {n: f[n][start:stop] for n in mix_names} or None)  # fmt: skip
+    finally:
+        for f in open_files.values():
+            f.close()
+
+
 def bytes_needed(n: int, k: int, c: int, n_test: int, mixed: bool = False, view_bytes: int = 3,
                  topk: int | None = None, grid: int = 0) -> int:  # fmt: skip
     from kdcache.topk import bytes_per_view
@@ -88,8 +136,11 @@ class CacheWriter:
     """Writes rows [start, stop) of logits and view params into `<out>.partial`, then publishes `<out>`."""
 
     def __init__(self, out: str | Path, *, attrs: dict, num_rows: int, num_test: int, resume: bool,
-                 store_hw: np.ndarray | None = None):  # fmt: skip
-        self.out, self.tmp = Path(out), partial_path(out)
+                 store_hw: np.ndarray | None = None, shard: Path | None = None):  # fmt: skip
+        """`shard`: write this file instead of `<out>.partial`: one process's share of a torchrun dump,
+        with a `blocks_done` record (it is merged into `out` by `merge_shards`, never published)."""
+        self.out, self.tmp = Path(out), Path(shard) if shard is not None else partial_path(out)
+        self.sharded = shard is not None
         self._discarded, self._fd = False, None
         if resume:
             self.file = self._reopen(attrs)
@@ -121,7 +172,7 @@ class CacheWriter:
         """
         f = self.file
         names = ("logits", *TOPK_DATASETS, "view_params", "labels", "indices", "block_sha256", "test_logits",
-                 *MIX_DATASETS)  # fmt: skip
+                 "blocks_done", *MIX_DATASETS)  # fmt: skip
         self.ds = {name: f[name] for name in names if name in f}
         self.attrs = f.attrs
 
@@ -147,6 +198,8 @@ class CacheWriter:
         f.create_dataset("labels", (num_rows,), dtype="int64")
         f.create_dataset("indices", (num_rows,), dtype="int64")
         f.create_dataset("block_sha256", (-(-num_rows // block), 32), dtype="uint8")
+        if self.sharded:
+            f.create_dataset("blocks_done", (-(-num_rows // block),), dtype="uint8")
         if num_test:
             f.create_dataset("test_logits", (num_test, c), dtype="float16")
         f.attrs.update({
@@ -200,7 +253,10 @@ class CacheWriter:
         digest = np.frombuffer(block_digest(logits, params, mix), np.uint8)
         ds["block_sha256"][start // int(self.attrs["block_rows"])] = digest
         self.file.flush()
-        self.attrs["rows_done"] = stop
+        if self.sharded:  # blocks land in any order: each is marked done, after its data is flushed
+            self.ds["blocks_done"][start // int(self.attrs["block_rows"])] = 1
+        else:
+            self.attrs["rows_done"] = stop
         self.file.flush()
 
     def finish(self, test_logits: np.ndarray | None, extra_attrs: dict) -> Path:

@@ -351,7 +351,7 @@ def dump_cmd(
         views=views, augment=augment, mix=mix, mix_prob=mix_prob, seed=seed, subset=subset
     )
     validate(recipe)
-    rt = _runtime(device, precision, compile, resident_mb)
+    rt = _runtime(device, precision, compile, resident_mb, distributed=True)
     with RichProgress() as progress:
         path = dump_logits(
             teacher_path=teacher if len(teacher) > 1 else teacher[0], data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
@@ -360,7 +360,8 @@ def dump_cmd(
             block_rows=block_rows, force=force, resume=resume, progress=progress, rebuild_store=rebuild_store,
             topk=topk, topk_temperatures=_numbers("--topk-temperatures", topk_temperatures),
         )  # fmt: skip
-    _print_cache_summary(path, recipe.T)
+    if rt.main:
+        _print_cache_summary(path, recipe.T)
 
 
 def _numbers(flag: str, text: str | None) -> tuple[float, ...] | None:

@@ -69,6 +69,46 @@ def _topk_grid(topk: int | None, temperatures, num_classes: int, meta: dict) -> 
     return tuple(sorted(set(float(t) for t in grid)))
 
 
+def _sharded_blocks(out, attrs, shards, n, num_test, block_rows, hw, rt, block, progress, views) -> None:
+    """torchrun: the blocks no shard holds yet, dealt round-robin to the processes; each writes its
+    own shard `OUT.shard-R-of-N`, flushing and marking every block (the resume unit). Shards of an
+    earlier run with any process count are read first, before anyone writes, and their blocks kept."""
+    held = set().union(*(cache_io.shard_blocks(p, attrs) for p in shards)) if shards else set()
+    _barrier(rt)  # everyone has read the old shards before any is written again
+    left = [b for b in range(-(-n // block_rows)) if b not in held]
+    if held:
+        progress.note(f"{len(held)} block(s) kept from the interrupted dump's shards, {len(left)} to do "
+                      f"over {rt.world} process(es)")  # fmt: skip
+    todo = left[rt.rank :: rt.world]
+    mine = cache_io.shard_path(out, rt.rank, rt.world)
+    writer = cache_io.CacheWriter(out, attrs=attrs, num_rows=n, num_test=num_test, resume=False, store_hw=hw,
+                                  shard=mine) if not mine.exists() else _reopen_shard(out, attrs, mine)  # fmt: skip
+    try:
+        progress.begin(f"dump {n}x{views} views (this process's share)", len(todo))
+        for b in todo:
+            block(b * block_rows, min((b + 1) * block_rows, n), writer)
+        progress.end()
+    finally:
+        writer.close()
+    _barrier(rt)  # every shard is complete and closed
+
+
+def _reopen_shard(out, attrs, path):
+    w = cache_io.CacheWriter.__new__(cache_io.CacheWriter)
+    w.out, w.tmp, w.sharded, w._discarded = Path(out), path, True, False
+    w.file = w._reopen(attrs)
+    w._remember_fd()
+    w._hold_handles()
+    return w
+
+
+def _barrier(rt: Runtime) -> None:
+    if rt.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def dump_logits(
     *,
     teacher_path: str | Path | list,
@@ -111,7 +151,9 @@ def dump_logits(
         raise KDCacheError(f"--batch-size must be >= 1 (got {batch_size})")
     if block_rows < 1:
         raise KDCacheError(f"--block-rows must be >= 1 (got {block_rows})")
-    with claim_output(out, force=force, resume=resume, interrupted=cache_io.partial_path(out)) as out:
+    partial = cache_io.partial_path(out)
+    left = [partial] if partial.exists() else cache_io.shard_paths(out)  # what an interrupted dump left
+    with claim_output(out, force=force, resume=resume, interrupted=left[0] if left else partial, lock=rt.main) as out:
         # One teacher, or an ensemble (several paths): the log of the members' mean softmax.
         teacher, meta, render_mean, render_std, who = load_teachers(teacher_path, rt=rt, arch=arch)
         teacher_path = who["teacher_path"]
@@ -156,51 +198,66 @@ def dump_logits(
             raise KDCacheError(
                 f"{out.parent} has {free / 1e6:.1f} MB free, the cache needs about {need / 1e6:.1f} MB: free space or choose another --out"
             )
+        shards = cache_io.shard_paths(out)
+        sharded = rt.world > 1 or (resume and bool(shards))  # torchrun, or finishing what one left
+        if shards and not (resume or force):
+            raise KDCacheError(f"an interrupted torchrun dump left {shards[0]}: pass --resume to continue it, "
+                               "or --force to start over")  # fmt: skip
         if not resume:
             cache_io.partial_path(out).unlink(missing_ok=True)
-        progress = progress or NoProgress()
+            if rt.main:
+                for path in shards:
+                    path.unlink(missing_ok=True)
+            shards = []
+        progress = progress if progress is not None and rt.main else NoProgress()
         progress.note(f"dump {n:,} {data.name} images x {views} view(s) through {who['teacher_arch']} · {rt.describe()}")
         t0 = time.perf_counter()
         writer = None
+        images = rt.place(data.train_x)  # resident, or a host store streamed per batch
+        hw = geometry.hw.numpy() if hasattr(geometry, "hw") else None
+
+        def block(start: int, stop: int, writer) -> None:
+            """Views, teacher, targets of rows [start, stop): one written block."""
+            params = geometry.params(seed, range(start, stop), range(views), augment=augment)  # [b, K, F]
+            mixes = None if mix == "none" else mix_params(
+                seed, range(start, stop), range(views), num_rows=n, mix=mix, prob=mix_prob, augment=augment,
+                geometry=geometry)
+            rows = torch.arange(start, stop, device=rt.device).repeat_interleave(views)
+            flat = lambda t: t.flatten(0, 1).to(rt.device)  # noqa: E731 - one copy per block, not per batch
+            logits = predict(teacher, images, render_mean, render_std, rt, rows=rows, crop=flat(params),
+                             mix=None if mixes is None else mixes.map(flat), batch_size=batch_size,
+                             geometry=geometry)  # fmt: skip
+            logits = logits.view(stop - start, views, c)
+            _refuse_nonfinite(logits.to(torch.float16), start, teacher_path, writer)  # fp16: > 65504 is inf too
+            if topk:  # the k largest, their classes, and the tail's log-sum-exp on the grid
+                values, classes, lse = from_dense(logits, topk, temps)
+                targets = {"topk_values": values.cpu().numpy(), "topk_lse": lse.cpu().numpy(),
+                           "topk_indices": classes.cpu().numpy().astype(writer.ds["topk_indices"].dtype)}  # fmt: skip
+            else:
+                targets = logits.to(torch.float16).cpu().numpy()
+            writer.write_rows(start, targets, params.numpy(), data.train_y[start:stop].numpy(),
+                              np.arange(start, stop, dtype=np.int64),
+                              None if mixes is None else cache_io.mix_arrays(mixes))  # fmt: skip
+            progress.advance()
+
+        if sharded:
+            _sharded_blocks(out, attrs, shards, n, len(data.test_y), block_rows, hw, rt, block, progress, views)
+            if not rt.main:
+                return out  # rank 0 merges the shards and finishes the cache
         try:
-            hw = geometry.hw.numpy() if hasattr(geometry, "hw") else None
-            writer = cache_io.CacheWriter(out, attrs=attrs, num_rows=n, num_test=len(data.test_y), resume=resume,
-                                          store_hw=hw)  # fmt: skip
-            if resume:  # what an earlier run wrote must be sound before more is added to it
+            writer = cache_io.CacheWriter(out, attrs=attrs, num_rows=n, num_test=len(data.test_y),
+                                          resume=resume and not sharded, store_hw=hw)  # fmt: skip
+            if sharded:  # every block is in some shard now: merge them in order, as one process writes them
+                owner = {b: p for p in cache_io.shard_paths(out) for b in cache_io.shard_blocks(p, attrs)}
+                cache_io.merge_shards(writer, owner, n, block_rows)
+            elif resume:  # what an earlier run wrote must be sound before more is added to it
                 done = [torch.from_numpy(writer.ds[name][: writer.rows_done]).float()
                         for name in cache_io.target_names(attrs) if name != "topk_indices"]  # fmt: skip
                 cache_io.check_finite(writer.tmp, torch.cat(done, -1), "start the dump over with --force")
-            images = rt.place(data.train_x)  # resident, or a host store streamed per batch
-            blocks = range(writer.rows_done, n, block_rows)
+            blocks = range(n if sharded else writer.rows_done, n, block_rows)
             progress.begin(f"dump {n}x{views} views", len(blocks))
             for start in blocks:
-                stop = min(start + block_rows, n)
-                params = geometry.params(seed, range(start, stop), range(views), augment=augment)  # [b, K, F]
-                mixes = None if mix == "none" else mix_params(
-                    seed, range(start, stop), range(views), num_rows=n, mix=mix, prob=mix_prob, augment=augment,
-                    geometry=geometry)
-                rows = torch.arange(start, stop, device=rt.device).repeat_interleave(views)
-                flat = lambda t: t.flatten(0, 1).to(rt.device)  # noqa: E731 - one copy per block, not per batch
-                logits = predict(teacher, images, render_mean, render_std, rt, rows=rows, crop=flat(params),
-                                 mix=None if mixes is None else mixes.map(flat), batch_size=batch_size,
-                                 geometry=geometry)  # fmt: skip
-                logits = logits.view(stop - start, views, c)
-                _refuse_nonfinite(logits.to(torch.float16), start, teacher_path, writer)  # fp16: > 65504 is inf too
-                if topk:  # the k largest, their classes, and the tail's log-sum-exp on the grid
-                    values, classes, lse = from_dense(logits, topk, temps)
-                    targets = {"topk_values": values.cpu().numpy(), "topk_lse": lse.cpu().numpy(),
-                               "topk_indices": classes.cpu().numpy().astype(writer.ds["topk_indices"].dtype)}  # fmt: skip
-                else:
-                    targets = logits.to(torch.float16).cpu().numpy()
-                writer.write_rows(
-                    start,
-                    targets,
-                    params.numpy(),
-                    data.train_y[start:stop].numpy(),
-                    np.arange(start, stop, dtype=np.int64),
-                    None if mixes is None else cache_io.mix_arrays(mixes),
-                )
-                progress.advance()
+                block(start, min(start + block_rows, n), writer)
             progress.end()
             test_logits = predict(teacher, data.test_x, render_mean, render_std, rt, batch_size=batch_size)
             _refuse_nonfinite(test_logits.to(torch.float16)[:, None], 0, teacher_path, writer, "test image")
@@ -216,6 +273,8 @@ def dump_logits(
                 lam = torch.from_numpy(writer.file["mix_lam"][...])
                 target = torch.where(lam < 0.5, data.train_y[part.clamp(min=0)], target)
             view_acc = (predicted == target).float().mean().item()
+            for path in cache_io.shard_paths(out):
+                path.unlink(missing_ok=True)  # merged: the partial now holds every block
             return writer.finish(
                 test_logits.to(torch.float16).cpu().numpy(),
                 {

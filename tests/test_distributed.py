@@ -80,6 +80,75 @@ def test_a_run_interrupted_in_one_process_resumes_under_two(tmp_path, cache_file
 
 
 def test_commands_that_run_in_one_process_say_so_under_torchrun(tmp_path, teacher_ckpt, data_dir):
-    r = torchrun("dump-logits", "--teacher", str(teacher_ckpt), "--data-dir", str(data_dir), "--out", str(tmp_path / "c.h5"))
+    r = torchrun("eval", str(teacher_ckpt), "--data-dir", str(data_dir))
     assert r.returncode != 0 and "this command runs in one process" in r.stderr
-    assert not (tmp_path / "c.h5").exists()
+
+
+def _datasets(path: Path) -> dict:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return {name: f[name][...] for name in f}
+
+
+def _same_cache(a: Path, b: Path) -> None:
+    import numpy as np
+
+    da, db = _datasets(a), _datasets(b)
+    assert sorted(da) == sorted(db)
+    for name in da:
+        assert np.array_equal(da[name], db[name]), name
+
+
+def dump_args(teacher, data_dir, out, *extra):
+    return ("dump-logits", "--teacher", str(teacher), "--data-dir", str(data_dir), "--views", "4", "--mix", "cutmix",
+            "--block-rows", "8", "--batch-size", "4", "--subset", "400", "--out", str(out), "--device", "cpu", *extra)  # fmt: skip
+
+
+def test_a_two_process_dump_is_the_one_process_dump(tmp_path, teacher_ckpt, data_dir):
+    from conftest import run_cli
+
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    assert run_cli(*dump_args(teacher_ckpt, data_dir, one)).returncode == 0
+    r = torchrun(*dump_args(teacher_ckpt, data_dir, two))
+    assert r.returncode == 0, r.stdout + r.stderr
+    _same_cache(one, two)
+    assert not list(tmp_path.glob("two.h5.shard-*")) and not (tmp_path / "two.h5.partial").exists()
+
+
+def test_a_killed_two_process_dump_resumes_in_one_process_without_redoing_blocks(tmp_path, teacher_ckpt, data_dir):
+    import signal
+    import time
+
+    import h5py
+    from conftest import run_cli
+
+    ref, out = tmp_path / "ref.h5", tmp_path / "c.h5"
+    assert run_cli(*dump_args(teacher_ckpt, data_dir, ref)).returncode == 0
+    env = {**os.environ, **THREAD_ENV, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdcache",
+           *dump_args(teacher_ckpt, data_dir, out)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    try:  # the shards appear when the processes start dumping; a second later some blocks are done
+        while len(list(tmp_path.glob("c.h5.shard-*"))) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(1.0)
+    finally:  # the workers first (torchrun may start them in their own process groups), then torchrun
+        subprocess.run(["pkill", "-KILL", "-f", str(out)], check=False)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        while subprocess.run(["pgrep", "-f", str(out)], capture_output=True).returncode == 0:
+            time.sleep(0.05)  # gone, with their file locks
+    done = 0
+    for path in tmp_path.glob("c.h5.shard-*"):
+        with h5py.File(path, "r") as f:
+            done += int(f["blocks_done"][...].sum())
+    assert 0 < done < 50 and not out.exists(), f"the dump was not caught mid-way ({done} of 50 blocks)"
+    refused = run_cli(*dump_args(teacher_ckpt, data_dir, out))
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    r = run_cli(*dump_args(teacher_ckpt, data_dir, out, "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert "kept from the interrupted dump's shards" in r.stderr
+    _same_cache(ref, out)
+    assert not list(tmp_path.glob("c.h5.shard-*"))
