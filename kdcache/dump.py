@@ -81,8 +81,8 @@ def _sharded_blocks(out, attrs, shards, n, num_test, block_rows, hw, rt, block, 
                       f"over {rt.world} process(es)")  # fmt: skip
     todo = left[rt.rank :: rt.world]
     mine = cache_io.shard_path(out, rt.rank, rt.world)
-    writer = cache_io.CacheWriter(out, attrs=attrs, num_rows=n, num_test=num_test, resume=False, store_hw=hw,
-                                  shard=mine) if not mine.exists() else _reopen_shard(out, attrs, mine)  # fmt: skip
+    writer = cache_io.CacheWriter(out, attrs=attrs, num_rows=n, num_test=num_test, resume=mine.exists(),
+                                  store_hw=hw, shard=mine)  # fmt: skip
     try:
         progress.begin(f"dump {n}x{views} views (this process's share)", len(todo))
         for b in todo:
@@ -91,15 +91,6 @@ def _sharded_blocks(out, attrs, shards, n, num_test, block_rows, hw, rt, block, 
     finally:
         writer.close()
     _barrier(rt)  # every shard is complete and closed
-
-
-def _reopen_shard(out, attrs, path):
-    w = cache_io.CacheWriter.__new__(cache_io.CacheWriter)
-    w.out, w.tmp, w.sharded, w._discarded = Path(out), path, True, False
-    w.file = w._reopen(attrs)
-    w._remember_fd()
-    w._hold_handles()
-    return w
 
 
 def _barrier(rt: Runtime) -> None:

@@ -100,7 +100,7 @@ def import_teacher(
             "role": "teacher", "num_classes": data.num_classes, "dataset": data.name,
             "dataset_fingerprint": data.fingerprint, "num_train": len(data.train_y),
             "normalize_mean": list(mean), "normalize_std": list(std), "classes": data.classes,
-            "params": num_params(model), "image_size": image_size, "small_stem": _stem_of(model, small_stem, image_size),
+            "params": num_params(model), "image_size": image_size, "small_stem": _stem_of(small_stem, image_size),
             "data_options": data.options, "imported_from": str(weights),
             "metrics": {"test_acc": acc, "epochs": 0, "train_time_s": 0.0},
             "recipe": {"teacher_arch": arch, "dataset": data.name},
@@ -115,7 +115,7 @@ def _cifar_stats():
     return SEED_RESNET_MEAN, SEED_RESNET_STD
 
 
-def _stem_of(model: nn.Module, small_stem: bool | None, image_size: int) -> bool:
+def _stem_of(small_stem: bool | None, image_size: int) -> bool:
     from kdcache.models import SMALL_IMAGES
 
     return small_stem if small_stem is not None else image_size <= SMALL_IMAGES

@@ -9,6 +9,7 @@ epoch, so there is no host synchronisation per step.
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,8 +27,6 @@ from kdcache.views import CropFlip, Mix, ResizedCrop, normalize, render_views, s
 def _distributed(device: str) -> tuple[int, int]:
     """(rank, world size): under torchrun (WORLD_SIZE > 1) the default process group is set up once,
     NCCL on CUDA and gloo on CPU; without torchrun (0, 1) and nothing changes."""
-    import os
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
@@ -89,7 +88,7 @@ class Runtime:
         rank, world = _distributed(device)
         where = torch.device(device)
         if device == "cuda" and world > 1:  # one GPU per process
-            where = torch.device("cuda", int(__import__("os").environ.get("LOCAL_RANK", 0)))
+            where = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return cls(where, torch.bfloat16 if bf16 else None, channels_last=True, compile=compile,
                    resident_bytes=budget, rank=rank, world=world)  # fmt: skip
 
@@ -102,8 +101,6 @@ class Runtime:
 
     def host_budget(self) -> int:
         """Bytes of cached teacher targets a student may hold in host memory: --resident-mb, else half the RAM."""
-        import os
-
         if self.resident_bytes is not None:
             return self.resident_bytes
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
