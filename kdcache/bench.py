@@ -139,10 +139,7 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
         data = load_dataset("cifar10", cfg.data_dir)
         images, labels, source = data.train_x, data.train_y, f"CIFAR-10 from {cfg.data_dir}"
     else:
-        n = 50000  # CIFAR-10's size: same memory footprint and partial last batch as real data
-        g = torch.Generator().manual_seed(0)
-        images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-        labels = torch.randint(0, 10, (n,), generator=g)
+        images, labels = _synthetic()
         source = f"synthetic uint8 {tuple(images.shape)}"
     n, c = len(labels), 10
     mean, std = SEED_RESNET_MEAN, SEED_RESNET_STD
@@ -322,3 +319,137 @@ def run_folder_bench(cfg: BenchConfig, rt: Runtime, folder: Path | None, image_s
         "kdcache": __version__,
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+# -- several processes: the cached student and the dump under torchrun, against one process.
+
+PROCS_LOOPS = ("cached", "dump")
+
+
+def _synthetic(n: int = 50000) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images of CIFAR-10's shape and size (and its partial last batch), and labels."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _procs_worker(spec: dict, out: Path) -> None:
+    """One process of a `--procs` round (started by torchrun): time `steps` steps of the cached
+    student (DDP: each rank its share of every global batch) and of the dump (each rank its own
+    contiguous rows, batches of `batch_size`, as a sharded dump runs). Rank 0 writes the global
+    img/s of each, wall time taken between barriers, to `out`."""
+    import json
+
+    from kdcache.stages import cached_plan
+
+    rt = Runtime.create(spec["device"], spec["precision"])  # joins the process group under torchrun
+    dev, b, steps = rt.device, spec["batch_size"], spec["steps"]
+
+    def barrier():
+        if rt.world > 1:
+            torch.distributed.barrier()
+        _sync(dev)
+
+    images, labels = _synthetic()
+    n, c = len(labels), 10
+    mean, std = SEED_RESNET_MEAN, SEED_RESNET_STD
+    images_d, labels_d = images.to(dev), labels.to(dev)
+    params = view_params(0, range(n), range(NUM_VIEWS))
+    logits = torch.randn(n, NUM_VIEWS, c, generator=torch.Generator().manual_seed(1)).to(torch.float16)
+    batches = ViewBatches(images_d, labels_d, cached_plan(params, None, logits, 0, dev), b, 0, mean, std,
+                          rank=rt.rank, world=rt.world)  # fmt: skip
+    torch.manual_seed(0)
+    model = rt.prepare(build(spec["student_arch"], c)).train()
+    if rt.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    loss = lambda s, bt: student_loss(s, bt.y, bt.t, T=spec["T"], alpha=spec["alpha"])  # noqa: E731
+    step = make_step(model, loss, opt, rt)
+    teacher = rt.prepare(build(spec["teacher_arch"], c)).eval()
+    rows = torch.arange(n * NUM_VIEWS).tensor_split(rt.world)[rt.rank]
+    flat = params.flatten(0, 1)
+
+    def dump_steps(count: int, offset: int) -> None:
+        for i in range(offset, offset + count):
+            idx = rows[i * b : (i + 1) * b]
+            predict(teacher, images_d, mean, std, rt, rows=(idx // NUM_VIEWS).to(dev), crop=flat[idx].to(dev), batch_size=b)
+
+    it = _endless(batches)
+    result = {"world": rt.world}
+    for name, run in (("cached", lambda count, _: [step(next(it)) for _ in range(count)]), ("dump", dump_steps)):
+        run(spec["warmup"], 0)
+        barrier()
+        t0 = time.perf_counter()
+        run(steps, spec["warmup"])
+        barrier()
+        seen = b * steps * (rt.world if name == "dump" else 1)
+        result[name] = seen / (time.perf_counter() - t0)
+    if rt.main:
+        out.write_text(json.dumps(result))
+
+
+def run_procs_bench(cfg: BenchConfig, procs: int, device: str, precision: str, log=lambda msg: None) -> dict:
+    """The cached student and the dump in 1 process and in `procs` processes under torchrun,
+    taking turns for `repeats` rounds (a fresh launch each time). On a CPU the cores are split
+    evenly (1 process: all of them as threads; N: cores/N threads each); on CUDA each process
+    takes one GPU. Global batch = --batch-size for the student, per process for the dump."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    cfg.validate()
+    if procs < 2:
+        raise KDCacheError(f"--procs must be >= 2 (got {procs}): it compares that many processes with one")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda and torch.cuda.device_count() < procs:
+        raise KDCacheError(f"--procs {procs} on CUDA needs {procs} GPUs, this machine has {torch.cuda.device_count()}: use fewer")
+    if not cuda and cfg.batch_size < procs:
+        raise KDCacheError(f"--batch-size {cfg.batch_size} cannot be split over {procs} processes: use a larger one")
+    threads = torch.get_num_threads()
+    spec = {"device": "cuda" if cuda else "cpu", "precision": precision, "teacher_arch": cfg.teacher_arch,
+            "student_arch": cfg.student_arch, "batch_size": cfg.batch_size, "steps": cfg.steps, "warmup": cfg.warmup,
+            "T": cfg.T, "alpha": cfg.alpha}  # fmt: skip
+    rounds: dict[int, list[dict]] = {1: [], procs: []}
+    with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        for r in range(cfg.repeats):
+            for p in (1, procs):
+                log(f"round {r + 1}/{cfg.repeats}: {p} process{'es' if p > 1 else ''}")
+                env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // p))}
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(p),
+                       "-m", "kdcache.bench", json.dumps(spec), str(out)]  # fmt: skip
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if done.returncode != 0:
+                    lines = [ln for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
+                    raise KDCacheError(f"a {p}-process bench round failed ({lines[-1] if lines else f'exit {done.returncode}'})")
+                rounds[p].append(json.loads(out.read_text()))
+                out.unlink()
+    median = {p: {loop: statistics.median(x[loop] for x in rs) for loop in PROCS_LOOPS} for p, rs in rounds.items()}
+    return {
+        "procs": procs,
+        **{f"{loop}_img_s": {"1": median[1][loop], str(procs): median[procs][loop]} for loop in PROCS_LOOPS},
+        "ratios": {f"{loop}_{procs}_over_1": median[procs][loop] / median[1][loop] for loop in PROCS_LOOPS},
+        "rounds_img_s": {str(p): rs for p, rs in rounds.items()},
+        "threads_per_process": {"1": threads, str(procs): max(1, threads // procs)} if not cuda else None,
+        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()}, {threads} threads)",
+        "teacher_arch": cfg.teacher_arch,
+        "student_arch": cfg.student_arch,
+        "batch_size": cfg.batch_size,
+        "steps": cfg.steps,
+        "warmup": cfg.warmup,
+        "repeats": cfg.repeats,
+        "data": "synthetic uint8 (50000, 3, 32, 32)",
+        "torch": torch.__version__,
+        "kdcache": __version__,
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+if __name__ == "__main__":  # one process of run_procs_bench, under torchrun
+    import json
+    import sys
+
+    _procs_worker(json.loads(sys.argv[1]), Path(sys.argv[2]))

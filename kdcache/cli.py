@@ -533,16 +533,19 @@ def bench_cmd(
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     compile: bool = CompileOpt,
+    procs: Optional[int] = typer.Option(None, "--procs", help="Instead: the cached student and the dump in N processes under torchrun (DDP; CPU cores split evenly, or one GPU each) against 1 process, taking turns."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON here."),
 ):
     """Measure img/s of the seed notebook's loop, online KD, cached KD, no-teacher training and the dump.
 
     All five run side by side in one process on one device, taking turns for --repeats
     rounds of --steps steps; the table shows each loop's median, its spread over the
-    rounds, and the ratios that matter.
+    rounds, and the ratios that matter. --procs N measures torchrun instead.
     """
     from kdcache.bench import BenchConfig, run_bench
 
+    if procs is not None:
+        return _procs_bench(BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, repeats), procs, device, precision, json_path)
     rt = _runtime(device, precision, compile)
     if image_folder or (data_dir is not None and (data_dir / "train").is_dir()):
         folder = data_dir if data_dir is not None and (data_dir / "train").is_dir() else None
@@ -589,6 +592,26 @@ def _write_bench_json(json_path: Path | None, record: dict) -> None:
             atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")
         except OSError as e:
             raise KDCacheError(f"cannot write {json_path} ({e.strerror or e}): choose another --json path") from None
+
+
+def _procs_bench(cfg, procs: int, device: str, precision: str, json_path: Path | None) -> None:
+    from kdcache.bench import PROCS_LOOPS, run_procs_bench
+
+    err_console.print(f"bench torchrun {cfg.teacher_arch} -> {cfg.student_arch} · batch {cfg.batch_size} · 1 vs {procs} processes · "
+                      f"{cfg.repeats} rounds of {cfg.steps} steps", highlight=False)  # fmt: skip
+    with err_console.status("measuring") as status:
+        record = run_procs_bench(cfg, procs, device, precision, log=lambda msg: status.update(msg))
+    table = Table(title=f"kdcache bench --procs {procs} · {record['device']} · {record['data']}", title_justify="left")
+    for col, justify in (("loop", "left"), ("1 process img/s", "right"), (f"{procs} processes img/s", "right"),
+                         (f"{procs} / 1", "right"), ("what", "left")):  # fmt: skip
+        table.add_column(col, justify=justify)
+    notes = {"cached": f"student from the cache, DDP, global batch {cfg.batch_size}",
+             "dump": f"teacher inference, each process its own rows, batch {cfg.batch_size}"}  # fmt: skip
+    for loop in PROCS_LOOPS:
+        one, many = record[f"{loop}_img_s"]["1"], record[f"{loop}_img_s"][str(procs)]
+        table.add_row(loop, f"{one:,.0f}", f"{many:,.0f}", f"{many / one:.2f}x", notes[loop])
+    out_console.print(table)
+    _write_bench_json(json_path, record)
 
 
 def _folder_bench(student_arch, batch_size, steps, warmup, repeats, folder, image_size, rt) -> dict:

@@ -51,3 +51,26 @@ def test_folder_bench_measures_resident_and_streamed_stores(tmp_path):
     assert record["ratios"]["streamed_over_resident"] == record["cached_streamed_img_s"] / record["cached_img_s"]
     assert record["prepare_images"] == 45 and record["prepare_img_s"] > 0
     assert not (tmp_path / "user-stores").exists()  # the bench prepares its own, temporary store
+
+
+def test_procs_bench_runs_two_torchrun_processes_against_one(tmp_path):
+    out = tmp_path / "procs.json"
+    r = CliRunner().invoke(
+        app,
+        ["bench", "--procs", "2", "--teacher-arch", "seed-cnn-student", "--student-arch", "seed-cnn-student",
+         "--batch-size", "8", "--steps", "2", "--warmup", "1", "--repeats", "1", "--device", "cpu", "--json", str(out)],
+        env={"COLUMNS": "200"},
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    record = json.loads(out.read_text())
+    assert [x["world"] for x in record["rounds_img_s"]["1"]] == [1]  # really one process, then really two
+    assert [x["world"] for x in record["rounds_img_s"]["2"]] == [2]
+    for loop in ("cached", "dump"):
+        one, two = record[f"{loop}_img_s"]["1"], record[f"{loop}_img_s"]["2"]
+        assert one > 0 and two > 0 and loop in r.output
+        assert record["ratios"][f"{loop}_2_over_1"] == two / one
+
+
+def test_procs_bench_refuses_one_process():
+    r = CliRunner().invoke(app, ["bench", "--procs", "1", "--device", "cpu"])
+    assert r.exit_code == 2 and "--procs must be >= 2" in r.output
