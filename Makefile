@@ -19,9 +19,10 @@ data:
 	@if [ ! -e data/cifar-10-batches-py ] && [ -d $(SHARED_CIFAR) ]; then \
 		ln -s ../$(SHARED_CIFAR) data/cifar-10-batches-py && echo "linked $(SHARED_CIFAR) -> data/cifar-10-batches-py"; fi
 
-# The main job: a quick end-to-end run on real CIFAR-10 (teacher -> cache -> KD student vs student alone).
+# The main job: a quick end-to-end run on real CIFAR-10 (teacher -> cache -> KD student vs student alone,
+# and the same KD student with the teacher in the loop, for the speed-up).
 demo: setup data
-	$(PY) -m kdcache pipeline --preset demo --out runs/demo --force
+	$(PY) -m kdcache pipeline --preset demo --with-online --out runs/demo --force
 
 test: setup data
 	$(PY) -m pytest -q

@@ -252,7 +252,7 @@ def teacher_cmd(
     recipe = get_preset(preset).override(
         teacher_arch=arch, dataset=dataset, subset=subset, teacher_epochs=epochs, batch_size=batch_size,
         lr=lr, optimizer=optimizer, schedule=schedule, warmup_epochs=warmup_epochs, nesterov=nesterov,
-        augment=augment, mix=mix, mix_prob=mix_prob, seed=seed,
+        augment=augment, teacher_augment=augment, mix=mix, mix_prob=mix_prob, seed=seed,
     )  # fmt: skip
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)
     with RichProgress() as progress:
@@ -679,6 +679,7 @@ def pipeline_cmd(
     nesterov: Optional[bool] = NesterovOpt,
     views: Optional[int] = typer.Option(None, "--views", help="Cached views per image, K. \\[default: the preset's]"),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Crop+flip views for teacher and cache. \\[default: the preset's]"),
+    teacher_augment: Optional[bool] = typer.Option(None, "--teacher-augment/--no-teacher-augment", help="The teacher's own training views, when they differ from the cache's (a teacher trained on crops + flips labels plain views well). \\[default: the preset's, else as --augment]"),
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="Reuse this teacher checkpoint instead of training one."),
     mix: Optional[str] = MixOpt,
     mix_prob: Optional[float] = MixProbOpt,
@@ -709,7 +710,8 @@ def pipeline_cmd(
     recipe = get_preset(name).override(
         dataset=dataset, subset=subset, teacher_arch=teacher_arch, student_arch=student_arch, epochs=epochs,
         teacher_epochs=teacher_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-        warmup_epochs=warmup_epochs, nesterov=nesterov, views=views, augment=augment, T=T,
+        warmup_epochs=warmup_epochs, nesterov=nesterov, views=views, augment=augment,
+        teacher_augment=teacher_augment, T=T,
         alpha=alpha, seed=seed, mix=mix, mix_prob=mix_prob, loss=loss,
     )  # fmt: skip
     rt = _runtime(device, precision, compile, resident_mb)

@@ -119,7 +119,8 @@ def run_pipeline(
         stage(TEACHER, "teacher", lambda out, kw: train_teacher(
             recipe, data_dir=data_dir, out=out, rt=rt, progress=progress, on_epoch=on_epoch,
             data_options=data_options, **kw),
-            expect={"arch": recipe.teacher_arch, "epochs": recipe.teacher_recipe_epochs, "augment": recipe.augment,
+            expect={"arch": recipe.teacher_arch, "epochs": recipe.teacher_recipe_epochs,
+                    "augment": recipe.teacher_recipe_augment,
                     "dataset": recipe.dataset, **_image_size(data_options),
                     "mix": recipe.mix, "mix_prob": recipe.mix_prob, **_training(recipe)})  # fmt: skip
     teacher_sha = lambda: file_sha256(paths[TEACHER])  # noqa: E731 - the teacher may only exist later

@@ -200,6 +200,7 @@ def train_teacher(
     on a fresh view of every image each epoch, of the family the cache will hold.
     `data_options`: an image folder's (image size, store size, ...; see `data.load_folder`)."""
     validate(recipe)
+    recipe = dataclasses.replace(recipe, augment=recipe.teacher_recipe_augment, teacher_augment=None)
     with claim_output(out, force=force, resume=resume, interrupted=resume_path(out), lock=rt.main) as out:
         data = load_dataset(recipe.dataset, data_dir, recipe.subset, progress=progress, **(data_options or {}))
         _check_mixable(recipe, len(data.train_y))

@@ -9,7 +9,8 @@ from kdcache.models import ARCHS, build, load_checkpoint, num_params, save_check
 
 
 @pytest.mark.parametrize(
-    "arch,params", [("seed-cnn-teacher", 1_186_986), ("seed-cnn-student", 267_738), ("resnet18", 11_173_962)]
+    "arch,params", [("seed-cnn-teacher", 1_186_986), ("seed-cnn-student", 267_738), ("resnet9s", 412_954),
+                    ("resnet18", 11_173_962)]
 )
 def test_parameter_counts(arch, params):
     assert num_params(build(arch, 10)) == params
@@ -81,7 +82,7 @@ def test_model_specs_build_with_the_stem_their_image_size_needs(tmp_path):
 def test_seed_cnns_take_larger_images_without_new_parameters():
     from kdcache.models import build, num_params
 
-    for name in ("seed-cnn-teacher", "seed-cnn-student"):
+    for name in ("seed-cnn-teacher", "seed-cnn-student", "resnet9s"):
         m = build(name, 10)
         assert m(torch.zeros(2, 3, 64, 64)).shape == (2, 10) and num_params(m) == num_params(build(name, 10, 64))
 

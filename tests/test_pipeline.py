@@ -36,7 +36,8 @@ def test_seed_cnn_preset_is_notebook_two():
 
 def test_demo_preset_uses_a_subset_and_small_models():
     p = PRESETS["demo"]
-    assert p.subset and p.subset <= 10000 and p.teacher_arch.startswith("seed-cnn")
+    assert p.subset and p.subset <= 10000 and p.teacher_arch == "resnet9s" and p.student_arch == "seed-cnn-student"
+    assert p.teacher_recipe_augment and not p.augment and p.views == 1  # the teacher trains on crops, labels plain images
 
 
 def test_flags_override_the_preset_field_by_field():
@@ -154,3 +155,20 @@ def test_resume_refuses_students_made_with_another_loss(run_dir, data_dir, cpu):
     with pytest.raises(KDCacheError, match=r"student_kd.pt was made with loss='kd', this run asks for 'dkd'"):
         run_pipeline(TINY.override(views=2, augment=True, loss="dkd"), preset="test", run_dir=run_dir,
                      data_dir=data_dir, rt=cpu, resume=True)  # fmt: skip
+
+
+def test_teacher_can_train_on_crops_while_cache_and_students_see_plain_views(tmp_path, data_dir, cpu):
+    from kdcache.models import read_checkpoint
+
+    out = tmp_path / "teacher-augment"
+    recipe = TINY.override(augment=False, teacher_augment=True, teacher_epochs=1, epochs=1)
+    run_pipeline(recipe, preset="test", run_dir=out, data_dir=data_dir, rt=cpu)
+    assert read_checkpoint(out / "teacher.pt")["recipe"]["augment"] is True  # what the teacher really trained on
+    with h5py.File(out / "teacher_logits.h5", "r") as f:
+        assert not f.attrs["augment"] and f["view_params"][:, :, :2].max() == 4  # the plain view: offset 4 = no shift
+    stamp = (out / "teacher.pt").stat().st_mtime_ns
+    run_pipeline(recipe, preset="test", run_dir=out, data_dir=data_dir, rt=cpu, resume=True)  # all kept
+    assert (out / "teacher.pt").stat().st_mtime_ns == stamp
+    with pytest.raises(KDCacheError, match="teacher.pt was made with augment=True, this run asks for False"):
+        run_pipeline(recipe.override(teacher_augment=False), preset="test", run_dir=out, data_dir=data_dir, rt=cpu,
+                     resume=True)  # fmt: skip
