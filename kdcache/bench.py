@@ -131,6 +131,28 @@ def _measure(loops: dict, cfg: BenchConfig, device, log) -> tuple[dict, dict, di
     return {name: statistics.median(v) for name, v in rounds.items()}, rounds, peaks
 
 
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _about(cfg: BenchConfig, data: str) -> dict:
+    """What every bench record states besides its figures: the settings, the data, the versions, the date."""
+    return {
+        "teacher_arch": cfg.teacher_arch,
+        "student_arch": cfg.student_arch,
+        "batch_size": cfg.batch_size,
+        "steps": cfg.steps,
+        "warmup": cfg.warmup,
+        "repeats": cfg.repeats,
+        "data": data,
+        "torch": torch.__version__,
+        "kdcache": __version__,
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
     """Measure every loop on the same data, models and batch size; return the JSON record."""
     cfg.validate()
@@ -219,18 +241,9 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
         },
         "rounds_img_s": rounds,
         "peak_working_mem_mb": peaks,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": _device_name(dev),
         "runtime": rt.describe(),
-        "teacher_arch": cfg.teacher_arch,
-        "student_arch": cfg.student_arch,
-        "batch_size": cfg.batch_size,
-        "steps": cfg.steps,
-        "warmup": cfg.warmup,
-        "repeats": cfg.repeats,
-        "data": source,
-        "torch": torch.__version__,
-        "kdcache": __version__,
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **_about(cfg, source),
     }
 
 
@@ -307,7 +320,7 @@ def run_folder_bench(cfg: BenchConfig, rt: Runtime, folder: Path | None, image_s
         "store": f"{n:,} x 3 x {store_size} x {store_size} uint8 ({resident.numel() / 1e6:,.0f} MB)",
         "rounds_img_s": rounds,
         "peak_working_mem_mb": peaks,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": _device_name(dev),
         "runtime": rt.describe(),
         "student_arch": cfg.student_arch,
         "image_size": image_size,
@@ -434,17 +447,8 @@ def run_procs_bench(cfg: BenchConfig, procs: int, device: str, precision: str, l
         "ratios": {f"{loop}_{procs}_over_1": median[procs][loop] / median[1][loop] for loop in PROCS_LOOPS},
         "rounds_img_s": {str(p): rs for p, rs in rounds.items()},
         "threads_per_process": {"1": threads, str(procs): max(1, threads // procs)} if not cuda else None,
-        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()}, {threads} threads)",
-        "teacher_arch": cfg.teacher_arch,
-        "student_arch": cfg.student_arch,
-        "batch_size": cfg.batch_size,
-        "steps": cfg.steps,
-        "warmup": cfg.warmup,
-        "repeats": cfg.repeats,
-        "data": "synthetic uint8 (50000, 3, 32, 32)",
-        "torch": torch.__version__,
-        "kdcache": __version__,
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": _device_name(torch.device("cuda", 0) if cuda else torch.device("cpu")),
+        **_about(cfg, "synthetic uint8 (50000, 3, 32, 32)"),
     }
 
 
