@@ -131,6 +131,14 @@ def _measure(loops: dict, cfg: BenchConfig, device, log) -> tuple[dict, dict, di
     return {name: statistics.median(v) for name, v in rounds.items()}, rounds, peaks
 
 
+def _cache_bytes(k: int = 10) -> dict:
+    """Stored target bytes per view, dense fp16 against a top-k cache, for C = 10, 100 and 1,000
+    (from the datasets' dtypes; HDF5 adds its chunk overhead to both)."""
+    from kdcache.topk import bytes_per_view
+
+    return {str(c): {"dense": bytes_per_view(c, None), f"top{k}": bytes_per_view(c, k)} for c in (10, 100, 1000)}
+
+
 def _device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
@@ -241,6 +249,7 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
         },
         "rounds_img_s": rounds,
         "peak_working_mem_mb": peaks,
+        "cache_bytes_per_view": _cache_bytes(),
         "device": _device_name(dev),
         "runtime": rt.describe(),
         **_about(cfg, source),

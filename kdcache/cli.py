@@ -580,6 +580,9 @@ def bench_cmd(
         ratio = "" if loop in ("cached", "cached_mixed", "dump") else f"{record['cached_img_s'] / v:.2f}x"
         table.add_row(loop, f"{v:,.0f}", spread, ratio, *([f"{peaks[loop]:,.0f}"] if show_mem else []), what)
     out_console.print(table)
+    sizes = " · ".join(f"C={int(c):,}: {b['dense']:,} B dense, {b['top10']} B top-10"
+                       for c, b in record["cache_bytes_per_view"].items())  # fmt: skip
+    out_console.print(f"cached targets per view: {sizes}", highlight=False)
     _write_bench_json(json_path, record)
 
 

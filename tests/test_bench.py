@@ -31,6 +31,7 @@ def test_bench_smoke_prints_table_and_writes_json(tmp_path):
         rounds = record["rounds_img_s"][loop]
         assert len(rounds) == 2 and record[f"{loop}_img_s"] == sum(rounds) / 2
     assert record["repeats"] == 2
+    assert "B top-10" in r.output and record["cache_bytes_per_view"]["100"]["dense"] == 200
 
 
 def test_folder_bench_measures_resident_and_streamed_stores(tmp_path):
@@ -74,3 +75,11 @@ def test_procs_bench_runs_two_torchrun_processes_against_one(tmp_path):
 def test_procs_bench_refuses_one_process():
     r = CliRunner().invoke(app, ["bench", "--procs", "1", "--device", "cpu"])
     assert r.exit_code == 2 and "--procs must be >= 2" in r.output
+
+
+def test_bench_record_states_top_k_bytes_per_view_against_dense():
+    from kdcache.bench import _cache_bytes
+
+    sizes = _cache_bytes()
+    assert sizes["1000"] == {"dense": 2000, "top10": 64}  # 10 x (fp16 + int16) + 6 fp32 log-sum-exps
+    assert sizes["10"]["dense"] == 20 and sizes["10"]["top10"] > sizes["10"]["dense"]  # dense stays the default for few classes
