@@ -161,6 +161,22 @@ def _about(cfg: BenchConfig, data: str) -> dict:
     }
 
 
+def _synthetic(n: int = 50000) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images of CIFAR-10's shape and size (the same memory footprint and partial last batch
+    as real data), and labels."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _student_step(arch: str, num_classes: int, rt: Runtime, *, T: float, alpha: float, teacher=None):
+    """A freshly seeded student (DDP under torchrun), its optimiser and loss, as one training step."""
+    torch.manual_seed(0)
+    model = rt.distribute(rt.prepare(build(arch, num_classes)).train())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    loss = lambda s, b: student_loss(s, b.y, b.t, T=T, alpha=alpha, partner_labels=b.y2, lam=b.lam)  # noqa: E731
+    return make_step(model, loss, opt, rt, teacher=teacher)
+
+
 def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
     """Measure every loop on the same data, models and batch size; return the JSON record."""
     cfg.validate()
@@ -177,11 +193,7 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
     teacher_raw = build(cfg.teacher_arch, c).eval()
 
     def student_and_step(teacher=None, *, rt_: Runtime, alpha: float):
-        torch.manual_seed(0)
-        model = rt_.prepare(build(cfg.student_arch, c)).train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        loss = lambda s, b: student_loss(s, b.y, b.t, T=cfg.T, alpha=alpha, partner_labels=b.y2, lam=b.lam)  # noqa: E731
-        return make_step(model, loss, opt, rt_, teacher=teacher)
+        return _student_step(cfg.student_arch, c, rt_, T=cfg.T, alpha=alpha, teacher=teacher)
 
     # -- seed_loop: the notebook's loop, fp32, NCHW, PIL + DataLoader workers.
     from torchvision import transforms
@@ -348,12 +360,6 @@ def run_folder_bench(cfg: BenchConfig, rt: Runtime, folder: Path | None, image_s
 PROCS_LOOPS = ("cached", "dump")
 
 
-def _synthetic(n: int = 50000) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images of CIFAR-10's shape and size (and its partial last batch), and labels."""
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g)
-
-
 def _procs_worker(spec: dict, out: Path) -> None:
     """One process of a `--procs` round (started by torchrun): time `steps` steps of the cached
     student (DDP: each rank its share of every global batch) and of the dump (each rank its own
@@ -379,23 +385,15 @@ def _procs_worker(spec: dict, out: Path) -> None:
     logits = torch.randn(n, NUM_VIEWS, c, generator=torch.Generator().manual_seed(1)).to(torch.float16)
     batches = ViewBatches(images_d, labels_d, cached_plan(params, None, logits, 0, dev), b, 0, mean, std,
                           rank=rt.rank, world=rt.world)  # fmt: skip
-    torch.manual_seed(0)
-    model = rt.prepare(build(spec["student_arch"], c)).train()
-    if rt.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    loss = lambda s, bt: student_loss(s, bt.y, bt.t, T=spec["T"], alpha=spec["alpha"])  # noqa: E731
-    step = make_step(model, loss, opt, rt)
+    step = _student_step(spec["student_arch"], c, rt, T=spec["T"], alpha=spec["alpha"])
     teacher = rt.prepare(build(spec["teacher_arch"], c)).eval()
-    rows = torch.arange(n * NUM_VIEWS).tensor_split(rt.world)[rt.rank]
-    flat = params.flatten(0, 1)
+    rows = torch.arange(n * NUM_VIEWS, device=dev).tensor_split(rt.world)[rt.rank]  # on the device once, as in run_bench
+    flat = params.flatten(0, 1).to(dev)
 
     def dump_steps(count: int, offset: int) -> None:
         for i in range(offset, offset + count):
             idx = rows[i * b : (i + 1) * b]
-            predict(teacher, images_d, mean, std, rt, rows=(idx // NUM_VIEWS).to(dev), crop=flat[idx].to(dev), batch_size=b)
+            predict(teacher, images_d, mean, std, rt, rows=idx // NUM_VIEWS, crop=flat[idx], batch_size=b)
 
     it = _endless(batches)
     result = {"world": rt.world}
@@ -411,7 +409,7 @@ def _procs_worker(spec: dict, out: Path) -> None:
         out.write_text(json.dumps(result))
 
 
-def run_procs_bench(cfg: BenchConfig, procs: int, device: str, precision: str, log=lambda msg: None) -> dict:
+def run_procs_bench(cfg: BenchConfig, procs: int, rt: Runtime, log=lambda msg: None) -> dict:
     """The cached student and the dump in 1 process and in `procs` processes under torchrun,
     taking turns for `repeats` rounds (a fresh launch each time). On a CPU the cores are split
     evenly (1 process: all of them as threads; N: cores/N threads each); on CUDA each process
@@ -425,13 +423,13 @@ def run_procs_bench(cfg: BenchConfig, procs: int, device: str, precision: str, l
     cfg.validate()
     if procs < 2:
         raise KDCacheError(f"--procs must be >= 2 (got {procs}): it compares that many processes with one")
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    cuda = rt.device.type == "cuda"
     if cuda and torch.cuda.device_count() < procs:
         raise KDCacheError(f"--procs {procs} on CUDA needs {procs} GPUs, this machine has {torch.cuda.device_count()}: use fewer")
     if not cuda and cfg.batch_size < procs:
         raise KDCacheError(f"--batch-size {cfg.batch_size} cannot be split over {procs} processes: use a larger one")
     threads = torch.get_num_threads()
-    spec = {"device": "cuda" if cuda else "cpu", "precision": precision, "teacher_arch": cfg.teacher_arch,
+    spec = {"device": rt.device.type, "precision": "fp32" if rt.amp_dtype is None else "bf16", "teacher_arch": cfg.teacher_arch,
             "student_arch": cfg.student_arch, "batch_size": cfg.batch_size, "steps": cfg.steps, "warmup": cfg.warmup,
             "T": cfg.T, "alpha": cfg.alpha}  # fmt: skip
     rounds: dict[int, list[dict]] = {1: [], procs: []}
@@ -456,7 +454,7 @@ def run_procs_bench(cfg: BenchConfig, procs: int, device: str, precision: str, l
         "ratios": {f"{loop}_{procs}_over_1": median[procs][loop] / median[1][loop] for loop in PROCS_LOOPS},
         "rounds_img_s": {str(p): rs for p, rs in rounds.items()},
         "threads_per_process": {"1": threads, str(procs): max(1, threads // procs)} if not cuda else None,
-        "device": _device_name(torch.device("cuda", 0) if cuda else torch.device("cpu")),
+        "device": _device_name(rt.device),
         **_about(cfg, "synthetic uint8 (50000, 3, 32, 32)"),
     }
 

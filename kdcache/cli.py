@@ -544,9 +544,9 @@ def bench_cmd(
     """
     from kdcache.bench import BenchConfig, run_bench
 
-    if procs is not None:
-        return _procs_bench(BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, repeats), procs, device, precision, json_path)
     rt = _runtime(device, precision, compile)
+    if procs is not None:
+        return _procs_bench(BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, repeats), procs, rt, json_path)
     if image_folder or (data_dir is not None and (data_dir / "train").is_dir()):
         folder = data_dir if data_dir is not None and (data_dir / "train").is_dir() else None
         record = _folder_bench(student_arch, batch_size, steps, warmup, repeats, folder, image_size, rt)
@@ -597,13 +597,13 @@ def _write_bench_json(json_path: Path | None, record: dict) -> None:
             raise KDCacheError(f"cannot write {json_path} ({e.strerror or e}): choose another --json path") from None
 
 
-def _procs_bench(cfg, procs: int, device: str, precision: str, json_path: Path | None) -> None:
+def _procs_bench(cfg, procs: int, rt, json_path: Path | None) -> None:
     from kdcache.bench import PROCS_LOOPS, run_procs_bench
 
     err_console.print(f"bench torchrun {cfg.teacher_arch} -> {cfg.student_arch} · batch {cfg.batch_size} · 1 vs {procs} processes · "
                       f"{cfg.repeats} rounds of {cfg.steps} steps", highlight=False)  # fmt: skip
     with err_console.status("measuring") as status:
-        record = run_procs_bench(cfg, procs, device, precision, log=lambda msg: status.update(msg))
+        record = run_procs_bench(cfg, procs, rt, log=lambda msg: status.update(msg))
     table = Table(title=f"kdcache bench --procs {procs} · {record['device']} · {record['data']}", title_justify="left")
     for col, justify in (("loop", "left"), ("1 process img/s", "right"), (f"{procs} processes img/s", "right"),
                          (f"{procs} / 1", "right"), ("what", "left")):  # fmt: skip

@@ -135,6 +135,15 @@ class Runtime:
             " · compiled" if self.compile else ""
         ) + (f" · {self.world} processes (torchrun, DDP)" if self.world > 1 else "")
 
+    def distribute(self, model: nn.Module) -> nn.Module:
+        """Under torchrun, wrap for DistributedDataParallel (gradients averaged over the processes in
+        backward); in one process, the model itself."""
+        if self.world <= 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
     def all_sum(self, *tensors: torch.Tensor) -> None:
         """Sum tensors over the processes, in place (nothing without torchrun)."""
         if self.world > 1:
@@ -409,10 +418,7 @@ def fit(
     also log the student's fidelity to the teacher on the test set (top-1 agreement, KL).
     """
     progress = progress or NoProgress()
-    if rt.world > 1:  # torchrun: gradients averaged over the processes in backward
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    model = rt.distribute(model)  # torchrun: DDP
     step = make_step(model, loss_fn, optimizer, rt, teacher=teacher)
     test_x, test_y = test[0].to(rt.device), test[1]  # resident too: evaluation copies nothing per epoch
     for epoch in range(start_epoch, epochs):
