@@ -385,7 +385,7 @@ def student_cmd(
     preset: Optional[str] = PresetOpt,
     arch: Optional[str] = typer.Option(None, "--arch", help="Student architecture: resnet18|34|50, seed-cnn-student, torchvision:NAME, timm:NAME or module.path:factory. \\[default: resnet18]"),
     cache: Path = typer.Option(CACHE_OUT, "--cache", help="Logit cache written by `kdcache dump-logits`."),
-    online_teacher: Optional[Path] = typer.Option(None, "--online-teacher", help="No cache: run this teacher checkpoint on a fresh view every step (online distillation, to compare with the cache at equal budget). Views follow --mix/--mix-prob, default the teacher's."),
+    online_teacher: Optional[Path] = typer.Option(None, "--online-teacher", help="No cache: run this teacher checkpoint on a fresh view every step (online distillation, to compare with the cache at equal budget). The views are of the family the teacher trained on (crop/flip or not, its --mix and --mix-prob), whatever --preset says; --mix/--mix-prob change the mixing."),
     loss: Optional[str] = LossOpt,
     mix: Optional[str] = typer.Option(None, "--mix", help="With --online-teacher only: the view family. \\[default: the teacher's]"),
     mix_prob: Optional[float] = typer.Option(None, "--mix-prob", help="With --online-teacher only. \\[default: the teacher's]"),
@@ -437,6 +437,11 @@ def student_cmd(
         mix_prob=mix_prob,
     )  # fmt: skip
     recipe = dataclasses.replace(recipe, subset=subset)  # the cache's rows unless asked otherwise
+    if online_teacher is not None:  # the teacher's view family, as a cache student gets the dump's, whatever --preset says
+        taught = read_checkpoint(online_teacher).get("recipe") or {}
+        given = {"mix": mix, "mix_prob": mix_prob}
+        recipe = dataclasses.replace(recipe, **{k: taught[k] for k in ("augment", "mix", "mix_prob")
+                                                if k in taught and given.get(k) is None})  # fmt: skip
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)
     with RichProgress() as progress:
         result = train_student(recipe, cache_file=cache, data_dir=data_dir, out=out, rt=rt, force=force,

@@ -131,6 +131,24 @@ def test_online_student_runs_the_teacher_on_fresh_mixed_views(tmp_path, teacher_
     assert meta["online_teacher_sha256"] and "teacher_agreement" in result.history[-1]
 
 
+def test_online_student_cli_takes_the_teachers_view_family_whatever_the_preset(tmp_path, teacher_ckpt, data_dir):
+    """The online row must see the views the teacher trained on, as a cache student sees the dump's:
+    a --preset (here seed-resnet: crop/flip, no mixing) does not change them; --mix does."""
+    record = torch.load(teacher_ckpt, map_location="cpu", weights_only=True)
+    record["recipe"] = {**record["recipe"], "augment": False, "mix": "cutmix", "mix_prob": 0.5}
+    mixed_teacher = tmp_path / "mixed-teacher.pt"
+    torch.save(record, mixed_teacher)
+    common = ("--arch", "seed-cnn-student", "--online-teacher", mixed_teacher, "--data", data_dir, "--subset", "300",
+              "--epochs", "1", "--batch-size", "100", "--device", "cpu")  # fmt: skip
+    code, err, _ = cli("student", "--preset", "seed-resnet", *common, "--out", tmp_path / "a.pt")
+    assert code == 0, err
+    views = {k: load_checkpoint(tmp_path / "a.pt")[1]["recipe"][k] for k in ("augment", "mix", "mix_prob")}
+    assert views == {"augment": False, "mix": "cutmix", "mix_prob": 0.5}
+    code, err, _ = cli("student", "--preset", "seed-resnet", *common, "--mix", "none", "--out", tmp_path / "b.pt")
+    assert code == 0, err
+    assert load_checkpoint(tmp_path / "b.pt")[1]["recipe"]["mix"] == "none"
+
+
 def test_v1_caches_still_train(tmp_path, cache_file, data_dir):
     """A v1 file (crop/flip views, no mix attributes) reads as unmixed views."""
     v1 = tmp_path / "v1.h5"
