@@ -140,7 +140,7 @@ OptimOpt = typer.Option(None, "--optimizer", help="sgd | adam; momentum and weig
 WarmupOpt = typer.Option(None, "--warmup-epochs", help="Epochs of linear warm-up to --lr before the schedule starts. \\[default: the preset's, 0]")
 NesterovOpt = typer.Option(None, "--nesterov/--no-nesterov", help="Nesterov momentum (SGD). \\[default: the preset's, off]")
 MixOpt = typer.Option(None, "--mix", help="Mixed views (function matching): none | cutmix | mixup | both; the partner image and box or weight are a pure function of (seed, image, view). \\[default: the preset's, none]")
-MixProbOpt = typer.Option(None, "--mix-prob", help="Share of views that are mixed, in [0, 1]. \\[default: the preset's, 1]")
+MixProbOpt = typer.Option(None, "--mix-prob", help="Share of views that are mixed, in [0, 1]. \\[default: the preset's, 1; dump-logits: the teacher's]")
 LossOpt = typer.Option(None, "--loss", help="Soft-target loss from raw logits: kd (Hinton) | dkd (decoupled KD) | dist (DIST) | ls (logit standardisation). \\[default: kd]")
 ScheduleOpt = typer.Option(None, "--schedule", help="Learning rate over the epochs: cosine (decays to 0) | constant. \\[default: the preset's: cosine for seed-resnet, constant for seed-cnn]")
 
@@ -153,6 +153,17 @@ def _base_recipe(preset: str | None, upstream) -> "Recipe":
         return get_preset(preset)
     recorded = upstream()
     return Recipe.from_dict(recorded) if recorded else get_preset(None)
+
+
+def _teacher_views(recipe: "Recipe", checkpoint: Path, **given) -> "Recipe":
+    """The view family the teacher trained on (crop/flip or not, its mix and mix share) wherever the
+    command's own flag (`given`, None: not passed) leaves it open, whatever --preset says: a dump and
+    an online student run the teacher on the kind of image it learned from. A checkpoint without a
+    recorded recipe (an imported teacher) leaves the recipe as it is."""
+    from kdcache.models import read_checkpoint
+
+    taught = read_checkpoint(checkpoint).get("recipe") or {}
+    return dataclasses.replace(recipe, **{k: taught[k] for k, v in given.items() if v is None and k in taught})
 
 
 def _data_options(dataset: str | None, data_dir: Path | None, image_size, store_size, val_fraction, skip_bad,
@@ -323,7 +334,7 @@ def dump_cmd(
     teacher: list[Path] = typer.Option([TEACHER_OUT], "--teacher", help="Teacher checkpoint written by `kdcache teacher` or `import-teacher`. Repeat it for an ensemble: the cache then holds log(mean of the members' softmax), valid logits at T=1."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Refuse a teacher of any other architecture."),
     views: Optional[int] = typer.Option(None, "--views", help="Augmented views per image, K. \\[default: the preset's, 8 for seed-resnet]"),
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Crop+flip views; --no-augment caches the plain image. \\[default: the preset's]"),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Crop+flip views; --no-augment caches the plain image. \\[default: what the teacher was trained with]"),
     mix: Optional[str] = typer.Option(None, "--mix", help="Mixed views: none | cutmix | mixup | both. The teacher runs on the mixed image itself, and the cache stores the partner and box/weight, so a student replays exactly that image. \\[default: what the teacher was trained with]"),
     mix_prob: Optional[float] = MixProbOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -350,6 +361,7 @@ def dump_cmd(
     recipe = _base_recipe(preset, lambda: read_checkpoint(teacher[0]).get("recipe")).override(
         views=views, augment=augment, mix=mix, mix_prob=mix_prob, seed=seed, subset=subset
     )
+    recipe = _teacher_views(recipe, teacher[0], augment=augment, mix=mix, mix_prob=mix_prob)
     validate(recipe)
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)
     with RichProgress() as progress:
@@ -437,11 +449,8 @@ def student_cmd(
         mix_prob=mix_prob,
     )  # fmt: skip
     recipe = dataclasses.replace(recipe, subset=subset)  # the cache's rows unless asked otherwise
-    if online_teacher is not None:  # the teacher's view family, as a cache student gets the dump's, whatever --preset says
-        taught = read_checkpoint(online_teacher).get("recipe") or {}
-        given = {"mix": mix, "mix_prob": mix_prob}
-        recipe = dataclasses.replace(recipe, **{k: taught[k] for k in ("augment", "mix", "mix_prob")
-                                                if k in taught and given.get(k) is None})  # fmt: skip
+    if online_teacher is not None:  # as a cache student replays the dump's views
+        recipe = _teacher_views(recipe, online_teacher, augment=None, mix=mix, mix_prob=mix_prob)
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)
     with RichProgress() as progress:
         result = train_student(recipe, cache_file=cache, data_dir=data_dir, out=out, rt=rt, force=force,

@@ -131,13 +131,31 @@ def test_online_student_runs_the_teacher_on_fresh_mixed_views(tmp_path, teacher_
     assert meta["online_teacher_sha256"] and "teacher_agreement" in result.history[-1]
 
 
-def test_online_student_cli_takes_the_teachers_view_family_whatever_the_preset(tmp_path, teacher_ckpt, data_dir):
-    """The online row must see the views the teacher trained on, as a cache student sees the dump's:
-    a --preset (here seed-resnet: crop/flip, no mixing) does not change them; --mix does."""
+@pytest.fixture
+def mixed_teacher(tmp_path, teacher_ckpt):
+    """The tiny teacher, recorded as trained on plain images mixed by CutMix half the time."""
     record = torch.load(teacher_ckpt, map_location="cpu", weights_only=True)
     record["recipe"] = {**record["recipe"], "augment": False, "mix": "cutmix", "mix_prob": 0.5}
-    mixed_teacher = tmp_path / "mixed-teacher.pt"
-    torch.save(record, mixed_teacher)
+    torch.save(record, tmp_path / "mixed-teacher.pt")
+    return tmp_path / "mixed-teacher.pt"
+
+
+def test_dump_cli_takes_the_teachers_view_family_whatever_the_preset(tmp_path, mixed_teacher, data_dir):
+    common = ("--teacher", mixed_teacher, "--data", data_dir, "--subset", "200", "--views", "2", "--device", "cpu")
+    code, err, _ = cli("dump-logits", "--preset", "seed-resnet", *common, "--out", tmp_path / "a.h5")
+    assert code == 0, err
+    with cache_io.open_cache(tmp_path / "a.h5") as c:
+        assert (bool(c.attrs["augment"]), c.mix, float(c.attrs["mix_prob"])) == (False, "cutmix", 0.5)
+    code, err, _ = cli("dump-logits", "--preset", "seed-resnet", *common, "--augment", "--mix", "mixup",
+                       "--out", tmp_path / "b.h5")  # fmt: skip
+    assert code == 0, err
+    with cache_io.open_cache(tmp_path / "b.h5") as c:
+        assert (bool(c.attrs["augment"]), c.mix, float(c.attrs["mix_prob"])) == (True, "mixup", 0.5)
+
+
+def test_online_student_cli_takes_the_teachers_view_family_whatever_the_preset(tmp_path, mixed_teacher, data_dir):
+    """The online row must see the views the teacher trained on, as a cache student sees the dump's:
+    a --preset (here seed-resnet: crop/flip, no mixing) does not change them; --mix does."""
     common = ("--arch", "seed-cnn-student", "--online-teacher", mixed_teacher, "--data", data_dir, "--subset", "300",
               "--epochs", "1", "--batch-size", "100", "--device", "cpu")  # fmt: skip
     code, err, _ = cli("student", "--preset", "seed-resnet", *common, "--out", tmp_path / "a.pt")
