@@ -334,7 +334,7 @@ def dump_cmd(
     teacher: list[Path] = typer.Option([TEACHER_OUT], "--teacher", help="Teacher checkpoint written by `kdcache teacher` or `import-teacher`. Repeat it for an ensemble: the cache then holds log(mean of the members' softmax), valid logits at T=1."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Refuse a teacher of any other architecture."),
     views: Optional[int] = typer.Option(None, "--views", help="Augmented views per image, K. \\[default: the preset's, 8 for seed-resnet]"),
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Crop+flip views; --no-augment caches the plain image. \\[default: what the teacher was trained with]"),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Crop+flip views; --no-augment caches the plain image. \\[default: the preset's; without --preset, what the teacher was trained with]"),
     mix: Optional[str] = typer.Option(None, "--mix", help="Mixed views: none | cutmix | mixup | both. The teacher runs on the mixed image itself, and the cache stores the partner and box/weight, so a student replays exactly that image. \\[default: what the teacher was trained with]"),
     mix_prob: Optional[float] = MixProbOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -361,7 +361,7 @@ def dump_cmd(
     recipe = _base_recipe(preset, lambda: read_checkpoint(teacher[0]).get("recipe")).override(
         views=views, augment=augment, mix=mix, mix_prob=mix_prob, seed=seed, subset=subset
     )
-    recipe = _teacher_views(recipe, teacher[0], augment=augment, mix=mix, mix_prob=mix_prob)
+    recipe = _teacher_views(recipe, teacher[0], mix=mix, mix_prob=mix_prob)  # crop/flip: the preset's
     validate(recipe)
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)
     with RichProgress() as progress:
@@ -397,9 +397,10 @@ def student_cmd(
     preset: Optional[str] = PresetOpt,
     arch: Optional[str] = typer.Option(None, "--arch", help="Student architecture: resnet18|34|50, seed-cnn-student, torchvision:NAME, timm:NAME or module.path:factory. \\[default: resnet18]"),
     cache: Path = typer.Option(CACHE_OUT, "--cache", help="Logit cache written by `kdcache dump-logits`."),
-    online_teacher: Optional[Path] = typer.Option(None, "--online-teacher", help="No cache: run this teacher checkpoint on a fresh view every step (online distillation, to compare with the cache at equal budget). The views are of the family the teacher trained on (crop/flip or not, its --mix and --mix-prob), whatever --preset says; --mix/--mix-prob change the mixing."),
+    online_teacher: Optional[Path] = typer.Option(None, "--online-teacher", help="No cache: run this teacher checkpoint on a fresh view every step (online distillation, to compare with the cache at equal budget). The views are of the family the teacher trained on (crop/flip or not, its --mix and --mix-prob), whatever --preset says; --augment/--no-augment, --mix and --mix-prob change them."),
     loss: Optional[str] = LossOpt,
-    mix: Optional[str] = typer.Option(None, "--mix", help="With --online-teacher only: the view family. \\[default: the teacher's]"),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="With --online-teacher only: crop+flip views, or the plain image. \\[default: the teacher's]"),
+    mix: Optional[str] = typer.Option(None, "--mix", help="With --online-teacher only: none | cutmix | mixup | both. \\[default: the teacher's]"),
     mix_prob: Optional[float] = typer.Option(None, "--mix-prob", help="With --online-teacher only. \\[default: the teacher's]"),
     data_dir: Optional[Path] = DataDirOpt,
     rebuild_store: bool = RebuildStoreOpt,
@@ -434,8 +435,9 @@ def student_cmd(
     from kdcache.stages import train_student
 
     check_spec(arch) if arch else None
-    if online_teacher is None and (mix is not None or mix_prob is not None):
-        raise KDCacheError("--mix and --mix-prob go with --online-teacher; a cache student replays the cache's views")
+    if online_teacher is None and (flag := next((f for f, v in (("--augment/--no-augment", augment), ("--mix", mix),
+                                                               ("--mix-prob", mix_prob)) if v is not None), None)):  # fmt: skip
+        raise KDCacheError(f"{flag} goes with --online-teacher; a cache student replays the cache's views")
 
     def recorded() -> dict | None:
         if online_teacher is not None:
@@ -450,7 +452,7 @@ def student_cmd(
     )  # fmt: skip
     recipe = dataclasses.replace(recipe, subset=subset)  # the cache's rows unless asked otherwise
     if online_teacher is not None:  # as a cache student replays the dump's views
-        recipe = _teacher_views(recipe, online_teacher, augment=None, mix=mix, mix_prob=mix_prob)
+        recipe = _teacher_views(recipe, online_teacher, augment=augment, mix=mix, mix_prob=mix_prob)
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)
     with RichProgress() as progress:
         result = train_student(recipe, cache_file=cache, data_dir=data_dir, out=out, rt=rt, force=force,

@@ -140,17 +140,17 @@ def mixed_teacher(tmp_path, teacher_ckpt):
     return tmp_path / "mixed-teacher.pt"
 
 
-def test_dump_cli_takes_the_teachers_view_family_whatever_the_preset(tmp_path, mixed_teacher, data_dir):
+def test_dump_cli_mixes_as_the_teacher_was_trained_whatever_the_preset(tmp_path, mixed_teacher, data_dir):
+    """The mix is the teacher's (its --mix help says so); crop/flip stays the preset's (seed-resnet: on)."""
     common = ("--teacher", mixed_teacher, "--data", data_dir, "--subset", "200", "--views", "2", "--device", "cpu")
     code, err, _ = cli("dump-logits", "--preset", "seed-resnet", *common, "--out", tmp_path / "a.h5")
     assert code == 0, err
     with cache_io.open_cache(tmp_path / "a.h5") as c:
-        assert (bool(c.attrs["augment"]), c.mix, float(c.attrs["mix_prob"])) == (False, "cutmix", 0.5)
-    code, err, _ = cli("dump-logits", "--preset", "seed-resnet", *common, "--augment", "--mix", "mixup",
-                       "--out", tmp_path / "b.h5")  # fmt: skip
+        assert (bool(c.attrs["augment"]), c.mix, float(c.attrs["mix_prob"])) == (True, "cutmix", 0.5)
+    code, err, _ = cli("dump-logits", "--preset", "seed-resnet", *common, "--mix", "mixup", "--out", tmp_path / "b.h5")
     assert code == 0, err
     with cache_io.open_cache(tmp_path / "b.h5") as c:
-        assert (bool(c.attrs["augment"]), c.mix, float(c.attrs["mix_prob"])) == (True, "mixup", 0.5)
+        assert (c.mix, float(c.attrs["mix_prob"])) == ("mixup", 0.5)
 
 
 def test_online_student_cli_takes_the_teachers_view_family_whatever_the_preset(tmp_path, mixed_teacher, data_dir):
@@ -162,9 +162,10 @@ def test_online_student_cli_takes_the_teachers_view_family_whatever_the_preset(t
     assert code == 0, err
     views = {k: load_checkpoint(tmp_path / "a.pt")[1]["recipe"][k] for k in ("augment", "mix", "mix_prob")}
     assert views == {"augment": False, "mix": "cutmix", "mix_prob": 0.5}
-    code, err, _ = cli("student", "--preset", "seed-resnet", *common, "--mix", "none", "--out", tmp_path / "b.pt")
+    code, err, _ = cli("student", "--preset", "seed-resnet", *common, "--augment", "--mix", "none", "--out", tmp_path / "b.pt")
     assert code == 0, err
-    assert load_checkpoint(tmp_path / "b.pt")[1]["recipe"]["mix"] == "none"
+    recipe = load_checkpoint(tmp_path / "b.pt")[1]["recipe"]
+    assert (recipe["augment"], recipe["mix"]) == (True, "none")
 
 
 def test_v1_caches_still_train(tmp_path, cache_file, data_dir):
@@ -188,6 +189,13 @@ def test_bad_mix_flags_are_one_line_errors(tmp_path, teacher_ckpt, data_dir, arg
     for command in (["teacher", "--preset", "seed-cnn"], ["dump-logits", "--teacher", teacher_ckpt]):
         code, err, _ = cli(*command, "--data-dir", data_dir, "--out", tmp_path / "o" / "x", *args)
         assert_one_line_error(code, err, needle)
+    assert written(tmp_path / "o") == []
+
+
+@pytest.mark.parametrize("flag", [["--augment"], ["--no-augment"], ["--mix", "cutmix"], ["--mix-prob", "0.5"]])
+def test_view_flags_on_a_cache_student_are_one_line_errors(tmp_path, cache_file, data_dir, flag):
+    code, err, _ = cli("student", "--cache", cache_file, "--data-dir", data_dir, "--out", tmp_path / "o" / "s.pt", *flag)
+    assert_one_line_error(code, err, flag[0].split("/")[0].replace("--no-", "--"), "goes with --online-teacher")
     assert written(tmp_path / "o") == []
 
 
