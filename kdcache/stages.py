@@ -86,6 +86,7 @@ def _train_and_save(
     if resume:
         start, history = load_resume(state_file, model=raw, optimizer=optimizer, scheduler=scheduler, identity=identity)
     extra = f" · T={extra_meta['T']:g} alpha={extra_meta['alpha']:g}" if "alpha" in extra_meta else ""
+    extra += f" · views: {_view_family(recipe, data)}"
     progress.note(
         f"{role} {arch} ({num_params(raw):,} parameters) on {len(data.train_y):,} {data.name} images{extra} · "
         f"{rt.describe()}" + (f" · resuming after epoch {start}" if resume else "")
@@ -128,6 +129,14 @@ def _train_and_save(
     )  # fmt: skip
     state_file.unlink(missing_ok=True)
     return StageResult(out, arch, num_params(raw), history, train_time)
+
+
+def _view_family(recipe: Recipe, data: Dataset) -> str:
+    """What a training run shows, in words: "crop + flip, cutmix on 50% of them"."""
+    shape = "plain images"
+    if recipe.augment:
+        shape = "crop + flip" if isinstance(data.geometry, CropFlip) else "random-resized crop + flip"
+    return shape + ("" if recipe.mix == "none" else f", {recipe.mix} on {recipe.mix_prob:.0%} of them")
 
 
 def fresh_views_plan(n: int, seed: int, augment: bool, device, *, mix: str = "none", mix_prob: float = 1.0,
