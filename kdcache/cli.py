@@ -447,8 +447,8 @@ def student_cmd(
 
     recipe = _base_recipe(preset, recorded).override(
         student_arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-        warmup_epochs=warmup_epochs, nesterov=nesterov, T=T, alpha=alpha, seed=seed, loss=loss, mix=mix,
-        mix_prob=mix_prob,
+        warmup_epochs=warmup_epochs, nesterov=nesterov, T=T, alpha=alpha, seed=seed, loss=loss, augment=augment,
+        mix=mix, mix_prob=mix_prob,
     )  # fmt: skip
     recipe = dataclasses.replace(recipe, subset=subset)  # the cache's rows unless asked otherwise
     if online_teacher is not None:  # as a cache student replays the dump's views

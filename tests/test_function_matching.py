@@ -166,6 +166,9 @@ def test_online_student_cli_takes_the_teachers_view_family_whatever_the_preset(t
     assert code == 0, err
     recipe = load_checkpoint(tmp_path / "b.pt")[1]["recipe"]
     assert (recipe["augment"], recipe["mix"]) == (True, "none")
+    code, err, _ = cli("student", "--preset", "seed-resnet", *common, "--no-augment", "--out", tmp_path / "c.pt")
+    assert code == 0, err
+    assert load_checkpoint(tmp_path / "c.pt")[1]["recipe"]["augment"] is False  # the flag, not the preset
 
 
 def test_v1_caches_still_train(tmp_path, cache_file, data_dir):
