@@ -155,14 +155,12 @@ def _base_recipe(preset: str | None, upstream) -> "Recipe":
     return Recipe.from_dict(recorded) if recorded else get_preset(None)
 
 
-def _teacher_views(recipe: "Recipe", checkpoint: Path, **given) -> "Recipe":
-    """The view family the teacher trained on (crop/flip or not, its mix and mix share) wherever the
-    command's own flag (`given`, None: not passed) leaves it open, whatever --preset says: a dump and
-    an online student run the teacher on the kind of image it learned from. A checkpoint without a
-    recorded recipe (an imported teacher) leaves the recipe as it is."""
-    from kdcache.models import read_checkpoint
-
-    taught = read_checkpoint(checkpoint).get("recipe") or {}
+def _teacher_views(recipe: "Recipe", taught: dict | None, **given) -> "Recipe":
+    """The view family the teacher trained on (`taught`: the recipe its checkpoint recorded; crop/flip
+    or not, its mix and mix share) wherever the command's own flag (`given`, None: not passed) leaves
+    it open, whatever --preset says: a dump and an online student run the teacher on the kind of
+    image it learned from. No recorded recipe (an imported teacher) leaves the recipe as it is."""
+    taught = taught or {}
     return dataclasses.replace(recipe, **{k: taught[k] for k, v in given.items() if v is None and k in taught})
 
 
@@ -358,10 +356,11 @@ def dump_cmd(
 
     from kdcache.models import read_checkpoint
 
-    recipe = _base_recipe(preset, lambda: read_checkpoint(teacher[0]).get("recipe")).override(
+    taught = read_checkpoint(teacher[0]).get("recipe")
+    recipe = _base_recipe(preset, lambda: taught).override(
         views=views, augment=augment, mix=mix, mix_prob=mix_prob, seed=seed, subset=subset
     )
-    recipe = _teacher_views(recipe, teacher[0], mix=mix, mix_prob=mix_prob)  # crop/flip: the preset's
+    recipe = _teacher_views(recipe, taught, mix=mix, mix_prob=mix_prob)  # crop/flip: the preset's
     validate(recipe)
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)
     with RichProgress() as progress:
@@ -435,13 +434,14 @@ def student_cmd(
     from kdcache.stages import train_student
 
     check_spec(arch) if arch else None
-    if online_teacher is None and (flag := next((f for f, v in (("--augment/--no-augment", augment), ("--mix", mix),
-                                                               ("--mix-prob", mix_prob)) if v is not None), None)):  # fmt: skip
+    view_flags = {"--augment/--no-augment": augment, "--mix": mix, "--mix-prob": mix_prob}
+    if online_teacher is None and (flag := next((f for f, v in view_flags.items() if v is not None), None)):
         raise KDCacheError(f"{flag} goes with --online-teacher; a cache student replays the cache's views")
+    taught = read_checkpoint(online_teacher).get("recipe") if online_teacher is not None else None
 
     def recorded() -> dict | None:
         if online_teacher is not None:
-            return read_checkpoint(online_teacher).get("recipe")
+            return taught
         with open_cache(cache) as c:
             return json.loads(c.attrs["recipe"]) if "recipe" in c.attrs else None
 
@@ -452,7 +452,7 @@ def student_cmd(
     )  # fmt: skip
     recipe = dataclasses.replace(recipe, subset=subset)  # the cache's rows unless asked otherwise
     if online_teacher is not None:  # as a cache student replays the dump's views
-        recipe = _teacher_views(recipe, online_teacher, augment=augment, mix=mix, mix_prob=mix_prob)
+        recipe = _teacher_views(recipe, taught, augment=augment, mix=mix, mix_prob=mix_prob)
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)
     with RichProgress() as progress:
         result = train_student(recipe, cache_file=cache, data_dir=data_dir, out=out, rt=rt, force=force,
