@@ -142,7 +142,12 @@ NesterovOpt = typer.Option(None, "--nesterov/--no-nesterov", help="Nesterov mome
 MixOpt = typer.Option(None, "--mix", help="Mixed views (function matching): none | cutmix | mixup | both; the partner image and box or weight are a pure function of (seed, image, view). \\[default: the preset's, none]")
 MixProbOpt = typer.Option(None, "--mix-prob", help="Share of views that are mixed, in [0, 1]. \\[default: the preset's, 1; dump-logits: the teacher's]")
 LossOpt = typer.Option(None, "--loss", help="Soft-target loss from raw logits: kd (Hinton) | dkd (decoupled KD) | dist (DIST) | ls (logit standardisation). \\[default: kd]")
-ScheduleOpt = typer.Option(None, "--schedule", help="Learning rate over the epochs: cosine (decays to 0) | constant. \\[default: the preset's: cosine for seed-resnet, constant for seed-cnn]")
+ScheduleOpt = typer.Option(None, "--schedule", help="Learning rate over the epochs, set every step: cosine (decays to 0) | linear (decays to 0) | constant. \\[default: the preset's: cosine for seed-resnet, constant for seed-cnn]")
+MomentumOpt = typer.Option(None, "--momentum", help="SGD momentum in [0, 1). \\[default: the preset's, 0.9 for seed-resnet]")
+WeightDecayOpt = typer.Option(None, "--weight-decay", help="L2 weight decay (>= 0). \\[default: the preset's, 5e-4 for seed-resnet]")
+LabelSmoothingOpt = typer.Option(None, "--label-smoothing", help="Label smoothing of the label term, in [0, 1): targets (1 - s) one-hot + s / classes. \\[default: the preset's, 0; cifar10-fast's teacher 0.2]")
+EmaOpt = typer.Option(None, "--ema", help="Keep an exponential moving average of the weights (this decay per step, e.g. 0.98; 0: off); evaluation, the checkpoint and so the dump use the average. \\[default: the preset's, 0]")
+BnBiasLrOpt = typer.Option(None, "--bn-bias-lr", help="BatchNorm biases learn at this multiple of --lr (their weight decay divided by it, as airbench does). \\[default: the preset's, 1]")
 
 
 def _base_recipe(preset: str | None, upstream) -> "Recipe":
@@ -160,8 +165,14 @@ def _teacher_views(recipe: "Recipe", taught: dict | None, **given) -> "Recipe":
     or not, its mix and mix share) wherever the command's own flag (`given`, None: not passed) leaves
     it open, whatever --preset says: a dump and an online student run the teacher on the kind of
     image it learned from. No recorded recipe (an imported teacher) leaves the recipe as it is."""
-    taught = taught or {}
-    return dataclasses.replace(recipe, **{k: taught[k] for k, v in given.items() if v is None and k in taught})
+    from kdcache.config import Recipe
+
+    if not taught:
+        return recipe
+    own = taught.get("teacher", {})
+    recorded = {k for k in given if k in taught or k in own or (k == "augment" and taught.get("teacher_augment") is not None)}
+    resolved = Recipe.from_dict(taught).for_teacher()  # the teacher stage's own settings where it had them
+    return dataclasses.replace(recipe, **{k: getattr(resolved, k) for k, v in given.items() if v is None and k in recorded})
 
 
 def _data_options(dataset: str | None, data_dir: Path | None, image_size, store_size, val_fraction, skip_bad,
@@ -240,6 +251,11 @@ def teacher_cmd(
     schedule: Optional[str] = ScheduleOpt,
     warmup_epochs: Optional[int] = WarmupOpt,
     nesterov: Optional[bool] = NesterovOpt,
+    momentum: Optional[float] = MomentumOpt,
+    weight_decay: Optional[float] = WeightDecayOpt,
+    label_smoothing: Optional[float] = LabelSmoothingOpt,
+    ema: Optional[float] = EmaOpt,
+    bn_bias_lr: Optional[float] = BnBiasLrOpt,
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random pad-4 crop + flip each epoch. \\[default: the preset's]"),
     mix: Optional[str] = MixOpt,
     mix_prob: Optional[float] = MixProbOpt,
@@ -258,10 +274,11 @@ def teacher_cmd(
     dataset, data_options = _data_options(dataset, data_dir, image_size, store_size, val_fraction, skip_bad_images,
                                           rebuild_store)  # fmt: skip
     check_spec(arch) if arch else None
-    recipe = get_preset(preset).override(
-        teacher_arch=arch, dataset=dataset, subset=subset, teacher_epochs=epochs, batch_size=batch_size,
+    recipe = get_preset(preset).override_teacher(
+        teacher_arch=arch, dataset=dataset, subset=subset, epochs=epochs, batch_size=batch_size,
         lr=lr, optimizer=optimizer, schedule=schedule, warmup_epochs=warmup_epochs, nesterov=nesterov,
-        augment=augment, teacher_augment=augment, mix=mix, mix_prob=mix_prob, seed=seed,
+        momentum=momentum, weight_decay=weight_decay, label_smoothing=label_smoothing, ema=ema, bn_bias_lr=bn_bias_lr, augment=augment, mix=mix,
+        mix_prob=mix_prob, seed=seed,
     )  # fmt: skip
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)
     with RichProgress() as progress:

@@ -36,9 +36,12 @@ class Recipe:
     optimizer: str = "sgd"  # sgd | adam
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = "cosine"  # cosine | constant
+    schedule: str = "cosine"  # cosine | linear | constant, stepped every batch
     warmup_epochs: int = 0  # linear warm-up to `lr` before the schedule (0: none)
     nesterov: bool = False  # SGD only
+    label_smoothing: float = 0.0  # the label term's targets: (1 - s) one-hot + s / C
+    ema: float = 0.0  # decay per step of a weight average used for evaluation, the dump and the checkpoint (0: off)
+    bn_bias_lr: float = 1.0  # BatchNorm biases learn at this multiple of lr (their weight decay divided by it)
     augment: bool = True  # pad-4 crop + flip; False: the identity view only
     teacher_augment: bool | None = None  # the teacher's own training views (None: same as augment)
     views: int = 8
@@ -47,6 +50,9 @@ class Recipe:
     loss: str = "kd"  # kd | dkd | dist | ls: the student's soft-target term
     T: float = 3.0
     alpha: float = 0.5
+    # The teacher stage's own values of any field above (e.g. its arch's lr and batch size), so one
+    # preset can carry a teacher recipe and a student recipe; `for_teacher()` applies them.
+    teacher: dict = field(default_factory=dict)
     mean: tuple[float, float, float] = SEED_RESNET_MEAN
     std: tuple[float, float, float] = SEED_RESNET_STD
     seed: int = 0
@@ -65,14 +71,35 @@ class Recipe:
     def from_dict(cls, d: dict) -> "Recipe":
         """The recipe an artifact recorded (checkpoint meta, cache attribute); unknown keys ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
+        fields["teacher"] = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.get("teacher", {}).items()
+                             if k in known and k != "teacher"}  # fmt: skip
+        return cls(**fields)
+
+    def for_teacher(self) -> "Recipe":
+        """The recipe the teacher stage trains with: `teacher`'s fields, epochs and augment resolved."""
+        own = {k: v for k, v in self.teacher.items() if k not in ("epochs", "augment")}
+        return dataclasses.replace(self, **own, epochs=self.teacher_recipe_epochs, augment=self.teacher_recipe_augment,
+                                   teacher_epochs=None, teacher_augment=None, teacher={})  # fmt: skip
+
+    def override_teacher(self, **values) -> "Recipe":
+        """A copy whose teacher stage takes every non-None value (flags typed on `kdcache teacher`)."""
+        if (values.get("views") or 1) > 1 and values.get("augment") is None:
+            values["augment"] = True
+        given = {k: v for k, v in values.items() if v is not None}
+        shared = {k: given.pop(k) for k in ("dataset", "subset", "seed", "teacher_arch") if k in given}
+        return dataclasses.replace(self, **shared, teacher={**self.teacher, **given})
 
     @property
     def teacher_recipe_epochs(self) -> int:
+        if "epochs" in self.teacher:
+            return self.teacher["epochs"]
         return self.teacher_epochs if self.teacher_epochs is not None else self.epochs
 
     @property
     def teacher_recipe_augment(self) -> bool:
+        if "augment" in self.teacher:
+            return self.teacher["augment"]
         return self.teacher_augment if self.teacher_augment is not None else self.augment
 
 
@@ -118,11 +145,27 @@ def get_preset(name: str | None) -> Recipe:
     return PRESETS[name]
 
 
+SCHEDULES = ("cosine", "linear", "constant")
+
+
 def validate(recipe: Recipe) -> Recipe:
-    """Refuse values that cannot train, with a message naming the flag (--subset is checked by the reader)."""
-    epochs = min(recipe.epochs, recipe.teacher_recipe_epochs)
+    """Refuse values that cannot train, with a message naming the flag (--subset is checked by the reader);
+    the teacher stage's own values too."""
+    own = {f.name for f in dataclasses.fields(Recipe)} - {"teacher", "teacher_epochs", "teacher_augment"}
+    unknown = sorted(k for k in recipe.teacher if k not in own)
+    if unknown:
+        raise KDCacheError(f"the recipe's teacher settings name unknown fields {unknown}: use Recipe's field names")
+    _check(recipe)
+    if recipe.teacher or recipe.teacher_epochs is not None:
+        _check(recipe.for_teacher())
+    return recipe
+
+
+def _check(recipe: Recipe) -> None:
+    epochs = recipe.epochs
     numbers = {"--lr": recipe.lr, "--T": recipe.T, "--alpha": recipe.alpha, "--mix-prob": recipe.mix_prob,
-               "momentum": recipe.momentum, "weight decay": recipe.weight_decay}  # fmt: skip
+               "--momentum": recipe.momentum, "--weight-decay": recipe.weight_decay, "--ema": recipe.ema,
+               "--label-smoothing": recipe.label_smoothing, "--bn-bias-lr": recipe.bn_bias_lr}  # fmt: skip
     for flag, value in numbers.items():
         if not math.isfinite(value):
             raise KDCacheError(f"{flag} must be a finite number (got {value})")
@@ -133,12 +176,17 @@ def validate(recipe: Recipe) -> Recipe:
         (recipe.T > 0, f"--T must be > 0 (got {recipe.T})"),
         (0.0 <= recipe.alpha <= 1.0, f"--alpha must be in [0, 1] (got {recipe.alpha})"),
         (recipe.lr > 0, f"--lr must be > 0 (got {recipe.lr})"),
+        (0.0 <= recipe.momentum < 1.0, f"--momentum must be in [0, 1) (got {recipe.momentum})"),
+        (recipe.weight_decay >= 0, f"--weight-decay must be >= 0 (got {recipe.weight_decay})"),
         (recipe.subset is None or recipe.subset >= 1, f"--subset must be >= 1 (got {recipe.subset})"),
         (recipe.mix in MIXES, f"--mix must be one of {', '.join(MIXES)} (got {recipe.mix!r})"),
         (0.0 <= recipe.mix_prob <= 1.0, f"--mix-prob must be in [0, 1] (got {recipe.mix_prob})"),
         (recipe.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)} (got {recipe.loss!r})"),
         (recipe.optimizer in ("sgd", "adam"), f"--optimizer must be sgd or adam (got {recipe.optimizer!r})"),
-        (recipe.schedule in ("cosine", "constant"), f"--schedule must be cosine or constant (got {recipe.schedule!r})"),
+        (recipe.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)} (got {recipe.schedule!r})"),
+        (0.0 <= recipe.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1) (got {recipe.label_smoothing})"),
+        (0.0 <= recipe.ema < 1.0, f"--ema must be a decay in [0, 1), e.g. 0.98; 0 turns it off (got {recipe.ema})"),
+        (recipe.bn_bias_lr > 0, f"--bn-bias-lr must be > 0 (got {recipe.bn_bias_lr})"),
         (0 <= recipe.warmup_epochs < epochs, f"--warmup-epochs must be in 0..{epochs - 1}, below --epochs (got {recipe.warmup_epochs})"),
         (not recipe.nesterov or (recipe.optimizer == "sgd" and recipe.momentum > 0),
          "--nesterov needs --optimizer sgd with momentum (the preset's has none): drop --nesterov or use sgd"),
@@ -146,4 +194,3 @@ def validate(recipe: Recipe) -> Recipe:
     for ok, message in checks:
         if not ok:
             raise KDCacheError(message)
-    return recipe

@@ -22,20 +22,22 @@ def label_loss(
     labels: torch.Tensor,
     partner_labels: torch.Tensor | None = None,
     lam: torch.Tensor | None = None,
+    smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Cross-entropy; for a mixed batch, lam * CE(s, y_i) + (1 - lam) * CE(s, y_j), batch mean.
 
     lam[i] is the share of sample i in its mixed image, y_j the label of its partner.
-    lam None is plain CE (partner labels are then ignored).
+    lam None is plain CE (partner labels are then ignored). `smoothing`: label smoothing,
+    each target is (1 - smoothing) on its class + smoothing / C on every class.
     """
     s = student_logits.float()
     if lam is None:
-        return F.cross_entropy(s, labels)
+        return F.cross_entropy(s, labels, label_smoothing=smoothing)
     if partner_labels is None:
         raise ValueError("lam needs partner_labels")
     lam = lam.float()
-    own = F.cross_entropy(s, labels, reduction="none")
-    partner = F.cross_entropy(s, partner_labels, reduction="none")
+    own = F.cross_entropy(s, labels, reduction="none", label_smoothing=smoothing)
+    partner = F.cross_entropy(s, partner_labels, reduction="none", label_smoothing=smoothing)
     return (lam * own + (1.0 - lam) * partner).mean()
 
 
@@ -174,14 +176,15 @@ def student_loss(
     lam: torch.Tensor | None = None,
     dkd_alpha: float = 1.0,
     dkd_beta: float = 8.0,
+    smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """alpha * soft_loss(kind, ...) + (1 - alpha) * label_loss(...).
+    """alpha * soft_loss(kind, ...) + (1 - alpha) * label_loss(..., smoothing).
 
     alpha = 0 is the label loss alone and needs no teacher logits. dkd's target class
     is `labels` (sample i's own label, also for a mixed image).
     """
     _check_kind(kind)
-    ce = label_loss(student_logits, labels, partner_labels, lam)
+    ce = label_loss(student_logits, labels, partner_labels, lam, smoothing)
     if alpha == 0.0:
         return ce
     if teacher_logits is None:

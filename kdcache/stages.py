@@ -16,7 +16,7 @@ from kdcache.data import IMAGENET_MEAN, IMAGENET_STD, Dataset, load_dataset, rec
 from kdcache.errors import KDCacheError
 from kdcache.losses import label_loss, student_loss
 from kdcache.topk import TopK
-from kdcache.models import build, check_classes, file_sha256, load_checkpoint, num_params, save_checkpoint
+from kdcache.models import InitFromData, build, check_classes, file_sha256, load_checkpoint, num_params, save_checkpoint
 from kdcache.train import (
     Plan,
     Progress,
@@ -24,7 +24,10 @@ from kdcache.train import (
     Diverged,
     EpochViews,
     Runtime,
+    TestTimeAugment,
     ViewBatches,
+    WeightAverage,
+    accuracy,
     build_optimizer,
     fit,
     load_resume,
@@ -32,7 +35,7 @@ from kdcache.train import (
     resume_path,
     save_resume,
 )
-from kdcache.views import STREAM_ONLINE, STREAM_TRAIN, CropFlip, Mix, ResizedCrop, mix_params, view_schedule
+from kdcache.views import STREAM_ONLINE, STREAM_TRAIN, CropFlip, Mix, ResizedCrop, mix_params, normalize, view_schedule
 
 
 @dataclass
@@ -65,26 +68,33 @@ def _train_and_save(
     on_epoch=None,
     teacher=None,
     teacher_test_logits=None,
+    recorded: Recipe | None = None,
 ) -> StageResult:
     """Shared by both stages: seed, build, (resume), fit with per-epoch state, checkpoint.
-    Under torchrun every process trains its share; only rank 0 prints and writes files."""
+    Under torchrun every process trains its share; only rank 0 prints and writes files.
+    `recorded`: the recipe the checkpoint records, when it is not the one trained with (a teacher
+    records the whole recipe, its own settings and the students')."""
     progress = progress if progress is not None and rt.main else NoProgress()
     batches.rank, batches.world = rt.rank, rt.world
     torch.manual_seed(recipe.seed)
     raw = build(arch, data.num_classes, image_size=data.geometry.size[0])
+    if isinstance(raw, InitFromData):  # e.g. airbench's whitening filters, from the first 5,000 plain images
+        raw.init_from_data(normalize(torch.as_tensor(np.asarray(data.train_x[:5000])), batches.mean, batches.std))
     model = rt.prepare(raw)
     optimizer, scheduler = build_optimizer(
         raw, optimizer=recipe.optimizer, lr=recipe.lr, momentum=recipe.momentum,
-        weight_decay=recipe.weight_decay, epochs=epochs, schedule=recipe.schedule,
-        warmup_epochs=recipe.warmup_epochs, nesterov=recipe.nesterov,
+        weight_decay=recipe.weight_decay, epochs=epochs, schedule=recipe.schedule, steps_per_epoch=len(batches),
+        warmup_epochs=recipe.warmup_epochs, nesterov=recipe.nesterov, bn_bias_lr=recipe.bn_bias_lr,
     )  # fmt: skip
+    ema = WeightAverage(model, recipe.ema) if recipe.ema > 0 else None
     identity = {"role": role, "arch": arch, "fingerprint": data.fingerprint, "epochs": epochs,
                 "recipe": {k: repr(v) for k, v in dataclasses.asdict(dataclasses.replace(recipe, subset=None)).items()},
                 **{k: str(v) for k, v in extra_meta.items()}}  # fmt: skip
     state_file, log_file = resume_path(out), metrics_path(out)
     start, history = 0, []
     if resume:
-        start, history = load_resume(state_file, model=raw, optimizer=optimizer, scheduler=scheduler, identity=identity)
+        start, history = load_resume(state_file, model=raw, optimizer=optimizer, scheduler=scheduler, identity=identity,
+                                     ema=ema)  # fmt: skip
     extra = f" · T={extra_meta['T']:g} alpha={extra_meta['alpha']:g}" if "alpha" in extra_meta else ""
     extra += f" · views: {_view_family(recipe, data)}"
     progress.note(
@@ -100,7 +110,7 @@ def _train_and_save(
         if not rt.main:
             return
         save_resume(state_file, model=raw, optimizer=optimizer, scheduler=scheduler,
-                    epochs_done=epoch + 1, history=history, identity=identity)  # fmt: skip
+                    epochs_done=epoch + 1, history=history, identity=identity, ema=ema)  # fmt: skip
         write_metrics(log_file, history)  # after the state: a logged epoch is always resumable
         if on_epoch:
             on_epoch(metrics)
@@ -108,23 +118,31 @@ def _train_and_save(
     try:
         fit(model, batches, loss_fn, optimizer, scheduler, rt, epochs=epochs, start_epoch=start,
             test=(data.test_x, data.test_y), on_epoch=after_epoch, progress=progress, teacher=teacher,
-            teacher_test_logits=teacher_test_logits)  # fmt: skip
+            teacher_test_logits=teacher_test_logits, ema=ema)  # fmt: skip
     except Diverged as e:
         kept = f"the state after epoch {e.epoch - 1} is kept in {state_file}" if e.epoch > 1 else "nothing was kept"
         raise KDCacheError(f"{e}; {kept}: try a lower --lr, then run again with --force") from None
     train_time = sum(m["train_time_s"] for m in history)
     if not rt.main:
         return StageResult(out, arch, num_params(raw), history, train_time)
+    final = raw if ema is None else ema.module  # the average is what gets evaluated, dumped and saved
+    metrics = {"test_acc": history[-1]["test_acc"], "epochs": epochs, "train_time_s": train_time}
+    if role == "teacher":  # what test-time augmentation would add (a dump can use --tta flip)
+        for level in TestTimeAugment.LEVELS[1:]:
+            tta = TestTimeAugment(rt.prepare(final).eval(), level)
+            metrics[f"test_acc_tta_{level}"] = accuracy(predict(tta, data.test_x, batches.mean, batches.std, rt),
+                                                        data.test_y)  # fmt: skip
+        history[-1].update({k: v for k, v in metrics.items() if k.startswith("test_acc_tta")})
+        write_metrics(log_file, history)
     save_checkpoint(
-        out, raw, arch=arch,
+        out, final, arch=arch,
         meta={
             "role": role, "num_classes": data.num_classes, "dataset": data.name,
             "dataset_fingerprint": data.fingerprint, "num_train": len(data.train_y),
             "normalize_mean": list(batches.mean), "normalize_std": list(batches.std),
             "classes": data.classes, "params": num_params(raw), "image_size": data.geometry.size[0],
             "data_options": data.options,
-            "metrics": {"test_acc": history[-1]["test_acc"], "epochs": epochs, "train_time_s": train_time},
-            "recipe": dataclasses.asdict(recipe), **extra_meta,
+            "metrics": metrics, "recipe": dataclasses.asdict(recorded or recipe), **extra_meta,
         },
     )  # fmt: skip
     state_file.unlink(missing_ok=True)
@@ -209,20 +227,21 @@ def train_teacher(
     on a fresh view of every image each epoch, of the family the cache will hold.
     `data_options`: an image folder's (image size, store size, ...; see `data.load_folder`)."""
     validate(recipe)
-    recipe = dataclasses.replace(recipe, augment=recipe.teacher_recipe_augment, teacher_augment=None)
+    recorded, recipe = recipe, recipe.for_teacher()
     with claim_output(out, force=force, resume=resume, interrupted=resume_path(out), lock=rt.main) as out:
         data = load_dataset(recipe.dataset, data_dir, recipe.subset, progress=progress, **(data_options or {}))
         _check_mixable(recipe, len(data.train_y))
         if data.name == "imagefolder":  # photographs: ImageNet's statistics, as pretrained models expect
             recipe = dataclasses.replace(recipe, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+            recorded = dataclasses.replace(recorded, mean=IMAGENET_MEAN, std=IMAGENET_STD)
         plan = fresh_views_plan(len(data.train_y), recipe.seed, recipe.augment, rt.device, mix=recipe.mix,
                                 mix_prob=recipe.mix_prob, geometry=data.geometry)  # fmt: skip
         batches = ViewBatches(rt.place(data.train_x), data.train_y.to(rt.device), plan, recipe.batch_size,
                               recipe.seed, recipe.mean, recipe.std, drop_last=rt.compile, geometry=data.geometry)  # fmt: skip
         return _train_and_save(
             role="teacher", arch=recipe.teacher_arch, data=data, recipe=recipe, epochs=recipe.teacher_recipe_epochs,
-            batches=batches, loss_fn=lambda s, b: label_loss(s, b.y, b.y2, b.lam), rt=rt, out=out,
-            resume=resume, extra_meta={}, progress=progress, on_epoch=on_epoch,
+            batches=batches, loss_fn=lambda s, b: label_loss(s, b.y, b.y2, b.lam, recipe.label_smoothing), rt=rt,
+            out=out, resume=resume, extra_meta={}, progress=progress, on_epoch=on_epoch, recorded=recorded,
         )  # fmt: skip
 
 
@@ -313,10 +332,11 @@ def train_student(
                       "cache_seed": attrs["seed"], "cache_augment": attrs["augment"], "teacher_arch": attrs["teacher_arch"]}  # fmt: skip
         batches = ViewBatches(rt.place(data.train_x), data.train_y.to(rt.device), plan, recipe.batch_size,
                               recipe.seed, mean, std, drop_last=rt.compile, geometry=data.geometry)  # fmt: skip
-        T, alpha, kind = recipe.T, recipe.alpha, recipe.loss
+        T, alpha, kind, smoothing = recipe.T, recipe.alpha, recipe.loss, recipe.label_smoothing
 
         def loss_fn(s, b):
-            return student_loss(s, b.y, b.t, kind=kind, T=T, alpha=alpha, partner_labels=b.y2, lam=b.lam)
+            return student_loss(s, b.y, b.t, kind=kind, T=T, alpha=alpha, partner_labels=b.y2, lam=b.lam,
+                                smoothing=smoothing)  # fmt: skip
 
         return _train_and_save(
             role="student", arch=recipe.student_arch, data=data, recipe=recipe, epochs=recipe.epochs,

@@ -372,28 +372,117 @@ def predict(
     return torch.cat(outs)
 
 
+class TestTimeAugment(nn.Module):
+    """A model's logits averaged over mirrored (and shifted) copies of its input, as airbench
+    evaluates: `flip` = mean of the view's and its mirror's logits (a two-member ensemble);
+    `flip-translate` = half that, half the same over the input shifted by one pixel up-left and
+    down-right (reflect padding)."""
+
+    LEVELS = ("none", "flip", "flip-translate")
+
+    def __init__(self, model: nn.Module, level: str):
+        super().__init__()
+        self.model, self.level = model, level
+
+    def _mirrored(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.model(x) + self.model(x.flip(-1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.level == "none":
+            return self.model(x)
+        logits = self._mirrored(x)
+        if self.level == "flip":
+            return logits
+        h, w = x.shape[-2:]
+        padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+        shifted = [padded[..., :h, :w], padded[..., 2 : h + 2, 2 : w + 2]]
+        return 0.5 * logits + 0.25 * sum(self._mirrored(v.contiguous(memory_format=torch.channels_last)
+                                             if x.is_contiguous(memory_format=torch.channels_last) else v)
+                                         for v in shifted)  # fmt: skip
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(1).cpu() == labels.cpu()).float().mean().item()
 
 
+def lr_factor(schedule: str, epoch: float, epochs: int, warmup_epochs: int = 0) -> float:
+    """The learning rate's multiple of the peak at `epoch` (fractional: steps / steps per epoch):
+    linear warm-up (1 + e) / (w + 1) for e < w (lr/(w+1) at the first step, as an epoch-wise
+    warm-up has it), then cosine to 0, linear to 0, or constant over the remaining epochs."""
+    if epoch < warmup_epochs:
+        return (1 + epoch) / (warmup_epochs + 1)
+    done = min((epoch - warmup_epochs) / max(epochs - warmup_epochs, 1), 1.0)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * done))
+    if schedule == "linear":
+        return 1.0 - done
+    return 1.0
+
+
 def build_optimizer(
     model: nn.Module, *, optimizer: str, lr: float, momentum: float, weight_decay: float, epochs: int,
-    schedule: str, warmup_epochs: int = 0, nesterov: bool = False,
-):
-    """The optimiser and its per-epoch schedule: `warmup_epochs` of linear warm-up
-    (lr/(w+1), 2lr/(w+1), ...), then cosine to 0 over the remaining epochs, or constant."""
-    params = unwrap(model).parameters()
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    schedule: str, steps_per_epoch: int, warmup_epochs: int = 0, nesterov: bool = False, bn_bias_lr: float = 1.0,
+):  # fmt: skip
+    """The optimiser and its schedule, stepped after every batch (`lr_factor`; at the start of each
+    epoch it equals the epoch-wise schedule). Frozen parameters are left out. `bn_bias_lr`:
+    BatchNorm biases learn at that multiple of lr with weight decay divided by it, so their decay
+    per step stays lr x weight decay (airbench's bias scaling)."""
+    model = unwrap(model)
+    bn_bias = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trained if id(p) not in bn_bias]}]
+    if bn_bias_lr != 1.0:
+        groups.append({"params": [p for p in trained if id(p) in bn_bias], "lr": lr * bn_bias_lr,
+                       "weight_decay": weight_decay / bn_bias_lr})  # fmt: skip
     else:
-        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    lr_scheduler = torch.optim.lr_scheduler
-    main = (lr_scheduler.CosineAnnealingLR(opt, T_max=epochs - warmup_epochs) if schedule == "cosine"
-            else lr_scheduler.LambdaLR(opt, lambda _: 1.0))  # fmt: skip
-    if warmup_epochs == 0:
-        return opt, main
-    warmup = lr_scheduler.LinearLR(opt, start_factor=1 / (warmup_epochs + 1), total_iters=warmup_epochs)
-    return opt, lr_scheduler.SequentialLR(opt, [warmup, main], milestones=[warmup_epochs])
+        groups[0]["params"] = trained
+    groups = [g for g in groups if g["params"]]
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    else:
+        opt = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    steps = max(steps_per_epoch, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_factor(schedule, step / steps, epochs, warmup_epochs)
+    )
+    return opt, scheduler
+
+
+class WeightAverage:
+    """An exponential moving average of the weights and buffers (BatchNorm statistics too),
+    updated after every step: decay min(ema, (1 + n) / (10 + n)) at step n, so early steps are
+    not dominated by the random initialisation. Built on torch's `AveragedModel`."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        from torch.optim.swa_utils import AveragedModel
+
+        self.decay, self.steps = decay, 0
+
+        def ema(averaged: list, current: list, _n) -> None:  # counted here: reading _n would sync with the GPU
+            d = min(decay, (1 + self.steps) / (10 + self.steps))
+            floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+            if floats:  # torch calls this once per (device, dtype) group
+                torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - d)
+            for a, c in zip(averaged, current):
+                if not a.is_floating_point():  # BatchNorm's batch counter
+                    a.copy_(c)
+
+        self.averaged = AveragedModel(unwrap(model), multi_avg_fn=ema, use_buffers=True)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.averaged.module
+
+    def update(self, model: nn.Module) -> None:
+        self.averaged.update_parameters(unwrap(model))
+        self.steps += 1
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "averaged": self.averaged.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+        self.averaged.load_state_dict(state["averaged"])
 
 
 def fit(
@@ -411,11 +500,14 @@ def fit(
     progress: Progress | None = None,
     teacher: nn.Module | None = None,
     teacher_test_logits: torch.Tensor | None = None,
+    ema: WeightAverage | None = None,
 ) -> None:
     """Train epochs [start_epoch, epochs); after each, evaluate and hand metrics to `on_epoch`.
 
     `teacher`: run it on every batch (online distillation). `teacher_test_logits` [N_test, C]:
     also log the student's fidelity to the teacher on the test set (top-1 agreement, KL).
+    `ema`: updated after every step; evaluation reads the average (the raw weights' accuracy is
+    logged beside it as test_acc_raw).
     """
     progress = progress or NoProgress()
     model = rt.distribute(model)  # torchrun: DDP
@@ -431,11 +523,13 @@ def fit(
         t0 = time.perf_counter()
         for batch in batches.epoch(epoch):
             loss, right = step(batch)
+            scheduler.step()
+            if ema is not None:
+                ema.update(model)
             loss_sum += loss * len(batch.y)
             correct += right
             seen += len(batch.y)
             progress.advance()
-        scheduler.step()
         total = torch.tensor(seen, device=rt.device, dtype=torch.long)
         rt.all_sum(loss_sum, correct, total)  # every process's share (nothing to do in one process)
         seen = int(total.item())
@@ -445,7 +539,8 @@ def fit(
         if not (math.isfinite(train_loss) and finite_weights(model)):
             raise Diverged(epoch + 1, train_loss, lr)
         # Eager evaluation: eval mode and no_grad would each be one more compiled graph.
-        test_logits = predict(unwrap(model), test_x, batches.mean, batches.std, rt)
+        evaluated = unwrap(model) if ema is None else ema.module
+        test_logits = predict(evaluated, test_x, batches.mean, batches.std, rt)
         metrics = {
             "epoch": epoch + 1,
             "lr": lr,
@@ -455,6 +550,8 @@ def fit(
             "train_time_s": train_time,
             "train_img_s": seen / train_time,
         }
+        if ema is not None:
+            metrics["test_acc_raw"] = accuracy(predict(unwrap(model), test_x, batches.mean, batches.std, rt), test_y)
         if teacher_test_logits is not None:
             metrics.update(fidelity(test_logits, teacher_test_logits))
         on_epoch(epoch, metrics)
@@ -476,10 +573,12 @@ def resume_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".resume")
 
 
-def save_resume(path: Path, *, model, optimizer, scheduler, epochs_done: int, history: list[dict], identity: dict) -> None:
-    """Everything needed to continue bit-for-bit on CPU: weights, optimiser, schedule, RNG."""
+def save_resume(path: Path, *, model, optimizer, scheduler, epochs_done: int, history: list[dict], identity: dict,
+                ema: WeightAverage | None = None) -> None:  # fmt: skip
+    """Everything needed to continue bit-for-bit on CPU: weights (and their average), optimiser, schedule, RNG."""
     atomic_torch_save(
         {
+            "ema": None if ema is None else ema.state_dict(),
             "identity": identity,
             "epochs_done": epochs_done,
             "history": history,
@@ -493,7 +592,8 @@ def save_resume(path: Path, *, model, optimizer, scheduler, epochs_done: int, hi
     )
 
 
-def load_resume(path: Path, *, model, optimizer, scheduler, identity: dict) -> tuple[int, list[dict]]:
+def load_resume(path: Path, *, model, optimizer, scheduler, identity: dict,
+                ema: WeightAverage | None = None) -> tuple[int, list[dict]]:  # fmt: skip
     """Restore a state saved by `save_resume`; returns (epochs done, metric history)."""
     if not path.exists():
         raise KDCacheError(f"no resume state at {path}: start the run without --resume")
@@ -513,6 +613,8 @@ def load_resume(path: Path, *, model, optimizer, scheduler, identity: dict) -> t
             "resume with the same arguments, or pass --force to start over"
         )
     unwrap(model).load_state_dict(state["model"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng_cpu"])

@@ -58,7 +58,8 @@ def test_predict_pads_a_compiled_models_short_last_batch_to_the_one_shape():
 def _lrs(epochs: int, stop: int | None = None, state=None, **kw):
     """The lr of every epoch from build_optimizer; optionally stop early and return the state, or start from one."""
     net = torch.nn.Linear(2, 2)
-    opt, sched = build_optimizer(net, optimizer="sgd", lr=0.2, momentum=0.9, weight_decay=0.0, epochs=epochs, **kw)
+    opt, sched = build_optimizer(net, optimizer="sgd", lr=0.2, momentum=0.9, weight_decay=0.0, epochs=epochs,
+                                 steps_per_epoch=1, **kw)
     if state is not None:
         opt.load_state_dict(state[0])
         sched.load_state_dict(state[1])
