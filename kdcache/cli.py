@@ -220,12 +220,26 @@ def _stage_summary(title: str, result) -> None:
             [
                 ("architecture", f"{result.arch} ({result.params:,} parameters)"),
                 ("test accuracy", f"{100 * result.test_acc:.2f}%"),
+                *[(f"  with tta {k.removeprefix('test_acc_tta_')}", f"{100 * v:.2f}%")
+                  for k, v in result.history[-1].items() if k.startswith("test_acc_tta_")],
                 ("epochs", str(len(result.history))),
                 ("training time", f"{result.train_time_s:.1f} s"),
                 ("checkpoint", str(result.out)),
             ],
         )
     )
+
+
+def _warn_weak_teacher(teacher_acc, student_acc, student: str) -> None:
+    from kdcache.guard import weak_teacher
+
+    _print_warnings({"warnings": [w for w in [weak_teacher(teacher_acc, student_acc, student)] if w]})
+
+
+def _print_warnings(record: dict) -> None:
+    """A run's warnings (a teacher no better than its student), one line each, never silently."""
+    for warning in record.get("warnings", []):
+        err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
 
 
 # ---- commands -----------------------------------------------------------------------------------
@@ -360,6 +374,7 @@ def dump_cmd(
     batch_size: int = typer.Option(512, "--batch-size", help="Teacher inference batch size."),
     block_rows: int = typer.Option(1024, "--block-rows", help="Images per written block (the resume and checksum unit)."),
     topk: Optional[int] = typer.Option(None, "--topk", help="Keep only the k largest logits per view (fp16) and their classes, plus the log-sum-exp of all logits at --topk-temperatures, so the tail's mass stays exact: for many classes (C=1000, k=10: 29x smaller per view). Students then use --loss kd at one of those temperatures. \\[default: dense logits]"),
+    tta: str = typer.Option("none", "--tta", help="Test-time augmentation of the cached logits: none (the teacher's answer to exactly the view) | flip (the mean of its answers to the view and its mirror: a two-member ensemble, usually a little more accurate; recorded in the cache) | flip-translate (also shifted by a pixel: 6 passes)."),
     topk_temperatures: Optional[str] = typer.Option(None, "--topk-temperatures", help="Temperatures a top-k cache serves, comma-separated. \\[default: 1,2,3,4,5,8 and the recipe's T]"),
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
@@ -386,7 +401,7 @@ def dump_cmd(
             batch_size=batch_size, rt=rt, subset=recipe.subset, augment=recipe.augment, mix=recipe.mix,
             mix_prob=recipe.mix_prob, arch=arch,
             block_rows=block_rows, force=force, resume=resume, progress=progress, rebuild_store=rebuild_store,
-            topk=topk, topk_temperatures=_numbers("--topk-temperatures", topk_temperatures),
+            topk=topk, topk_temperatures=_numbers("--topk-temperatures", topk_temperatures), tta=tta,
         )  # fmt: skip
     if rt.main:
         _print_cache_summary(path, recipe.T)
@@ -477,6 +492,7 @@ def student_cmd(
                                on_epoch=print_epoch, rebuild_store=rebuild_store)  # fmt: skip
     if rt.main:
         _stage_summary("student", result)
+        _warn_weak_teacher(result.teacher_test_acc, result.test_acc, "this student")
 
 
 @command("eval")
@@ -484,21 +500,25 @@ def eval_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint written by `kdcache teacher` or `kdcache student`."),
     data_dir: Optional[Path] = DataDirOpt,
     batch_size: int = typer.Option(1024, "--batch-size", help="Inference batch size."),
+    tta: str = typer.Option("none", "--tta", help="Test-time augmentation: none | flip (mean of the image's and its mirror's logits) | flip-translate (also shifted one pixel each way, as airbench evaluates)."),
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
 ):
     """Print a checkpoint's test accuracy on its dataset."""
     from kdcache.data import load_dataset, recorded_options
     from kdcache.models import check_classes, load_checkpoint, num_params
-    from kdcache.train import accuracy, predict
+    from kdcache.train import TTAModel, accuracy, predict
 
     if batch_size < 1:
         raise KDCacheError(f"--batch-size must be >= 1 (got {batch_size})")
+    if tta not in TTAModel.LEVELS:
+        raise KDCacheError(f"--tta must be one of {', '.join(TTAModel.LEVELS)} (got {tta!r})")
     rt = _runtime(device, precision, False)
     model, meta = load_checkpoint(checkpoint, device=rt.device)
     data = load_dataset(meta["dataset"], data_dir, subset=1, **recorded_options(meta))
     check_classes(checkpoint, meta, data.name, data.num_classes)
-    logits = predict(rt.prepare(model), data.test_x, meta["normalize_mean"], meta["normalize_std"], rt, batch_size=batch_size)
+    logits = predict(TTAModel(rt.prepare(model), tta), data.test_x, meta["normalize_mean"], meta["normalize_std"],
+                     rt, batch_size=batch_size)  # fmt: skip
     acc = accuracy(logits, data.test_y)
     out_console.print(
         _results_table(
@@ -506,7 +526,7 @@ def eval_cmd(
             [
                 ("architecture", f"{meta['arch']} ({num_params(model):,} parameters)"),
                 ("dataset", f"{data.name} test split, {len(data.test_y):,} images"),
-                ("test accuracy", f"{100 * acc:.2f}%"),
+                ("test accuracy" + ("" if tta == "none" else f" (tta {tta})"), f"{100 * acc:.2f}%"),
             ],
         )
     )
@@ -768,6 +788,7 @@ def pipeline_cmd(
             f"{online['train_time_s'] / cached['train_time_s']:.1f}x less training time (the one-off dump aside)",
             highlight=False)  # fmt: skip
     out_console.print(f"KD gain over the student alone: {100 * record['kd_gain']:+.2f} points · report: {out / 'report.md'} · plot: {out / 'accuracy.png'}", highlight=False)
+    _print_warnings(record)
 
 
 @command("report")
@@ -780,6 +801,8 @@ def report_cmd(
 
     records = [write_report(d) for d in run_dirs]
     out_console.print(_report_table(records))
+    for record in records:
+        _print_warnings(record)
     if len(records) > 1:
         target = plot_path or run_dirs[0].parent / "comparison.png"
         plot(records, target)

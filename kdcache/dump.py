@@ -18,7 +18,7 @@ from kdcache.data import load_dataset, recorded_options
 from kdcache.errors import KDCacheError
 from kdcache.imports import load_teachers
 from kdcache.models import check_classes
-from kdcache.train import Progress, Runtime, NoProgress, accuracy, predict
+from kdcache.train import Progress, Runtime, NoProgress, TTAModel, accuracy, predict
 from kdcache.topk import DEFAULT_TEMPERATURES, from_dense
 from kdcache.views import MIXES, mix_params
 
@@ -121,10 +121,14 @@ def dump_logits(
     rebuild_store: bool = False,
     topk: int | None = None,
     topk_temperatures=None,
+    tta: str = "none",
 ) -> Path:
     """Write `out` (cache format v2): raw teacher logits for `views` views of every training image,
     each view a crop/flip, mixed with a partner (CutMix or MixUp) when `mix` is set: the teacher
     sees exactly the mixed image the student will see (function matching).
+
+    `tta` "flip": each view's logits are the mean of the teacher's answers to the view and its mirror
+    (a two-member ensemble, recorded in the cache as `tta`); default the exact view.
 
     Rows are processed in blocks of `block_rows` samples; each block is flushed
     before it counts as done, so `resume` restarts at the first unfinished block and
@@ -142,11 +146,14 @@ def dump_logits(
         raise KDCacheError(f"--batch-size must be >= 1 (got {batch_size})")
     if block_rows < 1:
         raise KDCacheError(f"--block-rows must be >= 1 (got {block_rows})")
+    if tta not in TTAModel.LEVELS:
+        raise KDCacheError(f"--tta must be one of {', '.join(TTAModel.LEVELS)} (got {tta!r})")
     partial = cache_io.partial_path(out)
     left = [partial] if partial.exists() else cache_io.shard_paths(out)  # what an interrupted dump left
     with claim_output(out, force=force, resume=resume, interrupted=left[0] if left else partial, lock=rt.main) as out:
         # One teacher, or an ensemble (several paths): the log of the members' mean softmax.
         teacher, meta, render_mean, render_std, who = load_teachers(teacher_path, rt=rt, arch=arch)
+        teacher = TTAModel(teacher, tta) if tta != "none" else teacher
         teacher_path = who["teacher_path"]
         # By default, the images the teacher was trained on (its --subset), so the commands chain.
         data = load_dataset(meta["dataset"], data_dir, subset if subset is not None else meta.get("num_train"),
@@ -172,6 +179,7 @@ def dump_logits(
             "batch_size": batch_size,
             "block_rows": block_rows,
             "precision": "bf16" if rt.amp_dtype is not None else "fp32",
+            "tta": tta,
             "view_recipe": geometry.recipe,
             **geometry.attrs(),
             "data_options": json.dumps(data.options),

@@ -202,12 +202,12 @@ def _registry() -> dict[str, Callable[..., nn.Module]]:
         "seed-cnn-student": lambda num_classes, small=True: SeedCNNStudent(num_classes),
         "resnet9s": lambda num_classes, small=True: ResNet9S(num_classes),
         "airbench94": lambda num_classes, small=True: AirNet(num_classes),
-        "airbench96": lambda num_classes, small=True: AirNet(num_classes, widths=(128, 384, 512)),
+        "airbench95": lambda num_classes, small=True: AirNet(num_classes, widths=(128, 384, 384)),
     }
 
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "seed-cnn-teacher", "seed-cnn-student", "resnet9s", "airbench94",
-         "airbench96")
+         "airbench95")
 SPEC_HELP = ("a name (" + ", ".join(ARCHS) + "), torchvision:NAME (e.g. torchvision:convnext_tiny), "
              "timm:NAME (pip install 'kdcache[timm]'), or module.path:factory (called with num_classes)")  # fmt: skip
 

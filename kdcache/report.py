@@ -11,6 +11,7 @@ from pathlib import Path
 
 from kdcache.artifacts import atomic_write, atomic_write_text, metrics_path, read_metrics
 from kdcache.errors import KDCacheError
+from kdcache.guard import weak_teacher
 from kdcache.models import read_checkpoint
 
 MODELS = (("teacher", "teacher.pt"), ("student alone", "student_alone.pt"), ("student with KD", "student_kd.pt"))
@@ -55,6 +56,8 @@ def load_run(run_dir: str | Path) -> dict:
                               "size_mb": cache.stat().st_size / 1e6}  # fmt: skip
     by = {r["model"]: r for r in rows}
     record["kd_gain"] = by["student with KD"]["test_acc"] - by["student alone"]["test_acc"]
+    record["warnings"] = [w for w in [weak_teacher(record.get("ensemble_test_acc", by["teacher"]["test_acc"]),
+                                                   by["student alone"]["test_acc"], "the student alone")] if w]  # fmt: skip
     previous = run_dir / "report.json"
     if previous.exists():
         record["run"] = json.loads(previous.read_text()).get("run", {})
@@ -76,6 +79,7 @@ def markdown(record: dict) -> str:
             f"{r['train_time_s']:.0f} s | {r['img_s']:,.0f} |"
         )
     lines += ["", f"KD gain over the student alone: {100 * record['kd_gain']:+.2f} points."]
+    lines += [f"**Warning:** {w}." for w in record.get("warnings", [])]
     if "dump" in record:
         d = record["dump"]
         rate = f", {d['img_s']:,.0f} img/s" if d["img_s"] else ""

@@ -24,7 +24,7 @@ from kdcache.train import (
     Diverged,
     EpochViews,
     Runtime,
-    TestTimeAugment,
+    TTAModel,
     ViewBatches,
     WeightAverage,
     accuracy,
@@ -45,6 +45,7 @@ class StageResult:
     params: int
     history: list[dict]
     train_time_s: float
+    teacher_test_acc: float | None = None  # a student's teacher, as its checkpoint or cache recorded it
 
     @property
     def test_acc(self) -> float:
@@ -128,8 +129,8 @@ def _train_and_save(
     final = raw if ema is None else ema.module  # the average is what gets evaluated, dumped and saved
     metrics = {"test_acc": history[-1]["test_acc"], "epochs": epochs, "train_time_s": train_time}
     if role == "teacher":  # what test-time augmentation would add (a dump can use --tta flip)
-        for level in TestTimeAugment.LEVELS[1:]:
-            tta = TestTimeAugment(rt.prepare(final).eval(), level)
+        for level in TTAModel.LEVELS[1:]:
+            tta = TTAModel(rt.prepare(final).eval(), level)
             metrics[f"test_acc_tta_{level}"] = accuracy(predict(tta, data.test_x, batches.mean, batches.std, rt),
                                                         data.test_y)  # fmt: skip
         history[-1].update({k: v for k, v in metrics.items() if k.startswith("test_acc_tta")})
@@ -300,6 +301,7 @@ def train_student(
             teacher = rt.prepare(teacher)
             test_logits = predict(teacher, data.test_x.to(rt.device), mean, std, rt)
             source = {"online_teacher_sha256": file_sha256(online_teacher), "teacher_arch": meta["arch"]}
+            teacher_acc = meta.get("metrics", {}).get("test_acc")
         else:
             with cache_io.open_cache(cache_file) as cache:
                 attrs = cache.attrs
@@ -314,6 +316,7 @@ def train_student(
                                   "each epoch's views are read from the file in blocks, one epoch ahead")  # fmt: skip
                     logits = _cache_reader(cache_file)
                 test_logits = torch.from_numpy(cache.file["test_logits"][...]) if "test_logits" in cache.file else None
+                teacher_acc = attrs.get("teacher_test_acc")
                 digest, cache_mix = cache_io.content_digest(cache), cache.mix
             if attrs.get("topk") and recipe.alpha > 0:  # a top-k cache: kd at a temperature it serves
                 if recipe.loss != "kd":
@@ -338,9 +341,11 @@ def train_student(
             return student_loss(s, b.y, b.t, kind=kind, T=T, alpha=alpha, partner_labels=b.y2, lam=b.lam,
                                 smoothing=smoothing)  # fmt: skip
 
-        return _train_and_save(
+        result = _train_and_save(
             role="student", arch=recipe.student_arch, data=data, recipe=recipe, epochs=recipe.epochs,
             batches=batches, loss_fn=loss_fn, rt=rt, out=out, resume=resume, progress=progress, on_epoch=on_epoch,
             extra_meta={"T": T, "alpha": alpha, "loss": kind, **source},
             teacher=teacher if alpha > 0 else None, teacher_test_logits=test_logits,
         )  # fmt: skip
+        result.teacher_test_acc = None if teacher_acc is None else float(teacher_acc)
+        return result

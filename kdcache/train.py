@@ -372,7 +372,7 @@ def predict(
     return torch.cat(outs)
 
 
-class TestTimeAugment(nn.Module):
+class TTAModel(nn.Module):
     """A model's logits averaged over mirrored (and shifted) copies of its input, as airbench
     evaluates: `flip` = mean of the view's and its mirror's logits (a two-member ensemble);
     `flip-translate` = half that, half the same over the input shifted by one pixel up-left and

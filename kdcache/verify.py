@@ -13,7 +13,7 @@ from kdcache import cache as cache_io
 from kdcache.data import load_dataset, recorded_options
 from kdcache.imports import load_teachers
 from kdcache.errors import KDCacheError
-from kdcache.train import Runtime, predict
+from kdcache.train import Runtime, TTAModel, predict
 from kdcache.views import Mix, mix_params
 
 SCAN_ROWS = 4096
@@ -213,6 +213,8 @@ def verify_cache(
                        f"({', '.join(m['path'] for m in members)}): pass each with --teacher, in that order")  # fmt: skip
             return report
         model, meta, mean, std, who = load_teachers(teachers, rt=rt)
+        if a.get("tta", "none") != "none":  # the dump's test-time augmentation, replayed
+            model = TTAModel(model, a["tta"])
         sha_ok = who["teacher_sha256"] == a["teacher_sha256"]
         named = " and ".join(map(str, teachers))
         report.add("teacher", sha_ok, f"{who['teacher_arch']} matches the cache's sha256" if sha_ok
