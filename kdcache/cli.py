@@ -273,7 +273,7 @@ def teacher_cmd(
 
 @command("import-teacher")
 def import_teacher_cmd(
-    weights: Path = typer.Argument(..., help="Weights trained elsewhere: a state dict (.pt/.pth, also nested under 'state_dict' or 'model'), or a whole saved model."),
+    weights: Path = typer.Argument(..., help="Weights trained elsewhere: a state dict (.pt/.pth, also nested under 'state_dict' or 'model'), loaded safely with no flag; a whole saved model needs --trust-pickle."),
     arch: str = typer.Option(..., "--arch", help="What the weights were trained as: a kdcache name, torchvision:NAME, timm:NAME or module.path:factory."),
     dataset: Optional[str] = DatasetOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -290,11 +290,14 @@ def import_teacher_cmd(
     precision: str = PrecisionOpt,
     out: Path = typer.Option(Path("saved_models/imported_teacher.pt"), "--out", help="kdcache checkpoint to write."),
     force: bool = ForceOpt,
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Also load a whole pickled model (torch.save(model)): this runs code from the file, so only for files you trust. A state dict needs no flag."),
 ):
     """Wrap a teacher trained elsewhere into a kdcache checkpoint, checked against the data's classes.
 
     The weights are evaluated on the validation split; the checkpoint records that accuracy, the
     normalisation, the input size and the data fingerprint, so dump-logits can use it as --teacher.
+    A state dict is loaded safely (weights_only=True) and needs no flag; a whole pickled model
+    runs code from the file when loaded, so it needs --trust-pickle.
     """
     from kdcache.imports import import_teacher
 
@@ -316,7 +319,8 @@ def import_teacher_cmd(
     with RichProgress() as progress:
         meta = import_teacher(weights, arch=arch, dataset=dataset or "cifar10", data_dir=data_dir,
                               data_options=data_options, out=out, rt=rt, mean=m, std=s, small_stem=small_stem,
-                              batch_size=batch_size, force=force, progress=progress)  # fmt: skip
+                              batch_size=batch_size, force=force, progress=progress,
+                              trust_pickle=trust_pickle)  # fmt: skip
     out_console.print(_results_table(f"imported teacher {out}", [
         ("architecture", f"{meta['arch']} ({meta['params']:,} parameters)" if "arch" in meta else arch),
         ("data", f"{meta['dataset']} · {meta['num_classes']} classes · {meta['image_size']} px"),
