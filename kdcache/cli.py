@@ -143,6 +143,7 @@ MixOpt = typer.Option(None, "--mix", help="Mixed views (function matching): none
 MixProbOpt = typer.Option(None, "--mix-prob", help="Share of views that are mixed, in [0, 1]. \\[default: the preset's, 1; dump-logits: the teacher's]")
 LossOpt = typer.Option(None, "--loss", help="Soft-target loss from raw logits: kd (Hinton) | dkd (decoupled KD) | dist (DIST) | ls (logit standardisation). \\[default: kd]")
 ScheduleOpt = typer.Option(None, "--schedule", help="Learning rate over the epochs: cosine (decays to 0) | constant. \\[default: the preset's: cosine for seed-resnet, constant for seed-cnn]")
+TrustArchOpt = typer.Option(False, "--trust-arch", help="Build a module.path:factory architecture that a checkpoint or cache names: that imports the module and runs its code, so only for files you trust. kdcache's own names and torchvision:/timm: specs need no flag.")
 
 
 def _base_recipe(preset: str | None, upstream) -> "Recipe":
@@ -334,7 +335,8 @@ def import_teacher_cmd(
 def dump_cmd(
     preset: Optional[str] = PresetOpt,
     teacher: list[Path] = typer.Option([TEACHER_OUT], "--teacher", help="Teacher checkpoint written by `kdcache teacher` or `import-teacher`. Repeat it for an ensemble: the cache then holds log(mean of the members' softmax), valid logits at T=1."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="Refuse a teacher of any other architecture."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Refuse a teacher of any other architecture; naming a module.path:factory one here also lets it be built (as --trust-arch)."),
+    trust_arch: bool = TrustArchOpt,
     views: Optional[int] = typer.Option(None, "--views", help="Augmented views per image, K. \\[default: the preset's, 8 for seed-resnet]"),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Crop+flip views; --no-augment caches the plain image. \\[default: the preset's; without --preset, what the teacher was trained with]"),
     mix: Optional[str] = typer.Option(None, "--mix", help="Mixed views: none | cutmix | mixup | both. The teacher runs on the mixed image itself, and the cache stores the partner and box/weight, so a student replays exactly that image. \\[default: what the teacher was trained with]"),
@@ -371,7 +373,7 @@ def dump_cmd(
         path = dump_logits(
             teacher_path=teacher if len(teacher) > 1 else teacher[0], data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
             batch_size=batch_size, rt=rt, subset=recipe.subset, augment=recipe.augment, mix=recipe.mix,
-            mix_prob=recipe.mix_prob, arch=arch,
+            mix_prob=recipe.mix_prob, arch=arch, trust_arch=trust_arch,
             block_rows=block_rows, force=force, resume=resume, progress=progress, rebuild_store=rebuild_store,
             topk=topk, topk_temperatures=_numbers("--topk-temperatures", topk_temperatures),
         )  # fmt: skip
@@ -401,6 +403,7 @@ def student_cmd(
     arch: Optional[str] = typer.Option(None, "--arch", help="Student architecture: resnet18|34|50, seed-cnn-student, torchvision:NAME, timm:NAME or module.path:factory. \\[default: resnet18]"),
     cache: Path = typer.Option(CACHE_OUT, "--cache", help="Logit cache written by `kdcache dump-logits`."),
     online_teacher: Optional[Path] = typer.Option(None, "--online-teacher", help="No cache: run this teacher checkpoint on a fresh view every step (online distillation, to compare with the cache at equal budget). The views are of the family the teacher trained on (crop/flip or not, its --mix and --mix-prob), whatever --preset says; --augment/--no-augment, --mix and --mix-prob change them."),
+    trust_arch: bool = TrustArchOpt,
     loss: Optional[str] = LossOpt,
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="With --online-teacher only: crop+flip views, or the plain image. \\[default: the teacher's]"),
     mix: Optional[str] = typer.Option(None, "--mix", help="With --online-teacher only: none | cutmix | mixup | both. \\[default: the teacher's]"),
@@ -433,8 +436,7 @@ def student_cmd(
     shows every image one of its K cached views, each once per K epochs.
     """
     from kdcache.cache import open_cache
-    from kdcache.models import read_checkpoint
-    from kdcache.models import check_spec
+    from kdcache.models import check_spec, read_checkpoint, refuse_code
     from kdcache.stages import train_student
 
     check_spec(arch) if arch else None
@@ -455,13 +457,16 @@ def student_cmd(
         mix=mix, mix_prob=mix_prob,
     )  # fmt: skip
     recipe = dataclasses.replace(recipe, subset=subset)  # the cache's rows unless asked otherwise
+    if arch is None and not trust_arch:  # the student architecture the file recorded, not one the user named
+        refuse_code(recipe.student_arch, f"the recipe recorded in {online_teacher or cache}",
+                    f"pass --arch {recipe.student_arch} (or --trust-arch) if you trust that code, or another --arch")  # fmt: skip
     if online_teacher is not None:  # as a cache student replays the dump's views
         recipe = _teacher_views(recipe, taught, augment=augment, mix=mix, mix_prob=mix_prob)
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)
     with RichProgress() as progress:
         result = train_student(recipe, cache_file=cache, data_dir=data_dir, out=out, rt=rt, force=force,
                                online_teacher=online_teacher, resume=resume, progress=progress,
-                               on_epoch=print_epoch, rebuild_store=rebuild_store)  # fmt: skip
+                               on_epoch=print_epoch, rebuild_store=rebuild_store, trust_arch=trust_arch)  # fmt: skip
     if rt.main:
         _stage_summary("student", result)
 
@@ -469,6 +474,8 @@ def student_cmd(
 @command("eval")
 def eval_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint written by `kdcache teacher` or `kdcache student`."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Refuse a checkpoint of any other architecture; naming a module.path:factory one here also lets it be built (as --trust-arch)."),
+    trust_arch: bool = TrustArchOpt,
     data_dir: Optional[Path] = DataDirOpt,
     batch_size: int = typer.Option(1024, "--batch-size", help="Inference batch size."),
     device: str = DeviceOpt,
@@ -482,7 +489,7 @@ def eval_cmd(
     if batch_size < 1:
         raise KDCacheError(f"--batch-size must be >= 1 (got {batch_size})")
     rt = _runtime(device, precision, False)
-    model, meta = load_checkpoint(checkpoint, device=rt.device)
+    model, meta = load_checkpoint(checkpoint, arch=arch, device=rt.device, trust_arch=trust_arch)
     data = load_dataset(meta["dataset"], data_dir, subset=1, **recorded_options(meta))
     check_classes(checkpoint, meta, data.name, data.num_classes)
     logits = predict(rt.prepare(model), data.test_x, meta["normalize_mean"], meta["normalize_std"], rt, batch_size=batch_size)
@@ -514,6 +521,8 @@ def inspect_cmd(
 def verify_cmd(
     cache: Path = typer.Argument(..., help="The logit cache to check."),
     teacher: list[Path] = typer.Option([TEACHER_OUT], "--teacher", help="The teacher checkpoint the cache was made with (each member, in order, for an ensemble)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Refuse a teacher of any other architecture; naming a module.path:factory one here also lets it be built (as --trust-arch)."),
+    trust_arch: bool = TrustArchOpt,
     data_dir: Optional[Path] = DataDirOpt,
     samples: int = typer.Option(256, "--samples", help="Random (image, view) pairs to re-render and re-run through the teacher."),
     device: str = DeviceOpt,
@@ -525,7 +534,8 @@ def verify_cmd(
     """
     from kdcache.verify import verify_cache
 
-    report = verify_cache(cache, teacher=teacher, data_dir=data_dir, samples=samples, rt=_runtime(device, precision, False))
+    report = verify_cache(cache, teacher=teacher, data_dir=data_dir, samples=samples, rt=_runtime(device, precision, False),
+                          arch=arch, trust_arch=trust_arch)  # fmt: skip
     table = Table(title=f"verify {cache}", title_justify="left")
     table.add_column("check")
     table.add_column("")
@@ -704,6 +714,7 @@ def pipeline_cmd(
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Crop+flip views for teacher and cache. \\[default: the preset's]"),
     teacher_augment: Optional[bool] = typer.Option(None, "--teacher-augment/--no-teacher-augment", help="The teacher's own training views, when they differ from the cache's (a teacher trained on crops + flips labels plain views well). \\[default: the preset's, else as --augment]"),
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="Reuse this teacher checkpoint instead of training one."),
+    trust_arch: bool = typer.Option(False, "--trust-arch", help="The --teacher checkpoint may name a module.path:factory architecture: building it imports the module and runs its code, so only for files you trust."),
     mix: Optional[str] = MixOpt,
     mix_prob: Optional[float] = MixProbOpt,
     loss: Optional[str] = LossOpt,
@@ -740,8 +751,8 @@ def pipeline_cmd(
     rt = _runtime(device, precision, compile, resident_mb)
     with RichProgress() as progress:
         record = run_pipeline(recipe, preset=name, run_dir=out, data_dir=data_dir, rt=rt, teacher=teacher,
-                              with_online=with_online, data_options=data_options, force=force, resume=resume,
-                              progress=progress, on_epoch=print_epoch,
+                              trust_arch=trust_arch, with_online=with_online, data_options=data_options, force=force,
+                              resume=resume, progress=progress, on_epoch=print_epoch,
                               log=lambda msg: err_console.print(f"[bold]{msg}[/]", highlight=False))  # fmt: skip
     out_console.print(_report_table([record]))
     agree = [f"{r['model']} {100 * r['teacher_agreement']:.2f}%" for r in record["rows"] if "teacher_agreement" in r]

@@ -46,7 +46,8 @@ def read_weights(path: Path, trust_pickle: bool = False) -> dict[str, torch.Tens
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for files it cannot read
         if not _is_torch_file(path):
-            raise KDCacheError(f"{path} cannot be read as PyTorch weights (not a PyTorch file, or only part of one): {EXPORT_HINT}") from None
+            raise KDCacheError(f"{path} cannot be read as PyTorch weights (not a PyTorch file, or only part of one): "
+                               f"{EXPORT_HINT}") from None  # fmt: skip
         if not isinstance(e, pickle.UnpicklingError):
             raise KDCacheError(f"{path} cannot be read as PyTorch weights ({_reason(e)}): it may be truncated; "
                                "pass an intact file") from None  # fmt: skip
@@ -183,10 +184,11 @@ def ensemble_sha256(shas: list[str]) -> str:
     return hashlib.sha256("".join(shas).encode()).hexdigest()
 
 
-def load_teachers(paths, *, rt: Runtime, arch: str | None = None):
+def load_teachers(paths, *, rt: Runtime, arch: str | None = None, trust_arch: bool = False):
     """One teacher or an ensemble, ready to predict: (model, first member's meta, render mean, render std,
     cache attributes naming the teacher). An ensemble renders pixels in [0, 1] and normalises inside,
-    each member its own way; the first member's normalisation is what the student will use."""
+    each member its own way; the first member's normalisation is what the student will use.
+    `arch`, `trust_arch`: as `load_checkpoint`'s, for every member."""
     import json
 
     from kdcache.models import file_sha256, load_checkpoint
@@ -194,7 +196,7 @@ def load_teachers(paths, *, rt: Runtime, arch: str | None = None):
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     if len(set(map(str, paths))) != len(paths):
         raise KDCacheError("the same --teacher is given twice: an ensemble needs different members")
-    loaded = [load_checkpoint(p, arch=arch, device=rt.device) for p in paths]
+    loaded = [load_checkpoint(p, arch=arch, device=rt.device, trust_arch=trust_arch) for p in paths]
     model, meta = loaded[0]
     shas = [file_sha256(p) for p in paths]
     if len(paths) == 1:

@@ -146,9 +146,11 @@ def _view_words(a: dict) -> str:
 
 
 def verify_cache(
-    path: str | Path, *, teacher: str | Path, data_dir: str | Path, samples: int, rt: Runtime, seed: int = 0
-) -> Report:
-    """Check metadata, shapes, values, view params, block hashes; re-run the teacher on views."""
+    path: str | Path, *, teacher: str | Path, data_dir: str | Path, samples: int, rt: Runtime, seed: int = 0,
+    arch: str | None = None, trust_arch: bool = False,
+) -> Report:  # fmt: skip
+    """Check metadata, shapes, values, view params, block hashes; re-run the teacher on views.
+    `arch`, `trust_arch`: see `load_checkpoint`."""
     if samples < 0:
         raise KDCacheError(f"--samples must be >= 0 (got {samples})")
     report = Report()
@@ -212,7 +214,7 @@ def verify_cache(
             report.add("teacher", False, f"the cache is an ensemble of {len(members)} teachers "
                        f"({', '.join(m['path'] for m in members)}): pass each with --teacher, in that order")  # fmt: skip
             return report
-        model, meta, mean, std, who = load_teachers(teachers, rt=rt)
+        model, meta, mean, std, who = load_teachers(teachers, rt=rt, arch=arch, trust_arch=trust_arch)
         sha_ok = who["teacher_sha256"] == a["teacher_sha256"]
         named = " and ".join(map(str, teachers))
         report.add("teacher", sha_ok, f"{who['teacher_arch']} matches the cache's sha256" if sha_ok

@@ -3,10 +3,17 @@ with one line (exit 2, no traceback), and the explicit opt-ins load what they ar
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+
+import h5py
+import pytest
 import torch
 
-from conftest import run_cli
-from kdcache.models import build, read_checkpoint
+from conftest import ROOT, run_cli
+from kdcache.errors import KDCacheError
+from kdcache.models import build, load_checkpoint, read_checkpoint, save_checkpoint
 
 ONE = ["--device", "cpu"]
 
@@ -65,3 +72,69 @@ def test_import_teacher_one_line_errors(tmp_path, data_dir):
     refused(import_teacher(weights, data_dir, tmp_path / "b.pt", "--batch-size", "0"), tmp_path / "unused",
             "--batch-size must be >= 1")  # fmt: skip
     assert not (tmp_path / "a.pt").exists() and not (tmp_path / "b.pt").exists()
+
+
+SPEC = "planted_arch:factory"
+
+
+@pytest.fixture
+def planted(tmp_path, teacher_ckpt):
+    """A checkpoint of SPEC, whose module creates a marker when imported; returns (checkpoint, marker, the
+    environment that puts the module on a subprocess's path: the worst case, the code is there to run)."""
+    marker = tmp_path / "ran"
+    (tmp_path / "planted_arch.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\nimport torch\n\n\n"
+        "def factory(num_classes):\n    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3072, num_classes))\n"
+    )
+    record = read_checkpoint(teacher_ckpt)
+    meta = {k: v for k, v in record.items() if k not in ("state_dict", "arch", "format", "format_version")}
+    path = tmp_path / "planted.pt"
+    save_checkpoint(path, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3072, 10)), arch=SPEC, meta=meta)
+    return path, marker, {"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+
+
+def test_a_checkpoint_naming_code_is_refused_wherever_it_is_loaded(tmp_path, planted, teacher_ckpt, cache_file, data_dir):
+    ckpt, marker, env = planted
+    out, d = tmp_path / "out", str(data_dir)
+    commands = [
+        ["eval", str(ckpt), "--data-dir", d],
+        ["dump-logits", "--teacher", str(ckpt), "--data-dir", d, "--out", str(out)],
+        ["dump-logits", "--teacher", str(teacher_ckpt), "--teacher", str(ckpt), "--data-dir", d, "--out", str(out)],
+        ["verify", str(cache_file), "--teacher", str(ckpt), "--data-dir", d, "--samples", "8"],
+        ["student", "--online-teacher", str(ckpt), "--arch", "seed-cnn-student", "--data-dir", d, "--out", str(out)],
+        ["pipeline", "--preset", "seed-cnn", "--teacher", str(ckpt), "--data-dir", d, "--out", str(out)],
+    ]
+    for args in commands:
+        refused(run_cli(*args, *ONE, env=env), marker, f"names the architecture {SPEC}", "--trust-arch")
+        assert not out.exists(), args
+
+
+def test_naming_the_spec_or_trust_arch_builds_it(tmp_path, planted, data_dir):
+    ckpt, marker, env = planted
+    for flags in (["--arch", SPEC], ["--trust-arch"]):
+        res = run_cli("eval", str(ckpt), "--data-dir", str(data_dir), *flags, *ONE, env=env)
+        assert res.returncode == 0 and "test accuracy" in res.stdout, res.stderr
+        assert marker.exists()  # the user named it: the module was imported
+        marker.unlink()
+    out = tmp_path / "online.pt"
+    res = run_cli("student", "--online-teacher", str(ckpt), "--arch", "seed-cnn-student", "--trust-arch", "--data-dir",
+                  str(data_dir), "--epochs", "1", "--subset", "128", "--out", str(out), *ONE, env=env)  # fmt: skip
+    assert res.returncode == 0 and out.exists() and marker.exists(), res.stderr
+    marker.unlink()
+    with pytest.raises(KDCacheError, match="pass --trust-arch"):  # the library refuses it too
+        load_checkpoint(ckpt)
+    assert not marker.exists()
+
+
+def test_a_recorded_student_arch_naming_code_is_refused(tmp_path, planted, cache_file, data_dir):
+    _, marker, env = planted
+    crafted = tmp_path / "cache.h5"
+    shutil.copy(cache_file, crafted)
+    with h5py.File(crafted, "r+") as f:
+        f.attrs["recipe"] = json.dumps({**json.loads(f.attrs["recipe"]), "student_arch": SPEC})
+    out = tmp_path / "s.pt"
+    args = ["student", "--cache", str(crafted), "--data-dir", str(data_dir), "--epochs", "1", "--out", str(out), *ONE]
+    refused(run_cli(*args, env=env), marker, "the recipe recorded in", f"pass --arch {SPEC}")
+    assert not out.exists()
+    res = run_cli(*args, "--arch", "seed-cnn-student", env=env)  # another --arch: the recorded one is not built
+    assert res.returncode == 0 and out.exists() and not marker.exists(), res.stderr
