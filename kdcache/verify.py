@@ -67,7 +67,7 @@ def cache_summary(path: str | Path, T: float = 1.0) -> list[tuple[str, str]]:
             _targets_row(cache, T),
             ("size on disk", f"{Path(path).stat().st_size / 1e6:.1f} MB"),
             ("teacher", f"{a['teacher_arch']} · sha256 {a['teacher_sha256'][:16]}"),
-            *([("ensemble members", "; ".join(f"{m['arch']} {_pct(m['test_acc'])} · sha256 {m['sha256'][:12]}"
+            *([("ensemble members", "; ".join(f"{m['arch']} {_pct(m.get('test_acc'))} · sha256 {m['sha256'][:12]}"
                                              for m in json.loads(a["ensemble_members"])))]
               if "ensemble_members" in a else []),
             ("teacher test accuracy", pct("teacher_test_acc")),

@@ -138,3 +138,13 @@ def test_a_recorded_student_arch_naming_code_is_refused(tmp_path, planted, cache
     assert not out.exists()
     res = run_cli(*args, "--arch", "seed-cnn-student", env=env)  # another --arch: the recorded one is not built
     assert res.returncode == 0 and out.exists() and not marker.exists(), res.stderr
+
+
+@pytest.mark.parametrize("key, value", [("classes", "not json ["), ("recipe", "[1, 2]"),
+                                        ("ensemble_members", '[{"path": 1}]'), ("data_options", "nan?")])  # fmt: skip
+def test_cache_attributes_that_are_not_json_are_one_line(tmp_path, cache_file, key, value):
+    crafted = tmp_path / "cache.h5"
+    shutil.copy(cache_file, crafted)
+    with h5py.File(crafted, "r+") as f:
+        f.attrs[key] = value
+    refused(run_cli("inspect", str(crafted)), tmp_path / "unused", f"has an attribute {key} that is not the JSON")
