@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, SHARED_CIFAR, run_cli
+from kdcache.cli import app
+from kdcache.data import _unpickle, load_dataset, write_fake_cifar10
 from kdcache.errors import KDCacheError
 from kdcache.models import build, load_checkpoint, read_checkpoint, save_checkpoint
 
@@ -148,3 +154,72 @@ def test_cache_attributes_that_are_not_json_are_one_line(tmp_path, cache_file, k
     with h5py.File(crafted, "r+") as f:
         f.attrs[key] = value
     refused(run_cli("inspect", str(crafted)), tmp_path / "unused", f"has an attribute {key} that is not the JSON")
+
+
+def _cifar(root, mutate) -> Path:
+    """A generated CIFAR-10 folder (100 training images) with one file rewritten by `mutate(folder)`."""
+    folder = write_fake_cifar10(root, num_train=100)
+    mutate(folder)
+    return root
+
+
+def _batch(folder: Path, name: str = "data_batch_1") -> dict:
+    return pickle.loads((folder / name).read_bytes())
+
+
+def _write(folder: Path, name: str, obj, protocol: int = 4) -> None:
+    (folder / name).write_bytes(pickle.dumps(obj, protocol=protocol))
+
+
+@pytest.mark.parametrize("name", ["batches.meta", "data_batch_1", "test_batch"])
+def test_a_cifar_pickle_that_names_code_is_refused(tmp_path, name):
+    marker = tmp_path / "ran"
+    root = _cifar(tmp_path / "data", lambda f: _write(f, name, {**_batch(f, name), "batch_label": Payload(marker)}))
+    res = run_cli("teacher", "--preset", "seed-cnn", "--data-dir", str(root), "--epochs", "1", "--out",
+                  str(tmp_path / "t.pt"), *ONE)  # fmt: skip
+    refused(res, marker, f"cannot read {root / 'cifar-10-batches-py' / name}", "code a CIFAR batch never holds")
+    assert not (tmp_path / "t.pt").exists()
+
+
+def _retyped(key, value):
+    return lambda f: _write(f, "data_batch_2", {**_batch(f, "data_batch_2"), key: value(_batch(f, "data_batch_2")[key])})
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (_retyped("data", lambda x: x.astype(np.float32)), "data_batch_2 holds its pixels as a float32 array, not uint8"),
+    (_retyped("data", lambda x: x.tolist()), "data_batch_2 holds its pixels as a list, not uint8"),
+    (_retyped("data", lambda x: x.reshape(-1, 3, 32, 32)), "holds pixels of shape [20, 3, 32, 32], not [N, 3072]"),
+    (_retyped("labels", lambda y: [str(v) for v in y]), "data_batch_2 holds 'labels' that are not a list of whole numbers"),
+    (_retyped("labels", lambda y: y[:-1]), "data_batch_2 holds 20 images but 19 labels"),
+    (_retyped("labels", lambda y: [10] * len(y)), "data_batch_2 has labels outside 0..9"),
+    (lambda f: _write(f, "test_batch", [1, 2]), "test_batch holds a list, not the dict of a CIFAR batch"),
+    (lambda f: _write(f, "batches.meta", {"label_names": ["a", "b"]}), "batches.meta does not name 10 classes"),
+    (lambda f: _write(f, "batches.meta", {**_batch(f, "batches.meta"), "num_cases_per_batch": "20"}),
+     "batches.meta states '20' images per batch"),
+])  # fmt: skip
+def test_cifar_batches_of_the_wrong_types_and_shapes_are_one_line(tmp_path, mutate, needle):
+    root = _cifar(tmp_path / "data", mutate)
+    res = CliRunner().invoke(app, ["teacher", "--preset", "seed-cnn", "--data-dir", str(root), "--epochs", "1",
+                                   "--out", str(tmp_path / "t.pt"), *ONE])  # fmt: skip
+    assert res.exit_code == 2 and needle in res.output and "replace it with an intact copy" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "t.pt").exists()
+
+
+def test_cifar_copies_pickled_by_any_python_load_alike(tmp_path):
+    """Protocols 0-5, labels as numpy arrays or numpy scalars: all read, to the same images and labels."""
+    folder = write_fake_cifar10(tmp_path / "data", num_train=100)
+    want = load_dataset("cifar10", tmp_path / "data", download=False)
+    for protocol, labels in ((0, np.asarray), (2, lambda y: [np.int64(v) for v in y]), (5, np.asarray)):
+        for name in ("data_batch_1", "test_batch"):
+            d = _batch(folder, name)
+            _write(folder, name, {**d, "labels": labels(d["labels"]), "filenames": [b"x.png"] * 20}, protocol)
+        got = load_dataset("cifar10", tmp_path / "data", download=False)
+        assert got.fingerprint == want.fingerprint and torch.equal(got.test_y, want.test_y)
+
+
+@pytest.mark.skipif(not (SHARED_CIFAR / "cifar-10-batches-py").is_dir(), reason="no ../shared/cifar10")
+def test_the_real_cifar_files_pass_the_restricted_unpickler():
+    folder = SHARED_CIFAR / "cifar-10-batches-py"
+    d = _unpickle(folder / "data_batch_1")
+    assert d["data"].dtype == np.uint8 and d["data"].shape == (10000, 3072) and len(d["labels"]) == 10000
+    assert _unpickle(folder / "batches.meta")["label_names"][0] == "airplane"
