@@ -223,3 +223,18 @@ def test_the_real_cifar_files_pass_the_restricted_unpickler():
     d = _unpickle(folder / "data_batch_1")
     assert d["data"].dtype == np.uint8 and d["data"].shape == (10000, 3072) and len(d["labels"]) == 10000
     assert _unpickle(folder / "batches.meta")["label_names"][0] == "airplane"
+
+
+def test_image_folders_decode_only_their_formats(tmp_path, monkeypatch):
+    """An EPS file named .jpg would be rendered by Ghostscript, an external program: it is a bad image instead."""
+    from PIL import EpsImagePlugin
+
+    from kdcache import folders
+
+    marker = tmp_path / "ran"
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: marker.touch())
+    root = folders.write_image_folder(tmp_path / "d")
+    (root / "train" / "class_00" / "x.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    train, _, _, where = folders.prepare(root, 32, skip_bad=True)
+    assert json.loads((where / "meta.json").read_text())["train_skipped"][0].startswith("train/class_00/x.jpg")
+    assert not marker.exists()
