@@ -479,8 +479,8 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> Cache:
     elif missing := [key for key in REQUIRED_ATTRS + (tuple(V1_DEFAULTS) if _plain(attrs.get("format_version")) >= 2 else ())
                      if key not in attrs]:
         problem = f"{path} lacks the attribute {missing[0]!r}: it was edited or damaged; recreate it with `kdcache dump-logits`"
-    elif shape_problem := _layout_problem(f):
-        problem = f"{path} {shape_problem}: it was edited or damaged; recreate it with `kdcache dump-logits`"
+    elif damage := _layout_problem(f) or _json_problem(attrs):
+        problem = f"{path} {damage}: it was edited or damaged; recreate it with `kdcache dump-logits`"
     if problem:
         f.close()
         raise KDCacheError(problem)
@@ -493,6 +493,27 @@ REQUIRED_ATTRS = ("num_views", "num_classes", "dataset", "dataset_fingerprint", 
 V1_DEFAULTS = {"mix": "none", "mix_prob": 1.0}  # what a v1 file (no mix attributes) means
 # ... and a partial from before image folders (CIFAR only), for resume's comparison
 _RESUME_DEFAULTS = {**V1_DEFAULTS, "view_recipe": VIEW_RECIPE, "data_options": "{}", "topk": 0, "lse_temperatures": []}
+
+
+JSON_ATTRS = {"recipe": dict, "data_options": dict, "classes": list, "ensemble_members": list}  # stored as JSON text
+MEMBER_KEYS = ("path", "sha256", "arch")  # strings every ensemble member names
+
+
+def _json_problem(attrs) -> str | None:
+    """Which JSON attribute does not parse to what dump-logits writes, if any: readers then need no checks."""
+    for key, kind in JSON_ATTRS.items():
+        if key not in attrs:
+            continue
+        try:
+            value = json.loads(_plain(attrs[key]))
+        except (TypeError, ValueError):
+            value = None
+        ok = isinstance(value, kind)
+        if ok and key == "ensemble_members":
+            ok = all(isinstance(m, dict) and all(isinstance(m.get(k), str) for k in MEMBER_KEYS) for m in value)
+        if not ok:
+            return f"has an attribute {key} that is not the JSON {'object' if kind is dict else 'list'} dump-logits writes"
+    return None
 
 
 def _layout_problem(f: h5py.File) -> str | None:

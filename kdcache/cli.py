@@ -148,6 +148,7 @@ WeightDecayOpt = typer.Option(None, "--weight-decay", help="L2 weight decay (>= 
 LabelSmoothingOpt = typer.Option(None, "--label-smoothing", help="Label smoothing of the label term, in [0, 1): targets (1 - s) one-hot + s / classes. \\[default: the preset's, 0; cifar10-fast's teacher 0.2]")
 EmaOpt = typer.Option(None, "--ema", help="Keep an exponential moving average of the weights (this decay per step, e.g. 0.98; 0: off); evaluation, the checkpoint and so the dump use the average. \\[default: the preset's, 0]")
 BnBiasLrOpt = typer.Option(None, "--bn-bias-lr", help="BatchNorm biases learn at this multiple of --lr (their weight decay divided by it, as airbench does). \\[default: the preset's, 1]")
+TrustArchOpt = typer.Option(False, "--trust-arch", help="Build a module.path:factory architecture that a checkpoint or cache names: that imports the module and runs its code, so only for files you trust. kdcache's own names and torchvision:/timm: specs need no flag.")
 
 
 def _base_recipe(preset: str | None, upstream) -> "Recipe":
@@ -304,7 +305,7 @@ def teacher_cmd(
 
 @command("import-teacher")
 def import_teacher_cmd(
-    weights: Path = typer.Argument(..., help="Weights trained elsewhere: a state dict (.pt/.pth, also nested under 'state_dict' or 'model'), or a whole saved model."),
+    weights: Path = typer.Argument(..., help="Weights trained elsewhere: a state dict (.pt/.pth, also nested under 'state_dict' or 'model'), loaded safely with no flag; a whole saved model needs --trust-pickle."),
     arch: str = typer.Option(..., "--arch", help="What the weights were trained as: a kdcache name, torchvision:NAME, timm:NAME or module.path:factory."),
     dataset: Optional[str] = DatasetOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -321,11 +322,14 @@ def import_teacher_cmd(
     precision: str = PrecisionOpt,
     out: Path = typer.Option(Path("saved_models/imported_teacher.pt"), "--out", help="kdcache checkpoint to write."),
     force: bool = ForceOpt,
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Also load a whole pickled model (torch.save(model)): this runs code from the file, so only for files you trust. A state dict needs no flag."),
 ):
     """Wrap a teacher trained elsewhere into a kdcache checkpoint, checked against the data's classes.
 
     The weights are evaluated on the validation split; the checkpoint records that accuracy, the
     normalisation, the input size and the data fingerprint, so dump-logits can use it as --teacher.
+    A state dict is loaded safely (weights_only=True) and needs no flag; a whole pickled model
+    runs code from the file when loaded, so it needs --trust-pickle.
     """
     from kdcache.imports import import_teacher
 
@@ -347,7 +351,8 @@ def import_teacher_cmd(
     with RichProgress() as progress:
         meta = import_teacher(weights, arch=arch, dataset=dataset or "cifar10", data_dir=data_dir,
                               data_options=data_options, out=out, rt=rt, mean=m, std=s, small_stem=small_stem,
-                              batch_size=batch_size, force=force, progress=progress)  # fmt: skip
+                              batch_size=batch_size, force=force, progress=progress,
+                              trust_pickle=trust_pickle)  # fmt: skip
     out_console.print(_results_table(f"imported teacher {out}", [
         ("architecture", f"{meta['arch']} ({meta['params']:,} parameters)" if "arch" in meta else arch),
         ("data", f"{meta['dataset']} · {meta['num_classes']} classes · {meta['image_size']} px"),
@@ -361,7 +366,8 @@ def import_teacher_cmd(
 def dump_cmd(
     preset: Optional[str] = PresetOpt,
     teacher: list[Path] = typer.Option([TEACHER_OUT], "--teacher", help="Teacher checkpoint written by `kdcache teacher` or `import-teacher`. Repeat it for an ensemble: the cache then holds log(mean of the members' softmax), valid logits at T=1."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="Refuse a teacher of any other architecture."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Refuse a teacher of any other architecture; naming a module.path:factory one here also lets it be built (as --trust-arch)."),
+    trust_arch: bool = TrustArchOpt,
     views: Optional[int] = typer.Option(None, "--views", help="Augmented views per image, K. \\[default: the preset's, 8 for seed-resnet]"),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Crop+flip views; --no-augment caches the plain image. \\[default: the preset's; without --preset, what the teacher was trained with]"),
     mix: Optional[str] = typer.Option(None, "--mix", help="Mixed views: none | cutmix | mixup | both. The teacher runs on the mixed image itself, and the cache stores the partner and box/weight, so a student replays exactly that image. \\[default: what the teacher was trained with]"),
@@ -399,7 +405,7 @@ def dump_cmd(
         path = dump_logits(
             teacher_path=teacher if len(teacher) > 1 else teacher[0], data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
             batch_size=batch_size, rt=rt, subset=recipe.subset, augment=recipe.augment, mix=recipe.mix,
-            mix_prob=recipe.mix_prob, arch=arch,
+            mix_prob=recipe.mix_prob, arch=arch, trust_arch=trust_arch,
             block_rows=block_rows, force=force, resume=resume, progress=progress, rebuild_store=rebuild_store,
             topk=topk, topk_temperatures=_numbers("--topk-temperatures", topk_temperatures), tta=tta,
         )  # fmt: skip
@@ -429,6 +435,7 @@ def student_cmd(
     arch: Optional[str] = typer.Option(None, "--arch", help="Student architecture: resnet18|34|50, seed-cnn-student, torchvision:NAME, timm:NAME or module.path:factory. \\[default: resnet18]"),
     cache: Path = typer.Option(CACHE_OUT, "--cache", help="Logit cache written by `kdcache dump-logits`."),
     online_teacher: Optional[Path] = typer.Option(None, "--online-teacher", help="No cache: run this teacher checkpoint on a fresh view every step (online distillation, to compare with the cache at equal budget). The views are of the family the teacher trained on (crop/flip or not, its --mix and --mix-prob), whatever --preset says; --augment/--no-augment, --mix and --mix-prob change them."),
+    trust_arch: bool = TrustArchOpt,
     loss: Optional[str] = LossOpt,
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="With --online-teacher only: crop+flip views, or the plain image. \\[default: the teacher's]"),
     mix: Optional[str] = typer.Option(None, "--mix", help="With --online-teacher only: none | cutmix | mixup | both. \\[default: the teacher's]"),
@@ -461,8 +468,7 @@ def student_cmd(
     shows every image one of its K cached views, each once per K epochs.
     """
     from kdcache.cache import open_cache
-    from kdcache.models import read_checkpoint
-    from kdcache.models import check_spec
+    from kdcache.models import check_spec, read_checkpoint, refuse_code
     from kdcache.stages import train_student
 
     check_spec(arch) if arch else None
@@ -483,13 +489,16 @@ def student_cmd(
         mix=mix, mix_prob=mix_prob,
     )  # fmt: skip
     recipe = dataclasses.replace(recipe, subset=subset)  # the cache's rows unless asked otherwise
+    if arch is None and not trust_arch:  # the student architecture the file recorded, not one the user named
+        refuse_code(recipe.student_arch, f"the recipe recorded in {online_teacher or cache}",
+                    f"pass --arch {recipe.student_arch} (or --trust-arch) if you trust that code, or another --arch")  # fmt: skip
     if online_teacher is not None:  # as a cache student replays the dump's views
         recipe = _teacher_views(recipe, taught, augment=augment, mix=mix, mix_prob=mix_prob)
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)
     with RichProgress() as progress:
         result = train_student(recipe, cache_file=cache, data_dir=data_dir, out=out, rt=rt, force=force,
                                online_teacher=online_teacher, resume=resume, progress=progress,
-                               on_epoch=print_epoch, rebuild_store=rebuild_store)  # fmt: skip
+                               on_epoch=print_epoch, rebuild_store=rebuild_store, trust_arch=trust_arch)  # fmt: skip
     if rt.main:
         _stage_summary("student", result)
         _warn_weak_teacher(result.teacher_test_acc, result.test_acc, "this student")
@@ -498,6 +507,8 @@ def student_cmd(
 @command("eval")
 def eval_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint written by `kdcache teacher` or `kdcache student`."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Refuse a checkpoint of any other architecture; naming a module.path:factory one here also lets it be built (as --trust-arch)."),
+    trust_arch: bool = TrustArchOpt,
     data_dir: Optional[Path] = DataDirOpt,
     batch_size: int = typer.Option(1024, "--batch-size", help="Inference batch size."),
     tta: str = typer.Option("none", "--tta", help="Test-time augmentation: none | flip (mean of the image's and its mirror's logits) | flip-translate (also shifted one pixel each way, as airbench evaluates)."),
@@ -514,7 +525,7 @@ def eval_cmd(
     if tta not in TTAModel.LEVELS:
         raise KDCacheError(f"--tta must be one of {', '.join(TTAModel.LEVELS)} (got {tta!r})")
     rt = _runtime(device, precision, False)
-    model, meta = load_checkpoint(checkpoint, device=rt.device)
+    model, meta = load_checkpoint(checkpoint, arch=arch, device=rt.device, trust_arch=trust_arch)
     data = load_dataset(meta["dataset"], data_dir, subset=1, **recorded_options(meta))
     check_classes(checkpoint, meta, data.name, data.num_classes)
     logits = predict(TTAModel(rt.prepare(model), tta), data.test_x, meta["normalize_mean"], meta["normalize_std"],
@@ -547,6 +558,8 @@ def inspect_cmd(
 def verify_cmd(
     cache: Path = typer.Argument(..., help="The logit cache to check."),
     teacher: list[Path] = typer.Option([TEACHER_OUT], "--teacher", help="The teacher checkpoint the cache was made with (each member, in order, for an ensemble)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Refuse a teacher of any other architecture; naming a module.path:factory one here also lets it be built (as --trust-arch)."),
+    trust_arch: bool = TrustArchOpt,
     data_dir: Optional[Path] = DataDirOpt,
     samples: int = typer.Option(256, "--samples", help="Random (image, view) pairs to re-render and re-run through the teacher."),
     device: str = DeviceOpt,
@@ -558,7 +571,8 @@ def verify_cmd(
     """
     from kdcache.verify import verify_cache
 
-    report = verify_cache(cache, teacher=teacher, data_dir=data_dir, samples=samples, rt=_runtime(device, precision, False))
+    report = verify_cache(cache, teacher=teacher, data_dir=data_dir, samples=samples, rt=_runtime(device, precision, False),
+                          arch=arch, trust_arch=trust_arch)  # fmt: skip
     table = Table(title=f"verify {cache}", title_justify="left")
     table.add_column("check")
     table.add_column("")
@@ -737,6 +751,7 @@ def pipeline_cmd(
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Crop+flip views for teacher and cache. \\[default: the preset's]"),
     teacher_augment: Optional[bool] = typer.Option(None, "--teacher-augment/--no-teacher-augment", help="The teacher's own training views, when they differ from the cache's (a teacher trained on crops + flips labels plain views well). \\[default: the preset's, else as --augment]"),
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="Reuse this teacher checkpoint instead of training one."),
+    trust_arch: bool = typer.Option(False, "--trust-arch", help="The --teacher checkpoint may name a module.path:factory architecture: building it imports the module and runs its code, so only for files you trust."),
     mix: Optional[str] = MixOpt,
     mix_prob: Optional[float] = MixProbOpt,
     loss: Optional[str] = LossOpt,
@@ -773,8 +788,8 @@ def pipeline_cmd(
     rt = _runtime(device, precision, compile, resident_mb)
     with RichProgress() as progress:
         record = run_pipeline(recipe, preset=name, run_dir=out, data_dir=data_dir, rt=rt, teacher=teacher,
-                              with_online=with_online, data_options=data_options, force=force, resume=resume,
-                              progress=progress, on_epoch=print_epoch,
+                              trust_arch=trust_arch, with_online=with_online, data_options=data_options, force=force,
+                              resume=resume, progress=progress, on_epoch=print_epoch,
                               log=lambda msg: err_console.print(f"[bold]{msg}[/]", highlight=False))  # fmt: skip
     out_console.print(_report_table([record]))
     agree = [f"{r['model']} {100 * r['teacher_agreement']:.2f}%" for r in record["rows"] if "teacher_agreement" in r]

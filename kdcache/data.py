@@ -1,8 +1,10 @@
 """Datasets as uint8 tensors [N, 3, H, W] + int64 labels, read from the python batches.
 
 CIFAR-10/100 are small enough (150 MB as uint8) to live whole in device memory, so
-this module returns plain tensors, not a DataLoader. Readers check shapes, counts
-and labels, never the md5 sums of the batch files (local copies may differ).
+this module returns plain tensors, not a DataLoader. Readers check types, shapes, counts
+and labels, never the md5 sums of the batch files (local copies may differ). The batches
+are pickles: they are read by an unpickler that builds nothing but numpy arrays and plain
+Python values, so a crafted copy cannot run code.
 """
 
 from __future__ import annotations
@@ -80,31 +82,98 @@ def fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
     return h.hexdigest()
 
 
+INTACT = "replace it with an intact copy of the dataset"
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """How a protocol-2 pickle written by Python 3 spells bytes; no other codec is looked up."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"it encodes bytes as {encoding!r}")
+    return text.encode("latin1")
+
+
+_ARRAY = np.zeros(2)
+# What CIFAR's batches name, in numpy 1 and 2 spellings: arrays, their dtypes and scalars, Python 3 bytes.
+_BATCH_GLOBALS = {
+    **{(f"numpy.{core}.multiarray", "_reconstruct"): _ARRAY.__reduce__()[0] for core in ("core", "_core")},
+    **{(f"numpy.{core}.numeric", "_frombuffer"): _ARRAY.__reduce_ex__(5)[0] for core in ("core", "_core")},
+    **{(f"numpy.{core}.multiarray", "scalar"): np.int64(0).__reduce__()[0] for core in ("core", "_core")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """The full unpickler calls whatever a pickle names; this one resolves only `_BATCH_GLOBALS`."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _BATCH_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, code a CIFAR batch never holds")
+        return _BATCH_GLOBALS[(module, name)]
+
+
 def _unpickle(path: Path) -> dict:
+    """A CIFAR python batch or metadata file: a dict of plain values and numpy arrays."""
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise KDCacheError(f"cannot read {path} ({e}): replace it with an intact copy of the dataset") from None
+            d = _BatchUnpickler(f, encoding="latin1").load()
+    except Exception as e:  # noqa: BLE001 - a damaged or crafted pickle fails in many ways
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise KDCacheError(f"cannot read {path} ({reason}): {INTACT}") from None
+    if not isinstance(d, dict):
+        raise KDCacheError(f"{path} holds a {type(d).__name__}, not the dict of a CIFAR batch: {INTACT}")
+    return d
+
+
+def _labels(value) -> np.ndarray | None:
+    """int64 [n] from a list or array of whole numbers, else None."""
+    try:
+        y = np.asarray(value)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    return y.astype(np.int64) if y.ndim == 1 and (y.dtype.kind in "iu" or y.size == 0) else None
+
+
+def _read_batch(path: Path, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    """One batch's pixels (uint8 [n, 3072]: the R, G and B planes of 32x32 images) and labels, checked."""
+    d = _unpickle(path)
+    if "data" not in d or spec.label_key not in d:
+        raise KDCacheError(f"{path} has no 'data'/'{spec.label_key}' keys: it is not a {spec.folder} batch")
+    x, y = d["data"], _labels(d[spec.label_key])
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8:
+        what = f"a {x.dtype} array" if isinstance(x, np.ndarray) else f"a {type(x).__name__}"
+        raise KDCacheError(f"{path} holds its pixels as {what}, not uint8: {INTACT}")
+    if x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+        raise KDCacheError(f"{path} holds pixels of shape {list(x.shape)}, not [N, 3072] (32x32 RGB): {INTACT}")
+    if y is None:
+        raise KDCacheError(f"{path} holds '{spec.label_key}' that are not a list of whole numbers: {INTACT}")
+    if len(y) != len(x):
+        raise KDCacheError(f"{path} holds {len(x)} images but {len(y)} labels: {INTACT}")
+    if len(y) and (y.min() < 0 or y.max() >= spec.num_classes):
+        raise KDCacheError(f"{path} has labels outside 0..{spec.num_classes - 1}: {INTACT}")
+    return x, y
 
 
 def _read_split(folder: Path, files: tuple[str, ...], spec: DatasetSpec, expected: int):
-    xs, ys = [], []
-    for name in files:
-        d = _unpickle(folder / name)
-        if "data" not in d or spec.label_key not in d:
-            raise KDCacheError(f"{folder / name} has no 'data'/'{spec.label_key}' keys: it is not a {spec.folder} batch")
-        xs.append(np.asarray(d["data"], dtype=np.uint8))
-        ys.append(np.asarray(d[spec.label_key], dtype=np.int64))
+    xs, ys = zip(*(_read_batch(folder / name, spec) for name in files))
     x, y = np.concatenate(xs), np.concatenate(ys)
-    if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or len(x) != len(y) or len(y) != expected:
-        raise KDCacheError(
-            f"{folder} holds {len(y)} images of shape {x.shape[1:]} where {expected} of 3072 bytes are expected: "
-            "replace it with an intact copy of the dataset"
-        )
-    if y.min() < 0 or y.max() >= spec.num_classes:
-        raise KDCacheError(f"{folder} has labels outside 0..{spec.num_classes - 1}: replace it with an intact copy")
+    if len(y) != expected:
+        raise KDCacheError(f"{folder} holds {len(y)} images where {expected} are expected: {INTACT}")
     return x.reshape(-1, 3, 32, 32), y
+
+
+def _read_meta(folder: Path, spec: DatasetSpec) -> tuple[list[str], int | None]:
+    """The class names and, where stated (CIFAR-10, generated copies), the images per batch."""
+    path = folder / spec.meta_file
+    meta = _unpickle(path) if path.is_file() else {}
+    names = meta.get(spec.names_key, [str(i) for i in range(spec.num_classes)])
+    per_batch = meta.get("num_cases_per_batch")
+    if not isinstance(names, list) or len(names) != spec.num_classes or not all(isinstance(n, str) for n in names):
+        raise KDCacheError(f"{path} does not name {spec.num_classes} classes under '{spec.names_key}': {INTACT}")
+    if per_batch is not None and (type(per_batch) is not int or per_batch < 1):
+        raise KDCacheError(f"{path} states {per_batch!r} images per batch, not a positive whole number: {INTACT}")
+    return names, per_batch
 
 
 def find_folder(name: str, data_dir: Path) -> Path | None:
@@ -165,10 +234,7 @@ def load_dataset(
                 "(make data links ../shared/cifar10 there), or unset KDCACHE_OFFLINE to download it"
             )
         folder = _download(name, data_dir)
-    meta = _unpickle(folder / spec.meta_file) if (folder / spec.meta_file).is_file() else {}
-    classes = list(meta.get(spec.names_key, [str(i) for i in range(spec.num_classes)]))
-    # CIFAR-10's own metadata states the batch size; generated copies state theirs.
-    per_batch = meta.get("num_cases_per_batch")
+    classes, per_batch = _read_meta(folder, spec)  # CIFAR-10's meta states the batch size; generated copies theirs
     num_train = per_batch * len(spec.train_files) if per_batch else spec.num_train
     num_test = per_batch if per_batch else spec.num_test
     if subset is not None and not 1 <= subset <= num_train:

@@ -114,6 +114,7 @@ def dump_logits(
     mix: str = "none",
     mix_prob: float = 1.0,
     arch: str | None = None,
+    trust_arch: bool = False,
     block_rows: int = cache_io.BLOCK_ROWS,
     force: bool = False,
     resume: bool = False,
@@ -132,7 +133,8 @@ def dump_logits(
 
     Rows are processed in blocks of `block_rows` samples; each block is flushed
     before it counts as done, so `resume` restarts at the first unfinished block and
-    yields the same bytes as an uninterrupted dump (same arguments, CPU).
+    yields the same bytes as an uninterrupted dump (same arguments, CPU). `arch`, `trust_arch`: see
+    `load_checkpoint`.
     """
     if views < 1:
         raise KDCacheError(f"--views must be >= 1 (got {views})")
@@ -152,7 +154,7 @@ def dump_logits(
     left = [partial] if partial.exists() else cache_io.shard_paths(out)  # what an interrupted dump left
     with claim_output(out, force=force, resume=resume, interrupted=left[0] if left else partial, lock=rt.main) as out:
         # One teacher, or an ensemble (several paths): the log of the members' mean softmax.
-        teacher, meta, render_mean, render_std, who = load_teachers(teacher_path, rt=rt, arch=arch)
+        teacher, meta, render_mean, render_std, who = load_teachers(teacher_path, rt=rt, arch=arch, trust_arch=trust_arch)
         teacher = TTAModel(teacher, tta) if tta != "none" else teacher
         teacher_path = who["teacher_path"]
         # By default, the images the teacher was trained on (its --subset), so the commands chain.

@@ -35,6 +35,8 @@ from kdcache.errors import KDCacheError
 
 STORE_VERSION = 1
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+# PIL decodes these and nothing else, whatever a file's name says: its EPS reader, for one, runs Ghostscript
+FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
 DEFAULT_IMAGE_SIZE = 224
 
 
@@ -142,12 +144,12 @@ def listing_digest(root: Path, files: list[Path]) -> str:
 
 
 def decode(path: Path, store_size: int) -> np.ndarray:
-    """uint8 [3, h, w]: any PIL-readable image, EXIF-rotated, as RGB, shrunk to fit store_size (bicubic)."""
+    """uint8 [3, h, w]: an image in one of `FORMATS`, EXIF-rotated, as RGB, shrunk to fit store_size (bicubic)."""
     from PIL import Image, ImageOps
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's palette-transparency and EXIF warnings
-        with Image.open(path) as im:
+        with Image.open(path, formats=FORMATS) as im:
             im.draft("RGB", (store_size, store_size))  # JPEG: decode at the smallest scale still >= the store
             im = ImageOps.exif_transpose(im)
             if im.mode != "RGB":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import zipfile
 from pathlib import Path
 
@@ -20,20 +21,42 @@ def _keys(keys, limit: int = 3) -> str:
     return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a file: a plain state dict, one nested under "state_dict"/"model"/"model_state_dict"
-    (training checkpoints), or a whole pickled nn.Module (loaded with weights_only=False: only import files
-    you trust)."""
+_LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[2:-1]  # after PROTO, before STOP
+EXPORT_HINT = "export a state dict with torch.save(model.state_dict(), PATH)"
+
+
+def _is_torch_file(path: Path) -> bool:
+    """Written by torch.save: a zip holding data.pkl, or the legacy format (its magic number first)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("data.pkl") for name in z.namelist())
+    with open(path, "rb") as f:
+        head = f.read(2 + len(_LEGACY_MAGIC))
+    return head[:1] == b"\x80" and head[2:] == _LEGACY_MAGIC
+
+
+
+def read_weights(path: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A state dict from a file: a plain state dict, or one nested under "state_dict"/"model"/"model_state_dict"
+    (training checkpoints); always loaded with weights_only=True, which runs no code from the file. A whole
+    pickled nn.Module needs `trust_pickle` (weights_only=False: unpickling it runs whatever the file says)."""
     if not path.is_file():
         raise KDCacheError(f"weights file {path} does not exist: pass the .pt/.pth file the teacher was saved to")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - not a plain tensor file: maybe a whole saved model
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001
-            why = "not a PyTorch file" if not zipfile.is_zipfile(path) else f"{type(e).__name__}: {str(e)[:80]}"
-            raise KDCacheError(f"{path} cannot be read as PyTorch weights ({why}): pass a state dict or a saved model") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for files it cannot read
+        if not _is_torch_file(path):
+            raise KDCacheError(f"{path} cannot be read as PyTorch weights (not a PyTorch file, or only part of one): "
+                               f"{EXPORT_HINT}") from None  # fmt: skip
+        if not isinstance(e, pickle.UnpicklingError):
+            raise KDCacheError(f"{path} cannot be read as PyTorch weights ({_reason(e)}): it may be truncated; "
+                               "pass an intact file") from None  # fmt: skip
+        if not trust_pickle:
+            raise KDCacheError(
+                f"{path} holds pickled Python objects beyond tensors (a whole saved model?), and loading those runs "
+                f"code from the file: {EXPORT_HINT}, or pass --trust-pickle if you trust the file"
+            ) from None
+        obj = _load_pickled(path)
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if isinstance(obj, dict) and obj.get("format") == "kdcache-checkpoint":
@@ -50,6 +73,19 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         if all(k.startswith(prefix) for k in obj):
             obj = {k[len(prefix) :]: v for k, v in obj.items()}
     return obj
+
+
+def _reason(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:80]}" if str(e) else type(e).__name__
+
+
+def _load_pickled(path: Path):
+    """The full unpickler, which runs code named in the file: only behind --trust-pickle."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - the file's own code may raise anything
+        raise KDCacheError(f"{path} cannot be loaded even as a trusted pickle ({_reason(e)}): "
+                           f"put the model's code on PYTHONPATH, or {EXPORT_HINT}") from None
 
 
 def fit_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path, spec: str, num_classes: int) -> None:
@@ -78,13 +114,16 @@ def fit_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path, sp
 
 def import_teacher(
     weights: str | Path, *, arch: str, dataset: str, data_dir, data_options: dict, out: str | Path, rt: Runtime,
-    mean=None, std=None, small_stem: bool | None = None, batch_size: int = 512, force: bool = False, progress=None,
+    mean=None, std=None, small_stem: bool | None = None, batch_size: int = 512, force: bool = False, progress=None, trust_pickle: bool = False,
 ) -> dict:  # fmt: skip
-    """Write a kdcache teacher checkpoint for weights trained elsewhere; returns its metadata."""
+    """Write a kdcache teacher checkpoint for weights trained elsewhere; returns its metadata.
+    `trust_pickle`: a whole pickled model may be loaded (see `read_weights`)."""
     check_spec(arch)
+    if batch_size < 1:
+        raise KDCacheError(f"--batch-size must be >= 1 (got {batch_size})")
     weights = Path(weights)
     with claim_output(out, force=force) as out:
-        state = read_weights(weights)
+        state = read_weights(weights, trust_pickle)
         data = load_dataset(dataset, data_dir, progress=progress, **data_options)
         image_size = data.geometry.size[0]
         if mean is None:
@@ -145,10 +184,11 @@ def ensemble_sha256(shas: list[str]) -> str:
     return hashlib.sha256("".join(shas).encode()).hexdigest()
 
 
-def load_teachers(paths, *, rt: Runtime, arch: str | None = None):
+def load_teachers(paths, *, rt: Runtime, arch: str | None = None, trust_arch: bool = False):
     """One teacher or an ensemble, ready to predict: (model, first member's meta, render mean, render std,
     cache attributes naming the teacher). An ensemble renders pixels in [0, 1] and normalises inside,
-    each member its own way; the first member's normalisation is what the student will use."""
+    each member its own way; the first member's normalisation is what the student will use.
+    `arch`, `trust_arch`: as `load_checkpoint`'s, for every member."""
     import json
 
     from kdcache.models import file_sha256, load_checkpoint
@@ -156,7 +196,7 @@ def load_teachers(paths, *, rt: Runtime, arch: str | None = None):
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     if len(set(map(str, paths))) != len(paths):
         raise KDCacheError("the same --teacher is given twice: an ensemble needs different members")
-    loaded = [load_checkpoint(p, arch=arch, device=rt.device) for p in paths]
+    loaded = [load_checkpoint(p, arch=arch, device=rt.device, trust_arch=trust_arch) for p in paths]
     model, meta = loaded[0]
     shas = [file_sha256(p) for p in paths]
     if len(paths) == 1:

@@ -262,6 +262,19 @@ def check_spec(spec: str) -> str:
     return spec
 
 
+def is_code(spec: str) -> bool:
+    """A module.path:factory spec: building it imports that module, which runs its code. kdcache's own
+    names and torchvision:/timm: specs build models from installed libraries that kdcache names itself."""
+    source, sep, _ = spec.partition(":")
+    return bool(sep) and source not in ("torchvision", "timm")
+
+
+def refuse_code(spec: str, where: str, fix: str) -> None:
+    """A spec that a file names (not the user) must not import code: refuse it with `fix` as the way out."""
+    if is_code(spec):
+        raise KDCacheError(f"{where} names the architecture {spec}: building it imports and runs that module's code; {fix}")
+
+
 def build(name: str, num_classes: int, image_size: int = 32, small_stem: bool | None = None) -> nn.Module:
     """A freshly initialised model: a registered name or a spec (torchvision:, timm:, module:factory).
 
@@ -337,7 +350,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise KDCacheError(
             f"{path} is not a readable kdcache checkpoint ({reason}): it may be truncated; retrain or pass another file"
         ) from None
-    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT or not isinstance(record.get("arch"), str):
         raise KDCacheError(f"{path} is not a kdcache checkpoint: pass a file written by `kdcache teacher` or `student`")
     if record.get("format_version") != CHECKPOINT_VERSION:
         raise KDCacheError(
@@ -347,13 +360,22 @@ def read_checkpoint(path: str | Path) -> dict:
     return record
 
 
-def load_checkpoint(path: str | Path, *, arch: str | None = None, device: str | torch.device = "cpu"):
-    """(model in eval mode, metadata) rebuilt from the file alone. `arch`: refuse any other."""
+def check_arch(path: str | Path, recorded: str, arch: str | None = None, trust_arch: bool = False) -> None:
+    """Refuse a checkpoint of another architecture than `arch`, and a module:factory one that the user named
+    neither as `arch` nor by `trust_arch`."""
+    if arch is not None and recorded != arch:
+        raise KDCacheError(f"{path} holds a {recorded} checkpoint, not {arch}: pass --arch {recorded} or another file")
+    if arch is None and not trust_arch:
+        refuse_code(recorded, str(path), "pass --trust-arch if you trust that code")
+
+
+def load_checkpoint(
+    path: str | Path, *, arch: str | None = None, device: str | torch.device = "cpu", trust_arch: bool = False
+):  # fmt: skip
+    """(model in eval mode, metadata) rebuilt from the file alone. `arch`: refuse any other. A module:factory
+    architecture is built only when the user named it: as `arch`, or by `trust_arch` (--trust-arch)."""
     record = read_checkpoint(path)
-    if arch is not None and record["arch"] != arch:
-        raise KDCacheError(
-            f"{path} holds a {record['arch']} checkpoint, not {arch}: pass --arch {record['arch']} or another file"
-        )
+    check_arch(path, record["arch"], arch, trust_arch)
     model = build(record["arch"], record["num_classes"], image_size=record.get("image_size", 32),
                   small_stem=record.get("small_stem"))
     try:

@@ -17,7 +17,7 @@ from kdcache.artifacts import atomic_write, metrics_path
 from kdcache.config import Recipe, validate
 from kdcache.dump import dump_logits
 from kdcache.errors import KDCacheError
-from kdcache.models import file_sha256, read_checkpoint
+from kdcache.models import check_arch, file_sha256, read_checkpoint
 from kdcache.report import write_report
 from kdcache.stages import train_student, train_teacher
 from kdcache.train import Progress, Runtime, resume_path
@@ -79,15 +79,18 @@ def run_pipeline(
     log: Callable[[str], None] = lambda msg: None,
     on_epoch=None,
     data_options: dict | None = None,
+    trust_arch: bool = False,
 ) -> dict:
     """Run every stage not already done; write and return the report.
 
     `teacher`: reuse this checkpoint (copied into the run, with its metrics) instead
     of training one, so several student recipes can share one teacher. `with_online`: also
     train the KD student with the teacher in the loop on fresh views of the same family
-    (no cache), the equal-budget comparison of cached and online distillation.
+    (no cache), the equal-budget comparison of cached and online distillation. `trust_arch`: the
+    reused `teacher` may be a module:factory architecture (see `load_checkpoint`).
     """
     validate(recipe)
+    trusted = trust_arch or teacher is None  # a teacher this run trains, or keeps, is --teacher-arch's
     run_dir = Path(run_dir)
     paths = {name: run_dir / name for name in (TEACHER, CACHE, STUDENT_KD, STUDENT_ALONE, STUDENT_ONLINE)}
     existing = [p for p in paths.values() if p.exists() or resume_path(p).exists() or cache_io.partial_path(p).exists()]
@@ -95,6 +98,8 @@ def run_pipeline(
         existing.remove(paths[TEACHER])  # replaced by the reused teacher
     if existing and not (force or resume):
         raise KDCacheError(f"{run_dir} already holds a run: pass --resume to continue it, or --force to redo it")
+    if teacher is not None:  # refuse a bad file before anything is written
+        check_arch(teacher, read_checkpoint(teacher)["arch"], trust_arch=trust_arch)
     run_dir.mkdir(parents=True, exist_ok=True)
     log(f"pipeline preset {preset} -> {run_dir} · {rt.describe()}")
     t0 = time.perf_counter()
@@ -109,7 +114,6 @@ def run_pipeline(
         run(path, dict(force=force or (resume and not interrupted), resume=interrupted))
 
     if teacher is not None:
-        read_checkpoint(teacher)  # refuse a bad file before copying it
         if Path(teacher).resolve() != paths[TEACHER].resolve():
             atomic_write(paths[TEACHER], lambda tmp: shutil.copy2(teacher, tmp))
             if metrics_path(teacher).exists():
@@ -127,7 +131,7 @@ def run_pipeline(
     stage(CACHE, "dump-logits", lambda out, kw: dump_logits(
         teacher_path=paths[TEACHER], data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
         batch_size=max(256, recipe.batch_size), rt=rt, subset=recipe.subset, augment=recipe.augment,
-        mix=recipe.mix, mix_prob=recipe.mix_prob, progress=progress, **kw),
+        mix=recipe.mix, mix_prob=recipe.mix_prob, progress=progress, trust_arch=trusted, **kw),
         expect={"teacher_sha256": teacher_sha(), "num_views": recipe.views, "seed": recipe.seed,
                 "augment": recipe.augment, "mix": recipe.mix, "mix_prob": recipe.mix_prob})  # fmt: skip
     for name, title, student in (
@@ -144,7 +148,8 @@ def run_pipeline(
     if with_online:
         stage(STUDENT_ONLINE, f"student with online KD (teacher in the loop, T={recipe.T:g}, alpha={recipe.alpha:g})",
               lambda out, kw: train_student(recipe, cache_file=None, online_teacher=paths[TEACHER], data_dir=data_dir,
-                                            out=out, rt=rt, progress=progress, on_epoch=on_epoch, **kw),
+                                            out=out, rt=rt, progress=progress, on_epoch=on_epoch,
+                                            trust_arch=trusted, **kw),
               expect=online_expect)  # fmt: skip
     elif paths[STUDENT_ONLINE].exists():  # from an earlier --with-online run: never report it stale
         if force:

@@ -276,6 +276,7 @@ def train_student(
     progress: Progress | None = None,
     on_epoch=None,
     rebuild_store: bool = False,
+    trust_arch: bool = False,
 ) -> StageResult:
     """Train `recipe.student_arch` against the teacher's soft targets.
 
@@ -283,13 +284,14 @@ def train_student(
     per K epochs, so K >= epochs means a view never seen before every epoch), rendered
     exactly as the dump rendered it. With `online_teacher` (no cache): the teacher runs on
     a fresh view of the recipe's family every epoch, the honest comparison for a cache.
-    alpha = 0 ignores the teacher.
+    alpha = 0 ignores the teacher. `trust_arch`: the online teacher may be a module:factory
+    architecture (see `load_checkpoint`).
     """
     validate(recipe)
     with claim_output(out, force=force, resume=resume, interrupted=resume_path(out), lock=rt.main) as out:
         teacher = None
         if online_teacher is not None:
-            teacher, meta = load_checkpoint(online_teacher, device=rt.device)
+            teacher, meta = load_checkpoint(online_teacher, device=rt.device, trust_arch=trust_arch)
             subset = recipe.subset if recipe.subset is not None else meta.get("num_train")
             data = load_dataset(meta["dataset"], data_dir, subset, progress=progress, rebuild_store=rebuild_store,
                                 **recorded_options(meta))  # fmt: skip

@@ -67,7 +67,7 @@ def cache_summary(path: str | Path, T: float = 1.0) -> list[tuple[str, str]]:
             _targets_row(cache, T),
             ("size on disk", f"{Path(path).stat().st_size / 1e6:.1f} MB"),
             ("teacher", f"{a['teacher_arch']} · sha256 {a['teacher_sha256'][:16]}"),
-            *([("ensemble members", "; ".join(f"{m['arch']} {_pct(m['test_acc'])} · sha256 {m['sha256'][:12]}"
+            *([("ensemble members", "; ".join(f"{m['arch']} {_pct(m.get('test_acc'))} · sha256 {m['sha256'][:12]}"
                                              for m in json.loads(a["ensemble_members"])))]
               if "ensemble_members" in a else []),
             ("teacher test accuracy", pct("teacher_test_acc")),
@@ -146,9 +146,11 @@ def _view_words(a: dict) -> str:
 
 
 def verify_cache(
-    path: str | Path, *, teacher: str | Path, data_dir: str | Path, samples: int, rt: Runtime, seed: int = 0
-) -> Report:
-    """Check metadata, shapes, values, view params, block hashes; re-run the teacher on views."""
+    path: str | Path, *, teacher: str | Path, data_dir: str | Path, samples: int, rt: Runtime, seed: int = 0,
+    arch: str | None = None, trust_arch: bool = False,
+) -> Report:  # fmt: skip
+    """Check metadata, shapes, values, view params, block hashes; re-run the teacher on views.
+    `arch`, `trust_arch`: see `load_checkpoint`."""
     if samples < 0:
         raise KDCacheError(f"--samples must be >= 0 (got {samples})")
     report = Report()
@@ -212,7 +214,7 @@ def verify_cache(
             report.add("teacher", False, f"the cache is an ensemble of {len(members)} teachers "
                        f"({', '.join(m['path'] for m in members)}): pass each with --teacher, in that order")  # fmt: skip
             return report
-        model, meta, mean, std, who = load_teachers(teachers, rt=rt)
+        model, meta, mean, std, who = load_teachers(teachers, rt=rt, arch=arch, trust_arch=trust_arch)
         if a.get("tta", "none") != "none":  # the dump's test-time augmentation, replayed
             model = TTAModel(model, a["tta"])
         sha_ok = who["teacher_sha256"] == a["teacher_sha256"]

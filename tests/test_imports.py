@@ -40,11 +40,11 @@ def test_imported_weights_score_what_they_scored_before(tmp_path, weights, teach
     assert meta["imported_from"] == str(weights) and meta["dataset_fingerprint"]
     assert meta["metrics"]["test_acc"] == pytest.approx(meta0["metrics"]["test_acc"])
     assert "validation accuracy" in res.output
-    # whole saved models import too
+    # whole saved models import too, when the user says the file may run code
     whole = tmp_path / "whole.pt"
     torch.save(model, whole)
     assert invoke("import-teacher", whole, "--arch", "seed-cnn-teacher", "--data-dir", data_dir, "--out",
-                  tmp_path / "w.pt", *ONE).exit_code == 0  # fmt: skip
+                  tmp_path / "w.pt", "--trust-pickle", *ONE).exit_code == 0  # fmt: skip
 
 
 @pytest.mark.parametrize("arch, needle", [
@@ -67,7 +67,8 @@ def test_weights_for_another_class_count(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize("content, args, needle", [
-    (b"not a torch file", [], "cannot be read as PyTorch weights"),
+    (b"not a torch file", [], "cannot be read as PyTorch weights (not a PyTorch file"),
+    (None, ["--batch-size", "0"], "--batch-size must be >= 1"),
     (None, ["--mean", "0.5,0.5,0.5"], "--mean and --std go together"),
     (None, ["--mean", "0.5,0.5", "--std", "1,1,1"], "--mean takes three numbers"),
 ])  # fmt: skip
