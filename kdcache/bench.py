@@ -5,6 +5,8 @@
   every step, fp32 (the "before").
 - online:    our GPU-resident hot loop, teacher forward in every step.
 - cached:    our student from the cache (teacher logits gathered from device memory).
+- cached_mixed / cached_mixed_alone: the student on mixed cached views with KD, and with alpha 0
+  (same views, no soft term): their ratio is what the KD loss adds to a step.
 - plain:     our student with no teacher at all (the floor).
 - dump:      teacher inference over rendered views, as dump-logits runs it.
 Weights are random: throughput does not depend on what a model has learned.
@@ -246,6 +248,8 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
         "online": (student_and_step(teacher, rt_=rt, alpha=cfg.alpha), _endless(fresh)),
         "cached": (student_and_step(rt_=rt, alpha=cfg.alpha), _endless(cached)),
         "cached_mixed": (student_and_step(rt_=rt, alpha=cfg.alpha), _endless(cached_mixed)),
+        # the same mixed cached views with alpha 0: what the KD loss itself adds to a step
+        "cached_mixed_alone": (student_and_step(rt_=rt, alpha=0.0), _endless(cached_mixed)),
         "plain": (student_and_step(rt_=rt, alpha=0.0), _endless(fresh)),
         "dump": (dump_step, dump_rows()),
     }
@@ -258,6 +262,7 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
             "cached_over_online": results["cached"] / results["online"],
             "cached_over_plain": results["cached"] / results["plain"],
             "cached_mixed_over_plain": results["cached_mixed"] / results["plain"],
+            "kd_loss_overhead": results["cached_mixed_alone"] / results["cached_mixed"] - 1.0,
         },
         "rounds_img_s": rounds,
         "peak_working_mem_mb": peaks,

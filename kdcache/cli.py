@@ -632,6 +632,7 @@ def bench_cmd(
         "online": "our hot loop, teacher every step",
         "cached": "our hot loop, logits from the cache",
         "cached_mixed": "the same, mixed views (CutMix/MixUp replayed)",
+        "cached_mixed_alone": "the same mixed views, alpha 0 (no KD loss)",
         "plain": "our hot loop, no teacher (floor)",
         "dump": "teacher inference over views",
     }
@@ -644,12 +645,15 @@ def bench_cmd(
         v = record[f"{loop}_img_s"]
         rounds = record["rounds_img_s"][loop]
         spread = f"±{50 * (max(rounds) - min(rounds)) / v:.0f}%"  # half the range, relative to the median
-        ratio = "" if loop in ("cached", "cached_mixed", "dump") else f"{record['cached_img_s'] / v:.2f}x"
+        ratio = "" if loop in ("cached", "cached_mixed", "cached_mixed_alone", "dump") else f"{record['cached_img_s'] / v:.2f}x"
         table.add_row(loop, f"{v:,.0f}", spread, ratio, *([f"{peaks[loop]:,.0f}"] if show_mem else []), what)
     out_console.print(table)
     sizes = " · ".join(f"C={int(c):,}: {b['dense']:,} B dense, {b['top10']} B top-10"
                        for c, b in record["cache_bytes_per_view"].items())  # fmt: skip
     out_console.print(f"cached targets per view: {sizes}", highlight=False)
+    r = record["ratios"]
+    out_console.print(f"cached_mixed/plain {r['cached_mixed_over_plain']:.2f} · the KD loss adds "
+                      f"{100 * r['kd_loss_overhead']:+.1f}% to a step (cached_mixed_alone/cached_mixed - 1)", highlight=False)
     _write_bench_json(json_path, record)
 
 

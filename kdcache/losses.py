@@ -35,10 +35,14 @@ def label_loss(
         return F.cross_entropy(s, labels, label_smoothing=smoothing)
     if partner_labels is None:
         raise ValueError("lam needs partner_labels")
-    lam = lam.float()
-    own = F.cross_entropy(s, labels, reduction="none", label_smoothing=smoothing)
-    partner = F.cross_entropy(s, partner_labels, reduction="none", label_smoothing=smoothing)
-    return (lam * own + (1.0 - lam) * partner).mean()
+    # One log-softmax for both labels (two cross_entropy calls would compute it twice).
+    logp = F.log_softmax(s, dim=1)
+    own = logp.gather(1, labels[:, None]).squeeze(1)
+    partner = logp.gather(1, partner_labels[:, None]).squeeze(1)
+    nll = -torch.lerp(partner, own, lam.float())  # lam * own + (1 - lam) * partner
+    if smoothing:
+        nll = (1.0 - smoothing) * nll - smoothing * logp.mean(1)
+    return nll.mean()
 
 
 def _kl(student_scaled: torch.Tensor, teacher_scaled: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,9 @@ def test_bench_smoke_prints_table_and_writes_json(tmp_path):
         assert len(rounds) == 2 and record[f"{loop}_img_s"] == sum(rounds) / 2
     assert record["repeats"] == 2
     assert "B top-10" in r.output and record["cache_bytes_per_view"]["100"]["dense"] == 200
+    ratios = record["ratios"]  # the KD loss's share of a step: the same mixed views with and without it
+    assert ratios["kd_loss_overhead"] == record["cached_mixed_alone_img_s"] / record["cached_mixed_img_s"] - 1
+    assert "the KD loss adds" in r.output and "cached_mixed_alone" in r.output
 
 
 def test_folder_bench_measures_resident_and_streamed_stores(tmp_path):
