@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from kdcache.artifacts import atomic_write_text
+from kdcache.artifacts import atomic_write_text, claim_output
 from kdcache.config import DEFAULT_PRESET, PRESETS, get_preset, validate
 from kdcache.errors import KDCacheError
 
@@ -247,7 +248,7 @@ def teacher_cmd(
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     compile: bool = CompileOpt,
-    out: Path = typer.Option(TEACHER_OUT, "--out", help="Checkpoint to write (metrics go beside it as .metrics.jsonl)."),
+    out: Path = typer.Option(TEACHER_OUT, "--out", help="Checkpoint to write (metrics go beside it as OUT.metrics.jsonl)."),
     force: bool = ForceOpt,
     resume: bool = ResumeOpt,
 ):
@@ -418,7 +419,7 @@ def student_cmd(
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     compile: bool = CompileOpt,
-    out: Path = typer.Option(STUDENT_OUT, "--out", help="Checkpoint to write (metrics go beside it as .metrics.jsonl)."),
+    out: Path = typer.Option(STUDENT_OUT, "--out", help="Checkpoint to write (metrics go beside it as OUT.metrics.jsonl)."),
     force: bool = ForceOpt,
     resume: bool = ResumeOpt,
 ):
@@ -551,6 +552,7 @@ def bench_cmd(
     compile: bool = CompileOpt,
     procs: Optional[int] = typer.Option(None, "--procs", help="Instead: the cached student and the dump in N processes under torchrun (DDP; CPU cores split evenly, or one GPU each) against 1 process, taking turns."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON here."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --json file."),
 ):
     """Measure img/s of the seed notebook's loop, online KD, cached KD, no-teacher training and the dump.
 
@@ -560,57 +562,54 @@ def bench_cmd(
     """
     from kdcache.bench import BenchConfig, run_bench
 
-    rt = _runtime(device, precision, compile)
-    if procs is not None:
-        return _procs_bench(BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, repeats), procs, rt, json_path)
-    if image_folder or (data_dir is not None and (data_dir / "train").is_dir()):
-        folder = data_dir if data_dir is not None and (data_dir / "train").is_dir() else None
-        record = _folder_bench(student_arch, batch_size, steps, warmup, repeats, folder, image_size, rt)
-        return _write_bench_json(json_path, record)
-    cfg = BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, repeats, data_dir).validate()
-    err_console.print(f"bench {teacher_arch} -> {student_arch} · batch {batch_size} · {repeats} rounds of {steps} steps · {rt.describe()}", highlight=False)
-    with err_console.status("measuring") as status:
-        record = run_bench(cfg, rt, log=lambda msg: status.update(msg))
-    table = Table(title=f"kdcache bench · {record['device']} · {record['data']}", title_justify="left")
-    table.add_column("loop")
-    table.add_column("img/s", justify="right")
-    table.add_column("spread", justify="right")
-    table.add_column("cached is", justify="right")
-    notes = {
-        "seed_loop": "notebook: DataLoader + PIL, teacher every step, fp32",
-        "online": "our hot loop, teacher every step",
-        "cached": "our hot loop, logits from the cache",
-        "cached_mixed": "the same, mixed views (CutMix/MixUp replayed)",
-        "plain": "our hot loop, no teacher (floor)",
-        "dump": "teacher inference over views",
-    }
-    peaks = record["peak_working_mem_mb"]
-    show_mem = any(v is not None for v in peaks.values())
-    if show_mem:
-        table.add_column("working MiB", justify="right")
-    table.add_column("what")
-    for loop, what in notes.items():
-        v = record[f"{loop}_img_s"]
-        rounds = record["rounds_img_s"][loop]
-        spread = f"±{50 * (max(rounds) - min(rounds)) / v:.0f}%"  # half the range, relative to the median
-        ratio = "" if loop in ("cached", "cached_mixed", "dump") else f"{record['cached_img_s'] / v:.2f}x"
-        table.add_row(loop, f"{v:,.0f}", spread, ratio, *([f"{peaks[loop]:,.0f}"] if show_mem else []), what)
-    out_console.print(table)
-    sizes = " · ".join(f"C={int(c):,}: {b['dense']:,} B dense, {b['top10']} B top-10"
-                       for c, b in record["cache_bytes_per_view"].items())  # fmt: skip
-    out_console.print(f"cached targets per view: {sizes}", highlight=False)
-    _write_bench_json(json_path, record)
+    with claim_output(json_path, force=force, flag="--json") if json_path else contextlib.nullcontext():
+        rt = _runtime(device, precision, compile)
+        if procs is not None:
+            return _procs_bench(BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, repeats), procs, rt, json_path)
+        if image_folder or (data_dir is not None and (data_dir / "train").is_dir()):
+            folder = data_dir if data_dir is not None and (data_dir / "train").is_dir() else None
+            record = _folder_bench(student_arch, batch_size, steps, warmup, repeats, folder, image_size, rt)
+            return _write_bench_json(json_path, record)
+        cfg = BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, repeats, data_dir).validate()
+        err_console.print(f"bench {teacher_arch} -> {student_arch} · batch {batch_size} · {repeats} rounds of {steps} steps · {rt.describe()}", highlight=False)
+        with err_console.status("measuring") as status:
+            record = run_bench(cfg, rt, log=lambda msg: status.update(msg))
+        table = Table(title=f"kdcache bench · {record['device']} · {record['data']}", title_justify="left")
+        table.add_column("loop")
+        table.add_column("img/s", justify="right")
+        table.add_column("spread", justify="right")
+        table.add_column("cached is", justify="right")
+        notes = {
+            "seed_loop": "notebook: DataLoader + PIL, teacher every step, fp32",
+            "online": "our hot loop, teacher every step",
+            "cached": "our hot loop, logits from the cache",
+            "cached_mixed": "the same, mixed views (CutMix/MixUp replayed)",
+            "plain": "our hot loop, no teacher (floor)",
+            "dump": "teacher inference over views",
+        }
+        peaks = record["peak_working_mem_mb"]
+        show_mem = any(v is not None for v in peaks.values())
+        if show_mem:
+            table.add_column("working MiB", justify="right")
+        table.add_column("what")
+        for loop, what in notes.items():
+            v = record[f"{loop}_img_s"]
+            rounds = record["rounds_img_s"][loop]
+            spread = f"±{50 * (max(rounds) - min(rounds)) / v:.0f}%"  # half the range, relative to the median
+            ratio = "" if loop in ("cached", "cached_mixed", "dump") else f"{record['cached_img_s'] / v:.2f}x"
+            table.add_row(loop, f"{v:,.0f}", spread, ratio, *([f"{peaks[loop]:,.0f}"] if show_mem else []), what)
+        out_console.print(table)
+        sizes = " · ".join(f"C={int(c):,}: {b['dense']:,} B dense, {b['top10']} B top-10"
+                           for c, b in record["cache_bytes_per_view"].items())  # fmt: skip
+        out_console.print(f"cached targets per view: {sizes}", highlight=False)
+        _write_bench_json(json_path, record)
 
 
 def _write_bench_json(json_path: Path | None, record: dict) -> None:
     import json
 
     if json_path:
-        try:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")
-        except OSError as e:
-            raise KDCacheError(f"cannot write {json_path} ({e.strerror or e}): choose another --json path") from None
+        atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")
 
 
 def _procs_bench(cfg, procs: int, rt, json_path: Path | None) -> None:
@@ -757,19 +756,21 @@ def pipeline_cmd(
 def report_cmd(
     run_dirs: list[Path] = typer.Argument(..., help="One or more run directories written by `kdcache pipeline`."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Combined plot for several runs. \\[default: comparison.png beside the first run]"),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing plot file (--plot, or comparison.png for several runs); each run's own report files are always re-rendered."),
 ):
     """Re-render the comparison table, report files and plot from saved metrics; several runs side by side."""
     from kdcache.report import plot, write_report
 
-    records = [write_report(d) for d in run_dirs]
-    out_console.print(_report_table(records))
+    target = plot_path or (run_dirs[0].parent / "comparison.png" if len(run_dirs) > 1 else None)
+    with claim_output(target, force=force, flag="--plot") if target else contextlib.nullcontext():
+        records = [write_report(d) for d in run_dirs]
+        out_console.print(_report_table(records))
+        if target:
+            plot(records, target)
     if len(records) > 1:
-        target = plot_path or run_dirs[0].parent / "comparison.png"
-        plot(records, target)
         out_console.print(f"plot: {target}", highlight=False)
     else:
-        target = plot(records, plot_path) if plot_path else run_dirs[0] / "accuracy.png"
-        out_console.print(f"report: {run_dirs[0] / 'report.md'} · plot: {target}", highlight=False)
+        out_console.print(f"report: {run_dirs[0] / 'report.md'} · plot: {target or run_dirs[0] / 'accuracy.png'}", highlight=False)
 
 
 def main() -> None:
