@@ -124,9 +124,10 @@ DatasetOpt = typer.Option(None, "--dataset", help="cifar10 | cifar100 | imagefol
 ImageSizeOpt = typer.Option(None, "--image-size", help="Image folders: side of a view in pixels, 8..255 (64 trains fast on a CPU). \\[default: 224]")
 StoreSizeOpt = typer.Option(None, "--store-size", help="Image folders: images are stored once, shrunk to fit this many pixels a side. \\[default: image size x 4/3 / 0.875, rounded up to 8: 104 for 64, 344 for 224]")
 ValFractionOpt = typer.Option(None, "--val-fraction", help="Image folders without val/: hold out this share of every class of train/ (chosen by a hash of the file path).")
-SkipBadOpt = typer.Option(False, "--skip-bad-images", help="Image folders: leave out files that do not decode (listed in the store's meta.json) instead of stopping.")
+SkipBadOpt = typer.Option(False, "--skip-bad-images", help="Image folders: leave out files that do not decode or are too large (named in a note and in the store's meta.json) instead of stopping.")
+MaxPixelsOpt = typer.Option(None, "--max-image-pixels", help="Image folders: refuse (or with --skip-bad-images leave out) an image whose header declares more pixels than this, before decoding it: a small file can declare a huge canvas. \\[default: 40000000, 40 megapixels]")
 ResidentOpt = typer.Option(None, "--resident-mb", help="Image folders: training images up to this many MB stay on the device; a larger store is streamed from host memory per batch (same results). \\[default: half the GPU's free memory, or half the RAM]")
-RebuildStoreOpt = typer.Option(False, "--rebuild-store", help="Image folders: prepare the store again after the folder changed (artifacts of the old store no longer match).")
+RebuildStoreOpt = typer.Option(False, "--rebuild-store", help="Image folders: prepare the store again, whatever its state: after the folder changed (artifacts of the old store no longer match), or when it is damaged.")
 SubsetOpt = typer.Option(None, "--subset", help="Use only the first N training images. \\[default: all, or the preset's]")
 SeedOpt = typer.Option(None, "--seed", help="Seed for initialisation, views and order. \\[default: 0]")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda (auto: cuda when available).")
@@ -166,18 +167,18 @@ def _teacher_views(recipe: "Recipe", taught: dict | None, **given) -> "Recipe":
 
 
 def _data_options(dataset: str | None, data_dir: Path | None, image_size, store_size, val_fraction, skip_bad,
-                  rebuild) -> tuple[str | None, dict]:  # fmt: skip
+                  max_pixels, rebuild) -> tuple[str | None, dict]:  # fmt: skip
     """The dataset (a folder with train/ is an image folder) and its store options, checked."""
     if dataset is None and data_dir is not None and (data_dir / "train").is_dir():
         dataset = "imagefolder"
     given = {"--image-size": image_size, "--store-size": store_size, "--val-fraction": val_fraction,
-             "--skip-bad-images": skip_bad or None}  # fmt: skip
+             "--skip-bad-images": skip_bad or None, "--max-image-pixels": max_pixels}  # fmt: skip
     if dataset != "imagefolder" and (flag := next((f for f, v in given.items() if v is not None), None)):
         raise KDCacheError(f"{flag} applies to image folders: pass --data PATH, a folder with train/<class>/ image folders")
     if dataset == "imagefolder" and data_dir is None:
         raise KDCacheError("--dataset imagefolder needs --data PATH, a folder with train/<class>/ image folders")
     options = {"image_size": image_size, "store_size": store_size, "val_fraction": val_fraction,
-               "skip_bad_images": skip_bad, "rebuild_store": rebuild}  # fmt: skip
+               "skip_bad_images": skip_bad, "max_image_pixels": max_pixels, "rebuild_store": rebuild}  # fmt: skip
     return dataset, options if dataset == "imagefolder" else {}
 
 
@@ -231,6 +232,7 @@ def teacher_cmd(
     store_size: Optional[int] = StoreSizeOpt,
     val_fraction: Optional[float] = ValFractionOpt,
     skip_bad_images: bool = SkipBadOpt,
+    max_image_pixels: Optional[int] = MaxPixelsOpt,
     rebuild_store: bool = RebuildStoreOpt,
     resident_mb: Optional[float] = ResidentOpt,
     subset: Optional[int] = SubsetOpt,
@@ -257,7 +259,7 @@ def teacher_cmd(
     from kdcache.stages import train_teacher
 
     dataset, data_options = _data_options(dataset, data_dir, image_size, store_size, val_fraction, skip_bad_images,
-                                          rebuild_store)  # fmt: skip
+                                          max_image_pixels, rebuild_store)  # fmt: skip
     check_spec(arch) if arch else None
     recipe = get_preset(preset).override(
         teacher_arch=arch, dataset=dataset, subset=subset, teacher_epochs=epochs, batch_size=batch_size,
@@ -282,6 +284,7 @@ def import_teacher_cmd(
     store_size: Optional[int] = StoreSizeOpt,
     val_fraction: Optional[float] = ValFractionOpt,
     skip_bad_images: bool = SkipBadOpt,
+    max_image_pixels: Optional[int] = MaxPixelsOpt,
     rebuild_store: bool = RebuildStoreOpt,
     mean: Optional[str] = typer.Option(None, "--mean", help="Normalisation the weights were trained with, as R,G,B in [0, 1]. \\[default: ImageNet's for image folders, CIFAR's for CIFAR]"),
     std: Optional[str] = typer.Option(None, "--std", help="Its standard deviations, R,G,B. \\[default: with --mean's]"),
@@ -300,7 +303,7 @@ def import_teacher_cmd(
     from kdcache.imports import import_teacher
 
     dataset, data_options = _data_options(dataset or None, data_dir, image_size, store_size, val_fraction,
-                                          skip_bad_images, rebuild_store)  # fmt: skip
+                                          skip_bad_images, max_image_pixels, rebuild_store)  # fmt: skip
 
     def rgb(flag: str, text: str | None):
         values = _numbers(flag, text)
@@ -682,6 +685,7 @@ def pipeline_cmd(
     store_size: Optional[int] = StoreSizeOpt,
     val_fraction: Optional[float] = ValFractionOpt,
     skip_bad_images: bool = SkipBadOpt,
+    max_image_pixels: Optional[int] = MaxPixelsOpt,
     rebuild_store: bool = RebuildStoreOpt,
     resident_mb: Optional[float] = ResidentOpt,
     subset: Optional[int] = SubsetOpt,
@@ -723,7 +727,7 @@ def pipeline_cmd(
     for spec in (teacher_arch, student_arch):
         check_spec(spec) if spec else None
     dataset, data_options = _data_options(None, data_dir, image_size, store_size, val_fraction, skip_bad_images,
-                                          rebuild_store)  # fmt: skip
+                                          max_image_pixels, rebuild_store)  # fmt: skip
     name = preset or DEFAULT_PRESET
     recipe = get_preset(name).override(
         dataset=dataset, subset=subset, teacher_arch=teacher_arch, student_arch=student_arch, epochs=epochs,
