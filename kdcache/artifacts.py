@@ -219,8 +219,8 @@ def _refuse_clobber(out: Path, *, force: bool, resume: bool, interrupted: Path |
         require_file(interrupted, "an interrupted run's state")
     if os.path.lexists(out) and not force:
         raise KDCacheError(f"{out} already exists: pass --force to overwrite it, or choose another {flag}")
-    if out.is_dir() and not out.is_symlink():
-        raise KDCacheError(f"{out} is a directory: pass a file path to {flag}")
+    if folder := next((p for p in (out, interrupted, *sides) if p and p.is_dir() and not p.is_symlink()), None):
+        raise KDCacheError(f"{folder} is a directory where kdcache writes a file: remove it, or choose another {flag}")
     if (side := next((p for p in sides if os.path.lexists(p)), None)) and not (force or resume):
         raise KDCacheError(f"{side} already exists (beside {out.name}): pass --force to overwrite it, or choose another {flag}")
 

@@ -174,6 +174,21 @@ def test_a_side_file_without_its_output_is_not_overwritten_unasked(tmp_path, dat
     assert log.read_text() == "my notes\n" and not (tmp_path / "t.pt").exists()
 
 
+@pytest.mark.parametrize("name", ["c.h5", "c.h5.partial"])
+def test_a_directory_where_a_file_is_written_is_refused_up_front(tmp_path, teacher_ckpt, data_dir, name):
+    (tmp_path / name).mkdir()
+    code, err, _ = cli("dump-logits", "--teacher", teacher_ckpt, "--data-dir", data_dir, "--out", tmp_path / "c.h5",
+                       "--subset", "20", "--views", "1", "--device", "cpu", "--force")  # fmt: skip
+    assert_one_line_error(code, err, f"{name} is a directory where kdcache writes a file", "remove it")
+    assert os.listdir(tmp_path) == [name]
+
+
+def test_a_directory_at_the_metrics_is_refused_before_training(tmp_path, data_dir):
+    (tmp_path / "t.pt.metrics.jsonl").mkdir()
+    code, err, _ = cli(*teacher_args(data_dir, tmp_path / "t.pt", "--force"))
+    assert_one_line_error(code, err, "t.pt.metrics.jsonl is a directory where kdcache writes a file")
+
+
 # ---- a full disk ---------------------------------------------------------------------------------
 
 
