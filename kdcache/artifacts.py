@@ -1,17 +1,117 @@
 """Where artifacts go: refuse to clobber, check writability up front, one writer per output,
-log metrics as JSON lines."""
+write every file whole (or not at all) and never through a link, log metrics as JSON lines."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import secrets
+import stat
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator, TypeVar
 
 from kdcache.errors import KDCacheError
+
+T = TypeVar("T")
+# Create a new file for writing, exclusively: an existing name, a planted link included, is never opened.
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def no_room(e: BaseException | None) -> str | None:
+    """Why a write failed for lack of room ("No space left on device", ...), or None.
+
+    The errno may sit anywhere in the chain: torch.save reports its file object's failed
+    write as a RuntimeError whose context is the OSError; h5py reports a failed write as
+    OSError, or a failed flush as RuntimeError, with the C errno only in its text.
+    """
+    while e is not None:
+        for code in _NO_ROOM:
+            if getattr(e, "errno", None) == code or f"errno = {code}," in str(e):
+                return os.strerror(code)
+        if "no space left" in str(e).lower():
+            return os.strerror(errno.ENOSPC)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def write_failed(path: Path, e: BaseException) -> KDCacheError | None:
+    """The one-line error for a write to `path` that failed for want of room or access, or None
+    (anything else is a bug, and shows as one)."""
+    if reason := no_room(e):
+        return KDCacheError(
+            f"the disk filled up while writing {path} ({reason}); nothing was left half-written: "
+            f"free space in {path.parent} and run again"
+        )
+    if isinstance(e, OSError):
+        return KDCacheError(f"cannot write {path} ({e.strerror or e}): make {path.parent} writable, or choose another path")
+    return None
+
+
+def fresh_file(path: Path) -> Path:
+    """Make `path` a new, empty file of ours, for partials that keep one name to be resumed:
+    whatever stood there (a stale partial, a planted link) is removed first, never written through."""
+    path.unlink(missing_ok=True)
+    os.close(os.open(path, _NEW_FILE, 0o666))
+    return path
+
+
+def require_file(path: Path, what: str) -> Path:
+    """Refuse to reopen `path` for writing (resuming a partial) unless it is a plain file: a link
+    there would be written through."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a plain file (or a hard link)"
+        raise KDCacheError(f"{path} is {kind}, not {what}: remove it, or pass --force to start over")
+    return path
+
+
+def unique_beside(beside: Path, suffix: str, make: Callable[[Path], T]) -> tuple[T, Path]:
+    """(make(path), path) for a new hidden name in `beside`'s folder, so that a rename publishes it as
+    `beside`; `make` must create it exclusively (os.mkdir, or os.open with O_EXCL): a name that
+    exists, a planted link included, is never used."""
+    while True:
+        path = beside.with_name(f".{beside.name[:200]}.{secrets.token_hex(4)}{suffix}")
+        try:
+            return make(path), path
+        except FileExistsError:
+            continue
+
+
+@contextlib.contextmanager
+def temp_file(beside: Path) -> Iterator[tuple[int, Path]]:
+    """(descriptor, path) of a new file beside `beside` (see `unique_beside`), open for writing;
+    the name is removed on the way out unless it was renamed."""
+    fd, tmp = unique_beside(beside, ".tmp", lambda p: os.open(p, _NEW_FILE, 0o666))
+    try:
+        yield fd, tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Call `write(file)` on a new temporary file beside `path`, then rename it onto `path`: a reader
+    never sees half a file, a link at `path` is replaced (never written through), and a write that
+    fails for want of room or access is one line and leaves `path` as it was."""
+    path = Path(path)
+    try:
+        with temp_file(path) as (fd, tmp):
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if (error := write_failed(path, e)) is None:
+            raise
+        raise error from None
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def lock_path(out: str | Path) -> Path:
@@ -19,30 +119,52 @@ def lock_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".lock")
 
 
+def _open_lock(path: Path) -> int:
+    """Open or create the lock file, never through a link: a planted link or other non-file is refused."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise KDCacheError(f"{path} is a symbolic link, not a kdcache lock: remove it and run again") from None
+        raise KDCacheError(f"cannot create the lock file {path} ({e.strerror}): make {path.parent} writable") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise KDCacheError(f"{path} is not a kdcache lock (not a plain file, or a hard link): remove it and run again")
+    return fd
+
+
 @contextlib.contextmanager
-def output_lock(out: str | Path) -> Iterator[Path]:
+def output_lock(out: str | Path, wait: Callable[[str], None] | None = None) -> Iterator[Path]:
     """Hold `<out>.lock` (an exclusive `flock`) while a run writes `out` and its partials.
 
-    A second run aimed at the same output is refused at once. The kernel drops a flock
+    A second run aimed at the same output is refused at once, or, with `wait`, told
+    `wait(holder pid)` and blocked until the first is done. The kernel drops a flock
     when its process dies, however it dies, so a lock file left by a killed run is
     simply taken over by the next one. The file is removed on release; whoever locked a
     file that was removed meanwhile retries on the new one.
     """
     path = lock_path(out)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(path)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                if wait is None:
+                    raise KDCacheError(
+                        f"another kdcache run (pid {holder}) is writing {out}: wait for it to finish, or choose another --out"
+                    ) from None
+                wait(holder)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
             os.close(fd)
-            raise KDCacheError(
-                f"another kdcache run (pid {holder}) is writing {out}: wait for it to finish, or choose another --out"
-            ) from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
+            raise
         if same:
             break
         os.close(fd)  # we locked a file its holder had just removed: take the new one
@@ -57,64 +179,63 @@ def output_lock(out: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def claim_output(out: str | Path, *, force: bool, resume: bool = False, interrupted: Path | None = None,
-                 lock: bool = True) -> Iterator[Path]:  # fmt: skip
+                 sides: tuple[Path, ...] = (), lock: bool = True, flag: str = "--out") -> Iterator[Path]:  # fmt: skip
     """Take `out` for the whole `with` block, the one way a stage claims its output: check it
     can be written before any work starts (never after an hour of training), lock it, then
-    refuse to clobber. The lock comes before the clobber checks, so a running twin is named
-    as such, not as an interrupted run. `lock=False`: torchrun's other ranks, which write
-    nothing, check the same things without taking rank 0's lock."""
+    refuse to clobber it or its side files (`sides`: its metrics log). The lock comes before the
+    clobber checks, so a running twin is named as such, not as an interrupted run. `lock=False`:
+    torchrun's other ranks, which write nothing, check the same things without taking rank 0's lock.
+    `flag`: the option that named `out`, for the messages."""
     out = Path(out)
-    _check_writable(out)
+    check_writable(out.parent, f"choose another {flag}")
     with output_lock(out) if lock else contextlib.nullcontext():
-        _refuse_clobber(out, force=force, resume=resume, interrupted=interrupted)
+        _refuse_clobber(out, force=force, resume=resume, interrupted=interrupted, sides=sides, flag=flag)
         yield out
 
 
-def _check_writable(out: Path) -> None:
+def check_writable(folder: Path, fix: str) -> None:
+    """Create `folder` if need be and check a file can be made in it; else one line that ends with `fix`."""
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".kdcache-write-test-"):
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".kdcache-write-test-"):
             pass
     except OSError as e:
-        blocker = next((p for p in (out.parent, *out.parent.parents) if p.exists() and not p.is_dir()), None)
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
         reason = f"{blocker} is a file, not a directory" if blocker else (e.strerror or str(e))
-        raise KDCacheError(f"cannot write to {out.parent} ({reason}): choose another --out") from None
+        raise KDCacheError(f"cannot write to {folder} ({reason}): {fix}") from None
 
 
-def _refuse_clobber(out: Path, *, force: bool, resume: bool, interrupted: Path | None) -> None:
+def _refuse_clobber(out: Path, *, force: bool, resume: bool, interrupted: Path | None, sides: tuple[Path, ...],
+                    flag: str) -> None:  # fmt: skip
     """`interrupted`: where an interrupted run of the same output keeps its state; it is
-    never thrown away silently (resume it, or --force to start over)."""
-    if interrupted is not None and interrupted.exists() and not (resume or force):
+    never thrown away silently (resume it, or --force to start over). A link counts as a file."""
+    if interrupted is not None and os.path.lexists(interrupted) and not (resume or force):
         raise KDCacheError(
             f"an interrupted run left {interrupted}: pass --resume to continue it, or --force to start over"
         )
-    if resume and interrupted is not None and not interrupted.exists():
+    if resume and interrupted is not None and not os.path.lexists(interrupted):
         raise KDCacheError(f"nothing to resume: {interrupted} does not exist; run again without --resume")
-    if out.exists() and not force:
-        raise KDCacheError(f"{out} already exists: pass --force to overwrite it, or choose another --out")
-    if out.exists() and out.is_dir():
-        raise KDCacheError(f"{out} is a directory: pass a file path to --out")
+    if resume and interrupted is not None:
+        require_file(interrupted, "an interrupted run's state")
+    if os.path.lexists(out) and not force:
+        raise KDCacheError(f"{out} already exists: pass --force to overwrite it, or choose another {flag}")
+    if folder := next((p for p in (out, interrupted, *sides) if p and p.is_dir() and not p.is_symlink()), None):
+        raise KDCacheError(f"{folder} is a directory where kdcache writes a file: remove it, or choose another {flag}")
+    if (side := next((p for p in sides if os.path.lexists(p)), None)) and not (force or resume):
+        raise KDCacheError(f"{side} already exists (beside {out.name}): pass --force to overwrite it, or choose another {flag}")
 
 
 def metrics_path(out: str | Path) -> Path:
+    """`OUT.metrics.jsonl`, from the whole name: `a.pt` and `a.pth` never share one."""
     out = Path(out)
-    return out.with_name(out.stem + ".metrics.jsonl")
+    return out.with_name(out.name + ".metrics.jsonl")
 
 
-def atomic_write(path: str | Path, write) -> Path:
-    """Call `write(tmp_path)`, then rename onto `path`: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+def metrics_of(checkpoint: str | Path) -> Path:
+    """Where to read a checkpoint's metrics: `metrics_path`, or the `STEM.metrics.jsonl` that
+    kdcache 0.1 wrote before it (runs made then still report)."""
+    path, old = metrics_path(checkpoint), Path(checkpoint).with_suffix(".metrics.jsonl")
+    return old if not path.exists() and old.is_file() else path
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:

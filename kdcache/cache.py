@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from kdcache import __version__
+from kdcache.artifacts import fresh_file, require_file
 from kdcache.errors import KDCacheError
 from kdcache.views import GEOMETRIES, MIXES, CropFlip, Mix, ResizedCrop
 
@@ -146,8 +147,7 @@ class CacheWriter:
             self.file = self._reopen(attrs)
             self._remember_fd()
         else:
-            self.tmp.unlink(missing_ok=True)
-            self.file = h5py.File(self.tmp, "w")
+            self.file = h5py.File(fresh_file(self.tmp), "w")  # made exclusively: never through a planted link
             self._remember_fd()
             try:
                 self._create(attrs, num_rows, num_test, store_hw)
@@ -215,10 +215,10 @@ class CacheWriter:
         f.flush()
 
     def _reopen(self, attrs: dict) -> h5py.File:
-        if not self.tmp.exists():
+        if not os.path.lexists(self.tmp):
             raise KDCacheError(f"no interrupted dump at {self.tmp} to resume: run again without --resume")
         try:
-            f = h5py.File(self.tmp, "r+")
+            f = h5py.File(require_file(self.tmp, "an interrupted dump"), "r+")
         except OSError as e:
             raise KDCacheError(
                 f"{self.tmp} cannot be resumed ({str(e).splitlines()[0][:80]}): rerun with --force to start over"

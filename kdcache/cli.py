@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from kdcache.artifacts import atomic_write_text
+from kdcache.artifacts import atomic_write_text, claim_output
 from kdcache.config import DEFAULT_PRESET, PRESETS, get_preset, validate
 from kdcache.errors import KDCacheError
 
@@ -123,9 +124,10 @@ DatasetOpt = typer.Option(None, "--dataset", help="cifar10 | cifar100 | imagefol
 ImageSizeOpt = typer.Option(None, "--image-size", help="Image folders: side of a view in pixels, 8..255 (64 trains fast on a CPU). \\[default: 224]")
 StoreSizeOpt = typer.Option(None, "--store-size", help="Image folders: images are stored once, shrunk to fit this many pixels a side. \\[default: image size x 4/3 / 0.875, rounded up to 8: 104 for 64, 344 for 224]")
 ValFractionOpt = typer.Option(None, "--val-fraction", help="Image folders without val/: hold out this share of every class of train/ (chosen by a hash of the file path).")
-SkipBadOpt = typer.Option(False, "--skip-bad-images", help="Image folders: leave out files that do not decode (listed in the store's meta.json) instead of stopping.")
+SkipBadOpt = typer.Option(False, "--skip-bad-images", help="Image folders: leave out files that do not decode or are too large (named in a note and in the store's meta.json) instead of stopping.")
+MaxPixelsOpt = typer.Option(None, "--max-image-pixels", help="Image folders: refuse (or with --skip-bad-images leave out) an image whose header declares more pixels than this, before decoding it: a small file can declare a huge canvas. \\[default: 40000000, 40 megapixels]")
 ResidentOpt = typer.Option(None, "--resident-mb", help="Image folders: training images up to this many MB stay on the device; a larger store is streamed from host memory per batch (same results). \\[default: half the GPU's free memory, or half the RAM]")
-RebuildStoreOpt = typer.Option(False, "--rebuild-store", help="Image folders: prepare the store again after the folder changed (artifacts of the old store no longer match).")
+RebuildStoreOpt = typer.Option(False, "--rebuild-store", help="Image folders: prepare the store again, whatever its state: after the folder changed (artifacts of the old store no longer match), or when it is damaged.")
 SubsetOpt = typer.Option(None, "--subset", help="Use only the first N training images. \\[default: all, or the preset's]")
 SeedOpt = typer.Option(None, "--seed", help="Seed for initialisation, views and order. \\[default: 0]")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda (auto: cuda when available).")
@@ -177,18 +179,18 @@ def _teacher_views(recipe: "Recipe", taught: dict | None, **given) -> "Recipe":
 
 
 def _data_options(dataset: str | None, data_dir: Path | None, image_size, store_size, val_fraction, skip_bad,
-                  rebuild) -> tuple[str | None, dict]:  # fmt: skip
+                  max_pixels, rebuild) -> tuple[str | None, dict]:  # fmt: skip
     """The dataset (a folder with train/ is an image folder) and its store options, checked."""
     if dataset is None and data_dir is not None and (data_dir / "train").is_dir():
         dataset = "imagefolder"
     given = {"--image-size": image_size, "--store-size": store_size, "--val-fraction": val_fraction,
-             "--skip-bad-images": skip_bad or None}  # fmt: skip
+             "--skip-bad-images": skip_bad or None, "--max-image-pixels": max_pixels}  # fmt: skip
     if dataset != "imagefolder" and (flag := next((f for f, v in given.items() if v is not None), None)):
         raise KDCacheError(f"{flag} applies to image folders: pass --data PATH, a folder with train/<class>/ image folders")
     if dataset == "imagefolder" and data_dir is None:
         raise KDCacheError("--dataset imagefolder needs --data PATH, a folder with train/<class>/ image folders")
     options = {"image_size": image_size, "store_size": store_size, "val_fraction": val_fraction,
-               "skip_bad_images": skip_bad, "rebuild_store": rebuild}  # fmt: skip
+               "skip_bad_images": skip_bad, "max_image_pixels": max_pixels, "rebuild_store": rebuild}  # fmt: skip
     return dataset, options if dataset == "imagefolder" else {}
 
 
@@ -256,6 +258,7 @@ def teacher_cmd(
     store_size: Optional[int] = StoreSizeOpt,
     val_fraction: Optional[float] = ValFractionOpt,
     skip_bad_images: bool = SkipBadOpt,
+    max_image_pixels: Optional[int] = MaxPixelsOpt,
     rebuild_store: bool = RebuildStoreOpt,
     resident_mb: Optional[float] = ResidentOpt,
     subset: Optional[int] = SubsetOpt,
@@ -278,7 +281,7 @@ def teacher_cmd(
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     compile: bool = CompileOpt,
-    out: Path = typer.Option(TEACHER_OUT, "--out", help="Checkpoint to write (metrics go beside it as .metrics.jsonl)."),
+    out: Path = typer.Option(TEACHER_OUT, "--out", help="Checkpoint to write (metrics go beside it as OUT.metrics.jsonl)."),
     force: bool = ForceOpt,
     resume: bool = ResumeOpt,
 ):
@@ -287,7 +290,7 @@ def teacher_cmd(
     from kdcache.stages import train_teacher
 
     dataset, data_options = _data_options(dataset, data_dir, image_size, store_size, val_fraction, skip_bad_images,
-                                          rebuild_store)  # fmt: skip
+                                          max_image_pixels, rebuild_store)  # fmt: skip
     check_spec(arch) if arch else None
     recipe = get_preset(preset).override_teacher(
         teacher_arch=arch, dataset=dataset, subset=subset, epochs=epochs, batch_size=batch_size,
@@ -313,6 +316,7 @@ def import_teacher_cmd(
     store_size: Optional[int] = StoreSizeOpt,
     val_fraction: Optional[float] = ValFractionOpt,
     skip_bad_images: bool = SkipBadOpt,
+    max_image_pixels: Optional[int] = MaxPixelsOpt,
     rebuild_store: bool = RebuildStoreOpt,
     mean: Optional[str] = typer.Option(None, "--mean", help="Normalisation the weights were trained with, as R,G,B in [0, 1]. \\[default: ImageNet's for image folders, CIFAR's for CIFAR]"),
     std: Optional[str] = typer.Option(None, "--std", help="Its standard deviations, R,G,B. \\[default: with --mean's]"),
@@ -334,7 +338,7 @@ def import_teacher_cmd(
     from kdcache.imports import import_teacher
 
     dataset, data_options = _data_options(dataset or None, data_dir, image_size, store_size, val_fraction,
-                                          skip_bad_images, rebuild_store)  # fmt: skip
+                                          skip_bad_images, max_image_pixels, rebuild_store)  # fmt: skip
 
     def rgb(flag: str, text: str | None):
         values = _numbers(flag, text)
@@ -457,7 +461,7 @@ def student_cmd(
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     compile: bool = CompileOpt,
-    out: Path = typer.Option(STUDENT_OUT, "--out", help="Checkpoint to write (metrics go beside it as .metrics.jsonl)."),
+    out: Path = typer.Option(STUDENT_OUT, "--out", help="Checkpoint to write (metrics go beside it as OUT.metrics.jsonl)."),
     force: bool = ForceOpt,
     resume: bool = ResumeOpt,
 ):
@@ -602,6 +606,7 @@ def bench_cmd(
     compile: bool = CompileOpt,
     procs: Optional[int] = typer.Option(None, "--procs", help="Instead: the cached student and the dump in N processes under torchrun (DDP; CPU cores split evenly, or one GPU each) against 1 process, taking turns."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON here."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --json file."),
 ):
     """Measure img/s of the seed notebook's loop, online KD, cached KD, no-teacher training and the dump.
 
@@ -611,61 +616,59 @@ def bench_cmd(
     """
     from kdcache.bench import BenchConfig, run_bench
 
-    rt = _runtime(device, precision, compile)
-    if procs is not None:
-        return _procs_bench(BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, repeats), procs, rt, json_path)
-    if image_folder or (data_dir is not None and (data_dir / "train").is_dir()):
-        folder = data_dir if data_dir is not None and (data_dir / "train").is_dir() else None
-        record = _folder_bench(student_arch, batch_size, steps, warmup, repeats, folder, image_size, rt)
-        return _write_bench_json(json_path, record)
-    cfg = BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, repeats, data_dir).validate()
-    err_console.print(f"bench {teacher_arch} -> {student_arch} · batch {batch_size} · {repeats} rounds of {steps} steps · {rt.describe()}", highlight=False)
-    with err_console.status("measuring") as status:
-        record = run_bench(cfg, rt, log=lambda msg: status.update(msg))
-    table = Table(title=f"kdcache bench · {record['device']} · {record['data']}", title_justify="left")
-    table.add_column("loop")
-    table.add_column("img/s", justify="right")
-    table.add_column("spread", justify="right")
-    table.add_column("cached is", justify="right")
-    notes = {
-        "seed_loop": "notebook: DataLoader + PIL, teacher every step, fp32",
-        "online": "our hot loop, teacher every step",
-        "cached": "our hot loop, logits from the cache",
-        "cached_mixed": "the same, mixed views (CutMix/MixUp replayed)",
-        "cached_mixed_alone": "the same mixed views, alpha 0 (no KD loss)",
-        "plain": "our hot loop, no teacher (floor)",
-        "dump": "teacher inference over views",
-    }
-    peaks = record["peak_working_mem_mb"]
-    show_mem = any(v is not None for v in peaks.values())
-    if show_mem:
-        table.add_column("working MiB", justify="right")
-    table.add_column("what")
-    for loop, what in notes.items():
-        v = record[f"{loop}_img_s"]
-        rounds = record["rounds_img_s"][loop]
-        spread = f"±{50 * (max(rounds) - min(rounds)) / v:.0f}%"  # half the range, relative to the median
-        ratio = "" if loop in ("cached", "cached_mixed", "cached_mixed_alone", "dump") else f"{record['cached_img_s'] / v:.2f}x"
-        table.add_row(loop, f"{v:,.0f}", spread, ratio, *([f"{peaks[loop]:,.0f}"] if show_mem else []), what)
-    out_console.print(table)
-    sizes = " · ".join(f"C={int(c):,}: {b['dense']:,} B dense, {b['top10']} B top-10"
-                       for c, b in record["cache_bytes_per_view"].items())  # fmt: skip
-    out_console.print(f"cached targets per view: {sizes}", highlight=False)
-    r = record["ratios"]
-    out_console.print(f"cached_mixed/plain {r['cached_mixed_over_plain']:.2f} · the KD loss adds "
-                      f"{100 * r['kd_loss_overhead']:+.1f}% to a step (cached_mixed_alone/cached_mixed - 1)", highlight=False)
-    _write_bench_json(json_path, record)
+    with claim_output(json_path, force=force, flag="--json") if json_path else contextlib.nullcontext():
+        rt = _runtime(device, precision, compile)
+        if procs is not None:
+            return _procs_bench(BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, repeats), procs, rt, json_path)
+        if image_folder or (data_dir is not None and (data_dir / "train").is_dir()):
+            folder = data_dir if data_dir is not None and (data_dir / "train").is_dir() else None
+            record = _folder_bench(student_arch, batch_size, steps, warmup, repeats, folder, image_size, rt)
+            return _write_bench_json(json_path, record)
+        cfg = BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, repeats, data_dir).validate()
+        err_console.print(f"bench {teacher_arch} -> {student_arch} · batch {batch_size} · {repeats} rounds of {steps} steps · {rt.describe()}", highlight=False)
+        with err_console.status("measuring") as status:
+            record = run_bench(cfg, rt, log=lambda msg: status.update(msg))
+        table = Table(title=f"kdcache bench · {record['device']} · {record['data']}", title_justify="left")
+        table.add_column("loop")
+        table.add_column("img/s", justify="right")
+        table.add_column("spread", justify="right")
+        table.add_column("cached is", justify="right")
+        notes = {
+            "seed_loop": "notebook: DataLoader + PIL, teacher every step, fp32",
+            "online": "our hot loop, teacher every step",
+            "cached": "our hot loop, logits from the cache",
+            "cached_mixed": "the same, mixed views (CutMix/MixUp replayed)",
+            "cached_mixed_alone": "the same mixed views, alpha 0 (no KD loss)",
+            "plain": "our hot loop, no teacher (floor)",
+            "dump": "teacher inference over views",
+        }
+        peaks = record["peak_working_mem_mb"]
+        show_mem = any(v is not None for v in peaks.values())
+        if show_mem:
+            table.add_column("working MiB", justify="right")
+        table.add_column("what")
+        for loop, what in notes.items():
+            v = record[f"{loop}_img_s"]
+            rounds = record["rounds_img_s"][loop]
+            spread = f"±{50 * (max(rounds) - min(rounds)) / v:.0f}%"  # half the range, relative to the median
+            ratio = "" if loop in ("cached", "cached_mixed", "cached_mixed_alone", "dump") else f"{record['cached_img_s'] / v:.2f}x"
+            table.add_row(loop, f"{v:,.0f}", spread, ratio, *([f"{peaks[loop]:,.0f}"] if show_mem else []), what)
+        out_console.print(table)
+        sizes = " · ".join(f"C={int(c):,}: {b['dense']:,} B dense, {b['top10']} B top-10"
+                           for c, b in record["cache_bytes_per_view"].items())  # fmt: skip
+        out_console.print(f"cached targets per view: {sizes}", highlight=False)
+        r = record["ratios"]
+        out_console.print(f"cached_mixed/plain {r['cached_mixed_over_plain']:.2f} · the KD loss adds "
+                          f"{100 * r['kd_loss_overhead']:+.1f}% to a step (cached_mixed_alone/cached_mixed - 1)",
+                          highlight=False)  # fmt: skip
+        _write_bench_json(json_path, record)
 
 
 def _write_bench_json(json_path: Path | None, record: dict) -> None:
     import json
 
     if json_path:
-        try:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")
-        except OSError as e:
-            raise KDCacheError(f"cannot write {json_path} ({e.strerror or e}): choose another --json path") from None
+        atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")
 
 
 def _procs_bench(cfg, procs: int, rt, json_path: Path | None) -> None:
@@ -738,6 +741,7 @@ def pipeline_cmd(
     store_size: Optional[int] = StoreSizeOpt,
     val_fraction: Optional[float] = ValFractionOpt,
     skip_bad_images: bool = SkipBadOpt,
+    max_image_pixels: Optional[int] = MaxPixelsOpt,
     rebuild_store: bool = RebuildStoreOpt,
     resident_mb: Optional[float] = ResidentOpt,
     subset: Optional[int] = SubsetOpt,
@@ -780,7 +784,7 @@ def pipeline_cmd(
     for spec in (teacher_arch, student_arch):
         check_spec(spec) if spec else None
     dataset, data_options = _data_options(None, data_dir, image_size, store_size, val_fraction, skip_bad_images,
-                                          rebuild_store)  # fmt: skip
+                                          max_image_pixels, rebuild_store)  # fmt: skip
     name = preset or DEFAULT_PRESET
     recipe = get_preset(name).override(
         dataset=dataset, subset=subset, teacher_arch=teacher_arch, student_arch=student_arch, epochs=epochs,
@@ -814,21 +818,23 @@ def pipeline_cmd(
 def report_cmd(
     run_dirs: list[Path] = typer.Argument(..., help="One or more run directories written by `kdcache pipeline`."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Combined plot for several runs. \\[default: comparison.png beside the first run]"),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing plot file (--plot, or comparison.png for several runs); each run's own report files are always re-rendered."),
 ):
     """Re-render the comparison table, report files and plot from saved metrics; several runs side by side."""
     from kdcache.report import plot, write_report
 
-    records = [write_report(d) for d in run_dirs]
-    out_console.print(_report_table(records))
-    for record in records:
-        _print_warnings(record)
+    target = plot_path or (run_dirs[0].parent / "comparison.png" if len(run_dirs) > 1 else None)
+    with claim_output(target, force=force, flag="--plot") if target else contextlib.nullcontext():
+        records = [write_report(d) for d in run_dirs]
+        out_console.print(_report_table(records))
+        for record in records:
+            _print_warnings(record)
+        if target:
+            plot(records, target)
     if len(records) > 1:
-        target = plot_path or run_dirs[0].parent / "comparison.png"
-        plot(records, target)
         out_console.print(f"plot: {target}", highlight=False)
     else:
-        target = plot(records, plot_path) if plot_path else run_dirs[0] / "accuracy.png"
-        out_console.print(f"report: {run_dirs[0] / 'report.md'} · plot: {target}", highlight=False)
+        out_console.print(f"report: {run_dirs[0] / 'report.md'} · plot: {target or run_dirs[0] / 'accuracy.png'}", highlight=False)
 
 
 def main() -> None:

@@ -260,7 +260,8 @@ def load_dataset(
 def load_folder(
     data_dir: str | Path | None, *, subset: int | None = None, image_size: int | None = None,
     store_size: int | None = None, val_fraction: float | None = None, skip_bad_images: bool = False,
-    rebuild_store: bool = False, data_path: str | None = None, progress=None, **_ignored,
+    max_image_pixels: int | None = None, rebuild_store: bool = False, data_path: str | None = None, progress=None,
+    **_ignored,
 ) -> Dataset:
     """An image folder through its prepared store (see `folders`): train rows as store canvases with
     random-resized-crop views, val rendered once as Resize(size / 0.875) + CenterCrop(size)."""
@@ -273,8 +274,12 @@ def load_folder(
         raise KDCacheError(f"--image-size must be in 8..255 for image folders (got {image_size})")
     if image_size > store_size:
         raise KDCacheError(f"--image-size {image_size} is above the store size {store_size}: lower it, or raise --store-size")
+    max_image_pixels = folders.DEFAULT_MAX_PIXELS if max_image_pixels is None else int(max_image_pixels)
+    if max_image_pixels < 1:
+        raise KDCacheError(f"--max-image-pixels must be >= 1 (got {max_image_pixels})")
     train, val, classes, _ = folders.prepare(root, store_size, val_fraction=val_fraction, skip_bad=skip_bad_images,
-                                             rebuild=rebuild_store, progress=progress)  # fmt: skip
+                                             max_pixels=max_image_pixels, rebuild=rebuild_store,
+                                             progress=progress)  # fmt: skip
     n = len(train.labels)
     if subset is not None and not 1 <= subset <= n:
         raise KDCacheError(f"--subset {subset} is outside 1..{n}, the training images in {root}: use at most {n}")
@@ -288,7 +293,8 @@ def load_folder(
     test_x = torch.cat([evaluate.pixels(val_images, val_rows[i : i + 256], params[i : i + 256])
                         for i in range(0, len(val_rows), 256)])  # fmt: skip
     options = {"data_path": str(root.resolve()), "image_size": image_size, "store_size": store_size,
-               "val_fraction": val_fraction, "skip_bad_images": skip_bad_images}  # fmt: skip
+               "val_fraction": val_fraction, "skip_bad_images": skip_bad_images,
+               "max_image_pixels": max_image_pixels}  # fmt: skip
     return Dataset(
         name="imagefolder",
         train_x=train.images[:rows],  # the memory-mapped store: `Runtime.place` loads it, or streams it

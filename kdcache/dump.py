@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -13,7 +11,7 @@ import numpy as np
 import torch
 
 from kdcache import cache as cache_io
-from kdcache.artifacts import claim_output
+from kdcache.artifacts import claim_output, no_room
 from kdcache.data import load_dataset, recorded_options
 from kdcache.errors import KDCacheError
 from kdcache.imports import load_teachers
@@ -21,18 +19,6 @@ from kdcache.models import check_classes
 from kdcache.train import Progress, Runtime, NoProgress, TTAModel, accuracy, predict
 from kdcache.topk import DEFAULT_TEMPERATURES, from_dense
 from kdcache.views import MIXES, mix_params
-
-
-def _disk_full(e: Exception) -> str | None:
-    """Why a write failed for lack of room ("No space left on device", ...), or None.
-
-    h5py reports a failed write as OSError, or RuntimeError for a failed flush, with
-    the C errno only in its (multi-line) text.
-    """
-    for code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        if getattr(e, "errno", None) == code or f"errno = {code}," in str(e):
-            return os.strerror(code)
-    return "no space left" if "space" in str(e).lower() else None
 
 
 def _size(nbytes: float) -> str:
@@ -286,7 +272,7 @@ def dump_logits(
                 },
             )
         except (OSError, RuntimeError) as e:
-            reason = _disk_full(e)
+            reason = no_room(e)
             if reason is None:
                 raise
             if writer is not None:

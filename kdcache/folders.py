@@ -14,12 +14,15 @@ drawn from a hash of each file's relative path, so `--subset N` takes a class-mi
 first N.
 
 The store remembers the folder's listing (relative path, size, modification time of
-every file). A run that finds the folder changed stops with a one-line error; pass
-`rebuild=True` (`--rebuild-store`) to prepare it again.
+every file). A run that finds the folder changed, or the store damaged, stops with a
+one-line error; pass `rebuild=True` (`--rebuild-store`) to prepare it again. A store is
+prepared under a lock (a second run waits for it), in a private folder published with
+one rename once complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kdcache.artifacts import check_writable, no_room, output_lock, unique_beside
 from kdcache.errors import KDCacheError
 
 STORE_VERSION = 1
@@ -38,6 +42,11 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
 # PIL decodes these and nothing else, whatever a file's name says: its EPS reader, for one, runs Ghostscript
 FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
 DEFAULT_IMAGE_SIZE = 224
+# Decoding costs memory in proportion to the canvas a file declares (3 bytes a pixel and more, per
+# decode thread); 40 megapixels holds any camera photo up to 7,700 x 5,200.
+DEFAULT_MAX_PIXELS = 40_000_000
+_META_KEYS = ("store_size", "skip_bad", "classes", "listing_sha256", "train_fingerprint", "train_num_images",
+              "val_num_images")  # fmt: skip
 
 
 def default_store_size(image_size: int) -> int:
@@ -143,13 +152,20 @@ def listing_digest(root: Path, files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def decode(path: Path, store_size: int) -> np.ndarray:
-    """uint8 [3, h, w]: an image in one of `FORMATS`, EXIF-rotated, as RGB, shrunk to fit store_size (bicubic)."""
+class TooLarge(Exception):
+    """An image whose header declares more pixels than the limit: refused before it is decoded."""
+
+
+def decode(path: Path, store_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """uint8 [3, h, w]: an image in one of `FORMATS`, EXIF-rotated, as RGB, shrunk to fit store_size (bicubic).
+    The size its header declares is checked first: a small file can declare a huge canvas."""
     from PIL import Image, ImageOps
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's palette-transparency and EXIF warnings
         with Image.open(path, formats=FORMATS) as im:
+            if im.width * im.height > max_pixels:
+                raise TooLarge(f"declares {im.width}x{im.height} pixels, over --max-image-pixels {max_pixels:,}")
             im.draft("RGB", (store_size, store_size))  # JPEG: decode at the smallest scale still >= the store
             im = ImageOps.exif_transpose(im)
             if im.mode != "RGB":
@@ -158,25 +174,45 @@ def decode(path: Path, store_size: int) -> np.ndarray:
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def _try_decode(args) -> np.ndarray | str:
-    path, store_size = args
+def _try_decode(args) -> np.ndarray | tuple[str, str]:
+    """The image, or (what is wrong with the file, what to do): its part of the one-line error."""
+    path, store_size, max_pixels = args
+    from PIL import Image
+
     try:
-        return decode(path, store_size)
+        return decode(path, store_size, max_pixels)
+    except TooLarge as e:
+        return str(e), "remove or shrink it, raise --max-image-pixels if it is genuine"
+    except Image.DecompressionBombError as e:  # over PIL's own limit, which stops it before ours
+        return f"declares more pixels than PIL decodes ({str(e).split(',')[0]})", "remove or shrink it"
     except Exception as e:  # noqa: BLE001 - PIL raises many types; reported per file
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+        return f"does not decode as an image ({why})", "remove or replace it"
 
 
-def _write_split(folder: Path, name: str, root: Path, split: Split, store_size: int, skip_bad: bool, progress) -> dict:
+def _new_array(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A uint8 .npy file of `shape`, allocated whole before it is mapped: past a full disk, a write to
+    a memory map is a SIGBUS that kills the process without a word; here it is an OSError (ENOSPC)
+    before any image is decoded."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        f.flush()
+        os.posix_fallocate(f.fileno(), f.tell(), int(np.prod(shape)))
+    return np.lib.format.open_memmap(path, mode="r+")
+
+
+def _write_split(folder: Path, name: str, root: Path, split: Split, store_size: int, skip_bad: bool,
+                 max_pixels: int, progress) -> dict:  # fmt: skip
     n, s = len(split.files), store_size
-    images = np.lib.format.open_memmap(folder / f"{name}_images.npy", mode="w+", dtype=np.uint8, shape=(n, 3, s, s))
+    images = _new_array(folder / f"{name}_images.npy", (n, 3, s, s))
     hw = np.zeros((n, 2), np.int16)
-    bad: list[tuple[str, str]] = []
+    bad: list[tuple[str, str, str]] = []
     keep = np.ones(n, bool)
     progress.begin(f"preparing {name} ({n:,} images)", n)
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        for i, result in enumerate(pool.map(_try_decode, [(p, s) for p in split.files], chunksize=16)):
-            if isinstance(result, str):
-                bad.append((str(split.files[i].relative_to(root)), result))
+        for i, result in enumerate(pool.map(_try_decode, [(p, s, max_pixels) for p in split.files], chunksize=16)):
+            if isinstance(result, tuple):
+                bad.append((str(split.files[i].relative_to(root)), *result))
                 keep[i] = False
             else:
                 h, w = result.shape[1:]
@@ -187,9 +223,10 @@ def _write_split(folder: Path, name: str, root: Path, split: Split, store_size: 
             progress.advance()
     progress.end()
     if bad and not skip_bad:
+        path, problem, fix = bad[0]
         raise KDCacheError(
-            f"{root / bad[0][0]} does not decode as an image ({bad[0][1]}; {len(bad)} such file(s)): "
-            "remove or replace it, or pass --skip-bad-images to leave such files out"
+            f"{root / path} {problem} ({len(bad)} bad file(s) in {name}): {fix}, "
+            "or pass --skip-bad-images to leave such files out"
         )
     labels = split.labels
     if bad:  # compact the kept rows to the front, in order; readers take the first num_images rows
@@ -204,7 +241,7 @@ def _write_split(folder: Path, name: str, root: Path, split: Split, store_size: 
     del images
     np.save(folder / f"{name}_hw.npy", hw)
     np.save(folder / f"{name}_labels.npy", labels)
-    return {"num_images": int(len(labels)), "skipped": [f"{p} ({why})" for p, why in bad]}
+    return {"num_images": int(len(labels)), "skipped": [f"{p}: {problem}" for p, problem, _ in bad]}
 
 
 def content_fingerprint(images: np.ndarray, hw: np.ndarray, labels: np.ndarray, rows: int | None = None) -> str:
@@ -224,8 +261,12 @@ def store_dir(root: Path, store_size: int, val_fraction: float | None) -> Path:
 
 
 def prepare(root: str | Path, store_size: int, *, val_fraction: float | None = None, skip_bad: bool = False,
-            rebuild: bool = False, progress=None) -> tuple[Store, Store, list[str], Path]:  # fmt: skip
-    """(train store, val store, classes, store folder): made once per folder and store size, then reused."""
+            max_pixels: int = DEFAULT_MAX_PIXELS, rebuild: bool = False,
+            progress=None) -> tuple[Store, Store, list[str], Path]:  # fmt: skip
+    """(train store, val store, classes, store folder): made once per folder and store size, then reused.
+
+    The store is checked, opened and prepared under its lock; `rebuild` prepares it again
+    whatever state it is in. A store root that cannot be written still serves a ready store."""
     from kdcache.train import NoProgress
 
     progress = progress or NoProgress()
@@ -233,49 +274,139 @@ def prepare(root: str | Path, store_size: int, *, val_fraction: float | None = N
     classes, train, val = scan(root, val_fraction)
     listing = listing_digest(root, train.files + val.files)
     folder = store_dir(root, store_size, val_fraction)
-    meta_path = folder / "meta.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta["listing_sha256"] != listing or meta["classes"] != classes or meta["skip_bad"] != skip_bad:
-            if not rebuild:
-                what = "its files" if meta["classes"] == classes else "its classes"
-                if meta["skip_bad"] != skip_bad and meta["listing_sha256"] == listing:
-                    what = "--skip-bad-images"
-                raise KDCacheError(
-                    f"{root} changed since its store in {folder} was prepared ({what} differ): "
-                    "pass --rebuild-store to prepare it again (artifacts made from the old store will no longer match)"
-                )
+    record = {"val_fraction": val_fraction, "listing_sha256": listing, "skip_bad": skip_bad, "max_image_pixels": max_pixels}
+    try:
+        check_writable(folder.parent, "make it writable, or point KDCACHE_STORE_DIR at a writable folder")
+    except KDCacheError:
+        if rebuild or _published(folder) is None:
+            raise
+        lock = contextlib.nullcontext()  # read-only: nobody prepares the store here, it is read as it is
+    else:
+        lock = output_lock(folder, wait=lambda pid: progress.note(f"waiting for kdcache run {pid}, which is preparing {folder}"))
+    with lock:
+        meta = None if rebuild else _published(folder)
+        if meta is None:
+            meta = _build(root, folder, classes, {"train": train, "val": val}, store_size, record, progress)
         else:
-            return _open(folder, meta) + (classes, folder)
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+            _refuse_stale(root, folder, meta, classes, record)
+        return _open(folder, meta) + (classes, folder)
+
+
+def _damaged(folder: Path, why: str) -> KDCacheError:
+    return KDCacheError(f"the image store {folder} is damaged ({why}): run again with --rebuild-store to prepare it anew")
+
+
+def _published(folder: Path) -> dict | None:
+    """The checked meta.json of the store at `folder`, or None when there is none."""
+    if not os.path.lexists(folder):
+        return None
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        raise _damaged(folder, "it has no meta.json") from None
+    except (OSError, ValueError) as e:
+        raise _damaged(folder, f"meta.json does not read as JSON: {str(e).splitlines()[0][:60]}") from None
+    if not isinstance(meta, dict) or meta.get("format") != "kdcache-image-store" or meta.get("version") != STORE_VERSION:
+        raise _damaged(folder, f"meta.json is not a version-{STORE_VERSION} kdcache store record")
+    if missing := [k for k in _META_KEYS if k not in meta]:
+        raise _damaged(folder, f"meta.json lacks {missing[0]!r}")
+    if not all(isinstance(meta[f"{name}_num_images"], int) for name in ("train", "val")):
+        raise _damaged(folder, "meta.json's image counts are not numbers")
+    return meta
+
+
+def _refuse_stale(root: Path, folder: Path, meta: dict, classes: list[str], current: dict) -> None:
+    """A store made from another listing, other classes or another bad-image policy is not reused (the
+    pixel limit counts only where bad images are left out: elsewhere it changes no row)."""
+    if meta["classes"] != classes:
+        what = "its classes"
+    elif meta["listing_sha256"] != current["listing_sha256"]:
+        what = "its files"
+    elif meta["skip_bad"] != current["skip_bad"]:
+        what = "--skip-bad-images"
+    elif current["skip_bad"] and meta.get("max_image_pixels") != current["max_image_pixels"]:
+        what = "--max-image-pixels"
+    else:
+        return
+    raise KDCacheError(
+        f"{root} changed since its store in {folder} was prepared ({what} differ): "
+        "pass --rebuild-store to prepare it again (artifacts made from the old store will no longer match)"
+    )
+
+
+def _build(root: Path, folder: Path, classes: list[str], splits: dict[str, Split], store_size: int, record: dict,
+           progress) -> dict:  # fmt: skip
+    """Decode every image into a new private folder beside `folder`, fingerprint what was written, and
+    publish it as `folder` with one rename; a full disk is one line and leaves nothing behind."""
+    for old in folder.parent.iterdir():  # what killed runs left: we hold the lock, nobody writes them
+        if old.name.startswith(f".{folder.name}.") and old.name.endswith(".partial"):
+            shutil.rmtree(old, ignore_errors=True)
+    _, tmp = unique_beside(folder, ".partial", os.mkdir)
     try:
         progress.note(f"preparing a {store_size}-pixel store of {root} in {folder} (once)")
-        info = {name: _write_split(tmp, name, root, split, store_size, skip_bad, progress)
-                for name, split in (("train", train), ("val", val))}  # fmt: skip
+        info = {name: _write_split(tmp, name, root, split, store_size, record["skip_bad"], record["max_image_pixels"],
+                                   progress) for name, split in splits.items()}  # fmt: skip
         hw, labels = np.load(tmp / "train_hw.npy"), np.load(tmp / "train_labels.npy")
         images = np.load(tmp / "train_images.npy", mmap_mode="r")[: len(labels)]
         meta = {
             "format": "kdcache-image-store", "version": STORE_VERSION, "root": str(root.resolve()),
-            "store_size": store_size, "val_fraction": val_fraction, "skip_bad": skip_bad, "classes": classes,
-            "listing_sha256": listing, "train_fingerprint": content_fingerprint(images, hw, labels), **{
+            "store_size": store_size, "classes": classes, **record,
+            "train_fingerprint": content_fingerprint(images, hw, labels), **{
                 f"{name}_{k}": v for name, d in info.items() for k, v in d.items()},
         }  # fmt: skip
         del images
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        shutil.rmtree(folder, ignore_errors=True)
+        _remove(folder)
         os.replace(tmp, folder)
+    except OSError as e:
+        raise _store_write_failed(root, folder, splits, store_size, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _open(folder, meta) + (classes, folder)
+    if skipped := [f for name in splits for f in meta[f"{name}_skipped"]]:
+        progress.note(f"left out {len(skipped)} bad image(s), listed in {folder / 'meta.json'}; first: {skipped[0]}")
+    return meta
+
+
+def _remove(path: Path) -> None:
+    """Whatever stands at `path` goes: a damaged store, a file, a link (never followed)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+def _store_write_failed(root: Path, folder: Path, splits: dict[str, Split], store_size: int, e: OSError) -> KDCacheError:
+    where = folder.parent
+    if reason := no_room(e):
+        need = sum(len(split.files) for split in splits.values()) * 3 * store_size**2
+        return KDCacheError(
+            f"the disk filled up while preparing the store of {root} ({reason}); nothing was kept: free about "
+            f"{need / 1e6:,.0f} MB in {where}, or point KDCACHE_STORE_DIR at a larger disk, and run again"
+        )
+    return KDCacheError(
+        f"cannot write the store of {root} in {where} ({e.strerror or e}): make it writable, "
+        "or point KDCACHE_STORE_DIR at a writable folder"
+    )
 
 
 def _open(folder: Path, meta: dict) -> tuple[Store, Store]:
+    """Both splits, memory-mapped, each array checked against meta.json: a short or replaced file is damage."""
+    size = meta["store_size"]
+
+    def load(name: str, mmap_mode: str | None = None) -> np.ndarray:
+        try:
+            return np.load(folder / name, mmap_mode=mmap_mode)  # no pickles: allow_pickle stays False
+        except (OSError, ValueError, EOFError) as e:
+            raise _damaged(folder, f"{name} is short or not an array: {str(e).splitlines()[0][:60]}") from None
+
     def one(name: str) -> Store:
-        labels = np.load(folder / f"{name}_labels.npy")
-        images = np.load(folder / f"{name}_images.npy", mmap_mode="r")[: len(labels)]
-        return Store(images, np.load(folder / f"{name}_hw.npy"), labels, meta)
+        n = meta[f"{name}_num_images"]
+        labels, hw = load(f"{name}_labels.npy"), load(f"{name}_hw.npy")
+        images = load(f"{name}_images.npy", mmap_mode="r")
+        shapes = labels.shape == (n,) and hw.shape == (n, 2) and images.shape[1:] == (3, size, size) and len(images) >= n
+        if not shapes or (labels.dtype, hw.dtype, images.dtype) != (np.int64, np.int16, np.uint8):
+            raise _damaged(folder, f"its {name} arrays do not match meta.json")
+        return Store(images[:n], hw, labels, meta)
 
     return one("train"), one("val")
 

@@ -8,7 +8,6 @@ loaded, so a checkpoint can never be paired with an untrained stem.
 from __future__ import annotations
 
 import hashlib
-import os
 import zipfile
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from kdcache import __version__
+from kdcache.artifacts import atomic_write
 from kdcache.errors import KDCacheError
 
 CHECKPOINT_FORMAT = "kdcache-checkpoint"
@@ -310,14 +310,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
-    """torch.save to a temporary name, then rename: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """torch.save through `atomic_write`: a reader never sees half a file, a full disk is one line."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, *, arch: str, meta: dict) -> None:

@@ -7,18 +7,19 @@ With --resume, finished stages are kept and an interrupted one continues.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 from kdcache import cache as cache_io
-from kdcache.artifacts import atomic_write, metrics_path
+from kdcache.artifacts import atomic_write, check_writable, metrics_of, metrics_path, output_lock
 from kdcache.config import Recipe, validate
 from kdcache.dump import dump_logits
 from kdcache.errors import KDCacheError
 from kdcache.models import check_arch, file_sha256, read_checkpoint
-from kdcache.report import write_report
+from kdcache.report import REPORT_FILES, write_report
 from kdcache.stages import train_student, train_teacher
 from kdcache.train import Progress, Runtime, resume_path
 
@@ -49,6 +50,31 @@ def _done(path: Path, expect: dict) -> bool:
                 "pass --force to redo the run, or choose another --out"
             )
     return True
+
+
+def _refuse_other_teacher(teacher: Path, paths: dict[str, Path], resume: bool) -> None:
+    """`--teacher B` on a run that holds another teacher replaces it only with --force; a resumed run
+    keeps its teacher, or its cache and students would match no teacher. A run that lost its teacher
+    is resumed with B only if its cache was dumped from B."""
+    if os.path.lexists(paths[TEACHER]):
+        raise KDCacheError(
+            f"{paths[TEACHER]} is another teacher than {teacher}: pass --force to redo the run with {teacher.name}, "
+            f"or {'leave --teacher out to resume the run' if resume else 'choose another --out'}"
+        )
+    if resume and paths[CACHE].exists():
+        _done(paths[CACHE], {"teacher_sha256": file_sha256(teacher)})
+
+
+def _copy_teacher(teacher: Path, into: Path) -> None:
+    """Copy the reused teacher, and its metrics (or none: never the run's old ones), into the run."""
+    with output_lock(into):
+        with open(teacher, "rb") as src:
+            atomic_write(into, lambda f: shutil.copyfileobj(src, f))
+        if (metrics := metrics_of(teacher)).is_file():
+            with open(metrics, "rb") as src:
+                atomic_write(metrics_path(into), lambda f: shutil.copyfileobj(src, f))
+        else:
+            metrics_path(into).unlink(missing_ok=True)
 
 
 def _image_size(data_options: dict | None) -> dict:
@@ -93,14 +119,19 @@ def run_pipeline(
     trusted = trust_arch or teacher is None  # a teacher this run trains, or keeps, is --teacher-arch's
     run_dir = Path(run_dir)
     paths = {name: run_dir / name for name in (TEACHER, CACHE, STUDENT_KD, STUDENT_ALONE, STUDENT_ONLINE)}
-    existing = [p for p in paths.values() if p.exists() or resume_path(p).exists() or cache_io.partial_path(p).exists()]
-    if teacher is not None and paths[TEACHER] in existing and Path(teacher).resolve() != paths[TEACHER].resolve():
-        existing.remove(paths[TEACHER])  # replaced by the reused teacher
+    same_teacher = False
+    if teacher is not None:  # checked before anything is written: a bad file, or another teacher than the run's
+        check_arch(teacher, read_checkpoint(teacher)["arch"], trust_arch=trust_arch)
+        same_teacher = paths[TEACHER].is_file() and file_sha256(teacher) == file_sha256(paths[TEACHER])
+        if not (same_teacher or force):
+            _refuse_other_teacher(Path(teacher), paths, resume)
+    check_writable(run_dir, "choose another --out")
+    left = [*paths.values(), *(run_dir / name for name in REPORT_FILES)]
+    existing = [p for p in left if os.path.lexists(p) or resume_path(p).exists() or cache_io.partial_path(p).exists()]
+    if same_teacher:
+        existing.remove(paths[TEACHER])  # the very teacher this run reuses
     if existing and not (force or resume):
         raise KDCacheError(f"{run_dir} already holds a run: pass --resume to continue it, or --force to redo it")
-    if teacher is not None:  # refuse a bad file before anything is written
-        check_arch(teacher, read_checkpoint(teacher)["arch"], trust_arch=trust_arch)
-    run_dir.mkdir(parents=True, exist_ok=True)
     log(f"pipeline preset {preset} -> {run_dir} · {rt.describe()}")
     t0 = time.perf_counter()
 
@@ -114,10 +145,8 @@ def run_pipeline(
         run(path, dict(force=force or (resume and not interrupted), resume=interrupted))
 
     if teacher is not None:
-        if Path(teacher).resolve() != paths[TEACHER].resolve():
-            atomic_write(paths[TEACHER], lambda tmp: shutil.copy2(teacher, tmp))
-            if metrics_path(teacher).exists():
-                atomic_write(metrics_path(paths[TEACHER]), lambda tmp: shutil.copy2(metrics_path(teacher), tmp))
+        if not same_teacher:
+            _copy_teacher(Path(teacher), paths[TEACHER])
         log(f"teacher: reusing {teacher}")
     else:
         stage(TEACHER, "teacher", lambda out, kw: train_teacher(
@@ -153,7 +182,7 @@ def run_pipeline(
               expect=online_expect)  # fmt: skip
     elif paths[STUDENT_ONLINE].exists():  # from an earlier --with-online run: never report it stale
         if force:
-            for stale in (paths[STUDENT_ONLINE], metrics_path(paths[STUDENT_ONLINE])):
+            for stale in (paths[STUDENT_ONLINE], metrics_of(paths[STUDENT_ONLINE])):
                 stale.unlink(missing_ok=True)
         else:
             _done(paths[STUDENT_ONLINE], online_expect)  # refuses one made with other settings

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kdcache.artifacts import atomic_write, atomic_write_text, metrics_path, read_metrics
+from kdcache.artifacts import atomic_write, atomic_write_text, metrics_of, read_metrics
 from kdcache.errors import KDCacheError
 from kdcache.guard import weak_teacher
 from kdcache.models import read_checkpoint
@@ -17,6 +17,7 @@ from kdcache.models import read_checkpoint
 MODELS = (("teacher", "teacher.pt"), ("student alone", "student_alone.pt"), ("student with KD", "student_kd.pt"))
 ONLINE = ("student, online KD", "student_online.pt")  # only with pipeline --with-online
 CACHE_NAME = "teacher_logits.h5"
+REPORT_FILES = ("report.json", "report.md", "accuracy.png")
 
 
 def _img_s(history: list[dict]) -> float:
@@ -35,7 +36,7 @@ def load_run(run_dir: str | Path) -> dict:
         if not ckpt.exists():
             raise KDCacheError(f"{run_dir} has no {name}: finish the run with `kdcache pipeline --resume --out {run_dir}`")
         meta = {k: v for k, v in read_checkpoint(ckpt).items() if k != "state_dict"}
-        history = read_metrics(metrics_path(ckpt))
+        history = read_metrics(metrics_of(ckpt))
         curves[label] = [m["test_acc"] for m in history]
         rows.append({
             "model": label, "arch": meta["arch"], "params": meta["params"],
@@ -47,11 +48,11 @@ def load_run(run_dir: str | Path) -> dict:
     record = {"run_dir": str(run_dir), "rows": rows, "curves": curves}
     cache = run_dir / CACHE_NAME
     if cache.exists():
-        import h5py
+        from kdcache.cache import open_cache
 
-        with h5py.File(cache, "r") as f:
-            n, k = f["view_params"].shape[:2]
-            t = float(f.attrs.get("dump_time_s", 0.0))
+        with open_cache(cache) as c:  # a damaged cache is one line, as everywhere
+            n, k = c.file["view_params"].shape[:2]
+            t = float(c.attrs.get("dump_time_s", 0.0))
             record["dump"] = {"images": n, "views": k, "time_s": t, "img_s": n * k / t if t else None,
                               "size_mb": cache.stat().st_size / 1e6}  # fmt: skip
     by = {r["model"]: r for r in rows}
@@ -60,7 +61,10 @@ def load_run(run_dir: str | Path) -> dict:
                                                    by["student alone"]["test_acc"], "the student alone")] if w]  # fmt: skip
     previous = run_dir / "report.json"
     if previous.exists():
-        record["run"] = json.loads(previous.read_text()).get("run", {})
+        try:
+            record["run"] = json.loads(previous.read_text()).get("run", {})
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise KDCacheError(f"{previous} is not a kdcache report: remove it and run `kdcache report {run_dir}` again") from None
     return record
 
 
@@ -116,9 +120,7 @@ def plot(records: list[dict], path: str | Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    except OSError as e:
-        raise KDCacheError(f"cannot write the plot {path} ({e.strerror or e}): choose another path") from None
+        return atomic_write(path, lambda f: fig.savefig(f, format="png"))
     finally:
         plt.close(fig)
 

@@ -229,7 +229,8 @@ def train_teacher(
     `data_options`: an image folder's (image size, store size, ...; see `data.load_folder`)."""
     validate(recipe)
     recorded, recipe = recipe, recipe.for_teacher()
-    with claim_output(out, force=force, resume=resume, interrupted=resume_path(out), lock=rt.main) as out:
+    with claim_output(out, force=force, resume=resume, interrupted=resume_path(out), sides=(metrics_path(out),),
+                      lock=rt.main) as out:
         data = load_dataset(recipe.dataset, data_dir, recipe.subset, progress=progress, **(data_options or {}))
         _check_mixable(recipe, len(data.train_y))
         if data.name == "imagefolder":  # photographs: ImageNet's statistics, as pretrained models expect
@@ -288,7 +289,8 @@ def train_student(
     architecture (see `load_checkpoint`).
     """
     validate(recipe)
-    with claim_output(out, force=force, resume=resume, interrupted=resume_path(out), lock=rt.main) as out:
+    with claim_output(out, force=force, resume=resume, interrupted=resume_path(out), sides=(metrics_path(out),),
+                      lock=rt.main) as out:
         teacher = None
         if online_teacher is not None:
             teacher, meta = load_checkpoint(online_teacher, device=rt.device, trust_arch=trust_arch)

@@ -28,7 +28,7 @@ def test_teacher_dump_student_eval_chain_with_default_paths(workdir):
     r = run_cli("student", "--arch", "seed-cnn-student", "--T", "3", "--alpha", "0.5", "--epochs", "2",
                 "--schedule", "constant", cwd=workdir)  # fmt: skip
     assert r.returncode == 0, r.stderr
-    lines = (workdir / "saved_models/student.metrics.jsonl").read_text().splitlines()
+    lines = (workdir / "saved_models/student.pt.metrics.jsonl").read_text().splitlines()
     epochs = [json.loads(line) for line in lines]
     assert [m["epoch"] for m in epochs] == [1, 2]
     assert all(0.0 <= m["test_acc"] <= 1.0 and m["train_loss"] > 0 for m in epochs)

@@ -172,3 +172,61 @@ def test_teacher_can_train_on_crops_while_cache_and_students_see_plain_views(tmp
     with pytest.raises(KDCacheError, match="teacher.pt was made with augment=True, this run asks for False"):
         run_pipeline(recipe.override(teacher_augment=False), preset="test", run_dir=out, data_dir=data_dir, rt=cpu,
                      resume=True)  # fmt: skip
+
+
+# ---- nothing overwritten unasked --------------------------------------------------------------------
+
+
+def _snapshot(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_pipeline_never_replaces_a_runs_teacher_unasked(run_dir, data_dir, tmp_path):
+    from test_errors import assert_one_line_error, cli
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    other = tmp_path / "other.pt"  # another teacher: a readable checkpoint, other bytes
+    record = torch.load(run / "teacher.pt", weights_only=True)
+    record["metrics"]["test_acc"] = 0.5
+    torch.save(record, other)
+    before = _snapshot(run)
+    args = ["pipeline", "--preset", "seed-cnn", "--data-dir", data_dir, "--out", run, "--teacher", other,
+            "--device", "cpu"]  # fmt: skip
+    code, err, _ = cli(*args)
+    assert_one_line_error(code, err, "teacher.pt is another teacher than", "--force", "choose another --out")
+    code, err, _ = cli(*args, "--resume")  # refused up front, before the teacher is copied in
+    assert_one_line_error(code, err, "teacher.pt is another teacher than", "leave --teacher out")
+    assert _snapshot(run) == before
+    (run / "teacher.pt").unlink()  # a run that lost its teacher: resumed only with the one its cache was dumped from
+    code, err, _ = cli(*args, "--resume")
+    assert_one_line_error(code, err, "teacher_logits.h5 was made with teacher_sha256=")
+    assert not (run / "teacher.pt").exists()
+
+
+def test_report_never_overwrites_a_plot_unasked_nor_writes_through_a_link(run_dir, tmp_path):
+    from test_errors import assert_one_line_error, cli
+
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"my figure\n")
+    stamp = (run_dir / "report.json").stat().st_mtime_ns
+    code, err, _ = cli("report", run_dir, "--plot", mine)
+    assert_one_line_error(code, err, "mine.png already exists", "--force", "another --plot")
+    assert mine.read_bytes() == b"my figure\n" and (run_dir / "report.json").stat().st_mtime_ns == stamp
+    victim, link = tmp_path / "victim.png", tmp_path / "link.png"
+    victim.write_bytes(b"not yours\n")
+    link.symlink_to(victim)
+    code, err, _ = cli("report", run_dir, "--plot", link, "--force")
+    assert code == 0, err
+    assert victim.read_bytes() == b"not yours\n" and not link.is_symlink() and link.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_reads_runs_whose_metrics_have_the_old_names(run_dir, tmp_path):
+    """kdcache 0.1 named a checkpoint's metrics STEM.metrics.jsonl; such runs still report."""
+    run = tmp_path / "old"
+    shutil.copytree(run_dir, run)
+    for name in ("teacher", "student_kd", "student_alone"):
+        (run / f"{name}.pt.metrics.jsonl").rename(run / f"{name}.metrics.jsonl")
+    r = CliRunner().invoke(app, ["report", str(run)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((run / "report.json").read_text())["rows"][0]["epochs"] == TINY.teacher_epochs

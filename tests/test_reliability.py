@@ -136,7 +136,7 @@ def test_divergence_in_a_later_epoch_keeps_the_last_good_resume_state(tmp_path, 
     state = torch.load(resume_path(out), map_location="cpu", weights_only=True)
     assert state["epochs_done"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-    assert len(out.with_name("teacher.metrics.jsonl").read_text().splitlines()) == 1
+    assert len(out.with_name("teacher.pt.metrics.jsonl").read_text().splitlines()) == 1
 
 
 def test_checkpoint_with_nonfinite_weights_is_refused(tmp_path, teacher_ckpt, data_dir):

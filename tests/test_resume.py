@@ -238,8 +238,8 @@ def assert_same_run(out: Path, ref: Path, epochs: int) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs from the uninterrupted run"
-    history = [json.loads(line) for line in out.with_name(out.stem + ".metrics.jsonl").read_text().splitlines()]
-    reference = [json.loads(line) for line in ref.with_name(ref.stem + ".metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in out.with_name(out.name + ".metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in ref.with_name(ref.name + ".metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in history] == list(range(1, epochs + 1))
     for m, r in zip(history, reference):
         for key in ("lr", "train_loss", "train_acc", "test_acc"):
@@ -262,7 +262,7 @@ def test_teacher_sigkill_then_resume_equals_uninterrupted(tmp_path, small_data, 
         "--batch-size", str(TEACHER["batch_size"]), "--lr", str(TEACHER["lr"]), "--seed", str(TEACHER["seed"]),
         "--augment", "--device", "cpu", "--out", str(out),
     ]  # fmt: skip
-    log, state = tmp_path / "teacher.metrics.jsonl", tmp_path / "teacher.pt.resume"
+    log, state = tmp_path / "teacher.pt.metrics.jsonl", tmp_path / "teacher.pt.resume"
 
     proc = start_cli(*args)
     wait_for(proc, lambda: metrics_lines(log) >= 1, "the first epoch was logged")
@@ -298,7 +298,7 @@ def test_student_sigkill_then_resume_equals_uninterrupted(tmp_path, cache_file, 
         "--epochs", str(STUDENT["epochs"]), "--batch-size", str(STUDENT["batch_size"]), "--T", str(STUDENT["T"]),
         "--alpha", str(STUDENT["alpha"]), "--seed", str(STUDENT["seed"]), "--device", "cpu", "--out", str(out),
     ]  # fmt: skip
-    log, state = tmp_path / "student.metrics.jsonl", tmp_path / "student.pt.resume"
+    log, state = tmp_path / "student.pt.metrics.jsonl", tmp_path / "student.pt.resume"
 
     proc = start_cli(*args)
     wait_for(proc, lambda: metrics_lines(log) >= 1, "the first epoch was logged")
