@@ -455,6 +455,10 @@ def student_cmd(
     schedule: Optional[str] = ScheduleOpt,
     warmup_epochs: Optional[int] = WarmupOpt,
     nesterov: Optional[bool] = NesterovOpt,
+    momentum: Optional[float] = MomentumOpt,
+    weight_decay: Optional[float] = WeightDecayOpt,
+    label_smoothing: Optional[float] = LabelSmoothingOpt,
+    ema: Optional[float] = EmaOpt,
     T: Optional[float] = typer.Option(None, "--T", help="Distillation temperature (> 0). \\[default: the preset's, 3]"),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Weight of the soft-target loss in [0, 1]; 0 trains the student alone. \\[default: the preset's, 0.5 for seed-resnet]"),
     seed: Optional[int] = SeedOpt,
@@ -489,7 +493,8 @@ def student_cmd(
 
     recipe = _base_recipe(preset, recorded).override(
         student_arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-        warmup_epochs=warmup_epochs, nesterov=nesterov, T=T, alpha=alpha, seed=seed, loss=loss, augment=augment,
+        warmup_epochs=warmup_epochs, nesterov=nesterov, momentum=momentum, weight_decay=weight_decay,
+        label_smoothing=label_smoothing, ema=ema, T=T, alpha=alpha, seed=seed, loss=loss, augment=augment,
         mix=mix, mix_prob=mix_prob,
     )  # fmt: skip
     recipe = dataclasses.replace(recipe, subset=subset)  # the cache's rows unless asked otherwise
@@ -759,6 +764,7 @@ def pipeline_cmd(
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Crop+flip views for teacher and cache. \\[default: the preset's]"),
     teacher_augment: Optional[bool] = typer.Option(None, "--teacher-augment/--no-teacher-augment", help="The teacher's own training views, when they differ from the cache's (a teacher trained on crops + flips labels plain views well). \\[default: the preset's, else as --augment]"),
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="Reuse this teacher checkpoint instead of training one."),
+    teachers: int = typer.Option(1, "--teachers", help="Train N teachers (seeds --seed, --seed + 1, ...) and cache their ensemble (the log of their mean softmax); the report lists each member and the ensemble."),
     trust_arch: bool = typer.Option(False, "--trust-arch", help="The --teacher checkpoint may name a module.path:factory architecture: building it imports the module and runs its code, so only for files you trust."),
     mix: Optional[str] = MixOpt,
     mix_prob: Optional[float] = MixProbOpt,
@@ -796,7 +802,7 @@ def pipeline_cmd(
     rt = _runtime(device, precision, compile, resident_mb)
     with RichProgress() as progress:
         record = run_pipeline(recipe, preset=name, run_dir=out, data_dir=data_dir, rt=rt, teacher=teacher,
-                              trust_arch=trust_arch, with_online=with_online, data_options=data_options, force=force,
+                              trust_arch=trust_arch, teachers=teachers, with_online=with_online, data_options=data_options, force=force,
                               resume=resume, progress=progress, on_epoch=print_epoch,
                               log=lambda msg: err_console.print(f"[bold]{msg}[/]", highlight=False))  # fmt: skip
     out_console.print(_report_table([record]))

@@ -18,13 +18,20 @@ from kdcache.artifacts import atomic_write, check_writable, metrics_of, metrics_
 from kdcache.config import Recipe, validate
 from kdcache.dump import dump_logits
 from kdcache.errors import KDCacheError
+from kdcache.imports import ensemble_sha256
 from kdcache.models import check_arch, file_sha256, read_checkpoint
 from kdcache.report import REPORT_FILES, write_report
 from kdcache.stages import train_student, train_teacher
 from kdcache.train import Progress, Runtime, resume_path
 
 TEACHER, CACHE, STUDENT_KD, STUDENT_ALONE = "teacher.pt", "teacher_logits.h5", "student_kd.pt", "student_alone.pt"
+
 STUDENT_ONLINE = "student_online.pt"
+
+
+def member_name(i: int) -> str:
+    """An ensemble's i-th teacher (1-based) in a run directory: teacher.pt, teacher_2.pt, ..."""
+    return TEACHER if i == 1 else f"teacher_{i}.pt"
 
 
 def _done(path: Path, expect: dict) -> bool:
@@ -41,7 +48,9 @@ def _done(path: Path, expect: dict) -> bool:
             got = {"mix": "none", "mix_prob": 1.0, **cache.attrs}  # a v1 cache: unmixed views
     else:
         record = read_checkpoint(path)
-        recorded = dataclasses.asdict(Recipe.from_dict(record.get("recipe", {})))  # fields added since: defaults
+        recorded = Recipe.from_dict(record.get("recipe", {}))  # fields added since: defaults
+        # a teacher records the whole recipe: what it trained with is the teacher stage's own settings
+        recorded = dataclasses.asdict(recorded.for_teacher() if record.get("role") == "teacher" else recorded)
         got = {**recorded, **record, "epochs": record["metrics"]["epochs"]}
     for key, want in expect.items():
         if got.get(key) != want:
@@ -106,8 +115,12 @@ def run_pipeline(
     on_epoch=None,
     data_options: dict | None = None,
     trust_arch: bool = False,
+    teachers: int = 1,
 ) -> dict:
     """Run every stage not already done; write and return the report.
+
+    `teachers` N > 1: train N teachers (seeds seed, seed + 1, ...; teacher.pt, teacher_2.pt, ...) and
+    cache their ensemble (the log of their mean softmax), which the students then distil.
 
     `teacher`: reuse this checkpoint (copied into the run, with its metrics) instead
     of training one, so several student recipes can share one teacher. `with_online`: also
@@ -116,9 +129,15 @@ def run_pipeline(
     reused `teacher` may be a module:factory architecture (see `load_checkpoint`).
     """
     validate(recipe)
+    if teachers < 1:
+        raise KDCacheError(f"--teachers must be >= 1 (got {teachers})")
+    if teachers > 1 and (teacher is not None or with_online):
+        flag = "--teacher" if teacher is not None else "--with-online"
+        raise KDCacheError(f"--teachers {teachers} trains an ensemble; {flag} takes one teacher: drop one of the two")
     trusted = trust_arch or teacher is None  # a teacher this run trains, or keeps, is --teacher-arch's
     run_dir = Path(run_dir)
-    paths = {name: run_dir / name for name in (TEACHER, CACHE, STUDENT_KD, STUDENT_ALONE, STUDENT_ONLINE)}
+    members = [TEACHER] + [member_name(i) for i in range(2, teachers + 1)]
+    paths = {name: run_dir / name for name in (*members, CACHE, STUDENT_KD, STUDENT_ALONE, STUDENT_ONLINE)}
     same_teacher = False
     if teacher is not None:  # checked before anything is written: a bad file, or another teacher than the run's
         check_arch(teacher, read_checkpoint(teacher)["arch"], trust_arch=trust_arch)
@@ -149,16 +168,22 @@ def run_pipeline(
             _copy_teacher(Path(teacher), paths[TEACHER])
         log(f"teacher: reusing {teacher}")
     else:
-        stage(TEACHER, "teacher", lambda out, kw: train_teacher(
-            recipe, data_dir=data_dir, out=out, rt=rt, progress=progress, on_epoch=on_epoch,
-            data_options=data_options, **kw),
-            expect={"arch": recipe.teacher_arch, "epochs": recipe.teacher_recipe_epochs,
-                    "augment": recipe.teacher_recipe_augment,
-                    "dataset": recipe.dataset, **_image_size(data_options),
-                    "mix": recipe.mix, "mix_prob": recipe.mix_prob, **_training(recipe)})  # fmt: skip
-    teacher_sha = lambda: file_sha256(paths[TEACHER])  # noqa: E731 - the teacher may only exist later
-    stage(CACHE, "dump-logits", lambda out, kw: dump_logits(
-        teacher_path=paths[TEACHER], data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
+        for i, name in enumerate(members):
+            own = dataclasses.replace(recipe, seed=recipe.seed + i)  # members differ by their seed alone
+            taught = own.for_teacher()
+            stage(name, "teacher" if teachers == 1 else f"teacher {i + 1} of {teachers} (seed {own.seed})",
+                  lambda out, kw, own=own: train_teacher(own, data_dir=data_dir, out=out, rt=rt, progress=progress,
+                                                         on_epoch=on_epoch, data_options=data_options, **kw),
+                  expect={"arch": taught.teacher_arch, "epochs": taught.epochs, "augment": taught.augment,
+                          "dataset": recipe.dataset, **_image_size(data_options), "mix": taught.mix,
+                          "mix_prob": taught.mix_prob, **_training(taught)})  # fmt: skip
+
+    def teacher_sha() -> str:  # the teacher may only exist later
+        shas = [file_sha256(paths[name]) for name in members]
+        return shas[0] if teachers == 1 else ensemble_sha256(shas)
+
+    stage(CACHE, "dump-logits" if teachers == 1 else f"dump-logits (ensemble of {teachers})", lambda out, kw: dump_logits(
+        teacher_path=paths[TEACHER] if teachers == 1 else [paths[name] for name in members], data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
         batch_size=max(256, recipe.batch_size), rt=rt, subset=recipe.subset, augment=recipe.augment,
         mix=recipe.mix, mix_prob=recipe.mix_prob, progress=progress, trust_arch=trusted, **kw),
         expect={"teacher_sha256": teacher_sha(), "num_views": recipe.views, "seed": recipe.seed,

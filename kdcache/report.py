@@ -31,7 +31,10 @@ def load_run(run_dir: str | Path) -> dict:
     if not run_dir.is_dir():
         raise KDCacheError(f"{run_dir} is not a run directory: pass the --out of a `kdcache pipeline` run")
     rows, curves = [], {}
-    for label, name in MODELS + ((ONLINE,) if (run_dir / ONLINE[1]).exists() else ()):
+    numbers = sorted(int(p.stem[len("teacher_"):]) for p in run_dir.glob("teacher_*.pt") if p.stem[len("teacher_"):].isdigit())
+    members = tuple((f"teacher {i}", f"teacher_{i}.pt") for i in numbers)  # pipeline --teachers N: the others
+    models = MODELS[:1] + members + MODELS[1:] + ((ONLINE,) if (run_dir / ONLINE[1]).exists() else ())
+    for label, name in models:
         ckpt = run_dir / name
         if not ckpt.exists():
             raise KDCacheError(f"{run_dir} has no {name}: finish the run with `kdcache pipeline --resume --out {run_dir}`")
@@ -55,6 +58,16 @@ def load_run(run_dir: str | Path) -> dict:
             t = float(c.attrs.get("dump_time_s", 0.0))
             record["dump"] = {"images": n, "views": k, "time_s": t, "img_s": n * k / t if t else None,
                               "size_mb": cache.stat().st_size / 1e6}  # fmt: skip
+            if "ensemble_members" in c.attrs and "teacher_test_acc" in c.attrs:  # pipeline --teachers N
+                record["ensemble_test_acc"] = float(c.attrs["teacher_test_acc"])
+                teachers = [r for r in rows if r["model"].startswith("teacher")]
+                rows.insert(len(teachers), {
+                    "model": f"teacher ensemble ({len(teachers)})", "arch": c.attrs["teacher_arch"],
+                    "params": sum(r["params"] for r in teachers), "test_acc": record["ensemble_test_acc"],
+                    "best_test_acc": record["ensemble_test_acc"], "epochs": max(r["epochs"] for r in teachers),
+                    "train_time_s": sum(r["train_time_s"] for r in teachers),
+                    "img_s": sum(r["img_s"] for r in teachers) / len(teachers),
+                })  # fmt: skip
     by = {r["model"]: r for r in rows}
     record["kd_gain"] = by["student with KD"]["test_acc"] - by["student alone"]["test_acc"]
     record["warnings"] = [w for w in [weak_teacher(record.get("ensemble_test_acc", by["teacher"]["test_acc"]),

@@ -205,3 +205,27 @@ def test_the_guard_speaks_when_the_teacher_is_no_better_than_the_student(cache_f
     assert fine.returncode == 0 and ("warning: the teacher" in fine.stderr) == (
         h5py.File(cache_file, "r").attrs["teacher_test_acc"] <= torch.load(tmp_path / "s2.pt", weights_only=True)["metrics"]["test_acc"]
     )
+
+
+def test_pipeline_trains_an_ensemble_of_teachers_and_reports_each(data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["pipeline", "--preset", "seed-cnn", "--subset", "200", "--epochs", "1", "--teacher-epochs", "1",
+            "--teachers", "2", "--data-dir", str(data_dir), "--out", str(out)]  # fmt: skip
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    a, b = read_checkpoint(out / "teacher.pt"), read_checkpoint(out / "teacher_2.pt")
+    assert (a["recipe"]["seed"], b["recipe"]["seed"]) == (0, 1)
+    with h5py.File(out / "teacher_logits.h5", "r") as f:
+        import json
+
+        members = json.loads(f.attrs["ensemble_members"])
+        assert [m["path"] for m in members] == [str(out / "teacher.pt"), str(out / "teacher_2.pt")]
+        ensemble_acc = float(f.attrs["teacher_test_acc"])
+    report = json.loads((out / "report.json").read_text())
+    models = [r["model"] for r in report["rows"]]
+    assert models[:3] == ["teacher", "teacher 2", "teacher ensemble (2)"] and report["ensemble_test_acc"] == ensemble_acc
+    assert "teacher ensemble (2)" in done.stdout
+    again = run_cli(*args, "--resume")  # every stage kept
+    assert again.returncode == 0 and again.stderr.count("kept") >= 5, again.stderr
+    bad = run_cli("pipeline", "--teachers", "2", "--with-online", "--data-dir", str(data_dir), "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "--with-online takes one teacher" in bad.stderr
