@@ -39,12 +39,15 @@ def load_run(run_dir: str | Path) -> dict:
         if not ckpt.exists():
             raise KDCacheError(f"{run_dir} has no {name}: finish the run with `kdcache pipeline --resume --out {run_dir}`")
         meta = {k: v for k, v in read_checkpoint(ckpt).items() if k != "state_dict"}
-        history = read_metrics(metrics_of(ckpt))
+        if metrics_of(ckpt).is_file() or label != "teacher":
+            history = read_metrics(metrics_of(ckpt))
+        else:  # an imported teacher reused by the pipeline: trained elsewhere, no epochs to show
+            history = [{"test_acc": meta["metrics"]["test_acc"], "train_time_s": 0.0, "train_img_s": 0.0}]
         curves[label] = [m["test_acc"] for m in history]
         rows.append({
             "model": label, "arch": meta["arch"], "params": meta["params"],
             "test_acc": history[-1]["test_acc"], "best_test_acc": max(curves[label]),
-            "epochs": len(history), "train_time_s": sum(m["train_time_s"] for m in history),
+            "epochs": meta["metrics"].get("epochs", len(history)), "train_time_s": sum(m["train_time_s"] for m in history),
             "img_s": _img_s(history), **({"T": meta["T"], "alpha": meta["alpha"]} if "alpha" in meta else {}),
             **{k: history[-1][k] for k in ("teacher_agreement", "teacher_kl") if k in history[-1]},
         })  # fmt: skip

@@ -229,3 +229,20 @@ def test_pipeline_trains_an_ensemble_of_teachers_and_reports_each(data_dir, tmp_
     assert again.returncode == 0 and again.stderr.count("kept") >= 5, again.stderr
     bad = run_cli("pipeline", "--teachers", "2", "--with-online", "--data-dir", str(data_dir), "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "--with-online takes one teacher" in bad.stderr
+
+
+def test_pipeline_reports_a_reused_imported_teacher_that_has_no_metrics(teacher_ckpt, data_dir, tmp_path):
+    weights = tmp_path / "sd.pt"
+    torch.save(torch.load(teacher_ckpt, weights_only=True)["state_dict"], weights)
+    imported = tmp_path / "imported.pt"
+    done = run_cli("import-teacher", str(weights), "--arch", "seed-cnn-teacher", "--data-dir", str(data_dir),
+                   "--out", str(imported))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    run = run_cli("pipeline", "--preset", "seed-cnn", "--teacher", str(imported), "--subset", "200", "--epochs", "1",
+                  "--views", "1", "--no-augment", "--data-dir", str(data_dir), "--out", str(tmp_path / "run"))  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    import json
+
+    rows = json.loads((tmp_path / "run" / "report.json").read_text())["rows"]
+    assert rows[0]["model"] == "teacher" and rows[0]["epochs"] == 0
+    assert rows[0]["test_acc"] == read_checkpoint(imported)["metrics"]["test_acc"]
