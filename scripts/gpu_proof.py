@@ -28,7 +28,8 @@ SCALES = {
                  bench=["--batch-size", "512"]),
     "tiny": dict(teacher=["--arch", "airbench94", "--epochs", "1", "--batch-size", "64", "--warmup-epochs", "0"], subset=["--subset", "256"],
                  views="2", student="seed-cnn-student", student_epochs="1",
-                 student_flags=["--preset", "cifar10-fast", "--batch-size", "64"], alone=["--batch-size", "64"],
+                 student_flags=["--preset", "cifar10-fast", "--batch-size", "64", "--warmup-epochs", "0"],
+                 alone=["--batch-size", "64"],
                  bench=["--teacher-arch", "seed-cnn-teacher", "--student-arch", "seed-cnn-student", "--batch-size", "32",
                         "--steps", "2", "--warmup", "1", "--repeats", "1"]),
 }  # fmt: skip

@@ -207,7 +207,7 @@ FLAGS = [
     ("student", ["--alpha", "-0.1"], "--alpha"),
     ("student", ["--alpha", "1.5"], "--alpha"),
     ("student", ["--subset", "5000"], "--subset 5000"),
-    ("student", ["--schedule", "linear"], "--schedule"),
+    ("student", ["--schedule", "step"], "--schedule"),
     ("teacher", ["--optimizer", "rmsprop"], "--optimizer"),
     ("teacher", ["--epochs", "2", "--warmup-epochs", "2"], "--warmup-epochs"),
     ("student", ["--optimizer", "adam", "--nesterov"], "--nesterov"),

@@ -158,12 +158,14 @@ def test_resume_refuses_students_made_with_another_loss(run_dir, data_dir, cpu):
 
 
 def test_teacher_can_train_on_crops_while_cache_and_students_see_plain_views(tmp_path, data_dir, cpu):
+    from kdcache.config import Recipe
     from kdcache.models import read_checkpoint
 
     out = tmp_path / "teacher-augment"
     recipe = TINY.override(augment=False, teacher_augment=True, teacher_epochs=1, epochs=1)
     run_pipeline(recipe, preset="test", run_dir=out, data_dir=data_dir, rt=cpu)
-    assert read_checkpoint(out / "teacher.pt")["recipe"]["augment"] is True  # what the teacher really trained on
+    recorded = Recipe.from_dict(read_checkpoint(out / "teacher.pt")["recipe"])  # the whole recipe, students' too
+    assert recorded.for_teacher().augment is True and recorded.augment is False  # what the teacher really trained on
     with h5py.File(out / "teacher_logits.h5", "r") as f:
         assert not f.attrs["augment"] and f["view_params"][:, :, :2].max() == 4  # the plain view: offset 4 = no shift
     stamp = (out / "teacher.pt").stat().st_mtime_ns
