@@ -129,8 +129,9 @@ def _train_and_save(
     final = raw if ema is None else ema.module  # the average is what gets evaluated, dumped and saved
     metrics = {"test_acc": history[-1]["test_acc"], "epochs": epochs, "train_time_s": train_time}
     if role == "teacher":  # what test-time augmentation would add (a dump can use --tta flip)
+        prepared = rt.prepare(final).eval()
         for level in TTAModel.LEVELS[1:]:
-            tta = TTAModel(rt.prepare(final).eval(), level)
+            tta = TTAModel(prepared, level)
             metrics[f"test_acc_tta_{level}"] = accuracy(predict(tta, data.test_x, batches.mean, batches.std, rt),
                                                         data.test_y)  # fmt: skip
         history[-1].update({k: v for k, v in metrics.items() if k.startswith("test_acc_tta")})

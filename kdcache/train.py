@@ -395,10 +395,9 @@ class TTAModel(nn.Module):
             return logits
         h, w = x.shape[-2:]
         padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         shifted = [padded[..., :h, :w], padded[..., 2 : h + 2, 2 : w + 2]]
-        return 0.5 * logits + 0.25 * sum(self._mirrored(v.contiguous(memory_format=torch.channels_last)
-                                             if x.is_contiguous(memory_format=torch.channels_last) else v)
-                                         for v in shifted)  # fmt: skip
+        return 0.5 * logits + 0.25 * sum(self._mirrored(v.contiguous(memory_format=fmt)) for v in shifted)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -430,12 +429,10 @@ def build_optimizer(
     model = unwrap(model)
     bn_bias = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None}
     trained = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trained if id(p) not in bn_bias]}]
-    if bn_bias_lr != 1.0:
-        groups.append({"params": [p for p in trained if id(p) in bn_bias], "lr": lr * bn_bias_lr,
-                       "weight_decay": weight_decay / bn_bias_lr})  # fmt: skip
-    else:
-        groups[0]["params"] = trained
+    scaled = {id(p) for p in trained if id(p) in bn_bias} if bn_bias_lr != 1.0 else set()
+    groups = [{"params": [p for p in trained if id(p) not in scaled]},
+              {"params": [p for p in trained if id(p) in scaled], "lr": lr * bn_bias_lr,
+               "weight_decay": weight_decay / bn_bias_lr}]  # fmt: skip
     groups = [g for g in groups if g["params"]]
     if optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
