@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kdcache.artifacts import atomic_write_text, claim_output
-from kdcache.config import DEFAULT_PRESET, PRESETS, get_preset, validate
+from kdcache.config import DEFAULT_PRESET, PRESETS, config_given, read_config, resolve, validate
 from kdcache.errors import KDCacheError
 
 app = typer.Typer(
@@ -150,17 +150,25 @@ WeightDecayOpt = typer.Option(None, "--weight-decay", help="L2 weight decay (>= 
 LabelSmoothingOpt = typer.Option(None, "--label-smoothing", help="Label smoothing of the label term, in [0, 1): targets (1 - s) one-hot + s / classes. \\[default: the preset's, 0; cifar10-fast's teacher 0.2]")
 EmaOpt = typer.Option(None, "--ema", help="Keep an exponential moving average of the weights (this decay per step, e.g. 0.98; 0: off); evaluation, the checkpoint and so the dump use the average. \\[default: the preset's, 0]")
 BnBiasLrOpt = typer.Option(None, "--bn-bias-lr", help="BatchNorm biases learn at this multiple of --lr (their weight decay divided by it, as airbench does). \\[default: the preset's, 1]")
+ConfigOpt = typer.Option(None, "--config", help="A TOML file of recipe fields, e.g. `lr = 0.05`, with a [teacher] table for the teacher stage's own (write one with --print-config, or from any checkpoint or cache with `kdcache inspect FILE --config`). Flags you type override it; it overrides the starting recipe (--preset, its own `preset = NAME`, or what the upstream artifact recorded).")
+PrintConfigOpt = typer.Option(False, "--print-config", help="Print the resolved recipe as a TOML config file and exit: nothing is trained or written.")
 TrustArchOpt = typer.Option(False, "--trust-arch", help="Build a module.path:factory architecture that a checkpoint or cache names: that imports the module and runs its code, so only for files you trust. kdcache's own names and torchvision:/timm: specs need no flag.")
 
 
-def _base_recipe(preset: str | None, upstream) -> "Recipe":
-    """--preset if given, else the recipe the upstream artifact recorded, so commands chain."""
-    from kdcache.config import Recipe
+def _print_config(recipe, command: str) -> None:
+    """--print-config: the resolved recipe as TOML on stdout, then exit 0 before any work."""
+    from kdcache.config import to_toml
 
-    if preset is not None:
-        return get_preset(preset)
-    recorded = upstream()
-    return Recipe.from_dict(recorded) if recorded else get_preset(None)
+    typer.echo(to_toml(recipe, header=f"kdcache {command}: the resolved recipe (use it with --config FILE)"), nl=False)
+    raise typer.Exit(0)
+
+
+def _file_arch(spec: str | None, typed: str | None, config: Path | None, flag: str = "--arch") -> None:
+    """An architecture that only the config file names runs no code unless the command line names it."""
+    from kdcache.models import refuse_code
+
+    if spec is not None and typed is None:
+        refuse_code(spec, str(config), f"name it on the command line ({flag} {spec}) if you trust that code")
 
 
 def _teacher_views(recipe: "Recipe", taught: dict | None, **given) -> "Recipe":
@@ -278,6 +286,8 @@ def teacher_cmd(
     mix: Optional[str] = MixOpt,
     mix_prob: Optional[float] = MixProbOpt,
     seed: Optional[int] = SeedOpt,
+    config: Optional[Path] = ConfigOpt,
+    print_config: bool = PrintConfigOpt,
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     compile: bool = CompileOpt,
@@ -289,15 +299,19 @@ def teacher_cmd(
     from kdcache.models import check_spec
     from kdcache.stages import train_teacher
 
-    dataset, data_options = _data_options(dataset, data_dir, image_size, store_size, val_fraction, skip_bad_images,
-                                          max_image_pixels, rebuild_store)  # fmt: skip
+    cfg = read_config(config)
+    dataset, data_options = _data_options(dataset or cfg.get("dataset"), data_dir, image_size, store_size,
+                                          val_fraction, skip_bad_images, max_image_pixels, rebuild_store)  # fmt: skip
     check_spec(arch) if arch else None
-    recipe = get_preset(preset).override_teacher(
+    recipe = resolve(preset, cfg, None, dict(
         teacher_arch=arch, dataset=dataset, subset=subset, epochs=epochs, batch_size=batch_size,
         lr=lr, optimizer=optimizer, schedule=schedule, warmup_epochs=warmup_epochs, nesterov=nesterov,
-        momentum=momentum, weight_decay=weight_decay, label_smoothing=label_smoothing, ema=ema, bn_bias_lr=bn_bias_lr, augment=augment, mix=mix,
-        mix_prob=mix_prob, seed=seed,
-    )  # fmt: skip
+        momentum=momentum, weight_decay=weight_decay, label_smoothing=label_smoothing, ema=ema, bn_bias_lr=bn_bias_lr,
+        augment=augment, mix=mix, mix_prob=mix_prob, seed=seed,
+    ), teacher_stage=True, config_path=config)  # fmt: skip
+    _file_arch(recipe.for_teacher().teacher_arch if config else None, arch, config)
+    if print_config:
+        _print_config(recipe, "teacher")
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)
     with RichProgress() as progress:
         result = train_teacher(recipe, data_dir=data_dir, out=out, rt=rt, force=force, resume=resume,
@@ -386,6 +400,8 @@ def dump_cmd(
     topk: Optional[int] = typer.Option(None, "--topk", help="Keep only the k largest logits per view (fp16) and their classes, plus the log-sum-exp of all logits at --topk-temperatures, so the tail's mass stays exact: for many classes (C=1000, k=10: 29x smaller per view). Students then use --loss kd at one of those temperatures. \\[default: dense logits]"),
     tta: str = typer.Option("none", "--tta", help="Test-time augmentation of the cached logits: none (the teacher's answer to exactly the view) | flip (the mean of its answers to the view and its mirror: a two-member ensemble, usually a little more accurate; recorded in the cache) | flip-translate (also shifted by a pixel: 6 passes)."),
     topk_temperatures: Optional[str] = typer.Option(None, "--topk-temperatures", help="Temperatures a top-k cache serves, comma-separated. \\[default: 1,2,3,4,5,8 and the recipe's T]"),
+    config: Optional[Path] = ConfigOpt,
+    print_config: bool = PrintConfigOpt,
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     compile: bool = CompileOpt,
@@ -398,12 +414,14 @@ def dump_cmd(
 
     from kdcache.models import read_checkpoint
 
+    cfg = read_config(config)
     taught = read_checkpoint(teacher[0]).get("recipe")
-    recipe = _base_recipe(preset, lambda: taught).override(
-        views=views, augment=augment, mix=mix, mix_prob=mix_prob, seed=seed, subset=subset
-    )
-    recipe = _teacher_views(recipe, taught, mix=mix, mix_prob=mix_prob)  # crop/flip: the preset's
+    recipe = resolve(preset, cfg, taught, dict(views=views, augment=augment, mix=mix, mix_prob=mix_prob, seed=seed,
+                                               subset=subset), config_path=config)  # fmt: skip
+    recipe = _teacher_views(recipe, taught, **config_given(cfg, mix=mix, mix_prob=mix_prob))  # crop/flip: the preset's
     validate(recipe)
+    if print_config:
+        _print_config(recipe, "dump-logits")
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)
     with RichProgress() as progress:
         path = dump_logits(
@@ -462,6 +480,8 @@ def student_cmd(
     T: Optional[float] = typer.Option(None, "--T", help="Distillation temperature (> 0). \\[default: the preset's, 3]"),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Weight of the soft-target loss in [0, 1]; 0 trains the student alone. \\[default: the preset's, 0.5 for seed-resnet]"),
     seed: Optional[int] = SeedOpt,
+    config: Optional[Path] = ConfigOpt,
+    print_config: bool = PrintConfigOpt,
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     compile: bool = CompileOpt,
@@ -491,18 +511,28 @@ def student_cmd(
         with open_cache(cache) as c:
             return json.loads(c.attrs["recipe"]) if "recipe" in c.attrs else None
 
-    recipe = _base_recipe(preset, recorded).override(
+    cfg = read_config(config)
+    recipe = resolve(preset, cfg, None if preset or cfg.get("preset") else recorded(), dict(
         student_arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
         warmup_epochs=warmup_epochs, nesterov=nesterov, momentum=momentum, weight_decay=weight_decay,
         label_smoothing=label_smoothing, ema=ema, T=T, alpha=alpha, seed=seed, loss=loss, augment=augment,
         mix=mix, mix_prob=mix_prob,
-    )  # fmt: skip
-    recipe = dataclasses.replace(recipe, subset=subset)  # the cache's rows unless asked otherwise
-    if arch is None and not trust_arch:  # the student architecture the file recorded, not one the user named
-        refuse_code(recipe.student_arch, f"the recipe recorded in {online_teacher or cache}",
+    ), config_path=config)  # fmt: skip
+    # the cache's rows unless asked otherwise
+    recipe = dataclasses.replace(recipe, subset=config_given(cfg, subset=subset)["subset"])
+    if online_teacher is None and (fixed := {k: cfg[k] for k in ("views", "augment", "mix", "mix_prob") if k in cfg}):
+        dumped = recorded() or {}  # a cache student replays the cache's views: a file that says otherwise is wrong
+        for key, value in fixed.items():
+            if key in dumped and dumped[key] != value:
+                raise KDCacheError(f"{config}: {key} = {value!r} but {cache} holds {key} = {dumped[key]!r}: the views "
+                                   f"are the cache's; remove {key} from the file or dump a cache with it")  # fmt: skip
+    if arch is None and not trust_arch:  # the student architecture a file recorded, not one the user named
+        refuse_code(recipe.student_arch, f"the recipe in {config or online_teacher or cache}",
                     f"pass --arch {recipe.student_arch} (or --trust-arch) if you trust that code, or another --arch")  # fmt: skip
     if online_teacher is not None:  # as a cache student replays the dump's views
-        recipe = _teacher_views(recipe, taught, augment=augment, mix=mix, mix_prob=mix_prob)
+        recipe = _teacher_views(recipe, taught, **config_given(cfg, augment=augment, mix=mix, mix_prob=mix_prob))
+    if print_config:
+        _print_config(recipe, "student")
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)
     with RichProgress() as progress:
         result = train_student(recipe, cache_file=cache, data_dir=data_dir, out=out, rt=rt, force=force,
@@ -554,10 +584,17 @@ def eval_cmd(
 
 @command("inspect")
 def inspect_cmd(
-    cache: Path = typer.Argument(..., help="A logit cache (complete or interrupted)."),
+    cache: Path = typer.Argument(..., help="A logit cache (complete or interrupted); with --config also a checkpoint."),
     T: float = typer.Option(3.0, "--T", help="Temperature for the soft-target entropy."),
+    config: bool = typer.Option(False, "--config", help="Print the recipe the cache or checkpoint recorded, as a TOML config file: `kdcache inspect student.pt --config > run.toml`, then `kdcache student --config run.toml ...` repeats the run."),
 ):
     """Summarise a cache: format, dataset, N x K x C, size, teacher, accuracy, entropy, completeness."""
+    if config:
+        from kdcache.config import Recipe, recorded_recipe, to_toml
+
+        recipe, note = recorded_recipe(cache)
+        typer.echo(to_toml(Recipe.from_dict(recipe), header=note), nl=False)
+        return
     if not (math.isfinite(T) and T > 0):
         raise KDCacheError(f"--T must be a finite number > 0 (got {T})")
     _print_cache_summary(cache, T)
@@ -773,6 +810,8 @@ def pipeline_cmd(
     T: Optional[float] = typer.Option(None, "--T", help="Distillation temperature. \\[default: the preset's]"),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Soft-target weight of the KD student. \\[default: the preset's]"),
     seed: Optional[int] = SeedOpt,
+    config: Optional[Path] = ConfigOpt,
+    print_config: bool = PrintConfigOpt,
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     compile: bool = CompileOpt,
@@ -789,16 +828,22 @@ def pipeline_cmd(
 
     for spec in (teacher_arch, student_arch):
         check_spec(spec) if spec else None
-    dataset, data_options = _data_options(None, data_dir, image_size, store_size, val_fraction, skip_bad_images,
-                                          max_image_pixels, rebuild_store)  # fmt: skip
-    name = preset or DEFAULT_PRESET
-    recipe = get_preset(name).override(
+    cfg = read_config(config)
+    dataset, data_options = _data_options(cfg.get("dataset"), data_dir, image_size, store_size, val_fraction,
+                                          skip_bad_images, max_image_pixels, rebuild_store)  # fmt: skip
+    name = preset or cfg.get("preset") or (f"config {config}" if config else DEFAULT_PRESET)
+    recipe = resolve(preset, cfg, None, dict(
         dataset=dataset, subset=subset, teacher_arch=teacher_arch, student_arch=student_arch, epochs=epochs,
         teacher_epochs=teacher_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
         warmup_epochs=warmup_epochs, nesterov=nesterov, views=views, augment=augment,
         teacher_augment=teacher_augment, T=T,
         alpha=alpha, seed=seed, mix=mix, mix_prob=mix_prob, loss=loss,
-    )  # fmt: skip
+    ), config_path=config)  # fmt: skip
+    if config:
+        _file_arch(recipe.for_teacher().teacher_arch, teacher_arch, config, "--teacher-arch")
+        _file_arch(recipe.student_arch, student_arch, config, "--student-arch")
+    if print_config:
+        _print_config(recipe, "pipeline")
     rt = _runtime(device, precision, compile, resident_mb)
     with RichProgress() as progress:
         record = run_pipeline(recipe, preset=name, run_dir=out, data_dir=data_dir, rt=rt, teacher=teacher,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kdcache.errors import KDCacheError
 from kdcache.losses import LOSSES
@@ -58,14 +59,8 @@ class Recipe:
     seed: int = 0
 
     def override(self, **values) -> "Recipe":
-        """A copy with every non-None value replaced (None means: keep the preset's).
-
-        Asking for several views asks for augmented ones, unless augment is set too:
-        K copies of the same plain image would only cost K times the teacher's time.
-        """
-        if (values.get("views") or 1) > 1 and values.get("augment") is None:
-            values["augment"] = True
-        return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
+        """A copy with every non-None value replaced (None means: keep the preset's)."""
+        return dataclasses.replace(self, **_given(values))
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
@@ -84,9 +79,7 @@ class Recipe:
 
     def override_teacher(self, **values) -> "Recipe":
         """A copy whose teacher stage takes every non-None value (flags typed on `kdcache teacher`)."""
-        if (values.get("views") or 1) > 1 and values.get("augment") is None:
-            values["augment"] = True
-        given = {k: v for k, v in values.items() if v is not None}
+        given = _given(values)
         shared = {k: given.pop(k) for k in ("dataset", "subset", "seed", "teacher_arch") if k in given}
         return dataclasses.replace(self, **shared, teacher={**self.teacher, **given})
 
@@ -101,6 +94,15 @@ class Recipe:
         if "augment" in self.teacher:
             return self.teacher["augment"]
         return self.teacher_augment if self.teacher_augment is not None else self.augment
+
+
+def _given(values: dict) -> dict:
+    """The values that were given (not None). Asking for several views asks for augmented ones, unless
+    augment is given too: K copies of the same plain image would only cost K times the teacher's time."""
+    given = {k: v for k, v in values.items() if v is not None}
+    if given.get("views", 1) > 1 and "augment" not in given:
+        given["augment"] = True
+    return given
 
 
 # Notebook 2: its two CNNs, Adam 1e-3, 10 epochs, batch 64, no augmentation,
@@ -208,3 +210,171 @@ def _check(recipe: Recipe) -> None:
     for ok, message in checks:
         if not ok:
             raise KDCacheError(message)
+
+
+
+# ---- config files: a recipe as TOML ------------------------------------------------------------------
+# A config file holds Recipe fields: top-level keys are the shared and the students' settings, a
+# [teacher] table the teacher stage's own (it replaces the starting recipe's teacher settings whole).
+# `preset = "NAME"` picks the starting recipe when --preset is not given. --print-config and
+# `kdcache inspect --config` write every field, so a run can be repeated from its artifact alone.
+
+_OPTIONAL = {"subset": int, "teacher_epochs": int, "teacher_augment": bool}  # may be None (absent)
+
+
+def read_config(path: Path | None) -> dict:
+    """The checked contents of a config file ({} for None): known keys, values of the field's type,
+    `subset = "all"` as None. One-line errors name the file and the key."""
+    if path is None:
+        return {}
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise KDCacheError(f"{path}: no such config file: pass a TOML file (write one with --print-config)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise KDCacheError(f"{path}: cannot read the config file ({e})") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise KDCacheError(f"{path}: not valid TOML ({e}): see --print-config for the format") from None
+    config = {}
+    for key, value in raw.items():
+        if key == "preset":
+            if not isinstance(value, str):
+                raise KDCacheError(f"{path}: preset must be a preset name string (got {value!r})")
+            if value not in PRESETS:
+                raise KDCacheError(f"{path}: unknown preset {value!r}: choose one of {', '.join(PRESETS)}")
+            config[key] = value
+        elif key == "teacher":
+            if not isinstance(value, dict):
+                raise KDCacheError(f"{path}: teacher must be a [teacher] table of the teacher stage's settings")
+            config[key] = {k: _config_value(path, f"teacher.{k}", k, v) for k, v in value.items()}
+        else:
+            config[key] = _config_value(path, key, key, value)
+    return config
+
+
+def _config_value(path, where: str, key: str, value):
+    import difflib
+
+    types = {f.name: type(f.default) for f in dataclasses.fields(Recipe) if f.name != "teacher"}
+    if key not in types:
+        close = difflib.get_close_matches(key, list(types), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "see --print-config for the keys"
+        raise KDCacheError(f"{path}: unknown key {where!r}: {hint}")
+    kind = _OPTIONAL.get(key) or types[key]
+    if key == "subset" and value == "all":
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is tuple and isinstance(value, list):
+        if len(value) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return tuple(float(v) for v in value)
+        kind_name = "a list of 3 numbers"
+    elif type(value) is kind:
+        return value
+    else:
+        kind_name = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+                     tuple: "a list of 3 numbers"}[kind]  # fmt: skip
+    extra = ' or "all"' if key == "subset" else ""
+    raise KDCacheError(f"{path}: {where} must be {kind_name}{extra} (got {value!r})")
+
+
+def resolve(preset: str | None, config: dict, recorded: dict | None, flags: dict, *, teacher_stage: bool = False,
+            config_path: Path | None = None) -> Recipe:  # fmt: skip
+    """The one recipe resolver: flags > config file > the starting recipe, which is --preset (or the
+    file's preset), else the recipe the upstream artifact recorded, else the default preset.
+    `flags`: the command's recipe flags (None: not typed); on `kdcache teacher` they are the teacher
+    stage's own settings (`override_teacher`). The file's values are checked (against the starting
+    recipe) before any flag applies, so a bad value names the file and its key."""
+    name = preset or config.get("preset")
+    if name is not None or not recorded:
+        base = get_preset(name)
+    else:
+        base = Recipe.from_dict(recorded)
+    fields = {k: v for k, v in config.items() if k not in ("preset", "teacher")}
+    if "teacher" in config:  # the file's teacher settings are the whole story
+        base = dataclasses.replace(base, teacher=dict(config["teacher"]), teacher_epochs=None, teacher_augment=None)
+    if "subset" in config:
+        base = dataclasses.replace(base, subset=None)  # "all" is a value, not "keep the preset's"
+    if config:
+        try:
+            base = validate(base.override(**fields))
+        except KDCacheError as e:
+            import re
+
+            keys = re.sub(r"--([A-Za-z][\w-]*)", lambda m: m[1].replace("-", "_"), str(e))
+            raise KDCacheError(f"{config_path or 'the config file'}: {keys}") from None
+    return base.override_teacher(**flags) if teacher_stage else base.override(**flags)
+
+
+def config_given(config: dict, **flags) -> dict:
+    """Each flag's value, or the config file's where the flag was not typed (None: neither gave it)."""
+    return {k: v if v is not None else config.get(k) for k, v in flags.items()}
+
+
+def to_toml(recipe: Recipe, *, header: str = "") -> str:
+    """The recipe as a config file, every field written (`subset = "all"` for no subset; the teacher's
+    epochs and augment folded into the [teacher] table), so reading it back gives the same recipe."""
+    teacher = dict(recipe.teacher)
+    if recipe.teacher_epochs is not None:
+        teacher.setdefault("epochs", recipe.teacher_epochs)
+    if recipe.teacher_augment is not None:
+        teacher.setdefault("augment", recipe.teacher_augment)
+    lines = [f"# {line}" for line in header.splitlines()]
+    for f in dataclasses.fields(Recipe):
+        value = getattr(recipe, f.name)
+        if f.name in ("teacher", "teacher_epochs", "teacher_augment"):
+            continue
+        lines.append(f"{f.name} = {_toml_value('all' if f.name == 'subset' and value is None else value)}")
+    lines += ["", "[teacher]  # the teacher stage's own settings (the others as above)"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in teacher.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string: JSON's escapes are TOML's
+
+
+def recorded_recipe(path: Path) -> tuple[dict, str]:
+    """The recipe a checkpoint or a cache recorded, and a note naming the command that repeats it
+    (and, for a cache, the dump's own settings that are flags rather than recipe fields)."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise KDCacheError(f"{path}: no such file: pass a checkpoint (.pt) or a cache (.h5) written by kdcache")
+    if h5py.is_hdf5(path):
+        from kdcache.cache import open_cache
+
+        with open_cache(path) as c:
+            import json
+
+            attrs = c.attrs
+            recipe = json.loads(attrs["recipe"]) if "recipe" in attrs else None
+            flags = f"--tta {attrs.get('tta', 'none')}" + (f" --topk {attrs['topk']}" if attrs.get("topk") else "")
+        note = (f"the recipe recorded in {path}\nrepeat: kdcache dump-logits --config FILE --teacher TEACHER.pt {flags}"
+                "\n(a student from this cache: kdcache student --config FILE --cache CACHE)")
+    else:
+        from kdcache.models import read_checkpoint
+
+        meta = read_checkpoint(path)
+        recipe = meta.get("recipe")
+        command = "teacher" if meta.get("role") == "teacher" else "student --cache CACHE"
+        note = f"the recipe recorded in {path}\nrepeat: kdcache {command} --config FILE"
+    if not recipe:
+        raise KDCacheError(f"{path} records no recipe (an imported teacher, or a file from an older kdcache): "
+                           "nothing to repeat")  # fmt: skip
+    return recipe, note

@@ -1,0 +1,141 @@
+"""Config files: one resolver (flag > file > --preset or the upstream record > default), TOML round trips,
+one-line errors naming the file and key, and runs repeated from an artifact's recorded recipe."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from kdcache.config import PRESETS, Recipe, read_config, resolve, to_toml
+from kdcache.errors import KDCacheError
+from kdcache.models import read_checkpoint
+from tests.conftest import run_cli
+
+
+def _file(tmp_path, text: str, name: str = "run.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_round_trips_through_toml(tmp_path, name):
+    preset = PRESETS[name]
+    back = resolve(None, read_config(_file(tmp_path, to_toml(preset))), None, {})
+    assert back.for_teacher() == preset.for_teacher()  # what the teacher stage trains with
+    assert to_toml(back) == to_toml(preset)  # and every student-side field
+    # a recipe whose teacher overrides came from flags, subset "all" included
+    odd = preset.override_teacher(lr=0.3, epochs=5).override(subset=None, mean=(0.5, 0.25, 0.125))
+    odd = dataclasses.replace(odd, subset=None)
+    again = resolve("demo", read_config(_file(tmp_path, to_toml(odd))), None, {})  # the file beats the preset
+    assert again.for_teacher() == odd.for_teacher() and again.subset is None and again.mean == (0.5, 0.25, 0.125)
+
+
+def test_precedence_flag_over_file_over_upstream_over_default(tmp_path):
+    upstream = dataclasses.asdict(Recipe(lr=0.3, epochs=7))
+    cfg = read_config(_file(tmp_path, "lr = 0.5\n"))
+    assert resolve(None, cfg, upstream, {"lr": 0.7}).lr == 0.7  # the flag
+    assert resolve(None, cfg, upstream, {"lr": None}).lr == 0.5  # the file
+    assert resolve(None, cfg, upstream, {}).epochs == 7  # the upstream record, where the file is silent
+    assert resolve(None, {}, None, {}).lr == PRESETS["seed-resnet"].lr  # the default preset
+    assert resolve("seed-cnn", {}, upstream, {}).optimizer == "adam"  # --preset instead of the record
+    named = read_config(_file(tmp_path, 'preset = "seed-cnn"\nepochs = 3\n'))
+    picked = resolve(None, named, upstream, {})  # the file's preset instead of the record
+    assert (picked.optimizer, picked.epochs) == ("adam", 3)
+    # the teacher stage: flags are its own settings, the file's [teacher] table replaces the preset's
+    cfg = read_config(_file(tmp_path, "lr = 0.05\n[teacher]\nlr = 0.9\nepochs = 4\n"))
+    teacher = resolve("cifar10-fast", cfg, None, {"lr": None, "epochs": 6}, teacher_stage=True).for_teacher()
+    assert (teacher.lr, teacher.epochs, teacher.label_smoothing) == (0.9, 6, 0.0)
+    assert resolve("cifar10-fast", cfg, None, {}).lr == 0.05
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("lrr = 1\n", "unknown key 'lrr': did you mean 'lr'?"),
+        ('lr = "fast"\n', "lr must be a number (got 'fast')"),
+        ("epochs = 2.5\n", "epochs must be a whole number (got 2.5)"),
+        ("augment = 1\n", "augment must be true or false (got 1)"),
+        ("mean = [0.5, 0.5]\n", "mean must be a list of 3 numbers"),
+        ("subset = true\n", 'subset must be a whole number or "all" (got True)'),
+        ("lr = -1.0\n", "lr must be > 0 (got -1.0)"),
+        ('mix = "blend"\n', "mix must be one of"),
+        ("[teacher]\nmomentum = 1.5\n", "momentum must be in [0, 1) (got 1.5)"),
+        ("[teacher]\nfoo = 1\n", "unknown key 'teacher.foo'"),
+        ('preset = "nope"\n', "unknown preset 'nope'"),
+        ("lr = [1\n", "not valid TOML"),
+        ("teacher = 3\n", "teacher must be a [teacher] table"),
+    ],
+)
+def test_bad_files_are_one_line_errors_naming_file_and_key(tmp_path, text, message):
+    path = _file(tmp_path, text)
+    with pytest.raises(KDCacheError) as e:
+        resolve(None, read_config(path), None, {}, config_path=path)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+
+
+def test_cli_config_errors_and_print_config(tmp_path):
+    bad = _file(tmp_path, "lrr = 1\n", "bad.toml")
+    r = run_cli("teacher", "--config", str(bad), cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown key 'lrr'" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_cli("teacher", "--config", str(tmp_path / "missing.toml"), cwd=tmp_path)
+    assert r.returncode == 2 and "no such config file" in r.stderr
+    good = _file(tmp_path, 'preset = "demo"\nlr = 0.02\n[teacher]\nlr = 0.2\nepochs = 3\n', "good.toml")
+    r = run_cli("teacher", "--config", str(good), "--epochs", "4", "--print-config", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    printed = read_config(_file(tmp_path, r.stdout, "printed.toml"))
+    assert printed["lr"] == 0.02 and printed["teacher"] == {"lr": 0.2, "epochs": 4}  # the flag wins
+    assert printed["subset"] == 10000 and printed["student_arch"] == "seed-cnn-student"  # the file's preset
+    assert not (tmp_path / "saved_models").exists()  # nothing trained, nothing written
+    code = _file(tmp_path, 'student_arch = "os:system"\n', "code.toml")
+    r = run_cli("pipeline", "--config", str(code), "--print-config", cwd=tmp_path)
+    assert r.returncode == 2 and "--student-arch os:system" in r.stderr  # a file alone runs no code
+
+
+def test_a_student_config_cannot_change_the_caches_views(tmp_path, cache_file, data_dir):
+    wrong = _file(tmp_path, "views = 9\n")
+    r = run_cli("student", "--cache", str(cache_file), "--data", str(data_dir), "--config", str(wrong),
+                "--print-config", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 2 and "views = 9" in r.stderr and "views = 4" in r.stderr
+
+
+def _weights(path):
+    return read_checkpoint(path)["state_dict"]
+
+
+def test_runs_repeated_from_their_recorded_config_give_the_same_artifacts(tmp_path, data_dir):
+    """teacher -> dump -> student, then each repeated from `kdcache inspect FILE --config` alone
+    (plus paths): the same weights, the same cached logits and views, the same recorded recipes."""
+    common = ("--data", str(data_dir), "--device", "cpu")
+    first = tmp_path / "first"
+    first.mkdir()
+    steps = [
+        ("teacher", "t.pt", ["--preset", "seed-cnn", "--subset", "200", "--epochs", "1", "--augment", "--lr", "0.002"]),
+        ("dump-logits", "c.h5", ["--teacher", "t.pt", "--views", "2", "--mix", "cutmix", "--mix-prob", "0.5"]),
+        ("student", "s.pt", ["--cache", "c.h5", "--epochs", "1", "--T", "2.5", "--batch-size", "32", "--seed", "3"]),
+    ]
+    for command, out, args in steps:
+        r = run_cli(command, *args, *common, "--out", out, cwd=first)
+        assert r.returncode == 0, r.stderr
+    again = tmp_path / "again"
+    again.mkdir()
+    for command, out, args in steps:
+        r = run_cli("inspect", str(first / out), "--config", cwd=first)
+        assert r.returncode == 0, r.stderr
+        config = _file(again, r.stdout, out + ".toml")
+        inputs = {"dump-logits": ["--teacher", "t.pt"], "student": ["--cache", "c.h5"]}.get(command, [])
+        r = run_cli(command, "--config", str(config), *inputs, *common, "--out", out, cwd=again)
+        assert r.returncode == 0, r.stderr
+    for name in ("t.pt", "s.pt"):
+        a, b = read_checkpoint(first / name), read_checkpoint(again / name)
+        assert a["recipe"] == b["recipe"]
+        assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    with h5py.File(first / "c.h5") as a, h5py.File(again / "c.h5") as b:
+        assert a.attrs["recipe"] == b.attrs["recipe"]
+        for key in ("logits", "view_params", "labels"):
+            assert np.array_equal(a[key][...], b[key][...]), key
