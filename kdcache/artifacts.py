@@ -225,6 +225,24 @@ def _refuse_clobber(out: Path, *, force: bool, resume: bool, interrupted: Path |
         raise KDCacheError(f"{side} already exists (beside {out.name}): pass --force to overwrite it, or choose another {flag}")
 
 
+RESUME_FIX = "resume with the same arguments, or pass --force to start over"
+
+
+def refuse_different(path: Path, recorded: dict, wanted: dict, *, made: str = "was started with",
+                     asked: str = "this run has", fix: str = RESUME_FIX) -> None:  # fmt: skip
+    """The one "same settings?" check (resume, a dump's shards, a pipeline's finished stages): the
+    first setting in `wanted` that `path` recorded otherwise, in one line; in a nested record (a
+    recipe), the field that differs is named."""
+    for key, want in wanted.items():
+        got = recorded.get(key)
+        if got == want:
+            continue
+        if isinstance(got, dict) and isinstance(want, dict):
+            key = next(k for k in [*want, *got] if got.get(k) != want.get(k))
+            got, want = got.get(key), want.get(key)
+        raise KDCacheError(f"{path} {made} {key}={got!r}, {asked} {want!r}: {fix}")
+
+
 def metrics_path(out: str | Path) -> Path:
     """`OUT.metrics.jsonl`, from the whole name: `a.pt` and `a.pth` never share one."""
     out = Path(out)

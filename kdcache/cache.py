@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from kdcache import __version__
-from kdcache.artifacts import fresh_file, require_file
+from kdcache.artifacts import fresh_file, refuse_different, require_file
 from kdcache.errors import KDCacheError
 from kdcache.views import GEOMETRIES, MIXES, CropFlip, Mix, ResizedCrop
 
@@ -56,14 +56,16 @@ def shard_blocks(path: Path, attrs: dict) -> set[int]:
     except OSError as e:
         raise KDCacheError(f"{path} cannot be read ({str(e).splitlines()[0][:80]}): rerun with --force to start over") from None
     with f:
-        for key in _IDENTITY_ATTRS:
-            started = _plain(f.attrs.get(key, _RESUME_DEFAULTS.get(key)))
-            if started != _plain(attrs.get(key, _RESUME_DEFAULTS.get(key))):
-                raise KDCacheError(
-                    f"{path} was started with {key}={started!r}, this dump has {_plain(attrs.get(key))!r}: "
-                    "resume with the same arguments, or pass --force to start over"
-                )
+        _same_dump(path, f.attrs, attrs)
         return {int(b) for b in np.flatnonzero(f["blocks_done"][...])}
+
+
+def _same_dump(path: Path, started, attrs: dict) -> None:
+    """A partial or a shard belongs to this dump only if it was started with the same identity attributes."""
+    def identity(a):
+        return {k: _plain(a.get(k, _RESUME_DEFAULTS.get(k))) for k in _IDENTITY_ATTRS}
+
+    refuse_different(path, identity(started), identity(attrs), asked="this dump has")
 
 
 def merge_shards(writer: "CacheWriter", shards: dict[int, Path], num_rows: int, block_rows: int) -> None:
@@ -223,14 +225,11 @@ class CacheWriter:
             raise KDCacheError(
                 f"{self.tmp} cannot be resumed ({str(e).splitlines()[0][:80]}): rerun with --force to start over"
             ) from None
-        for key in _IDENTITY_ATTRS:
-            started = _plain(f.attrs.get(key, _RESUME_DEFAULTS.get(key)))
-            if started != _plain(attrs.get(key, _RESUME_DEFAULTS.get(key))):
-                f.close()  # after reading the attribute: a closed file has none
-                raise KDCacheError(
-                    f"{self.tmp} was started with {key}={started!r}, this dump has "
-                    f"{_plain(attrs[key])!r}: resume with the same arguments, or pass --force to start over"
-                )
+        try:
+            _same_dump(self.tmp, f.attrs, attrs)
+        except KDCacheError:
+            f.close()
+            raise
         return f
 
     @property

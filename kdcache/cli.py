@@ -8,7 +8,6 @@ import functools
 import json
 import math
 import signal
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -19,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kdcache.artifacts import atomic_write_text, claim_output
-from kdcache.config import DEFAULT_PRESET, PRESETS, config_given, read_config, resolve, validate
+from kdcache.config import DEFAULT_PRESET, PRESETS, Recipe, config_given, read_config, resolve, validate
 from kdcache.errors import KDCacheError
 
 app = typer.Typer(
@@ -176,7 +175,6 @@ def _teacher_views(recipe: "Recipe", taught: dict | None, **given) -> "Recipe":
     or not, its mix and mix share) wherever the command's own flag (`given`, None: not passed) leaves
     it open, whatever --preset says: a dump and an online student run the teacher on the kind of
     image it learned from. No recorded recipe (an imported teacher) leaves the recipe as it is."""
-    from kdcache.config import Recipe
 
     if not taught:
         return recipe
@@ -590,7 +588,7 @@ def inspect_cmd(
 ):
     """Summarise a cache: format, dataset, N x K x C, size, teacher, accuracy, entropy, completeness."""
     if config:
-        from kdcache.config import Recipe, recorded_recipe, to_toml
+        from kdcache.config import recorded_recipe, to_toml
 
         recipe, note = recorded_recipe(cache)
         typer.echo(to_toml(Recipe.from_dict(recipe), header=note), nl=False)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from kdcache import cache as cache_io
-from kdcache.artifacts import atomic_write, check_writable, metrics_of, metrics_path, output_lock
+from kdcache.artifacts import atomic_write, check_writable, metrics_of, metrics_path, output_lock, refuse_different
 from kdcache.config import Recipe, validate
 from kdcache.dump import dump_logits
 from kdcache.errors import KDCacheError
@@ -52,12 +52,8 @@ def _done(path: Path, expect: dict) -> bool:
         # a teacher records the whole recipe: what it trained with is the teacher stage's own settings
         recorded = dataclasses.asdict(recorded.for_teacher() if record.get("role") == "teacher" else recorded)
         got = {**recorded, **record, "epochs": record["metrics"]["epochs"]}
-    for key, want in expect.items():
-        if got.get(key) != want:
-            raise KDCacheError(
-                f"{path} was made with {key}={got.get(key)!r}, this run asks for {want!r}: "
-                "pass --force to redo the run, or choose another --out"
-            )
+    refuse_different(path, got, expect, made="was made with", asked="this run asks for",
+                     fix="pass --force to redo the run, or choose another --out")  # fmt: skip
     return True
 
 

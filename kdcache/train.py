@@ -19,6 +19,7 @@ from typing import Callable, Iterator, NamedTuple, Protocol
 import torch
 from torch import nn
 
+from kdcache.artifacts import refuse_different
 from kdcache.errors import KDCacheError
 from kdcache.models import atomic_torch_save, finite_weights, unwrap
 from kdcache.views import CropFlip, Mix, ResizedCrop, normalize, render_views, shuffle_order
@@ -598,17 +599,7 @@ def load_resume(path: Path, *, model, optimizer, scheduler, identity: dict,
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise KDCacheError(f"{path} is unreadable ({type(e).__name__}): pass --force to start over") from None
-    differs = [k for k in identity if state["identity"].get(k) != identity[k]]
-    if differs:
-        k = differs[0]
-        was, now = state["identity"].get(k), identity[k]
-        if isinstance(was, dict) and isinstance(now, dict):  # the recipe: name the field that differs
-            k = next(f for f in [*now, *was] if was.get(f) != now.get(f))
-            was, now = was.get(k), now.get(k)
-        raise KDCacheError(
-            f"{path} was started with {k}={was!r}, this run has {now!r}: "
-            "resume with the same arguments, or pass --force to start over"
-        )
+    refuse_different(path, state["identity"], identity)
     unwrap(model).load_state_dict(state["model"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
