@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kdcache.artifacts import atomic_write_text, claim_output
-from kdcache.config import DEFAULT_PRESET, PRESETS, Recipe, config_given, read_config, resolve, validate
+from kdcache.config import DEFAULT_PRESET, PRESETS, Recipe, config_given, read_config, resolve
 from kdcache.errors import KDCacheError
 
 app = typer.Typer(
@@ -417,7 +417,6 @@ def dump_cmd(
     recipe = resolve(preset, cfg, taught, dict(views=views, augment=augment, mix=mix, mix_prob=mix_prob, seed=seed,
                                                subset=subset), config_path=config)  # fmt: skip
     recipe = _teacher_views(recipe, taught, **config_given(cfg, mix=mix, mix_prob=mix_prob))  # crop/flip: the preset's
-    validate(recipe)
     if print_config:
         _print_config(recipe, "dump-logits")
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)

@@ -58,6 +58,9 @@ class Recipe:
     std: tuple[float, float, float] = SEED_RESNET_STD
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        validate(self)  # immutable and checked once, here: every Recipe in kdcache can train
+
     def override(self, **values) -> "Recipe":
         """A copy with every non-None value replaced (None means: keep the preset's)."""
         return dataclasses.replace(self, **_given(values))
@@ -103,6 +106,59 @@ def _given(values: dict) -> dict:
     if given.get("views", 1) > 1 and "augment" not in given:
         given["augment"] = True
     return given
+
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Refuse values that cannot train, with a message naming the flag (--subset is checked by the reader);
+    the teacher stage's own values too."""
+    own = {f.name for f in dataclasses.fields(Recipe)} - {"teacher", "teacher_epochs", "teacher_augment"}
+    unknown = sorted(k for k in recipe.teacher if k not in own)
+    if unknown:
+        raise KDCacheError(f"the recipe's teacher settings name unknown fields {unknown}: use Recipe's field names")
+    _check(recipe)
+    if recipe.teacher or recipe.teacher_epochs is not None:
+        _check(recipe.for_teacher())
+    return recipe
+
+
+def _check(recipe: Recipe) -> None:
+    epochs = recipe.epochs
+    numbers = {"--lr": recipe.lr, "--T": recipe.T, "--alpha": recipe.alpha, "--mix-prob": recipe.mix_prob,
+               "--momentum": recipe.momentum, "--weight-decay": recipe.weight_decay, "--ema": recipe.ema,
+               "--label-smoothing": recipe.label_smoothing, "--bn-bias-lr": recipe.bn_bias_lr}  # fmt: skip
+    for flag, value in numbers.items():
+        if not math.isfinite(value):
+            raise KDCacheError(f"{flag} must be a finite number (got {value})")
+    checks = [
+        (epochs >= 1, f"--epochs must be >= 1 (got {epochs})"),
+        (recipe.batch_size >= 1, f"--batch-size must be >= 1 (got {recipe.batch_size})"),
+        (recipe.views >= 1, f"--views must be >= 1 (got {recipe.views})"),
+        (recipe.T > 0, f"--T must be > 0 (got {recipe.T})"),
+        (0.0 <= recipe.alpha <= 1.0, f"--alpha must be in [0, 1] (got {recipe.alpha})"),
+        (recipe.lr > 0, f"--lr must be > 0 (got {recipe.lr})"),
+        (0.0 <= recipe.momentum < 1.0, f"--momentum must be in [0, 1) (got {recipe.momentum})"),
+        (recipe.weight_decay >= 0, f"--weight-decay must be >= 0 (got {recipe.weight_decay})"),
+        (recipe.subset is None or recipe.subset >= 1, f"--subset must be >= 1 (got {recipe.subset})"),
+        (recipe.mix in MIXES, f"--mix must be one of {', '.join(MIXES)} (got {recipe.mix!r})"),
+        (0.0 <= recipe.mix_prob <= 1.0, f"--mix-prob must be in [0, 1] (got {recipe.mix_prob})"),
+        (recipe.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)} (got {recipe.loss!r})"),
+        (recipe.optimizer in ("sgd", "adam"), f"--optimizer must be sgd or adam (got {recipe.optimizer!r})"),
+        (recipe.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)} (got {recipe.schedule!r})"),
+        (0.0 <= recipe.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1) (got {recipe.label_smoothing})"),
+        (0.0 <= recipe.ema < 1.0, f"--ema must be a decay in [0, 1), e.g. 0.98; 0 turns it off (got {recipe.ema})"),
+        (recipe.bn_bias_lr > 0, f"--bn-bias-lr must be > 0 (got {recipe.bn_bias_lr})"),
+        (0 <= recipe.warmup_epochs < epochs, f"--warmup-epochs must be in 0..{epochs - 1}, below --epochs (got {recipe.warmup_epochs})"),
+        (not recipe.nesterov or (recipe.optimizer == "sgd" and recipe.momentum > 0),
+         "--nesterov needs --optimizer sgd with momentum (the preset's has none): drop --nesterov or use sgd"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise KDCacheError(message)
+
+
 
 
 # Notebook 2: its two CNNs, Adam 1e-3, 10 epochs, batch 64, no augmentation,
@@ -159,59 +215,6 @@ def get_preset(name: str | None) -> Recipe:
     if name not in PRESETS:
         raise KDCacheError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
-
-
-SCHEDULES = ("cosine", "linear", "constant")
-
-
-def validate(recipe: Recipe) -> Recipe:
-    """Refuse values that cannot train, with a message naming the flag (--subset is checked by the reader);
-    the teacher stage's own values too."""
-    own = {f.name for f in dataclasses.fields(Recipe)} - {"teacher", "teacher_epochs", "teacher_augment"}
-    unknown = sorted(k for k in recipe.teacher if k not in own)
-    if unknown:
-        raise KDCacheError(f"the recipe's teacher settings name unknown fields {unknown}: use Recipe's field names")
-    _check(recipe)
-    if recipe.teacher or recipe.teacher_epochs is not None:
-        _check(recipe.for_teacher())
-    return recipe
-
-
-def _check(recipe: Recipe) -> None:
-    epochs = recipe.epochs
-    numbers = {"--lr": recipe.lr, "--T": recipe.T, "--alpha": recipe.alpha, "--mix-prob": recipe.mix_prob,
-               "--momentum": recipe.momentum, "--weight-decay": recipe.weight_decay, "--ema": recipe.ema,
-               "--label-smoothing": recipe.label_smoothing, "--bn-bias-lr": recipe.bn_bias_lr}  # fmt: skip
-    for flag, value in numbers.items():
-        if not math.isfinite(value):
-            raise KDCacheError(f"{flag} must be a finite number (got {value})")
-    checks = [
-        (epochs >= 1, f"--epochs must be >= 1 (got {epochs})"),
-        (recipe.batch_size >= 1, f"--batch-size must be >= 1 (got {recipe.batch_size})"),
-        (recipe.views >= 1, f"--views must be >= 1 (got {recipe.views})"),
-        (recipe.T > 0, f"--T must be > 0 (got {recipe.T})"),
-        (0.0 <= recipe.alpha <= 1.0, f"--alpha must be in [0, 1] (got {recipe.alpha})"),
-        (recipe.lr > 0, f"--lr must be > 0 (got {recipe.lr})"),
-        (0.0 <= recipe.momentum < 1.0, f"--momentum must be in [0, 1) (got {recipe.momentum})"),
-        (recipe.weight_decay >= 0, f"--weight-decay must be >= 0 (got {recipe.weight_decay})"),
-        (recipe.subset is None or recipe.subset >= 1, f"--subset must be >= 1 (got {recipe.subset})"),
-        (recipe.mix in MIXES, f"--mix must be one of {', '.join(MIXES)} (got {recipe.mix!r})"),
-        (0.0 <= recipe.mix_prob <= 1.0, f"--mix-prob must be in [0, 1] (got {recipe.mix_prob})"),
-        (recipe.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)} (got {recipe.loss!r})"),
-        (recipe.optimizer in ("sgd", "adam"), f"--optimizer must be sgd or adam (got {recipe.optimizer!r})"),
-        (recipe.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)} (got {recipe.schedule!r})"),
-        (0.0 <= recipe.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1) (got {recipe.label_smoothing})"),
-        (0.0 <= recipe.ema < 1.0, f"--ema must be a decay in [0, 1), e.g. 0.98; 0 turns it off (got {recipe.ema})"),
-        (recipe.bn_bias_lr > 0, f"--bn-bias-lr must be > 0 (got {recipe.bn_bias_lr})"),
-        (0 <= recipe.warmup_epochs < epochs, f"--warmup-epochs must be in 0..{epochs - 1}, below --epochs (got {recipe.warmup_epochs})"),
-        (not recipe.nesterov or (recipe.optimizer == "sgd" and recipe.momentum > 0),
-         "--nesterov needs --optimizer sgd with momentum (the preset's has none): drop --nesterov or use sgd"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise KDCacheError(message)
-
-
 
 # ---- config files: a recipe as TOML ------------------------------------------------------------------
 # A config file holds Recipe fields: top-level keys are the shared and the students' settings, a

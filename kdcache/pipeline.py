@@ -15,7 +15,7 @@ from typing import Callable
 
 from kdcache import cache as cache_io
 from kdcache.artifacts import atomic_write, check_writable, metrics_of, metrics_path, output_lock, refuse_different
-from kdcache.config import Recipe, validate
+from kdcache.config import Recipe
 from kdcache.dump import dump_logits
 from kdcache.errors import KDCacheError
 from kdcache.imports import ensemble_sha256
@@ -124,7 +124,6 @@ def run_pipeline(
     (no cache), the equal-budget comparison of cached and online distillation. `trust_arch`: the
     reused `teacher` may be a module:factory architecture (see `load_checkpoint`).
     """
-    validate(recipe)
     if teachers < 1:
         raise KDCacheError(f"--teachers must be >= 1 (got {teachers})")
     if teachers > 1 and (teacher is not None or with_online):

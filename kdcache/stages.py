@@ -11,7 +11,7 @@ import torch
 
 from kdcache import cache as cache_io
 from kdcache.artifacts import claim_output, metrics_path, write_metrics
-from kdcache.config import Recipe, validate
+from kdcache.config import Recipe
 from kdcache.data import IMAGENET_MEAN, IMAGENET_STD, Dataset, load_dataset, recorded_options
 from kdcache.errors import KDCacheError
 from kdcache.losses import label_loss, student_loss
@@ -228,7 +228,6 @@ def train_teacher(
     """Train `recipe.teacher_arch` with cross-entropy (against the mixed labels on mixed views)
     on a fresh view of every image each epoch, of the family the cache will hold.
     `data_options`: an image folder's (image size, store size, ...; see `data.load_folder`)."""
-    validate(recipe)
     recorded, recipe = recipe, recipe.for_teacher()
     with claim_output(out, force=force, resume=resume, interrupted=resume_path(out), sides=(metrics_path(out),),
                       lock=rt.main) as out:
@@ -289,7 +288,6 @@ def train_student(
     alpha = 0 ignores the teacher. `trust_arch`: the online teacher may be a module:factory
     architecture (see `load_checkpoint`).
     """
-    validate(recipe)
     with claim_output(out, force=force, resume=resume, interrupted=resume_path(out), sides=(metrics_path(out),),
                       lock=rt.main) as out:
         teacher = None

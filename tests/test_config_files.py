@@ -13,7 +13,7 @@ import torch
 from kdcache.config import PRESETS, Recipe, read_config, resolve, to_toml
 from kdcache.errors import KDCacheError
 from kdcache.models import read_checkpoint
-from tests.conftest import run_cli
+from conftest import run_cli
 
 
 def _file(tmp_path, text: str, name: str = "run.toml"):

@@ -161,8 +161,10 @@ def test_a_preset_carries_a_teacher_recipe_and_the_students_keep_theirs(tmp_path
     teacher = fast.for_teacher()
     assert (teacher.teacher_arch, teacher.lr, teacher.batch_size, teacher.ema) == ("airbench94", 1.5, 1024, 0.98)
     assert (fast.lr, fast.batch_size, fast.ema, fast.student_arch) == (0.2, 512, 0.0, "resnet18")
-    typed = fast.override_teacher(lr=0.5, epochs=3, seed=4)
-    assert typed.for_teacher().lr == 0.5 and typed.for_teacher().epochs == 3 and typed.seed == 4 and typed.lr == 0.2
+    typed = fast.override_teacher(lr=0.5, epochs=5, seed=4)
+    assert typed.for_teacher().lr == 0.5 and typed.for_teacher().epochs == 5 and typed.seed == 4 and typed.lr == 0.2
+    with pytest.raises(KDCacheError, match="--warmup-epochs must be in 0..2"):  # a recipe is checked when made
+        fast.override_teacher(epochs=3)  # below the teacher's 3 warm-up epochs
     again = Recipe.from_dict(dataclasses.asdict(typed))  # as a checkpoint or cache records it
     assert again == typed
     with pytest.raises(KDCacheError, match="--ema must be a decay"):
