@@ -151,6 +151,8 @@ EmaOpt = typer.Option(None, "--ema", help="Keep an exponential moving average of
 BnBiasLrOpt = typer.Option(None, "--bn-bias-lr", help="BatchNorm biases learn at this multiple of --lr (their weight decay divided by it, as airbench does). \\[default: the preset's, 1]")
 ConfigOpt = typer.Option(None, "--config", help="A TOML file of recipe fields, e.g. `lr = 0.05`, with a [teacher] table for the teacher stage's own (write one with --print-config, or from any checkpoint or cache with `kdcache inspect FILE --config`). Flags you type override it; it overrides the starting recipe (--preset, its own `preset = NAME`, or what the upstream artifact recorded).")
 PrintConfigOpt = typer.Option(False, "--print-config", help="Print the resolved recipe as a TOML config file and exit: nothing is trained or written.")
+FixedDatasetOpt = typer.Option(None, "--dataset", help="Fixed by the teacher (or cache): accepted when it names the same dataset, refused otherwise.")
+FixedImageSizeOpt = typer.Option(None, "--image-size", help="Fixed by the teacher (or cache): accepted when it is the same size, refused otherwise.")
 TrustArchOpt = typer.Option(False, "--trust-arch", help="Build a module.path:factory architecture that a checkpoint or cache names: that imports the module and runs its code, so only for files you trust. kdcache's own names and torchvision:/timm: specs need no flag.")
 
 
@@ -168,6 +170,16 @@ def _file_arch(spec: str | None, typed: str | None, config: Path | None, flag: s
 
     if spec is not None and typed is None:
         refuse_code(spec, str(config), f"name it on the command line ({flag} {spec}) if you trust that code")
+
+
+def _fixed_by(source: Path, **typed: tuple) -> None:
+    """Settings an upstream artifact fixes (`--flag_name=(typed, recorded)`): a flag that repeats the
+    artifact's value is accepted, one that differs is refused naming both values."""
+    for name, (value, recorded) in typed.items():
+        flag = "--" + name.replace("_", "-")
+        if value is not None and value != recorded:
+            raise KDCacheError(f"{flag} {value} differs from {source}, which has {recorded}: it is fixed by that file; "
+                               f"drop {flag}, or make the file again with it")  # fmt: skip
 
 
 def _teacher_views(recipe: "Recipe", taught: dict | None, **given) -> "Recipe":
@@ -389,6 +401,8 @@ def dump_cmd(
     mix: Optional[str] = typer.Option(None, "--mix", help="Mixed views: none | cutmix | mixup | both. The teacher runs on the mixed image itself, and the cache stores the partner and box/weight, so a student replays exactly that image. \\[default: what the teacher was trained with]"),
     mix_prob: Optional[float] = MixProbOpt,
     data_dir: Optional[Path] = DataDirOpt,
+    dataset: Optional[str] = FixedDatasetOpt,
+    image_size: Optional[int] = FixedImageSizeOpt,
     rebuild_store: bool = RebuildStoreOpt,
     resident_mb: Optional[float] = ResidentOpt,
     subset: Optional[int] = typer.Option(None, "--subset", help="Use only the first N training images. \\[default: the images the teacher was trained on]"),
@@ -413,7 +427,9 @@ def dump_cmd(
     from kdcache.models import read_checkpoint
 
     cfg = read_config(config)
-    taught = read_checkpoint(teacher[0]).get("recipe")
+    meta = read_checkpoint(teacher[0])
+    taught = meta.get("recipe")
+    _fixed_by(teacher[0], dataset=(dataset, meta.get("dataset")), image_size=(image_size, meta.get("image_size")))
     recipe = resolve(preset, cfg, taught, dict(views=views, augment=augment, mix=mix, mix_prob=mix_prob, seed=seed,
                                                subset=subset), config_path=config)  # fmt: skip
     recipe = _teacher_views(recipe, taught, **config_given(cfg, mix=mix, mix_prob=mix_prob))  # crop/flip: the preset's
@@ -460,6 +476,9 @@ def student_cmd(
     mix: Optional[str] = typer.Option(None, "--mix", help="With --online-teacher only: none | cutmix | mixup | both. \\[default: the teacher's]"),
     mix_prob: Optional[float] = typer.Option(None, "--mix-prob", help="With --online-teacher only. \\[default: the teacher's]"),
     data_dir: Optional[Path] = DataDirOpt,
+    dataset: Optional[str] = FixedDatasetOpt,
+    image_size: Optional[int] = FixedImageSizeOpt,
+    views: Optional[int] = typer.Option(None, "--views", help="Fixed by the cache (its K views per image): accepted when it is the same, refused otherwise."),
     rebuild_store: bool = RebuildStoreOpt,
     resident_mb: Optional[float] = ResidentOpt,
     subset: Optional[int] = typer.Option(None, "--subset", help="Must match the cache's; \\[default: the cache's]"),
@@ -501,6 +520,16 @@ def student_cmd(
     if online_teacher is None and (flag := next((f for f, v in view_flags.items() if v is not None), None)):
         raise KDCacheError(f"{flag} goes with --online-teacher; a cache student replays the cache's views")
     taught = read_checkpoint(online_teacher).get("recipe") if online_teacher is not None else None
+    if any(v is not None for v in (dataset, image_size, views)):
+        if online_teacher is not None:
+            meta = read_checkpoint(online_teacher)
+            _fixed_by(online_teacher, dataset=(dataset, meta.get("dataset")), image_size=(image_size, meta.get("image_size")))
+            if views is not None:
+                raise KDCacheError("--views goes with a cache (its K views); an online student sees a fresh view every epoch")
+        else:
+            with open_cache(cache) as c:
+                _fixed_by(cache, dataset=(dataset, c.attrs.get("dataset")), image_size=(image_size, c.geometry().size[0]),
+                          views=(views, c.file["view_params"].shape[1]))  # fmt: skip
 
     def recorded() -> dict | None:
         if online_teacher is not None:

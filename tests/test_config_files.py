@@ -139,3 +139,17 @@ def test_runs_repeated_from_their_recorded_config_give_the_same_artifacts(tmp_pa
         assert a.attrs["recipe"] == b.attrs["recipe"]
         for key in ("logits", "view_params", "labels"):
             assert np.array_equal(a[key][...], b[key][...]), key
+
+
+def test_settings_an_upstream_artifact_fixes_are_accepted_when_they_agree(tmp_path, cache_file, teacher_ckpt, data_dir):
+    """--dataset / --image-size (and a student's --views) repeat what the teacher or cache fixed: the same
+    value is accepted (the run goes on to --print-config), another is one line naming both."""
+    student = ("student", "--cache", str(cache_file), "--data", str(data_dir), "--print-config")
+    assert run_cli(*student, "--image-size", "32", "--views", "4", "--dataset", "cifar10", cwd=tmp_path).returncode == 0
+    r = run_cli(*student, "--views", "8", cwd=tmp_path)
+    assert r.returncode == 2 and "--views 8 differs from" in r.stderr and "which has 4" in r.stderr
+    dump = ("dump-logits", "--teacher", str(teacher_ckpt), "--data", str(data_dir), "--print-config")
+    assert run_cli(*dump, "--image-size", "32", cwd=tmp_path).returncode == 0
+    r = run_cli(*dump, "--image-size", "64", cwd=tmp_path)
+    assert r.returncode == 2 and "--image-size 64 differs from" in r.stderr and "which has 32" in r.stderr
+    assert r.stderr.strip().count("\n") == 0
