@@ -150,6 +150,7 @@ WeightDecayOpt = typer.Option(None, "--weight-decay", help="L2 weight decay (>= 
 LabelSmoothingOpt = typer.Option(None, "--label-smoothing", help="Label smoothing of the label term, in [0, 1): targets (1 - s) one-hot + s / classes. \\[default: the preset's, 0; cifar10-fast's teacher 0.2]")
 EmaOpt = typer.Option(None, "--ema", help="Keep an exponential moving average of the weights (this decay per step, e.g. 0.98; 0: off); evaluation, the checkpoint and so the dump use the average. \\[default: the preset's, 0]")
 BnBiasLrOpt = typer.Option(None, "--bn-bias-lr", help="BatchNorm biases learn at this multiple of --lr (their weight decay divided by it, as airbench does). \\[default: the preset's, 1]")
+TensorBoardOpt = typer.Option(None, "--tensorboard", help="Also write each epoch's metrics (the lines of OUT.metrics.jsonl: train loss, train and test accuracy, lr, img/s, a student's agreement and KL with the teacher, a teacher's TTA accuracies at the end) as TensorBoard scalars into this folder, the epoch as the step; view them with `tensorboard --logdir DIR`. Needs pip install 'kdcache\\[tensorboard]'.", metavar="DIR")
 TrustArchOpt = typer.Option(False, "--trust-arch", help="Build a module.path:factory architecture that a checkpoint or cache names: that imports the module and runs its code, so only for files you trust. kdcache's own names and torchvision:/timm: specs need no flag.")
 
 
@@ -282,10 +283,12 @@ def teacher_cmd(
     precision: str = PrecisionOpt,
     compile: bool = CompileOpt,
     out: Path = typer.Option(TEACHER_OUT, "--out", help="Checkpoint to write (metrics go beside it as OUT.metrics.jsonl)."),
+    tensorboard: Optional[Path] = TensorBoardOpt,
     force: bool = ForceOpt,
     resume: bool = ResumeOpt,
 ):
     """Train the teacher and save a self-describing checkpoint (arch, classes, data fingerprint, metrics)."""
+    from kdcache import tblog
     from kdcache.models import check_spec
     from kdcache.stages import train_teacher
 
@@ -299,9 +302,10 @@ def teacher_cmd(
         mix_prob=mix_prob, seed=seed,
     )  # fmt: skip
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)
-    with RichProgress() as progress:
+    tblog.check(tensorboard, main=rt.main)
+    with tblog.epoch_scalars(tensorboard, print_epoch) as on_epoch, RichProgress() as progress:
         result = train_teacher(recipe, data_dir=data_dir, out=out, rt=rt, force=force, resume=resume,
-                               progress=progress, on_epoch=print_epoch, data_options=data_options)  # fmt: skip
+                               progress=progress, on_epoch=on_epoch, data_options=data_options)  # fmt: skip
     if rt.main:
         _stage_summary("teacher", result)
 
@@ -466,6 +470,7 @@ def student_cmd(
     precision: str = PrecisionOpt,
     compile: bool = CompileOpt,
     out: Path = typer.Option(STUDENT_OUT, "--out", help="Checkpoint to write (metrics go beside it as OUT.metrics.jsonl)."),
+    tensorboard: Optional[Path] = TensorBoardOpt,
     force: bool = ForceOpt,
     resume: bool = ResumeOpt,
 ):
@@ -475,6 +480,7 @@ def student_cmd(
     softmax(s/T))) and, on a mixed view, CE = lam * CE(s, y_i) + (1 - lam) * CE(s, y_j). Each epoch
     shows every image one of its K cached views, each once per K epochs.
     """
+    from kdcache import tblog
     from kdcache.cache import open_cache
     from kdcache.models import check_spec, read_checkpoint, refuse_code
     from kdcache.stages import train_student
@@ -504,10 +510,11 @@ def student_cmd(
     if online_teacher is not None:  # as a cache student replays the dump's views
         recipe = _teacher_views(recipe, taught, augment=augment, mix=mix, mix_prob=mix_prob)
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)
-    with RichProgress() as progress:
+    tblog.check(tensorboard, main=rt.main)
+    with tblog.epoch_scalars(tensorboard, print_epoch) as on_epoch, RichProgress() as progress:
         result = train_student(recipe, cache_file=cache, data_dir=data_dir, out=out, rt=rt, force=force,
                                online_teacher=online_teacher, resume=resume, progress=progress,
-                               on_epoch=print_epoch, rebuild_store=rebuild_store, trust_arch=trust_arch)  # fmt: skip
+                               on_epoch=on_epoch, rebuild_store=rebuild_store, trust_arch=trust_arch)  # fmt: skip
     if rt.main:
         _stage_summary("student", result)
         _warn_weak_teacher(result.teacher_test_acc, result.test_acc, "this student")
@@ -776,6 +783,7 @@ def pipeline_cmd(
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     compile: bool = CompileOpt,
+    tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help="Also write each training stage's per-epoch metrics (as its OUT.metrics.jsonl: loss, accuracies, lr, img/s, the students' agreement and KL with the teacher, the teacher's TTA accuracies) as TensorBoard scalars, the epoch as the step, one subfolder of DIR per report row (teacher, student_alone, student_with_kd, student_online_kd); view them side by side with `tensorboard --logdir DIR`. Needs pip install 'kdcache\\[tensorboard]'.", metavar="DIR"),
     force: bool = typer.Option(False, "--force", help="Redo every stage, overwriting the run directory's artifacts."),
     resume: bool = typer.Option(False, "--resume", help="Keep finished stages, continue an interrupted one."),
 ):
@@ -803,7 +811,7 @@ def pipeline_cmd(
     with RichProgress() as progress:
         record = run_pipeline(recipe, preset=name, run_dir=out, data_dir=data_dir, rt=rt, teacher=teacher,
                               trust_arch=trust_arch, teachers=teachers, with_online=with_online, data_options=data_options, force=force,
-                              resume=resume, progress=progress, on_epoch=print_epoch,
+                              resume=resume, progress=progress, on_epoch=print_epoch, tensorboard=tensorboard,
                               log=lambda msg: err_console.print(f"[bold]{msg}[/]", highlight=False))  # fmt: skip
     out_console.print(_report_table([record]))
     agree = [f"{r['model']} {100 * r['teacher_agreement']:.2f}%" for r in record["rows"] if "teacher_agreement" in r]
