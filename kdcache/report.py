@@ -115,15 +115,17 @@ def markdown(record: dict) -> str:
 
 def plot_curves(records: list[dict]) -> list[dict]:
     """What the plot draws: one curve per model of each run, with its label, epochs, test accuracies (%),
-    cumulative training seconds, colour and line style. Each model (row) has its own colour from a fixed
-    qualitative palette (tab10; tab20 beyond ten), given in row order, the same in both panels and for
-    the same model in every run; each run has its own line style."""
+    cumulative training seconds, colour, marker and line style. Each model (row) has its own colour from
+    a fixed qualitative palette (tab10; tab20 beyond ten), given in row order, the same in both panels
+    and for the same model in every run, and its own marker (curves that coincide, as a cached and an
+    online KD student's per epoch can, still both show); each run has its own line style."""
     import matplotlib
     from matplotlib.colors import to_hex
 
     labels = list(dict.fromkeys(label for record in records for label in record["curves"]))
     palette = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"].colors
     colors = {label: to_hex(palette[i % len(palette)]) for i, label in enumerate(labels)}
+    markers = dict(zip(labels, itertools.cycle("osD^vPX*")))
     styles = ["-", "--", ":", "-."]
     out = []
     for i, record in enumerate(records):
@@ -131,7 +133,7 @@ def plot_curves(records: list[dict]) -> list[dict]:
         for label, accs in record["curves"].items():
             out.append({"label": label + suffix, "epochs": list(range(1, len(accs) + 1)),
                         "acc": [100 * a for a in accs], "time_s": record["times"][label], "color": colors[label],
-                        "linestyle": styles[i % len(styles)]})  # fmt: skip
+                        "marker": markers[label], "linestyle": styles[i % len(styles)]})  # fmt: skip
     return out
 
 
@@ -147,7 +149,7 @@ def figure(records: list[dict]):
     fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=120, layout="constrained")
     for c in plot_curves(records):
         for ax, x in ((by_epoch, c["epochs"]), (by_time, c["time_s"])):
-            ax.plot(x, c["acc"], c["linestyle"], color=c["color"], marker="o", markersize=3, label=c["label"])
+            ax.plot(x, c["acc"], c["linestyle"], color=c["color"], marker=c["marker"], markersize=4, label=c["label"])
     by_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
     by_epoch.set_xlabel("epoch")
     by_epoch.set_title("per epoch", fontsize=10)

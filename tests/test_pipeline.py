@@ -103,6 +103,7 @@ def test_plot_has_accuracy_per_epoch_and_per_second_each_row_in_its_own_colour(r
     curves = plot_curves([online])
     assert [c["label"] for c in curves] == ["teacher", "student alone", "student with KD", "student, online KD"]
     assert len({c["color"] for c in curves}) == 4  # the teacher's blue is not the online student's any more
+    assert len({c["marker"] for c in curves}) == 4  # a curve hidden under another still shows its markers
     fig = figure([online])
     try:
         by_epoch, by_time = fig.axes
