@@ -153,6 +153,7 @@ ConfigOpt = typer.Option(None, "--config", help="A TOML file of recipe fields, e
 PrintConfigOpt = typer.Option(False, "--print-config", help="Print the resolved recipe as a TOML config file and exit: nothing is trained or written.")
 FixedDatasetOpt = typer.Option(None, "--dataset", help="Fixed by the teacher (or cache): accepted when it names the same dataset, refused otherwise.")
 FixedImageSizeOpt = typer.Option(None, "--image-size", help="Fixed by the teacher (or cache): accepted when it is the same size, refused otherwise.")
+TensorBoardOpt = typer.Option(None, "--tensorboard", help="Also write each epoch's metrics (the lines of OUT.metrics.jsonl: train loss, train and test accuracy, lr, img/s, a student's agreement and KL with the teacher, a teacher's TTA accuracies at the end) as TensorBoard scalars into this folder, the epoch as the step; view them with `tensorboard --logdir DIR`. Needs pip install 'kdcache\\[tensorboard]'.", metavar="DIR")
 TrustArchOpt = typer.Option(False, "--trust-arch", help="Build a module.path:factory architecture that a checkpoint or cache names: that imports the module and runs its code, so only for files you trust. kdcache's own names and torchvision:/timm: specs need no flag.")
 
 
@@ -302,10 +303,12 @@ def teacher_cmd(
     precision: str = PrecisionOpt,
     compile: bool = CompileOpt,
     out: Path = typer.Option(TEACHER_OUT, "--out", help="Checkpoint to write (metrics go beside it as OUT.metrics.jsonl)."),
+    tensorboard: Optional[Path] = TensorBoardOpt,
     force: bool = ForceOpt,
     resume: bool = ResumeOpt,
 ):
     """Train the teacher and save a self-describing checkpoint (arch, classes, data fingerprint, metrics)."""
+    from kdcache import tblog
     from kdcache.models import check_spec
     from kdcache.stages import train_teacher
 
@@ -323,9 +326,10 @@ def teacher_cmd(
     if print_config:
         _print_config(recipe, "teacher")
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)
-    with RichProgress() as progress:
+    tblog.check(tensorboard, main=rt.main)
+    with tblog.epoch_scalars(tensorboard, print_epoch) as on_epoch, RichProgress() as progress:
         result = train_teacher(recipe, data_dir=data_dir, out=out, rt=rt, force=force, resume=resume,
-                               progress=progress, on_epoch=print_epoch, data_options=data_options)  # fmt: skip
+                               progress=progress, on_epoch=on_epoch, data_options=data_options)  # fmt: skip
     if rt.main:
         _stage_summary("teacher", result)
 
@@ -502,6 +506,7 @@ def student_cmd(
     precision: str = PrecisionOpt,
     compile: bool = CompileOpt,
     out: Path = typer.Option(STUDENT_OUT, "--out", help="Checkpoint to write (metrics go beside it as OUT.metrics.jsonl)."),
+    tensorboard: Optional[Path] = TensorBoardOpt,
     force: bool = ForceOpt,
     resume: bool = ResumeOpt,
 ):
@@ -511,6 +516,7 @@ def student_cmd(
     softmax(s/T))) and, on a mixed view, CE = lam * CE(s, y_i) + (1 - lam) * CE(s, y_j). Each epoch
     shows every image one of its K cached views, each once per K epochs.
     """
+    from kdcache import tblog
     from kdcache.cache import open_cache
     from kdcache.models import check_spec, read_checkpoint, refuse_code
     from kdcache.stages import train_student
@@ -560,10 +566,11 @@ def student_cmd(
     if print_config:
         _print_config(recipe, "student")
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)
-    with RichProgress() as progress:
+    tblog.check(tensorboard, main=rt.main)
+    with tblog.epoch_scalars(tensorboard, print_epoch) as on_epoch, RichProgress() as progress:
         result = train_student(recipe, cache_file=cache, data_dir=data_dir, out=out, rt=rt, force=force,
                                online_teacher=online_teacher, resume=resume, progress=progress,
-                               on_epoch=print_epoch, rebuild_store=rebuild_store, trust_arch=trust_arch)  # fmt: skip
+                               on_epoch=on_epoch, rebuild_store=rebuild_store, trust_arch=trust_arch)  # fmt: skip
     if rt.main:
         _stage_summary("student", result)
         _warn_weak_teacher(result.teacher_test_acc, result.test_acc, "this student")
@@ -841,12 +848,14 @@ def pipeline_cmd(
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     compile: bool = CompileOpt,
+    tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help="Also write each training stage's per-epoch metrics (as its OUT.metrics.jsonl: loss, accuracies, lr, img/s, the students' agreement and KL with the teacher, the teacher's TTA accuracies) as TensorBoard scalars, the epoch as the step, one subfolder of DIR per report row (teacher, student_alone, student_with_kd, student_online_kd); view them side by side with `tensorboard --logdir DIR`. Needs pip install 'kdcache\\[tensorboard]'.", metavar="DIR"),
     force: bool = typer.Option(False, "--force", help="Redo every stage, overwriting the run directory's artifacts."),
     resume: bool = typer.Option(False, "--resume", help="Keep finished stages, continue an interrupted one."),
 ):
     """Run teacher -> dump-logits -> student with KD -> the same student alone, then compare them.
 
-    Writes OUT/report.json, OUT/report.md and OUT/accuracy.png beside the four artifacts.
+    Writes OUT/report.json, OUT/report.md and OUT/accuracy.png beside the four artifacts: the plot
+    has each row's test accuracy against the epoch and against cumulative training time.
     """
     from kdcache.pipeline import run_pipeline
 
@@ -874,7 +883,7 @@ def pipeline_cmd(
     with RichProgress() as progress:
         record = run_pipeline(recipe, preset=name, run_dir=out, data_dir=data_dir, rt=rt, teacher=teacher,
                               trust_arch=trust_arch, teachers=teachers, with_online=with_online, data_options=data_options, force=force,
-                              resume=resume, progress=progress, on_epoch=print_epoch,
+                              resume=resume, progress=progress, on_epoch=print_epoch, tensorboard=tensorboard,
                               log=lambda msg: err_console.print(f"[bold]{msg}[/]", highlight=False))  # fmt: skip
     out_console.print(_report_table([record]))
     agree = [f"{r['model']} {100 * r['teacher_agreement']:.2f}%" for r in record["rows"] if "teacher_agreement" in r]

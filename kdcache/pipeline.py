@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Callable
 
 from kdcache import cache as cache_io
+from kdcache import tblog
 from kdcache.artifacts import atomic_write, check_writable, metrics_of, metrics_path, output_lock, refuse_different
 from kdcache.config import Recipe
 from kdcache.dump import dump_logits
 from kdcache.errors import KDCacheError
 from kdcache.imports import ensemble_sha256
 from kdcache.models import check_arch, file_sha256, read_checkpoint
-from kdcache.report import REPORT_FILES, write_report
+from kdcache.report import MODELS, ONLINE, REPORT_FILES, write_report
 from kdcache.stages import train_student, train_teacher
 from kdcache.train import Progress, Runtime, resume_path
 
@@ -112,6 +113,7 @@ def run_pipeline(
     data_options: dict | None = None,
     trust_arch: bool = False,
     teachers: int = 1,
+    tensorboard: str | Path | None = None,
 ) -> dict:
     """Run every stage not already done; write and return the report.
 
@@ -122,17 +124,22 @@ def run_pipeline(
     of training one, so several student recipes can share one teacher. `with_online`: also
     train the KD student with the teacher in the loop on fresh views of the same family
     (no cache), the equal-budget comparison of cached and online distillation. `trust_arch`: the
-    reused `teacher` may be a module:factory architecture (see `load_checkpoint`).
+    reused `teacher` may be a module:factory architecture (see `load_checkpoint`). `tensorboard`: also
+    write every training stage's `on_epoch` metrics as TensorBoard scalars, in a subfolder of this
+    folder named after the stage's report row (teacher, student_alone, ...).
     """
     if teachers < 1:
         raise KDCacheError(f"--teachers must be >= 1 (got {teachers})")
     if teachers > 1 and (teacher is not None or with_online):
         flag = "--teacher" if teacher is not None else "--with-online"
         raise KDCacheError(f"--teachers {teachers} trains an ensemble; {flag} takes one teacher: drop one of the two")
+    tblog.check(tensorboard)
     trusted = trust_arch or teacher is None  # a teacher this run trains, or keeps, is --teacher-arch's
     run_dir = Path(run_dir)
     members = [TEACHER] + [member_name(i) for i in range(2, teachers + 1)]
     paths = {name: run_dir / name for name in (*members, CACHE, STUDENT_KD, STUDENT_ALONE, STUDENT_ONLINE)}
+    rows = {name: label for label, name in (*MODELS, ONLINE)}  # the report's row names: --tensorboard's subfolders
+    rows.update({member_name(i): f"teacher {i}" for i in range(2, teachers + 1)})
     same_teacher = False
     if teacher is not None:  # checked before anything is written: a bad file, or another teacher than the run's
         check_arch(teacher, read_checkpoint(teacher)["arch"], trust_arch=trust_arch)
@@ -156,7 +163,13 @@ def run_pipeline(
             return
         interrupted = resume and (resume_path(path).exists() or cache_io.partial_path(path).exists())
         log(f"{title}: {'resuming' if interrupted else 'running'} -> {path}")
-        run(path, dict(force=force or (resume and not interrupted), resume=interrupted))
+        kw = {"force": force or (resume and not interrupted), "resume": interrupted}
+        if name == CACHE:  # a dump has no epochs
+            run(path, kw)
+            return
+        log_dir = None if tensorboard is None else Path(tensorboard) / tblog.run_name(rows[name])
+        with tblog.epoch_scalars(log_dir, on_epoch) as stage_epoch:  # closed when the stage ends, or fails
+            run(path, {**kw, "on_epoch": stage_epoch})
 
     if teacher is not None:
         if not same_teacher:
@@ -168,7 +181,7 @@ def run_pipeline(
             taught = own.for_teacher()
             stage(name, "teacher" if teachers == 1 else f"teacher {i + 1} of {teachers} (seed {own.seed})",
                   lambda out, kw, own=own: train_teacher(own, data_dir=data_dir, out=out, rt=rt, progress=progress,
-                                                         on_epoch=on_epoch, data_options=data_options, **kw),
+                                                         data_options=data_options, **kw),
                   expect={"arch": taught.teacher_arch, "epochs": taught.epochs, "augment": taught.augment,
                           "dataset": recipe.dataset, **_image_size(data_options), "mix": taught.mix,
                           "mix_prob": taught.mix_prob, **_training(taught)})  # fmt: skip
@@ -188,8 +201,7 @@ def run_pipeline(
         (STUDENT_ALONE, "student alone (alpha=0, same views, seed and budget)", dataclasses.replace(recipe, alpha=0.0)),
     ):
         stage(name, title, lambda out, kw, student=student: train_student(
-            student, cache_file=paths[CACHE], data_dir=data_dir, out=out, rt=rt, progress=progress,
-            on_epoch=on_epoch, **kw),
+            student, cache_file=paths[CACHE], data_dir=data_dir, out=out, rt=rt, progress=progress, **kw),
             expect={"arch": student.student_arch, "epochs": student.epochs, "T": student.T, "alpha": student.alpha,
                     "loss": student.loss, "cache_teacher_sha256": teacher_sha(), **_training(student)})  # fmt: skip
     online_expect = {"arch": recipe.student_arch, "epochs": recipe.epochs, "T": recipe.T, "alpha": recipe.alpha,
@@ -197,8 +209,7 @@ def run_pipeline(
     if with_online:
         stage(STUDENT_ONLINE, f"student with online KD (teacher in the loop, T={recipe.T:g}, alpha={recipe.alpha:g})",
               lambda out, kw: train_student(recipe, cache_file=None, online_teacher=paths[TEACHER], data_dir=data_dir,
-                                            out=out, rt=rt, progress=progress, on_epoch=on_epoch,
-                                            trust_arch=trusted, **kw),
+                                            out=out, rt=rt, progress=progress, trust_arch=trusted, **kw),
               expect=online_expect)  # fmt: skip
     elif paths[STUDENT_ONLINE].exists():  # from an earlier --with-online run: never report it stale
         if force:

@@ -6,6 +6,7 @@ attributes), so `kdcache report` can re-render it at any time, for several runs.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def load_run(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise KDCacheError(f"{run_dir} is not a run directory: pass the --out of a `kdcache pipeline` run")
-    rows, curves = [], {}
+    rows, curves, times = [], {}, {}
     numbers = sorted(int(p.stem[len("teacher_"):]) for p in run_dir.glob("teacher_*.pt") if p.stem[len("teacher_"):].isdigit())
     members = tuple((f"teacher {i}", f"teacher_{i}.pt") for i in numbers)  # pipeline --teachers N: the others
     models = MODELS[:1] + members + MODELS[1:] + ((ONLINE,) if (run_dir / ONLINE[1]).exists() else ())
@@ -44,6 +45,7 @@ def load_run(run_dir: str | Path) -> dict:
         else:  # an imported teacher reused by the pipeline: trained elsewhere, no epochs to show
             history = [{"test_acc": meta["metrics"]["test_acc"], "train_time_s": 0.0, "train_img_s": 0.0}]
         curves[label] = [m["test_acc"] for m in history]
+        times[label] = list(itertools.accumulate(m["train_time_s"] for m in history))  # training seconds so far
         rows.append({
             "model": label, "arch": meta["arch"], "params": meta["params"],
             "test_acc": history[-1]["test_acc"], "best_test_acc": max(curves[label]),
@@ -51,7 +53,7 @@ def load_run(run_dir: str | Path) -> dict:
             "img_s": _img_s(history), **({"T": meta["T"], "alpha": meta["alpha"]} if "alpha" in meta else {}),
             **{k: history[-1][k] for k in ("teacher_agreement", "teacher_kl") if k in history[-1]},
         })  # fmt: skip
-    record = {"run_dir": str(run_dir), "rows": rows, "curves": curves}
+    record = {"run_dir": str(run_dir), "rows": rows, "curves": curves, "times": times}
     cache = run_dir / CACHE_NAME
     if cache.exists():
         from kdcache.cache import open_cache
@@ -107,34 +109,67 @@ def markdown(record: dict) -> str:
     run = record.get("run", {})
     if run:
         lines.append(f"Preset `{run.get('preset')}` on {run.get('runtime')}; pipeline wall time {run.get('pipeline_wall_s', 0):.0f} s.")
-    lines += ["", "![test accuracy per epoch](accuracy.png)", ""]
+    lines += ["", "![test accuracy per epoch and per second of training](accuracy.png)", ""]
     return "\n".join(lines)
 
 
-def plot(records: list[dict], path: str | Path) -> Path:
-    """Test accuracy per epoch for each model of each run (PNG)."""
+def plot_curves(records: list[dict]) -> list[dict]:
+    """What the plot draws: one curve per model of each run, with its label, epochs, test accuracies (%),
+    cumulative training seconds, colour, marker and line style. Each model (row) has its own colour from
+    a fixed qualitative palette (tab10; tab20 beyond ten), given in row order, the same in both panels
+    and for the same model in every run, and its own marker (curves that coincide, as a cached and an
+    online KD student's per epoch can, still both show); each run has its own line style."""
+    import matplotlib
+    from matplotlib.colors import to_hex
+
+    labels = list(dict.fromkeys(label for record in records for label in record["curves"]))
+    palette = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"].colors
+    colors = {label: to_hex(palette[i % len(palette)]) for i, label in enumerate(labels)}
+    markers = dict(zip(labels, itertools.cycle("osD^vPX*")))
+    styles = ["-", "--", ":", "-."]
+    out = []
+    for i, record in enumerate(records):
+        suffix = f" ({Path(record['run_dir']).name})" if len(records) > 1 else ""
+        for label, accs in record["curves"].items():
+            out.append({"label": label + suffix, "epochs": list(range(1, len(accs) + 1)),
+                        "acc": [100 * a for a in accs], "time_s": record["times"][label], "color": colors[label],
+                        "marker": markers[label], "linestyle": styles[i % len(styles)]})  # fmt: skip
+    return out
+
+
+def figure(records: list[dict]):
+    """The report's figure: test accuracy against the epoch (left) and against cumulative training
+    time (right), where a cached student's head start over the online-KD student shows; one legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    styles = ["-", "--", ":", "-."]
-    colors = {"teacher": "tab:blue", "student alone": "tab:gray", "student with KD": "tab:orange"}
-    for i, record in enumerate(records):
-        suffix = f" ({Path(record['run_dir']).name})" if len(records) > 1 else ""
-        for label, accs in record["curves"].items():
-            ax.plot(range(1, len(accs) + 1), [100 * a for a in accs], styles[i % len(styles)],
-                    color=colors.get(label), marker="o", markersize=3, label=label + suffix)  # fmt: skip
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("kdcache: teacher vs student alone vs student with KD")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=120, layout="constrained")
+    for c in plot_curves(records):
+        for ax, x in ((by_epoch, c["epochs"]), (by_time, c["time_s"])):
+            ax.plot(x, c["acc"], c["linestyle"], color=c["color"], marker=c["marker"], markersize=4, label=c["label"])
+    by_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
+    by_epoch.set_xlabel("epoch")
+    by_epoch.set_title("per epoch", fontsize=10)
+    by_time.set_xlabel("cumulative training time (s; a cache's one-off dump not included)")
+    by_time.set_xlim(left=0)
+    by_time.set_title("per second of training", fontsize=10)
+    for ax in (by_epoch, by_time):
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("kdcache: teacher vs student alone vs student with KD")
+    handles, labels = by_epoch.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 4), fontsize=8)
+    return fig
+
+
+def plot(records: list[dict], path: str | Path) -> Path:
+    """`figure(records)` as a PNG at `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(records)
     try:
         return atomic_write(path, lambda f: fig.savefig(f, format="png"))
     finally:

@@ -134,6 +134,7 @@ def _train_and_save(
             tta = TTAModel(prepared, level)
             metrics[f"test_acc_tta_{level}"] = accuracy(predict(tta, data.test_x, batches.mean, batches.std, rt),
                                                         data.test_y)  # fmt: skip
+        # into the very record on_epoch was handed last: --tensorboard writes these when it closes
         history[-1].update({k: v for k, v in metrics.items() if k.startswith("test_acc_tta")})
         write_metrics(log_file, history)
     save_checkpoint(

@@ -87,6 +87,40 @@ def test_plot_is_a_valid_png(run_dir):
         assert img.size[0] > 300 and img.size[1] > 200
 
 
+def test_plot_has_accuracy_per_epoch_and_per_second_each_row_in_its_own_colour(run_dir):
+    import itertools
+
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    from kdcache.report import figure, load_run, plot_curves
+
+    record = load_run(run_dir)
+    history = [json.loads(line) for line in (run_dir / "student_kd.pt.metrics.jsonl").read_text().splitlines()]
+    assert record["times"]["student with KD"] == list(itertools.accumulate(m["train_time_s"] for m in history))
+    online = {**record, "curves": {**record["curves"], "student, online KD": [0.3, 0.4]},
+              "times": {**record["times"], "student, online KD": [7.0, 14.0]}}  # fmt: skip
+    curves = plot_curves([online])
+    assert [c["label"] for c in curves] == ["teacher", "student alone", "student with KD", "student, online KD"]
+    assert len({c["color"] for c in curves}) == 4  # the teacher's blue is not the online student's any more
+    assert len({c["marker"] for c in curves}) == 4  # a curve hidden under another still shows its markers
+    fig = figure([online])
+    try:
+        by_epoch, by_time = fig.axes
+        for ax in (by_epoch, by_time):  # the same colour for a row in both panels
+            assert [to_hex(line.get_color()) for line in ax.get_lines()] == [c["color"] for c in curves]
+        assert [list(line.get_xdata()) for line in by_time.get_lines()] == [c["time_s"] for c in curves]
+        assert [list(line.get_xdata()) for line in by_epoch.get_lines()][-1] == [1, 2]
+        assert by_epoch.get_xlabel() == "epoch" and by_time.get_xlabel().startswith("cumulative training time (s")
+        assert by_epoch.get_ylabel() == by_time.get_ylabel() == "test accuracy (%)"
+        assert len(fig.legends) == 1 and by_epoch.get_legend() is None and by_time.get_legend() is None
+    finally:
+        plt.close(fig)
+    two = plot_curves([online, record])  # several runs: a model keeps its colour, a run its line style
+    assert [c["color"] for c in two[4:]] == [c["color"] for c in curves[:3]]
+    assert {c["linestyle"] for c in two[:4]} != {c["linestyle"] for c in two[4:]}
+
+
 def test_report_rerenders_from_saved_metrics(run_dir, tmp_path):
     for name in ("report.md", "accuracy.png"):
         (run_dir / name).unlink()
