@@ -12,14 +12,28 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich import box
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
 from kdcache.artifacts import atomic_write_text, claim_output
 from kdcache.config import DEFAULT_PRESET, PRESETS, Recipe, config_given, read_config, resolve
 from kdcache.errors import KDCacheError
+from kdcache.present import (
+    RichProgress,
+    err_console,
+    out_console,
+    print_bench,
+    print_cache_summary,
+    print_epoch,
+    print_eval,
+    print_folder_bench,
+    print_imported,
+    print_pipeline,
+    print_procs_bench,
+    print_verify,
+    print_warnings,
+    report_table,
+    stage_summary,
+    warn_weak_teacher,
+)
 
 app = typer.Typer(
     help=(
@@ -32,8 +46,6 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-out_console = Console()
-err_console = Console(stderr=True)
 
 TEACHER_OUT = Path("saved_models/teacher.pt")
 CACHE_OUT = Path("saved_models/teacher_logits.h5")
@@ -69,50 +81,6 @@ def command(name: str | None = None, **kwargs):
         return app.command(name, **kwargs)(run)
 
     return decorate
-
-
-class RichProgress:
-    """`train.Progress` on one live rich bar (stderr); epoch lines print above it."""
-
-    def __init__(self, console: Console = err_console):
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        )
-        self.task = None
-
-    def __enter__(self) -> "RichProgress":
-        self.bar.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.bar.stop()
-
-    def note(self, message: str) -> None:
-        self.bar.console.print(message, highlight=False)
-
-    def begin(self, description: str, total: int) -> None:
-        self.task = self.bar.add_task(description, total=total)
-
-    def advance(self) -> None:
-        self.bar.advance(self.task)
-
-    def end(self) -> None:
-        self.bar.remove_task(self.task)
-
-
-def print_epoch(m: dict) -> None:
-    err_console.print(
-        f"epoch {m['epoch']:>3}  loss {m['train_loss']:.4f}  train {100 * m['train_acc']:5.2f}%  "
-        f"test {100 * m['test_acc']:5.2f}%  lr {m['lr']:.4g}  {m['train_img_s']:,.0f} img/s  {m['train_time_s']:.1f} s"
-        + (f"  agrees with teacher {100 * m['teacher_agreement']:5.2f}%  KL {m['teacher_kl']:.3f}" if "teacher_kl" in m else ""),
-        highlight=False,
-    )
 
 
 # ---- shared options -----------------------------------------------------------------------------
@@ -226,44 +194,6 @@ def _runtime(device: str, precision: str, compile: bool, resident_mb: float | No
     return Runtime.create(device, precision, compile, resident_mb)
 
 
-def _results_table(title: str, rows: list[tuple[str, str]]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    for k, v in rows:
-        table.add_row(k, v)
-    return table
-
-
-def _stage_summary(title: str, result) -> None:
-    out_console.print(
-        _results_table(
-            title,
-            [
-                ("architecture", f"{result.arch} ({result.params:,} parameters)"),
-                ("test accuracy", f"{100 * result.test_acc:.2f}%"),
-                *[(f"  with tta {k.removeprefix('test_acc_tta_')}", f"{100 * v:.2f}%")
-                  for k, v in result.history[-1].items() if k.startswith("test_acc_tta_")],
-                ("epochs", str(len(result.history))),
-                ("training time", f"{result.train_time_s:.1f} s"),
-                ("checkpoint", str(result.out)),
-            ],
-        )
-    )
-
-
-def _warn_weak_teacher(teacher_acc, student_acc, student: str) -> None:
-    from kdcache.guard import weak_teacher
-
-    _print_warnings({"warnings": [w for w in [weak_teacher(teacher_acc, student_acc, student)] if w]})
-
-
-def _print_warnings(record: dict) -> None:
-    """A run's warnings (a teacher no better than its student), one line each, never silently."""
-    for warning in record.get("warnings", []):
-        err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
-
-
 # ---- commands -----------------------------------------------------------------------------------
 
 
@@ -331,7 +261,7 @@ def teacher_cmd(
         result = train_teacher(recipe, data_dir=data_dir, out=out, rt=rt, force=force, resume=resume,
                                progress=progress, on_epoch=on_epoch, data_options=data_options)  # fmt: skip
     if rt.main:
-        _stage_summary("teacher", result)
+        stage_summary("teacher", result)
 
 
 @command("import-teacher")
@@ -385,13 +315,7 @@ def import_teacher_cmd(
                               data_options=data_options, out=out, rt=rt, mean=m, std=s, small_stem=small_stem,
                               batch_size=batch_size, force=force, progress=progress,
                               trust_pickle=trust_pickle)  # fmt: skip
-    out_console.print(_results_table(f"imported teacher {out}", [
-        ("architecture", f"{meta['arch']} ({meta['params']:,} parameters)" if "arch" in meta else arch),
-        ("data", f"{meta['dataset']} · {meta['num_classes']} classes · {meta['image_size']} px"),
-        ("validation accuracy", f"{100 * meta['metrics']['test_acc']:.2f}%"),
-        ("normalisation", f"mean {tuple(meta['normalize_mean'])} std {tuple(meta['normalize_std'])}"),
-        ("checkpoint", str(out)),
-    ]))  # fmt: skip
+    print_imported(meta, arch, out)
 
 
 @command("dump-logits")
@@ -449,7 +373,7 @@ def dump_cmd(
             topk=topk, topk_temperatures=_numbers("--topk-temperatures", topk_temperatures), tta=tta,
         )  # fmt: skip
     if rt.main:
-        _print_cache_summary(path, recipe.T)
+        print_cache_summary(path, recipe.T)
 
 
 def _numbers(flag: str, text: str | None) -> tuple[float, ...] | None:
@@ -460,12 +384,6 @@ def _numbers(flag: str, text: str | None) -> tuple[float, ...] | None:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
         raise KDCacheError(f"{flag} takes numbers separated by commas (got {text!r}), e.g. {flag} 1,2,4") from None
-
-
-def _print_cache_summary(path: Path, T: float) -> None:
-    from kdcache.verify import cache_summary
-
-    out_console.print(_results_table(f"cache {path}", cache_summary(path, T)))
 
 
 @command("student")
@@ -572,8 +490,8 @@ def student_cmd(
                                online_teacher=online_teacher, resume=resume, progress=progress,
                                on_epoch=on_epoch, rebuild_store=rebuild_store, trust_arch=trust_arch)  # fmt: skip
     if rt.main:
-        _stage_summary("student", result)
-        _warn_weak_teacher(result.teacher_test_acc, result.test_acc, "this student")
+        stage_summary("student", result)
+        warn_weak_teacher(result.teacher_test_acc, result.test_acc, "this student")
 
 
 @command("eval")
@@ -602,17 +520,7 @@ def eval_cmd(
     check_classes(checkpoint, meta, data.name, data.num_classes)
     logits = predict(TTAModel(rt.prepare(model), tta), data.test_x, meta["normalize_mean"], meta["normalize_std"],
                      rt, batch_size=batch_size)  # fmt: skip
-    acc = accuracy(logits, data.test_y)
-    out_console.print(
-        _results_table(
-            f"eval {checkpoint}",
-            [
-                ("architecture", f"{meta['arch']} ({num_params(model):,} parameters)"),
-                ("dataset", f"{data.name} test split, {len(data.test_y):,} images"),
-                ("test accuracy" + ("" if tta == "none" else f" (tta {tta})"), f"{100 * acc:.2f}%"),
-            ],
-        )
-    )
+    print_eval(checkpoint, meta["arch"], num_params(model), data, tta, accuracy(logits, data.test_y))
 
 
 @command("inspect")
@@ -630,7 +538,7 @@ def inspect_cmd(
         return
     if not (math.isfinite(T) and T > 0):
         raise KDCacheError(f"--T must be a finite number > 0 (got {T})")
-    _print_cache_summary(cache, T)
+    print_cache_summary(cache, T)
 
 
 @command("verify")
@@ -652,13 +560,7 @@ def verify_cmd(
 
     report = verify_cache(cache, teacher=teacher, data_dir=data_dir, samples=samples, rt=_runtime(device, precision, False),
                           arch=arch, trust_arch=trust_arch)  # fmt: skip
-    table = Table(title=f"verify {cache}", title_justify="left")
-    table.add_column("check")
-    table.add_column("")
-    table.add_column("detail")
-    for c in report.checks:
-        table.add_row(c.name, "[green]ok[/]" if c.ok else "[red]FAIL[/]", c.detail)
-    out_console.print(table)
+    print_verify(cache, report)
     if not report.ok:
         failed = ", ".join(c.name for c in report.checks if not c.ok)
         typer.echo(f"verify failed: {failed}", err=True)
@@ -703,39 +605,7 @@ def bench_cmd(
         err_console.print(f"bench {teacher_arch} -> {student_arch} · batch {batch_size} · {repeats} rounds of {steps} steps · {rt.describe()}", highlight=False)
         with err_console.status("measuring") as status:
             record = run_bench(cfg, rt, log=lambda msg: status.update(msg))
-        table = Table(title=f"kdcache bench · {record['device']} · {record['data']}", title_justify="left")
-        table.add_column("loop")
-        table.add_column("img/s", justify="right")
-        table.add_column("spread", justify="right")
-        table.add_column("cached is", justify="right")
-        notes = {
-            "seed_loop": "notebook: DataLoader + PIL, teacher every step, fp32",
-            "online": "our hot loop, teacher every step",
-            "cached": "our hot loop, logits from the cache",
-            "cached_mixed": "the same, mixed views (CutMix/MixUp replayed)",
-            "cached_mixed_alone": "the same mixed views, alpha 0 (no KD loss)",
-            "plain": "our hot loop, no teacher (floor)",
-            "dump": "teacher inference over views",
-        }
-        peaks = record["peak_working_mem_mb"]
-        show_mem = any(v is not None for v in peaks.values())
-        if show_mem:
-            table.add_column("working MiB", justify="right")
-        table.add_column("what")
-        for loop, what in notes.items():
-            v = record[f"{loop}_img_s"]
-            rounds = record["rounds_img_s"][loop]
-            spread = f"±{50 * (max(rounds) - min(rounds)) / v:.0f}%"  # half the range, relative to the median
-            ratio = "" if loop in ("cached", "cached_mixed", "cached_mixed_alone", "dump") else f"{record['cached_img_s'] / v:.2f}x"
-            table.add_row(loop, f"{v:,.0f}", spread, ratio, *([f"{peaks[loop]:,.0f}"] if show_mem else []), what)
-        out_console.print(table)
-        sizes = " · ".join(f"C={int(c):,}: {b['dense']:,} B dense, {b['top10']} B top-10"
-                           for c, b in record["cache_bytes_per_view"].items())  # fmt: skip
-        out_console.print(f"cached targets per view: {sizes}", highlight=False)
-        r = record["ratios"]
-        out_console.print(f"cached_mixed/plain {r['cached_mixed_over_plain']:.2f} · the KD loss adds "
-                          f"{100 * r['kd_loss_overhead']:+.1f}% to a step (cached_mixed_alone/cached_mixed - 1)",
-                          highlight=False)  # fmt: skip
+        print_bench(record)
         _write_bench_json(json_path, record)
 
 
@@ -747,22 +617,13 @@ def _write_bench_json(json_path: Path | None, record: dict) -> None:
 
 
 def _procs_bench(cfg, procs: int, rt, json_path: Path | None) -> None:
-    from kdcache.bench import PROCS_LOOPS, run_procs_bench
+    from kdcache.bench import run_procs_bench
 
     err_console.print(f"bench torchrun {cfg.teacher_arch} -> {cfg.student_arch} · batch {cfg.batch_size} · 1 vs {procs} processes · "
                       f"{cfg.repeats} rounds of {cfg.steps} steps", highlight=False)  # fmt: skip
     with err_console.status("measuring") as status:
         record = run_procs_bench(cfg, procs, rt, log=lambda msg: status.update(msg))
-    table = Table(title=f"kdcache bench --procs {procs} · {record['device']} · {record['data']}", title_justify="left")
-    for col, justify in (("loop", "left"), ("1 process img/s", "right"), (f"{procs} processes img/s", "right"),
-                         (f"{procs} / 1", "right"), ("what", "left")):  # fmt: skip
-        table.add_column(col, justify=justify)
-    notes = {"cached": f"student from the cache, DDP, global batch {cfg.batch_size}",
-             "dump": f"teacher inference, each process its own rows, batch {cfg.batch_size}"}  # fmt: skip
-    for loop in PROCS_LOOPS:
-        one, many = record[f"{loop}_img_s"]["1"], record[f"{loop}_img_s"][str(procs)]
-        table.add_row(loop, f"{one:,.0f}", f"{many:,.0f}", f"{many / one:.2f}x", notes[loop])
-    out_console.print(table)
+    print_procs_bench(record, cfg, procs)
     _write_bench_json(json_path, record)
 
 
@@ -774,37 +635,8 @@ def _folder_bench(student_arch, batch_size, steps, warmup, repeats, folder, imag
                       f"{repeats} rounds of {steps} steps · {rt.describe()}", highlight=False)  # fmt: skip
     with err_console.status("measuring") as status:
         record = run_folder_bench(cfg, rt, folder, image_size, log=lambda msg: status.update(msg))
-    table = Table(title=f"kdcache bench · {record['device']} · {record['data']} · store {record['store']}", title_justify="left")
-    for col in ("loop", "img/s", "spread", "what"):
-        table.add_column(col, justify="right" if col in ("img/s", "spread") else "left")
-    notes = {"plain": "store on the device, no teacher (floor)", "cached": "store on the device, logits from the cache",
-             "plain_streamed": "store streamed from host memory, no teacher",
-             "cached_streamed": "store streamed from host memory, logits from the cache"}  # fmt: skip
-    for loop, what in notes.items():
-        v, rounds = record[f"{loop}_img_s"], record["rounds_img_s"][loop]
-        table.add_row(loop, f"{v:,.0f}", f"±{50 * (max(rounds) - min(rounds)) / v:.0f}%", what)
-    out_console.print(table)
-    r = record["ratios"]
-    out_console.print(
-        f"cached/plain {r['cached_over_plain']:.2f} (resident), {r['cached_streamed_over_plain_streamed']:.2f} (streamed) · "
-        f"streamed/resident {r['streamed_over_resident']:.2f} · store prepared at {record['prepare_img_s']:,.0f} images/s "
-        f"({record['prepare_images']:,} images)", highlight=False)  # fmt: skip
+    print_folder_bench(record)
     return record
-
-
-def _report_table(records: list[dict]) -> Table:
-    several = len(records) > 1
-    table = Table(title="teacher vs student alone vs student with KD", title_justify="left", box=box.SIMPLE_HEAD)
-    for col in (["run"] if several else []) + ["model", "arch", "params", "test acc", "time", "img/s"]:
-        table.add_column(col, justify="left" if col in ("run", "model", "arch") else "right",
-                         min_width=16 if col == "arch" else None)  # fmt: skip
-    for rec in records:
-        for r in rec["rows"]:
-            cells = [r["model"], r["arch"], f"{r['params']:,}", f"{100 * r['test_acc']:.2f}%",
-                     f"{r['train_time_s']:.1f} s", f"{r['img_s']:,.0f}"]  # fmt: skip
-            table.add_row(*([Path(rec["run_dir"]).name] if several else []) + cells)
-        table.add_section()
-    return table
 
 
 @command("pipeline")
@@ -885,19 +717,7 @@ def pipeline_cmd(
                               trust_arch=trust_arch, teachers=teachers, with_online=with_online, data_options=data_options, force=force,
                               resume=resume, progress=progress, on_epoch=print_epoch, tensorboard=tensorboard,
                               log=lambda msg: err_console.print(f"[bold]{msg}[/]", highlight=False))  # fmt: skip
-    out_console.print(_report_table([record]))
-    agree = [f"{r['model']} {100 * r['teacher_agreement']:.2f}%" for r in record["rows"] if "teacher_agreement" in r]
-    if agree:
-        out_console.print("top-1 agreement with the teacher on the test set: " + ", ".join(agree), highlight=False)
-    by = {r["model"]: r for r in record["rows"]}
-    if "student, online KD" in by:
-        cached, online = by["student with KD"], by["student, online KD"]
-        out_console.print(
-            f"cached vs online KD: {100 * (cached['test_acc'] - online['test_acc']):+.2f} points, "
-            f"{online['train_time_s'] / cached['train_time_s']:.1f}x less training time (the one-off dump aside)",
-            highlight=False)  # fmt: skip
-    out_console.print(f"KD gain over the student alone: {100 * record['kd_gain']:+.2f} points · report: {out / 'report.md'} · plot: {out / 'accuracy.png'}", highlight=False)
-    _print_warnings(record)
+    print_pipeline(record, out)
 
 
 @command("report")
@@ -912,9 +732,9 @@ def report_cmd(
     target = plot_path or (run_dirs[0].parent / "comparison.png" if len(run_dirs) > 1 else None)
     with claim_output(target, force=force, flag="--plot") if target else contextlib.nullcontext():
         records = [write_report(d) for d in run_dirs]
-        out_console.print(_report_table(records))
+        out_console.print(report_table(records))
         for record in records:
-            _print_warnings(record)
+            print_warnings(record)
         if target:
             plot(records, target)
     if len(records) > 1:
