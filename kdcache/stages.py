@@ -76,7 +76,6 @@ def _train_and_save(
     `recorded`: the recipe the checkpoint records, when it is not the one trained with (a teacher
     records the whole recipe, its own settings and the students')."""
     progress = progress if progress is not None and rt.main else NoProgress()
-    batches.rank, batches.world = rt.rank, rt.world
     torch.manual_seed(recipe.seed)
     raw = build(arch, data.num_classes, image_size=data.geometry.size[0])
     if isinstance(raw, InitFromData):  # e.g. airbench's whitening filters, from the first 5,000 plain images
@@ -214,6 +213,56 @@ def _prefetched(read, views_of):
     return targets
 
 
+def view_batches(data: Dataset, plan: Plan, batch_size: int, seed: int, mean, std, rt: Runtime) -> ViewBatches:
+    """Every stage's batches (and the library's `CachedBatches`): the training images placed where the loop
+    reads them, this process's share under torchrun, the last partial batch dropped when compiled."""
+    batches = ViewBatches(rt.place(data.train_x), data.train_y.to(rt.device), plan, batch_size, seed,
+                          tuple(mean), tuple(std), drop_last=rt.compile, geometry=data.geometry)  # fmt: skip
+    batches.rank, batches.world = rt.rank, rt.world
+    return batches
+
+
+@dataclass
+class CachedData:
+    """A cache and the training data it was dumped from, checked against each other, as a student's batches."""
+
+    data: Dataset
+    batches: ViewBatches  # each epoch's cached views, with the teacher's targets for exactly those views
+    attrs: dict  # the cache's attributes
+    test_logits: torch.Tensor | None  # the teacher's on the test split, when the dump stored them
+    digest: str  # the cache's content digest (block checksums)
+    mix: str  # the cache's mixing: none | cutmix | mixup | both
+    num_views: int  # K
+
+
+def load_cached(cache_file: str | Path, *, data_dir: str | Path | None, rt: Runtime, batch_size: int, seed: int,
+                subset: int | None = None, progress: Progress | None = None,
+                rebuild_store: bool = False) -> CachedData:  # fmt: skip
+    """Open a cache, load the data it records (`subset`: None for the cache's rows), refuse any mismatch, and
+    plan its views: each epoch every sample shows one of its K cached views (`cached_plan`). Targets over the
+    host budget stay in the file and are read one epoch ahead."""
+    with cache_io.open_cache(cache_file) as cache:
+        attrs = cache.attrs
+        subset = subset if subset is not None else attrs.get("subset")
+        data = load_dataset(attrs["dataset"], data_dir, subset, progress=progress, rebuild_store=rebuild_store,
+                            **recorded_options(attrs))  # fmt: skip
+        cache_io.check_matches(cache, data.fingerprint, data.num_classes, data.classes)
+        streamed = cache.target_bytes > rt.host_budget()  # larger than memory: read per epoch
+        logits, params, mix, labels = cache.tensors(targets=not streamed)
+        if streamed:
+            (progress or NoProgress()).note(f"{cache.target_bytes / 1e6:,.0f} MB of cached targets are over the "
+                                            "memory budget: each epoch's views are read from the file in blocks, "
+                                            "one epoch ahead")  # fmt: skip
+            logits = _cache_reader(cache_file)
+        test_logits = torch.from_numpy(cache.file["test_logits"][...]) if "test_logits" in cache.file else None
+        digest, cache_mix = cache_io.content_digest(cache), cache.mix
+    if not torch.equal(labels, data.train_y):
+        raise KDCacheError(f"{cache_file}: labels differ from the data's: dump the cache again")
+    plan = cached_plan(params, mix, logits, seed, rt.device)
+    batches = view_batches(data, plan, batch_size, seed, attrs["normalize_mean"], attrs["normalize_std"], rt)
+    return CachedData(data, batches, attrs, test_logits, digest, cache_mix, params.shape[1])
+
+
 def train_teacher(
     recipe: Recipe,
     *,
@@ -239,8 +288,7 @@ def train_teacher(
             recorded = dataclasses.replace(recorded, mean=IMAGENET_MEAN, std=IMAGENET_STD)
         plan = fresh_views_plan(len(data.train_y), recipe.seed, recipe.augment, rt.device, mix=recipe.mix,
                                 mix_prob=recipe.mix_prob, geometry=data.geometry)  # fmt: skip
-        batches = ViewBatches(rt.place(data.train_x), data.train_y.to(rt.device), plan, recipe.batch_size,
-                              recipe.seed, recipe.mean, recipe.std, drop_last=rt.compile, geometry=data.geometry)  # fmt: skip
+        batches = view_batches(data, plan, recipe.batch_size, recipe.seed, recipe.mean, recipe.std, rt)
         return _train_and_save(
             role="teacher", arch=recipe.teacher_arch, data=data, recipe=recipe, epochs=recipe.teacher_recipe_epochs,
             batches=batches, loss_fn=lambda s, b: label_loss(s, b.y, b.y2, b.lam, recipe.label_smoothing), rt=rt,
@@ -306,39 +354,24 @@ def train_student(
             test_logits = predict(teacher, data.test_x.to(rt.device), mean, std, rt)
             source = {"online_teacher_sha256": file_sha256(online_teacher), "teacher_arch": meta["arch"]}
             teacher_acc = meta.get("metrics", {}).get("test_acc")
+            batches = view_batches(data, plan, recipe.batch_size, recipe.seed, mean, std, rt)
         else:
-            with cache_io.open_cache(cache_file) as cache:
-                attrs = cache.attrs
-                subset = recipe.subset if recipe.subset is not None else attrs.get("subset")
-                data = load_dataset(attrs["dataset"], data_dir, subset, progress=progress, rebuild_store=rebuild_store,
-                                    **recorded_options(attrs))  # fmt: skip
-                cache_io.check_matches(cache, data.fingerprint, data.num_classes, data.classes)
-                streamed = cache.target_bytes > rt.host_budget()  # larger than memory: read per epoch
-                logits, params, mix, labels = cache.tensors(targets=not streamed)
-                if streamed:
-                    (progress or NoProgress()).note(f"{cache.target_bytes / 1e6:,.0f} MB of cached targets are over the memory budget: "
-                                  "each epoch's views are read from the file in blocks, one epoch ahead")  # fmt: skip
-                    logits = _cache_reader(cache_file)
-                test_logits = torch.from_numpy(cache.file["test_logits"][...]) if "test_logits" in cache.file else None
-                teacher_acc = attrs.get("teacher_test_acc")
-                digest, cache_mix = cache_io.content_digest(cache), cache.mix
+            cached = load_cached(cache_file, data_dir=data_dir, rt=rt, batch_size=recipe.batch_size, seed=recipe.seed,
+                                 subset=recipe.subset, progress=progress, rebuild_store=rebuild_store)  # fmt: skip
+            data, batches, attrs, test_logits = cached.data, cached.batches, cached.attrs, cached.test_logits
+            teacher_acc = attrs.get("teacher_test_acc")
             if attrs.get("topk") and recipe.alpha > 0:  # a top-k cache: kd at a temperature it serves
                 if recipe.loss != "kd":
                     raise KDCacheError(f"--loss {recipe.loss} needs every logit, {cache_file} keeps the top "
                                        f"{attrs['topk']}: use --loss kd, or a dense cache")  # fmt: skip
                 TopK(*(torch.zeros(0),) * 3, tuple(attrs["lse_temperatures"]), data.num_classes).column(recipe.T)
-            if not torch.equal(labels, data.train_y):
-                raise KDCacheError(f"{cache_file}: labels differ from the data's: dump the cache again")
-            plan = cached_plan(params, mix, logits, recipe.seed, rt.device)
-            mean, std = tuple(attrs["normalize_mean"]), tuple(attrs["normalize_std"])
             # The views and normalisation are the cache's, whatever the preset said: record those.
-            recipe = dataclasses.replace(recipe, views=params.shape[1], augment=bool(attrs["augment"]), mean=mean,
-                                         std=std, mix=cache_mix, mix_prob=float(attrs.get("mix_prob", 1.0)))  # fmt: skip
-            source = {"cache_teacher_sha256": attrs["teacher_sha256"], "cache_num_views": params.shape[1],
-                      "cache_blocks_sha256": digest, "cache_precision": attrs.get("precision"),
+            recipe = dataclasses.replace(recipe, views=cached.num_views, augment=bool(attrs["augment"]),
+                                         mean=batches.mean, std=batches.std, mix=cached.mix,
+                                         mix_prob=float(attrs.get("mix_prob", 1.0)))  # fmt: skip
+            source = {"cache_teacher_sha256": attrs["teacher_sha256"], "cache_num_views": cached.num_views,
+                      "cache_blocks_sha256": cached.digest, "cache_precision": attrs.get("precision"),
                       "cache_seed": attrs["seed"], "cache_augment": attrs["augment"], "teacher_arch": attrs["teacher_arch"]}  # fmt: skip
-        batches = ViewBatches(rt.place(data.train_x), data.train_y.to(rt.device), plan, recipe.batch_size,
-                              recipe.seed, mean, std, drop_last=rt.compile, geometry=data.geometry)  # fmt: skip
         T, alpha, kind, smoothing = recipe.T, recipe.alpha, recipe.loss, recipe.label_smoothing
 
         def loss_fn(s, b):

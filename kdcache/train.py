@@ -169,6 +169,7 @@ class Batch(NamedTuple):
     y2: torch.Tensor | None  # partner labels [B] (mixed views)
     lam: torch.Tensor | None  # share of the sample's own label [B] (mixed views)
     scale: float = 1.0  # under torchrun: this rank's share of the global batch x world size (see ViewBatches)
+    index: torch.Tensor | None = None  # the samples' rows in the training set [B] (ViewBatches)
 
 
 Plan = Callable[[int], EpochViews]
@@ -234,7 +235,7 @@ class ViewBatches:
                 m = None if m is None else Mix(local_partner, m.crop, m.box, m.lam)
             x = render_views(images, rows, take(crop), m, self.mean, self.std, self.geometry)
             yield Batch(x, take(self.labels), None if targets is None else take(targets), y2,
-                        None if m is None else m.lam, scale)  # fmt: skip
+                        None if m is None else m.lam, scale, idx)  # fmt: skip
 
 
 def gather_rows(store, rows: torch.Tensor, partner: torch.Tensor | None = None, device=None):

@@ -1,0 +1,207 @@
+"""kdcache as a library: the three stages as functions, and a cache's batches for a loop of your own.
+
+    import kdcache
+    views = kdcache.CachedBatches("saved_models/teacher_logits.h5", batch_size=128)
+    for batch in views.epoch(0):
+        loss = kdcache.student_loss(model(batch.x), batch.y, batch.t, T=3.0, alpha=0.5,
+                                    partner_labels=batch.y2, lam=batch.lam)
+
+`CachedBatches` builds its batches with the function `kdcache student` uses (`stages.load_cached`), so a
+loop of your own sees exactly the views, order and teacher targets the command trains on (docs/python-api.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from kdcache.config import Recipe, validate
+from kdcache.errors import KDCacheError
+from kdcache.train import Batch, Progress, Runtime
+
+
+def _runtime(runtime: Runtime | None) -> Runtime:
+    return runtime if runtime is not None else Runtime.create("auto", "auto")
+
+
+class CachedBatches:
+    """A logit cache and the training data it was dumped from, as batches on the runtime's device.
+
+    `epoch(e)` yields `kdcache.train.Batch`es covering every training row once, in an order fixed by
+    (seed, e): `x` the normalised views [B, 3, H, W] (channels_last where the runtime uses it), `y` the
+    labels, `t` the teacher's logits for exactly those views [B, C] (float16; for a top-k cache a
+    `kdcache.topk.TopK`, which `student_loss` takes with kind "kd"), `index` the rows; for a mixed cache
+    `y2` the partner's label and `lam` the share of the row's own image ([B] each; None otherwise).
+    Epoch e shows each row its view number `view_schedule(seed, N, K, e)`: each of the K views once per
+    K epochs. `test_batches()`, `mean` and `std` are for evaluating on the data's test split.
+
+    `data_dir`: where the data is (CIFAR: the folder holding cifar-10-batches-py, default data/; an
+    image folder: the path the cache recorded). `subset`: None for the rows the cache holds.
+    """
+
+    def __init__(self, cache: str | Path, *, data_dir: str | Path | None = None, batch_size: int = 128,
+                 seed: int = 0, runtime: Runtime | None = None, subset: int | None = None,
+                 progress: Progress | None = None):  # fmt: skip
+        from kdcache.stages import load_cached
+
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise KDCacheError(f"batch_size must be an integer >= 1 (got {batch_size!r})")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise KDCacheError(f"seed must be an integer (got {seed!r})")
+        self.runtime = _runtime(runtime)
+        loaded = load_cached(cache, data_dir=data_dir, rt=self.runtime, batch_size=batch_size, seed=seed,
+                             subset=subset, progress=progress)  # fmt: skip
+        self.path, self.seed, self.batch_size = Path(cache), seed, batch_size
+        self.attrs, self.mix, self.num_views = loaded.attrs, loaded.mix, loaded.num_views
+        self.teacher_test_logits = loaded.test_logits
+        self._data, self._batches = loaded.data, loaded.batches
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return len(self._batches)
+
+    def __repr__(self) -> str:
+        return (f"CachedBatches({str(self.path)!r}: {self.num_samples:,} {self._data.name} images x {self.num_views} "
+                f"views, {self.num_classes} classes, mix {self.mix}, {len(self)} batches of {self.batch_size} "
+                f"on {self.device})")  # fmt: skip
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """The batches of epoch `epoch` (0-based), rendered on the device; any epoch, in any order."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise KDCacheError(f"epoch must be an integer >= 0 (got {epoch!r})")
+        rt = self.runtime
+        for batch in self._batches.epoch(epoch):
+            yield batch._replace(x=rt.input(batch.x))
+
+    def test_batches(self, batch_size: int = 1024) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(normalised test images, labels) on the device, in the split's order: for evaluation."""
+        from kdcache.views import normalize
+
+        x, y, rt = self._data.test_x, self._data.test_y, self.runtime
+        for start in range(0, len(y), batch_size):
+            part = slice(start, start + batch_size)
+            yield rt.input(normalize(x[part].to(rt.device), self.mean, self.std)), y[part].to(rt.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """The normalisation the teacher saw (per channel, images in [0, 1]): use it for any evaluation."""
+        return self._batches.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self._batches.std
+
+    @property
+    def num_samples(self) -> int:
+        return len(self._data.train_y)
+
+    @property
+    def num_classes(self) -> int:
+        return self._data.num_classes
+
+    @property
+    def classes(self) -> list[str]:
+        return self._data.classes
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """The training labels [N] (on the device)."""
+        return self._batches.labels
+
+    @property
+    def test_images(self) -> torch.Tensor:
+        """The test split's uint8 images [N_test, 3, H, W] (host memory), as stored: normalise with mean/std."""
+        return self._data.test_x
+
+    @property
+    def test_labels(self) -> torch.Tensor:
+        return self._data.test_y
+
+    @property
+    def teacher_test_acc(self) -> float | None:
+        acc = self.attrs.get("teacher_test_acc")
+        return None if acc is None else float(acc)
+
+
+def train_teacher(recipe: Recipe, *, out: str | Path, data_dir: str | Path | None = None,
+                  runtime: Runtime | None = None, force: bool = False, resume: bool = False,
+                  progress: Progress | None = None, on_epoch=None, data_options: dict | None = None):  # fmt: skip
+    """`kdcache teacher`: train `recipe.teacher_arch` (with `recipe.for_teacher()`'s settings) and write the
+    checkpoint `out`. Returns a `StageResult` (history of per-epoch metrics, test accuracy)."""
+    from kdcache.stages import train_teacher as stage
+
+    return stage(_recipe(recipe), data_dir=data_dir, out=out, rt=_runtime(runtime), force=force, resume=resume,
+                 progress=progress, on_epoch=on_epoch, data_options=data_options)  # fmt: skip
+
+
+def dump_logits(recipe: Recipe | None, *, teacher: str | Path | list, out: str | Path,
+                data_dir: str | Path | None = None, runtime: Runtime | None = None, batch_size: int = 512,
+                force: bool = False, resume: bool = False, progress: Progress | None = None,
+                **options) -> Path:  # fmt: skip
+    """`kdcache dump-logits`: cache the teacher's logits for `recipe.views` views of every training image.
+
+    The views: `recipe`'s views, augment, seed and subset (None: the images the teacher trained on), mixed as
+    its teacher stage was (`recipe.for_teacher()`'s mix and mix_prob). `recipe` None: the recipe the teacher's
+    checkpoint recorded, as the command does without --preset. `teacher`: a checkpoint, or a list of them (an
+    ensemble). `options`: `dump.dump_logits`'s others (topk, topk_temperatures, tta, block_rows, arch, ...).
+    Returns the cache's path."""
+    from kdcache.dump import dump_logits as dump
+    from kdcache.models import read_checkpoint
+
+    first = teacher[0] if isinstance(teacher, (list, tuple)) else teacher
+    if recipe is None:
+        recipe = Recipe.from_dict(read_checkpoint(first).get("recipe") or {})
+    recipe = _recipe(recipe)
+    taught = recipe.for_teacher()
+    return dump(teacher_path=teacher, data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
+                batch_size=batch_size, rt=_runtime(runtime), subset=recipe.subset, augment=recipe.augment,
+                mix=taught.mix, mix_prob=taught.mix_prob, force=force, resume=resume, progress=progress,
+                **options)  # fmt: skip
+
+
+def train_student(recipe: Recipe | None, *, cache: str | Path | None, out: str | Path,
+                  data_dir: str | Path | None = None, runtime: Runtime | None = None,
+                  online_teacher: str | Path | None = None, force: bool = False, resume: bool = False,
+                  progress: Progress | None = None, on_epoch=None, trust_arch: bool = False):  # fmt: skip
+    """`kdcache student`: train `recipe.student_arch` against the cache's soft targets (or, with
+    `online_teacher` and `cache=None`, a teacher run on fresh views) and write the checkpoint `out`.
+    The views and normalisation are the cache's; `recipe.subset` must be None or the cache's rows.
+    `recipe` None: the recipe the cache recorded (a module:factory student architecture it names is then
+    built only with `trust_arch`). Returns a `StageResult`."""
+    from kdcache.models import refuse_code
+    from kdcache.stages import train_student as stage
+
+    if (cache is None) == (online_teacher is None):
+        raise KDCacheError("train_student needs a cache or an online_teacher (one of them): pass cache=PATH")
+    if recipe is None:
+        if cache is None:
+            raise KDCacheError("train_student with an online teacher needs a recipe: pass kdcache.get_preset(NAME)")
+        recipe = _recorded(cache)
+        if not trust_arch:
+            refuse_code(recipe.student_arch, f"the recipe recorded in {cache}",
+                        "pass a recipe naming it (or trust_arch=True) if you trust that code")  # fmt: skip
+    return stage(_recipe(recipe), cache_file=cache, data_dir=data_dir, out=out, rt=_runtime(runtime),
+                 online_teacher=online_teacher, force=force, resume=resume, progress=progress, on_epoch=on_epoch,
+                 trust_arch=trust_arch)  # fmt: skip
+
+
+def _recipe(recipe) -> Recipe:
+    if not isinstance(recipe, Recipe):
+        raise KDCacheError(f"expected a kdcache.Recipe, got a {type(recipe).__name__}: "
+                           "pass e.g. kdcache.get_preset('seed-cnn')")
+    return validate(recipe)
+
+
+def _recorded(cache: str | Path) -> Recipe:
+    import json
+
+    from kdcache.cache import open_cache
+
+    with open_cache(cache) as c:
+        return Recipe.from_dict(json.loads(c.attrs["recipe"])) if "recipe" in c.attrs else Recipe()
