@@ -13,6 +13,7 @@ loop of your own sees exactly the views, order and teacher targets the command t
 from __future__ import annotations
 
 from collections.abc import Iterator
+from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -20,6 +21,12 @@ import torch
 from kdcache.config import Recipe, validate
 from kdcache.errors import KDCacheError
 from kdcache.train import Batch, Progress, Runtime
+
+
+def _integer(name: str, value, low: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or (low is not None and value < low):
+        raise KDCacheError(f"{name} must be an integer{'' if low is None else f' >= {low}'} (got {value!r})")
+    return int(value)
 
 
 def _runtime(runtime: Runtime | None) -> Runtime:
@@ -35,7 +42,9 @@ class CachedBatches:
     `kdcache.topk.TopK`, which `student_loss` takes with kind "kd"), `index` the rows; for a mixed cache
     `y2` the partner's label and `lam` the share of the row's own image ([B] each; None otherwise).
     Epoch e shows each row its view number `view_schedule(seed, N, K, e)`: each of the K views once per
-    K epochs. `test_batches()`, `mean` and `std` are for evaluating on the data's test split.
+    K epochs. `test_batches()`, `mean` and `std` are for evaluating on the data's test split. Under
+    torchrun (a runtime created there) each process gets its share of every batch, its loss weight in
+    `scale`, as `kdcache student` does.
 
     `data_dir`: where the data is (CIFAR: the folder holding cifar-10-batches-py, default data/; an
     image folder: the path the cache recorded). `subset`: None for the rows the cache holds.
@@ -46,10 +55,7 @@ class CachedBatches:
                  progress: Progress | None = None):  # fmt: skip
         from kdcache.stages import load_cached
 
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise KDCacheError(f"batch_size must be an integer >= 1 (got {batch_size!r})")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise KDCacheError(f"seed must be an integer (got {seed!r})")
+        batch_size, seed = _integer("batch_size", batch_size, 1), _integer("seed", seed)
         self.runtime = _runtime(runtime)
         loaded = load_cached(cache, data_dir=data_dir, rt=self.runtime, batch_size=batch_size, seed=seed,
                              subset=subset, progress=progress)  # fmt: skip
@@ -69,20 +75,16 @@ class CachedBatches:
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of epoch `epoch` (0-based), rendered on the device; any epoch, in any order."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise KDCacheError(f"epoch must be an integer >= 0 (got {epoch!r})")
-        rt = self.runtime
-        for batch in self._batches.epoch(epoch):
-            yield batch._replace(x=rt.input(batch.x))
+        batches, rt = self._batches.epoch(_integer("epoch", epoch, 0)), self.runtime
+        return (batch._replace(x=rt.input(batch.x)) for batch in batches)
 
     def test_batches(self, batch_size: int = 1024) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(normalised test images, labels) on the device, in the split's order: for evaluation."""
         from kdcache.views import normalize
 
-        x, y, rt = self._data.test_x, self._data.test_y, self.runtime
-        for start in range(0, len(y), batch_size):
-            part = slice(start, start + batch_size)
-            yield rt.input(normalize(x[part].to(rt.device), self.mean, self.std)), y[part].to(rt.device)
+        x, y, rt, size = self._data.test_x, self._data.test_y, self.runtime, _integer("batch_size", batch_size, 1)
+        parts = (slice(start, start + size) for start in range(0, len(y), size))
+        return ((rt.input(normalize(x[p].to(rt.device), self.mean, self.std)), y[p].to(rt.device)) for p in parts)
 
     @property
     def device(self) -> torch.device:

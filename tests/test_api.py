@@ -108,7 +108,8 @@ def test_the_stage_functions_chain_as_the_commands_do(tmp_path, teacher_ckpt, ca
     "call, needle",
     [
         (lambda c, d: kdcache.CachedBatches(c, data_dir=d, batch_size=0), "batch_size must be an integer >= 1"),
-        (lambda c, d: next(kdcache.CachedBatches(c, data_dir=d).epoch(-1)), "epoch must be an integer >= 0"),
+        (lambda c, d: kdcache.CachedBatches(c, data_dir=d).epoch(-1), "epoch must be an integer >= 0"),
+        (lambda c, d: kdcache.CachedBatches(c, data_dir=d, seed=0.5), "seed must be an integer"),
         (lambda c, d: kdcache.CachedBatches(c, data_dir=d, subset=300), "made from other training images"),
         (lambda c, d: kdcache.CachedBatches(d / "missing.h5", data_dir=d), "does not exist"),
         (lambda c, d: kdcache.train_student(None, cache=None, out=d / "s.pt"), "needs a cache or an online_teacher"),
