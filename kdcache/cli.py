@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from kdcache.artifacts import atomic_write_text, claim_output
-from kdcache.config import DEFAULT_PRESET, PRESETS, Recipe, config_given, read_config, resolve
+from kdcache.config import DEFAULT_PRESET, PRESETS, Recipe, config_given, read_config, resolve, teacher_views
 from kdcache.errors import KDCacheError
 from kdcache.present import (
     RichProgress,
@@ -149,20 +149,6 @@ def _fixed_by(source: Path, **typed: tuple) -> None:
         if value is not None and value != recorded:
             raise KDCacheError(f"{flag} {value} differs from {source}, which has {recorded}: it is fixed by that file; "
                                f"drop {flag}, or make the file again with it")  # fmt: skip
-
-
-def _teacher_views(recipe: "Recipe", taught: dict | None, **given) -> "Recipe":
-    """The view family the teacher trained on (`taught`: the recipe its checkpoint recorded; crop/flip
-    or not, its mix and mix share) wherever the command's own flag (`given`, None: not passed) leaves
-    it open, whatever --preset says: a dump and an online student run the teacher on the kind of
-    image it learned from. No recorded recipe (an imported teacher) leaves the recipe as it is."""
-
-    if not taught:
-        return recipe
-    own = taught.get("teacher", {})
-    recorded = {k for k in given if k in taught or k in own or (k == "augment" and taught.get("teacher_augment") is not None)}
-    resolved = Recipe.from_dict(taught).for_teacher()  # the teacher stage's own settings where it had them
-    return dataclasses.replace(recipe, **{k: getattr(resolved, k) for k, v in given.items() if v is None and k in recorded})
 
 
 def _data_options(dataset: str | None, data_dir: Path | None, image_size, store_size, val_fraction, skip_bad,
@@ -360,7 +346,7 @@ def dump_cmd(
     _fixed_by(teacher[0], dataset=(dataset, meta.get("dataset")), image_size=(image_size, meta.get("image_size")))
     recipe = resolve(preset, cfg, taught, dict(views=views, augment=augment, mix=mix, mix_prob=mix_prob, seed=seed,
                                                subset=subset), config_path=config)  # fmt: skip
-    recipe = _teacher_views(recipe, taught, **config_given(cfg, mix=mix, mix_prob=mix_prob))  # crop/flip: the preset's
+    recipe = teacher_views(recipe, taught, **config_given(cfg, mix=mix, mix_prob=mix_prob))  # crop/flip: the preset's
     if print_config:
         _print_config(recipe, "dump-logits")
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)
@@ -480,7 +466,7 @@ def student_cmd(
         refuse_code(recipe.student_arch, f"the recipe in {config or online_teacher or cache}",
                     f"pass --arch {recipe.student_arch} (or --trust-arch) if you trust that code, or another --arch")  # fmt: skip
     if online_teacher is not None:  # as a cache student replays the dump's views
-        recipe = _teacher_views(recipe, taught, **config_given(cfg, augment=augment, mix=mix, mix_prob=mix_prob))
+        recipe = teacher_views(recipe, taught, **config_given(cfg, augment=augment, mix=mix, mix_prob=mix_prob))
     if print_config:
         _print_config(recipe, "student")
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)

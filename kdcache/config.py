@@ -299,20 +299,33 @@ def resolve(preset: str | None, config: dict, recorded: dict | None, flags: dict
         base = get_preset(name)
     else:
         base = Recipe.from_dict(recorded)
-    fields = {k: v for k, v in config.items() if k not in ("preset", "teacher")}
+    fields = _given({k: v for k, v in config.items() if k not in ("preset", "teacher")})
     if "teacher" in config:  # the file's teacher settings are the whole story
-        base = dataclasses.replace(base, teacher=dict(config["teacher"]), teacher_epochs=None, teacher_augment=None)
+        fields.update(teacher=dict(config["teacher"]), teacher_epochs=None, teacher_augment=None)
     if "subset" in config:
-        base = dataclasses.replace(base, subset=None)  # "all" is a value, not "keep the preset's"
+        fields["subset"] = config["subset"]  # "all" (None) is a value, not "keep the preset's"
     if config:
-        try:
-            base = validate(base.override(**fields))
+        try:  # one replace: the file's values are checked together, never half applied
+            base = dataclasses.replace(base, **fields)
         except KDCacheError as e:
             import re
 
             keys = re.sub(r"--([A-Za-z][\w-]*)", lambda m: m[1].replace("-", "_"), str(e))
             raise KDCacheError(f"{config_path or 'the config file'}: {keys}") from None
     return base.override_teacher(**flags) if teacher_stage else base.override(**flags)
+
+
+def teacher_views(recipe: Recipe, taught: dict | None, **given) -> Recipe:
+    """The view family the teacher trained on (`taught`: the recipe its checkpoint recorded; crop/flip
+    or not, its mix and mix share) wherever the command's own flag (`given`, None: not passed) leaves
+    it open, whatever --preset says: a dump and an online student run the teacher on the kind of
+    image it learned from. No recorded recipe (an imported teacher) leaves the recipe as it is."""
+    if not taught:
+        return recipe
+    own = taught.get("teacher", {})
+    recorded = {k for k in given if k in taught or k in own or (k == "augment" and taught.get("teacher_augment") is not None)}
+    resolved = Recipe.from_dict(taught).for_teacher()  # the teacher stage's own settings where it had them
+    return dataclasses.replace(recipe, **{k: getattr(resolved, k) for k, v in given.items() if v is None and k in recorded})
 
 
 def config_given(config: dict, **flags) -> dict:
