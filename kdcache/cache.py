@@ -21,7 +21,7 @@ import torch
 from kdcache import __version__
 from kdcache.artifacts import fresh_file, refuse_different, require_file
 from kdcache.errors import KDCacheError
-from kdcache.views import GEOMETRIES, MIXES, CropFlip, Mix, ResizedCrop
+from kdcache.views import GEOMETRIES, MIXES, CropFlip, Geometry, Mix, ResizedCrop
 
 FORMAT = "kdcache-logits"
 FORMAT_VERSION = 2
@@ -365,7 +365,7 @@ class Cache:
     def mix(self) -> str:
         return self.attrs.get("mix", "none")  # v1: crop/flip views only
 
-    def geometry(self) -> CropFlip | ResizedCrop:
+    def geometry(self) -> Geometry:
         """What the cached view parameters mean (rebuilt from the file alone)."""
         a = self.attrs
         if a.get("view_recipe", VIEW_RECIPE) == CropFlip.recipe:

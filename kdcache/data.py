@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from kdcache.errors import KDCacheError
-from kdcache.views import CropFlip, ResizedCrop
+from kdcache.views import CropFlip, Geometry, ResizedCrop
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # image folders: what pretrained torchvision and timm models expect
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -67,7 +67,7 @@ class Dataset:
     test_y: torch.Tensor
     classes: list[str]
     fingerprint: str  # sha256 of the train images + labels used (after --subset)
-    geometry: CropFlip | ResizedCrop = field(default_factory=CropFlip)  # what a view of train_x is
+    geometry: Geometry = field(default_factory=CropFlip)  # what a view of train_x is
     options: dict = field(default_factory=dict)  # how to load it again (image folders), kept in every artifact
 
     @property

@@ -201,7 +201,7 @@ def dump_logits(
         t0 = time.perf_counter()
         writer = None
         images = rt.place(data.train_x)  # resident, or a host store streamed per batch
-        hw = geometry.hw.numpy() if hasattr(geometry, "hw") else None
+        hw = None if geometry.hw is None else geometry.hw.numpy()
 
         def block(start: int, stop: int, writer) -> None:
             """Views, teacher, targets of rows [start, stop): one written block."""

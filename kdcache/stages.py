@@ -35,7 +35,7 @@ from kdcache.train import (
     resume_path,
     save_resume,
 )
-from kdcache.views import STREAM_ONLINE, STREAM_TRAIN, CropFlip, Mix, ResizedCrop, mix_params, normalize, view_schedule
+from kdcache.views import STREAM_ONLINE, STREAM_TRAIN, CropFlip, Geometry, Mix, mix_params, normalize, view_schedule
 
 
 @dataclass
@@ -160,7 +160,7 @@ def _view_family(recipe: Recipe, data: Dataset) -> str:
 
 
 def fresh_views_plan(n: int, seed: int, augment: bool, device, *, mix: str = "none", mix_prob: float = 1.0,
-                     stream: int = STREAM_TRAIN, geometry: CropFlip | ResizedCrop | None = None) -> Plan:  # fmt: skip
+                     stream: int = STREAM_TRAIN, geometry: Geometry | None = None) -> Plan:  # fmt: skip
     """A new deterministic view of every image each epoch (view index = epoch in `stream`):
     crop+flip, mixed with a partner when `mix` is set. Teacher training and online students."""
     idx = np.arange(n)

@@ -22,7 +22,7 @@ from torch import nn
 from kdcache.artifacts import refuse_different
 from kdcache.errors import KDCacheError
 from kdcache.models import atomic_torch_save, finite_weights, unwrap
-from kdcache.views import CropFlip, Mix, ResizedCrop, normalize, render_views, shuffle_order
+from kdcache.views import Geometry, Mix, normalize, render_views, shuffle_order
 
 
 def _distributed(device: str) -> tuple[int, int]:
@@ -194,7 +194,7 @@ class ViewBatches:
     # Compiled models recompile for every new batch shape: skip the epoch's last
     # partial batch then (the order changes each epoch, so no sample is always left out).
     drop_last: bool = False
-    geometry: CropFlip | ResizedCrop | None = None  # how a crop becomes pixels (None: CIFAR's pad-4 crop)
+    geometry: Geometry | None = None  # how a crop becomes pixels (None: CIFAR's pad-4 crop)
     # Under torchrun every rank takes its contiguous share of each global batch (the same global
     # order, views and schedule for any number of processes); a final global batch smaller than
     # `world` is skipped. A rank's mean loss is scaled by world * its share / the global batch, so
@@ -341,7 +341,7 @@ class NoProgress:
 def predict(
     model: nn.Module, images: torch.Tensor, mean, std, rt: Runtime, *, rows: torch.Tensor | None = None,
     crop: torch.Tensor | None = None, mix: Mix | None = None, batch_size: int = 1024,
-    geometry: CropFlip | ResizedCrop | None = None,
+    geometry: Geometry | None = None,
 ) -> torch.Tensor:
     """float32 logits for uint8 images: [N, C] for the plain images, or, with `rows` [M] and
     their views (`crop` [M,3], optional `mix` [M]), [M, C] for the views of images[rows].

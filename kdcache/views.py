@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -78,11 +79,32 @@ def _uniform(h: np.ndarray) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
+class Geometry(Protocol):
+    """How a view's parameters become pixels: what every stage, the dump and verify rely on, declared
+    once. `CropFlip` (CIFAR, equal-size images) and `ResizedCrop` (image folders) are the two."""
+
+    recipe: str  # its name, recorded in a cache (view_recipe)
+    fields: int  # numbers per view
+    dtype: torch.dtype  # their type in the cache
+    size: tuple[int, int]  # the view's (h, w) in pixels
+    hw: torch.Tensor | None  # each stored image's (h, w) when they differ in size, else None
+
+    def params(self, seed: int, indices, views, *, augment: bool = True, stream: int = ...,
+               of_rows: np.ndarray | None = None) -> torch.Tensor: ...  # fmt: skip
+
+    def pixels(self, images: torch.Tensor, rows: torch.Tensor, params: torch.Tensor) -> torch.Tensor: ...
+
+    def valid(self, params: torch.Tensor, rows: torch.Tensor) -> torch.Tensor: ...
+
+    def attrs(self) -> dict: ...
+
+
 class CropFlip:
     """Pad-4 crop + flip views of equal-size images (CIFAR): params uint8 [..., 3] = (dx, dy, flip)."""
 
     recipe = "pad4-crop-flip"
     fields, dtype = 3, torch.uint8
+    hw = None  # every image is the same size
 
     def __init__(self, size: tuple[int, int] = SIZE):
         self.size = tuple(int(v) for v in size)
@@ -222,7 +244,7 @@ class Mix:
 
 
 def mix_params(
-    seed: int, indices, views, *, num_rows: int, mix: str, prob: float, geometry: "CropFlip | ResizedCrop | None" = None,
+    seed: int, indices, views, *, num_rows: int, mix: str, prob: float, geometry: "Geometry | None" = None,
     augment: bool = True, stream: int = STREAM_DUMP,
 ) -> Mix:
     """Mix [len(indices), len(views)] for every (sample, view): a pure function of (seed, stream, i, v).
@@ -296,7 +318,7 @@ def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
 
 def render_views(
     images: torch.Tensor, rows: torch.Tensor, crop: torch.Tensor, mix: Mix | None, mean, std,
-    geometry: CropFlip | ResizedCrop | None = None,
+    geometry: Geometry | None = None,
 ) -> torch.Tensor:
     """THE renderer: views of `images[rows]` (uint8 [N,3,H,W] on the device, rows int64 [B])
     with their crops [B,F] and optional `Mix` [B] -> normalised float32 [B,3,h,w]. The
