@@ -463,7 +463,7 @@ def student_cmd(
                 raise KDCacheError(f"{config}: {key} = {value!r} but {cache} holds {key} = {dumped[key]!r}: the views "
                                    f"are the cache's; remove {key} from the file or dump a cache with it")  # fmt: skip
     if arch is None and not trust_arch:  # the student architecture a file recorded, not one the user named
-        refuse_code(recipe.student_arch, f"the recipe in {config or online_teacher or cache}",
+        refuse_code(recipe.student_arch, f"the config file {config}" if "student_arch" in cfg else f"the recipe recorded in {online_teacher or cache}",
                     f"pass --arch {recipe.student_arch} (or --trust-arch) if you trust that code, or another --arch")  # fmt: skip
     if online_teacher is not None:  # as a cache student replays the dump's views
         recipe = teacher_views(recipe, taught, **config_given(cfg, augment=augment, mix=mix, mix_prob=mix_prob))
