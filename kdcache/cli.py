@@ -429,10 +429,10 @@ def student_cmd(
     view_flags = {"--augment/--no-augment": augment, "--mix": mix, "--mix-prob": mix_prob}
     if online_teacher is None and (flag := next((f for f, v in view_flags.items() if v is not None), None)):
         raise KDCacheError(f"{flag} goes with --online-teacher; a cache student replays the cache's views")
-    taught = read_checkpoint(online_teacher).get("recipe") if online_teacher is not None else None
+    meta = read_checkpoint(online_teacher) if online_teacher is not None else None  # read once
+    taught = None if meta is None else meta.get("recipe")
     if any(v is not None for v in (dataset, image_size, views)):
-        if online_teacher is not None:
-            meta = read_checkpoint(online_teacher)
+        if meta is not None:
             _fixed_by(online_teacher, dataset=(dataset, meta.get("dataset")), image_size=(image_size, meta.get("image_size")))
             if views is not None:
                 raise KDCacheError("--views goes with a cache (its K views); an online student sees a fresh view every epoch")
@@ -441,6 +441,7 @@ def student_cmd(
                 _fixed_by(cache, dataset=(dataset, c.attrs.get("dataset")), image_size=(image_size, c.geometry().size[0]),
                           views=(views, c.file["view_params"].shape[1]))  # fmt: skip
 
+    @functools.cache  # the cache's recipe is read once, for the resolver and the views check alike
     def recorded() -> dict | None:
         if online_teacher is not None:
             return taught
