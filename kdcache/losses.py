@@ -30,19 +30,70 @@ def label_loss(
     lam None is plain CE (partner labels are then ignored). `smoothing`: label smoothing,
     each target is (1 - smoothing) on its class + smoothing / C on every class.
     """
-    s = student_logits.float()
     if lam is None:
-        return F.cross_entropy(s, labels, label_smoothing=smoothing)
+        return F.cross_entropy(student_logits.float(), labels, label_smoothing=smoothing)
     if partner_labels is None:
         raise ValueError("lam needs partner_labels")
-    # One log-softmax for both labels (two cross_entropy calls would compute it twice).
-    logp = F.log_softmax(s, dim=1)
+    return _LabelAndKD.apply(student_logits.float(), labels, partner_labels, lam, smoothing, None, 1.0, 0.0)
+
+
+def _mixed_nll(logp: torch.Tensor, labels, partner_labels, lam, smoothing: float) -> torch.Tensor:
+    """lam * NLL(y_i) + (1 - lam) * NLL(y_j), label-smoothed, batch mean, from log-probabilities."""
     own = logp.gather(1, labels[:, None]).squeeze(1)
     partner = logp.gather(1, partner_labels[:, None]).squeeze(1)
     nll = -torch.lerp(partner, own, lam.float())  # lam * own + (1 - lam) * partner
     if smoothing:
         nll = (1.0 - smoothing) * nll - smoothing * logp.mean(1)
     return nll.mean()
+
+
+class _LabelAndKD(torch.autograd.Function):
+    """(1 - alpha) * label loss + alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) as one autograd node.
+
+    The value is computed by the same calls as the textbook graph (so the numbers are bit for bit
+    those of `F.cross_entropy` / `F.kl_div`); the gradient is written out instead of recorded:
+    (1 - alpha)/B * (softmax(s) - q) + alpha*T/B * (softmax(s/T) - softmax(t/T)), q the label
+    distribution (lam on the own label, 1 - lam on the partner's, then label smoothing). In a CPU
+    step of a small student, recording and replaying the dozen small ops of that graph was a
+    visible share of the time. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, s, labels, partner_labels, lam, smoothing, teacher, T, alpha):
+        b, c = s.shape
+        logp = F.log_softmax(s, dim=1)
+        if lam is None:
+            loss = F.cross_entropy(s, labels, label_smoothing=smoothing)
+        else:
+            loss = _mixed_nll(logp, labels, partner_labels, lam, smoothing)
+        want_grad = ctx.needs_input_grad[0]
+        if want_grad:
+            q = torch.zeros_like(logp)
+            if lam is None:
+                q.scatter_(1, labels[:, None], 1.0)
+            else:
+                share = lam.to(q.dtype)[:, None]
+                q.scatter_(1, partner_labels[:, None], 1.0 - share).scatter_add_(1, labels[:, None], share)
+            if smoothing:
+                q.mul_(1.0 - smoothing).add_(smoothing / c)
+            grad = logp.exp_().sub_(q)
+        if alpha:
+            log_s = F.log_softmax(s / T, dim=1)
+            log_t = F.log_softmax(teacher.float() / T, dim=1)
+            kl = F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
+            loss = alpha * (T * T) * kl + (1.0 - alpha) * loss  # alpha * (T * T) first, as kd_loss always did
+            if want_grad:
+                grad = grad.mul_((1.0 - alpha) / b).add_(log_s.exp_().sub_(log_t.exp_()), alpha=alpha * T / b)
+        elif want_grad:
+            grad = grad.div_(b)
+        ctx.save_for_backward(grad if want_grad else None)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out, None, None, None, None, None, None, None
 
 
 def _kl(student_scaled: torch.Tensor, teacher_scaled: torch.Tensor) -> torch.Tensor:
@@ -188,11 +239,16 @@ def student_loss(
     is `labels` (sample i's own label, also for a mixed image).
     """
     _check_kind(kind)
-    ce = label_loss(student_logits, labels, partner_labels, lam, smoothing)
     if alpha == 0.0:
-        return ce
+        return label_loss(student_logits, labels, partner_labels, lam, smoothing)
     if teacher_logits is None:
         raise ValueError("alpha > 0 needs teacher logits")
+    if kind == "kd" and isinstance(teacher_logits, torch.Tensor):  # the common case, as one autograd node
+        if lam is not None and partner_labels is None:
+            raise ValueError("lam needs partner_labels")
+        s = student_logits.float()
+        return _LabelAndKD.apply(s, labels, partner_labels, lam, smoothing, teacher_logits, T, alpha)
+    ce = label_loss(student_logits, labels, partner_labels, lam, smoothing)
     if not isinstance(teacher_logits, torch.Tensor):  # a top-k cache's targets: kd only, the tail as one bucket
         from kdcache.topk import kl_div
 
@@ -202,7 +258,7 @@ def student_loss(
     div = _divergence(
         kind, student_logits, teacher_logits, T=T, labels=labels, dkd_alpha=dkd_alpha, dkd_beta=dkd_beta
     )
-    # alpha * (T * T) first, as kd_loss always did, so its numbers stay bit for bit.
+    # alpha * (T * T) first, as kd_loss always did.
     return alpha * (T * T) * div + (1.0 - alpha) * ce
 
 

@@ -208,33 +208,40 @@ class ViewBatches:
         last = n - (full - 1) * self.batch_size if full else 0
         return full - 1 if self.world > 1 and 0 < last < self.world else full
 
-    def _local(self, order: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
-        """This rank's rows of every global batch of the epoch, and its loss scale."""
+    def _local(self) -> list[tuple[int, int, float]]:
+        """This rank's positions [lo, hi) in the epoch's order for every global batch, and its loss scale."""
         parts = []
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            idx = order[start : start + self.batch_size]
-            mine = idx.tensor_split(self.world)[self.rank] if self.world > 1 else idx
-            parts.append((mine, self.world * len(mine) / len(idx)))
+            size = min(self.batch_size, len(self.labels) - start)
+            share, extra = divmod(size, self.world)  # as tensor_split: the first `extra` ranks take one more
+            lo = start + self.rank * share + min(self.rank, extra)
+            hi = lo + share + (self.rank < extra)
+            parts.append((lo, hi, self.world * (hi - lo) / size))
         return parts
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         crop, mix, targets = self.plan(epoch)
         device = self.labels.device
         order = shuffle_order(self.seed, len(self.labels), epoch)
+        parts = self._local()
         streamed = None
         if not isinstance(self.images, torch.Tensor):  # a host store: gather each batch's rows ahead, in a thread
             partner = None if mix is None else mix.partner.cpu()
-            streamed = prefetch(self.images, [idx for idx, _ in self._local(order)], partner, device)
-        for idx, scale in self._local(order.to(device)):
-            take = lambda t: t.index_select(0, idx)  # noqa: E731 - faster than t[idx] on CPU
-            m = None if mix is None else mix.take(idx)
-            y2 = None if m is None else self.labels.index_select(0, m.partner.clamp(min=0))
+            streamed = prefetch(self.images, [order[lo:hi] for lo, hi, _ in parts], partner, device)
+        # Everything per sample is put in the epoch's order once, so a batch is a slice of each
+        # (one gather per tensor per epoch, not per batch: fewer small ops in the hot loop).
+        order = order.to(device)
+        take = lambda t: None if t is None else t.index_select(0, order)  # noqa: E731 - faster than t[idx] on CPU
+        crop, targets, labels, mix = take(crop), take(targets), take(self.labels), None if mix is None else mix.take(order)
+        y2 = None if mix is None else self.labels.index_select(0, mix.partner.clamp(min=0))
+        for lo, hi, scale in parts:
+            idx, m = order[lo:hi], None if mix is None else mix[lo:hi]
             images, rows = self.images, idx
             if streamed is not None:  # the batch's own and partner rows, renumbered into the gathered block
                 images, rows, local_partner = next(streamed)
                 m = None if m is None else Mix(local_partner, m.crop, m.box, m.lam)
-            x = render_views(images, rows, take(crop), m, self.mean, self.std, self.geometry)
-            yield Batch(x, take(self.labels), None if targets is None else take(targets), y2,
+            x = render_views(images, rows, crop[lo:hi], m, self.mean, self.std, self.geometry)
+            yield Batch(x, labels[lo:hi], None if targets is None else targets[lo:hi], None if y2 is None else y2[lo:hi],
                         None if m is None else m.lam, scale, idx)  # fmt: skip
 
 

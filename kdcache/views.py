@@ -335,15 +335,20 @@ def render_views(
         return normalize(geometry.pixels(images, rows, crop), mean, std)
     b = len(rows)
     both = geometry.pixels(images, torch.cat([rows, mix.partner.clamp(min=0)]), torch.cat([crop, mix.crop]))
-    own, partner = both[:b].to(torch.float32), both[b:].to(torch.float32)
+    both = both.to(torch.float32)
+    own, partner = both[:b], both[b:]
     h, w = own.shape[-2:]
-    box = mix.box.to(torch.long)
-    y = torch.arange(h, device=own.device).view(1, h, 1)
-    x = torch.arange(w, device=own.device).view(1, 1, w)
-    y0, x0, bh, bw = (box[:, i].view(b, 1, 1) for i in range(4))
-    outside = ~((y >= y0) & (y < y0 + bh) & (x >= x0) & (x < x0 + bw))  # [B,H,W]
-    # The share of the own pixel at each position: 0/1 around a CutMix box, lam for a blend.
-    weight = torch.where((bh * bw > 0), outside.to(torch.float32), mix.lam.to(torch.float32).view(b, 1, 1))
+    y0, x0, bh, bw = mix.box.to(torch.long).unbind(1)
+    cut = bh * bw > 0  # [B]: a CutMix row (else a MixUp blend, or unmixed with lam 1)
+
+    def inside(n: int, start: torch.Tensor, size: torch.Tensor) -> torch.Tensor:  # [B, n]: 1 inside the box's span
+        at = torch.arange(n, device=own.device)
+        return ((at >= start[:, None]) & (at < (start + size)[:, None]) & cut[:, None]).to(torch.float32)
+
+    # The share of the own pixel at each position: 1 - [in box rows] * [in box columns] for CutMix
+    # (0 inside, 1 outside: the box is separable, so one [B,H,W] op builds it), lam for a blend.
+    base = torch.where(cut, 1.0, mix.lam.to(torch.float32)).view(b, 1, 1)
+    weight = torch.addcmul(base, inside(h, y0, bh).view(b, h, 1), inside(w, x0, bw).view(b, 1, w), value=-1.0)
     m, s = _stats(tuple(mean), tuple(std), own.device)
     return torch.lerp(partner, own, weight.unsqueeze(1)).div_(255.0).sub_(m).div_(s)
 

@@ -284,3 +284,37 @@ def test_no_host_sync_on_cuda(kind):
         student_loss(s, y, t, kind=kind, T=2.0, alpha=0.5, **extras).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_the_one_node_kd_loss_has_the_textbook_gradient():
+    """student_loss's kd path writes its gradient out (one autograd node): it must be the gradient
+    autograd finds for the textbook graph, mixed or not, smoothed or not, any alpha and T."""
+
+    def textbook(s, y, t, T, alpha, y2, lam, eps):
+        logp = F.log_softmax(s, dim=1)
+        if lam is None:
+            ce = F.cross_entropy(s, y, label_smoothing=eps)
+        else:
+            nll = -(lam * logp.gather(1, y[:, None]).squeeze(1) + (1 - lam) * logp.gather(1, y2[:, None]).squeeze(1))
+            ce = ((1 - eps) * nll - eps * logp.mean(1)).mean()
+        kl = F.kl_div(F.log_softmax(s / T, 1), F.log_softmax(t / T, 1), reduction="batchmean", log_target=True)
+        return alpha * T * T * kl + (1 - alpha) * ce
+
+    g = torch.Generator().manual_seed(5)
+    for T, alpha, mixed, eps in [(1.0, 0.5, False, 0.0), (3.0, 0.5, True, 0.0), (2.0, 0.9, True, 0.2),
+                                 (4.0, 1.0, False, 0.1), (3.0, 0.0, True, 0.0), (0.7, 0.3, True, 0.0)]:  # fmt: skip
+        s0, t = torch.randn(12, 7, generator=g) * 3, torch.randn(12, 7, generator=g) * 3
+        y, y2 = torch.randint(0, 7, (12,), generator=g), torch.randint(0, 7, (12,), generator=g)
+        lam = torch.rand(12, generator=g) if mixed else None
+        grads = []
+        for fn in (lambda s: student_loss(s, y, t, T=T, alpha=alpha, partner_labels=y2 if mixed else None, lam=lam,
+                                          smoothing=eps),
+                   lambda s: textbook(s, y, t, T, alpha, y2, lam, eps)):  # fmt: skip
+            s = s0.clone().requires_grad_()
+            (fn(s) * 2.5).backward()  # an upstream factor reaches the gradient
+            grads.append(s.grad)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    # under no_grad no gradient is made, and the value is the same
+    with torch.no_grad():
+        v = student_loss(s0, y, t, T=3.0, alpha=0.5, partner_labels=y2, lam=torch.rand(12, generator=g))
+    assert v.requires_grad is False and torch.isfinite(v)
