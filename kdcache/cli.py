@@ -94,6 +94,8 @@ ValFractionOpt = typer.Option(None, "--val-fraction", help="Image folders withou
 SkipBadOpt = typer.Option(False, "--skip-bad-images", help="Image folders: leave out files that do not decode or are too large (named in a note and in the store's meta.json) instead of stopping.")
 MaxPixelsOpt = typer.Option(None, "--max-image-pixels", help="Image folders: refuse (or with --skip-bad-images leave out) an image whose header declares more pixels than this, before decoding it: a small file can declare a huge canvas. \\[default: 40000000, 40 megapixels]")
 ResidentOpt = typer.Option(None, "--resident-mb", help="Image folders: training images up to this many MB stay on the device; a larger store is streamed from host memory per batch (same results). \\[default: half the GPU's free memory, or half the RAM]")
+StoreFormatOpt = typer.Option(None, "--store-format", help="Image folders: how the store keeps each image: raw (uint8 pixels, read by memory map: fastest, biggest), jpeg (JPEG bytes, about a tenth of raw, decoded per batch on all cores) or auto (raw while the raw store fits in half the RAM, jpeg beyond). \\[default: auto]")
+JpegQualityOpt = typer.Option(None, "--jpeg-quality", help="Image folders, jpeg store: JPEG quality of the stored images. \\[default: 90]")
 RebuildStoreOpt = typer.Option(False, "--rebuild-store", help="Image folders: prepare the store again, whatever its state: after the folder changed (artifacts of the old store no longer match), or when it is damaged.")
 SubsetOpt = typer.Option(None, "--subset", help="Use only the first N training images. \\[default: all, or the preset's]")
 SeedOpt = typer.Option(None, "--seed", help="Seed for initialisation, views and order. \\[default: 0]")
@@ -152,18 +154,20 @@ def _fixed_by(source: Path, **typed: tuple) -> None:
 
 
 def _data_options(dataset: str | None, data_dir: Path | None, image_size, store_size, val_fraction, skip_bad,
-                  max_pixels, rebuild) -> tuple[str | None, dict]:  # fmt: skip
+                  max_pixels, rebuild, store_format=None, jpeg_quality=None) -> tuple[str | None, dict]:  # fmt: skip
     """The dataset (a folder with train/ is an image folder) and its store options, checked."""
     if dataset is None and data_dir is not None and (data_dir / "train").is_dir():
         dataset = "imagefolder"
     given = {"--image-size": image_size, "--store-size": store_size, "--val-fraction": val_fraction,
-             "--skip-bad-images": skip_bad or None, "--max-image-pixels": max_pixels}  # fmt: skip
+             "--skip-bad-images": skip_bad or None, "--max-image-pixels": max_pixels, "--store-format": store_format,
+             "--jpeg-quality": jpeg_quality}  # fmt: skip
     if dataset != "imagefolder" and (flag := next((f for f, v in given.items() if v is not None), None)):
         raise KDCacheError(f"{flag} applies to image folders: pass --data PATH, a folder with train/<class>/ image folders")
     if dataset == "imagefolder" and data_dir is None:
         raise KDCacheError("--dataset imagefolder needs --data PATH, a folder with train/<class>/ image folders")
     options = {"image_size": image_size, "store_size": store_size, "val_fraction": val_fraction,
-               "skip_bad_images": skip_bad, "max_image_pixels": max_pixels, "rebuild_store": rebuild}  # fmt: skip
+               "skip_bad_images": skip_bad, "max_image_pixels": max_pixels, "rebuild_store": rebuild,
+               "store_format": store_format, "jpeg_quality": jpeg_quality}  # fmt: skip
     return dataset, options if dataset == "imagefolder" else {}
 
 
@@ -195,6 +199,8 @@ def teacher_cmd(
     skip_bad_images: bool = SkipBadOpt,
     max_image_pixels: Optional[int] = MaxPixelsOpt,
     rebuild_store: bool = RebuildStoreOpt,
+    store_format: Optional[str] = StoreFormatOpt,
+    jpeg_quality: Optional[int] = JpegQualityOpt,
     resident_mb: Optional[float] = ResidentOpt,
     subset: Optional[int] = SubsetOpt,
     epochs: Optional[int] = EpochsOpt,
@@ -230,7 +236,8 @@ def teacher_cmd(
 
     cfg = read_config(config)
     dataset, data_options = _data_options(dataset or cfg.get("dataset"), data_dir, image_size, store_size,
-                                          val_fraction, skip_bad_images, max_image_pixels, rebuild_store)  # fmt: skip
+                                          val_fraction, skip_bad_images, max_image_pixels, rebuild_store,
+                                          store_format, jpeg_quality)  # fmt: skip
     check_spec(arch) if arch else None
     recipe = resolve(preset, cfg, None, dict(
         teacher_arch=arch, dataset=dataset, subset=subset, epochs=epochs, batch_size=batch_size,
@@ -262,6 +269,8 @@ def import_teacher_cmd(
     skip_bad_images: bool = SkipBadOpt,
     max_image_pixels: Optional[int] = MaxPixelsOpt,
     rebuild_store: bool = RebuildStoreOpt,
+    store_format: Optional[str] = StoreFormatOpt,
+    jpeg_quality: Optional[int] = JpegQualityOpt,
     mean: Optional[str] = typer.Option(None, "--mean", help="Normalisation the weights were trained with, as R,G,B in [0, 1]. \\[default: ImageNet's for image folders, CIFAR's for CIFAR]"),
     std: Optional[str] = typer.Option(None, "--std", help="Its standard deviations, R,G,B. \\[default: with --mean's]"),
     small_stem: Optional[bool] = typer.Option(None, "--small-stem/--no-small-stem", help="ResNet-style models: the CIFAR stem (3x3 stride 1, no max-pool) or the ImageNet one. \\[default: the CIFAR stem for images of at most 64 pixels]"),
@@ -282,7 +291,8 @@ def import_teacher_cmd(
     from kdcache.imports import import_teacher
 
     dataset, data_options = _data_options(dataset or None, data_dir, image_size, store_size, val_fraction,
-                                          skip_bad_images, max_image_pixels, rebuild_store)  # fmt: skip
+                                          skip_bad_images, max_image_pixels, rebuild_store,
+                                          store_format, jpeg_quality)  # fmt: skip
 
     def rgb(flag: str, text: str | None):
         values = _numbers(flag, text)
@@ -637,6 +647,8 @@ def pipeline_cmd(
     skip_bad_images: bool = SkipBadOpt,
     max_image_pixels: Optional[int] = MaxPixelsOpt,
     rebuild_store: bool = RebuildStoreOpt,
+    store_format: Optional[str] = StoreFormatOpt,
+    jpeg_quality: Optional[int] = JpegQualityOpt,
     resident_mb: Optional[float] = ResidentOpt,
     subset: Optional[int] = SubsetOpt,
     teacher_arch: Optional[str] = typer.Option(None, "--teacher-arch", help="[default: the preset's]"),
@@ -684,7 +696,8 @@ def pipeline_cmd(
         check_spec(spec) if spec else None
     cfg = read_config(config)
     dataset, data_options = _data_options(cfg.get("dataset"), data_dir, image_size, store_size, val_fraction,
-                                          skip_bad_images, max_image_pixels, rebuild_store)  # fmt: skip
+                                          skip_bad_images, max_image_pixels, rebuild_store,
+                                          store_format, jpeg_quality)  # fmt: skip
     name = preset or cfg.get("preset") or (f"config {config}" if config else DEFAULT_PRESET)
     recipe = resolve(preset, cfg, None, dict(
         dataset=dataset, subset=subset, teacher_arch=teacher_arch, student_arch=student_arch, epochs=epochs,

@@ -261,7 +261,7 @@ def load_folder(
     data_dir: str | Path | None, *, subset: int | None = None, image_size: int | None = None,
     store_size: int | None = None, val_fraction: float | None = None, skip_bad_images: bool = False,
     max_image_pixels: int | None = None, rebuild_store: bool = False, data_path: str | None = None, progress=None,
-    **_ignored,
+    store_format: str | None = None, jpeg_quality: int | None = None, **_ignored,
 ) -> Dataset:
     """An image folder through its prepared store (see `folders`): train rows as store canvases with
     random-resized-crop views, val rendered once as Resize(size / 0.875) + CenterCrop(size)."""
@@ -277,9 +277,12 @@ def load_folder(
     max_image_pixels = folders.DEFAULT_MAX_PIXELS if max_image_pixels is None else int(max_image_pixels)
     if max_image_pixels < 1:
         raise KDCacheError(f"--max-image-pixels must be >= 1 (got {max_image_pixels})")
+    jpeg_quality = folders.DEFAULT_JPEG_QUALITY if jpeg_quality is None else int(jpeg_quality)
     train, val, classes, _ = folders.prepare(root, store_size, val_fraction=val_fraction, skip_bad=skip_bad_images,
                                              max_pixels=max_image_pixels, rebuild=rebuild_store,
+                                             store_format=store_format or "auto", jpeg_quality=jpeg_quality,
                                              progress=progress)  # fmt: skip
+    jpeg = train.meta.get("store_format") == "jpeg"
     n = len(train.labels)
     if subset is not None and not 1 <= subset <= n:
         raise KDCacheError(f"--subset {subset} is outside 1..{n}, the training images in {root}: use at most {n}")
@@ -294,7 +297,8 @@ def load_folder(
                         for i in range(0, len(val_rows), 256)])  # fmt: skip
     options = {"data_path": str(root.resolve()), "image_size": image_size, "store_size": store_size,
                "val_fraction": val_fraction, "skip_bad_images": skip_bad_images,
-               "max_image_pixels": max_image_pixels}  # fmt: skip
+               "max_image_pixels": max_image_pixels, "store_format": "jpeg" if jpeg else "raw",
+               "jpeg_quality": jpeg_quality if jpeg else None}  # fmt: skip
     return Dataset(
         name="imagefolder",
         train_x=train.images[:rows],  # the memory-mapped store: `Runtime.place` loads it, or streams it

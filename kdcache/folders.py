@@ -18,6 +18,12 @@ every file). A run that finds the folder changed, or the store damaged, stops wi
 one-line error; pass `rebuild=True` (`--rebuild-store`) to prepare it again. A store is
 prepared under a lock (a second run waits for it), in a private folder published with
 one rename once complete.
+
+A store is `raw` (the uint8 canvases themselves, read by memory map) or `jpeg` (each shrunk image
+once as JPEG bytes in one file, with an offsets index: about a tenth of the raw bytes). A jpeg
+store's rows are decoded per batch, on a pool of threads, into the same canvases a raw store
+holds (`JpegImages`); every reader decodes with the same decoder on the CPU, so a dump, a student
+and `verify` see the same pixels.
 """
 
 from __future__ import annotations
@@ -45,6 +51,10 @@ DEFAULT_IMAGE_SIZE = 224
 # Decoding costs memory in proportion to the canvas a file declares (3 bytes a pixel and more, per
 # decode thread); 40 megapixels holds any camera photo up to 7,700 x 5,200.
 DEFAULT_MAX_PIXELS = 40_000_000
+STORE_FORMATS = ("auto", "raw", "jpeg")
+# q90 keeps a photo's detail (it is what FFCV and most ImageNet copies use) at about a tenth of the
+# raw bytes; chroma 4:2:0, as camera files have.
+DEFAULT_JPEG_QUALITY = 90
 _META_KEYS = ("store_size", "skip_bad", "classes", "listing_sha256", "train_fingerprint", "train_num_images",
               "val_num_images")  # fmt: skip
 
@@ -71,9 +81,10 @@ class Split:
 
 @dataclass
 class Store:
-    """One prepared split: canvas uint8 [N,3,S,S] (memory-mapped), hw int16 [N,2], labels int64 [N]."""
+    """One prepared split: canvas uint8 [N,3,S,S] (memory-mapped, or `JpegImages` decoding on read),
+    hw int16 [N,2], labels int64 [N]."""
 
-    images: np.ndarray
+    images: "np.ndarray | JpegImages"
     hw: np.ndarray
     labels: np.ndarray
     meta: dict
@@ -143,6 +154,19 @@ def scan(root: Path, val_fraction: float | None) -> tuple[list[str], Split, Spli
     return classes, train_split, val_split
 
 
+def raw_limit() -> int:
+    """The largest raw store `auto` picks: half the machine's physical memory (the part of a store
+    the page cache can keep; past it every epoch reads the disk at raw size)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def choose_format(store_format: str, num_images: int, store_size: int) -> str:
+    """`raw` or `jpeg`: as asked, or for `auto` raw while the raw store fits `raw_limit()`, jpeg beyond."""
+    if store_format != "auto":
+        return store_format
+    return "raw" if num_images * 3 * store_size**2 <= raw_limit() else "jpeg"
+
+
 def listing_digest(root: Path, files: list[Path]) -> str:
     """sha256 of (relative path, size, mtime_ns) of every file: notices added, removed or rewritten files."""
     h = hashlib.sha256()
@@ -174,13 +198,26 @@ def decode(path: Path, store_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) ->
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def _try_decode(args) -> np.ndarray | tuple[str, str]:
-    """The image, or (what is wrong with the file, what to do): its part of the one-line error."""
-    path, store_size, max_pixels = args
+def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+    """uint8 [3, h, w] -> JPEG bytes (Pillow's libjpeg-turbo; chroma 4:2:0)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _try_decode(args) -> np.ndarray | tuple[int, int, bytes] | tuple[str, str]:
+    """The image (or with a JPEG quality: its (h, w, JPEG bytes)), or (what is wrong with the file,
+    what to do): its part of the one-line error."""
+    path, store_size, max_pixels, quality = args
     from PIL import Image
 
     try:
-        return decode(path, store_size, max_pixels)
+        image = decode(path, store_size, max_pixels)
+        return image if quality is None else (*image.shape[1:], encode_jpeg(image, quality))
     except TooLarge as e:
         return str(e), "remove or shrink it, raise --max-image-pixels if it is genuine"
     except Image.DecompressionBombError as e:  # over PIL's own limit, which stops it before ours
@@ -201,24 +238,41 @@ def _new_array(path: Path, shape: tuple[int, ...]) -> np.memmap:
     return np.lib.format.open_memmap(path, mode="r+")
 
 
+def fill_canvas(canvas: np.ndarray, image) -> None:
+    """Put `image` [3, h, w] top-left in `canvas` [3, S, S]; beyond it repeat its last row and column."""
+    h, w = image.shape[1:]
+    canvas[:, :h, :w] = image
+    canvas[:, h:, :w] = image[:, h - 1 : h, :]
+    canvas[:, :, w:] = canvas[:, :, w - 1 : w]
+
+
 def _write_split(folder: Path, name: str, root: Path, split: Split, store_size: int, skip_bad: bool,
-                 max_pixels: int, progress) -> dict:  # fmt: skip
+                 max_pixels: int, quality: int | None, progress) -> dict:  # fmt: skip
+    """Decode (and for a jpeg store, `quality` not None, re-encode) every image of the split on a pool
+    of threads, writing it as it comes: canvases into a preallocated array, or JPEG bytes appended
+    to one file with their offsets."""
     n, s = len(split.files), store_size
-    images = _new_array(folder / f"{name}_images.npy", (n, 3, s, s))
+    if quality is None:
+        images = _new_array(folder / f"{name}_images.npy", (n, 3, s, s))
+    else:
+        data, offsets = open(folder / f"{name}_jpeg.bin", "wb"), [0]
     hw = np.zeros((n, 2), np.int16)
     bad: list[tuple[str, str, str]] = []
     keep = np.ones(n, bool)
     progress.begin(f"preparing {name} ({n:,} images)", n)
+    jobs = [(p, s, max_pixels, quality) for p in split.files]
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        for i, result in enumerate(pool.map(_try_decode, [(p, s, max_pixels) for p in split.files], chunksize=16)):
-            if isinstance(result, tuple):
+        for i, result in enumerate(pool.map(_try_decode, jobs, chunksize=16)):
+            if isinstance(result, tuple) and isinstance(result[0], str):
                 bad.append((str(split.files[i].relative_to(root)), *result))
                 keep[i] = False
+            elif quality is None:
+                fill_canvas(images[i], result)
+                hw[i] = result.shape[1:]
             else:
-                h, w = result.shape[1:]
-                images[i, :, :h, :w] = result
-                images[i, :, h:, :w] = result[:, h - 1 : h, :]
-                images[i, :, :, w:] = images[i, :, :, w - 1 : w]
+                h, w, jpeg = result
+                data.write(jpeg)
+                offsets.append(offsets[-1] + len(jpeg))
                 hw[i] = (h, w)
             progress.advance()
     progress.end()
@@ -228,42 +282,160 @@ def _write_split(folder: Path, name: str, root: Path, split: Split, store_size: 
             f"{root / path} {problem} ({len(bad)} bad file(s) in {name}): {fix}, "
             "or pass --skip-bad-images to leave such files out"
         )
-    labels = split.labels
+    labels, files = split.labels, split.files
     if bad:  # compact the kept rows to the front, in order; readers take the first num_images rows
         kept = np.flatnonzero(keep)
         if not len(kept):
             raise KDCacheError(f"no image in {root}'s {name} split decodes: check the files")
-        for dst, src in enumerate(kept):
-            if dst != src:
-                images[dst] = images[src]
-        hw, labels = hw[kept], labels[kept]
-    images.flush()
-    del images
+        if quality is None:
+            for dst, src in enumerate(kept):
+                if dst != src:
+                    images[dst] = images[src]
+        hw, labels, files = hw[kept], labels[kept], [files[i] for i in kept]
+    if quality is None:
+        images.flush()
+        del images
+    else:
+        data.close()
+        np.save(folder / f"{name}_offsets.npy", np.array(offsets, np.int64))
+        # which file each row came from: a damaged row is then named by its source
+        (folder / f"{name}_files.txt").write_text("".join(f"{p.relative_to(root)}\n" for p in files))
     np.save(folder / f"{name}_hw.npy", hw)
     np.save(folder / f"{name}_labels.npy", labels)
     return {"num_images": int(len(labels)), "skipped": [f"{p}: {problem}" for p, problem, _ in bad]}
 
 
-def content_fingerprint(images: np.ndarray, hw: np.ndarray, labels: np.ndarray, rows: int | None = None) -> str:
-    """sha256 over the first `rows` stored images (each its own h x w pixels), sizes and labels."""
+class JpegImages:
+    """One split of a jpeg store, read like a raw store's uint8 array [N, 3, S, S]: `images[rows]`
+    decodes those rows into canvases on `workers` threads, `images[:n]` is the first n rows.
+
+    Every reader decodes with Pillow's libjpeg-turbo on the CPU (its default integer IDCT and
+    upsampling give the same pixels on every CPU, SIMD or not; torchvision's CPU `decode_jpeg`, also
+    libjpeg-turbo, gives the same bytes), so the dump, the student and `verify` see the same pixels
+    whichever device trains. A GPU decoder (nvJPEG) rounds its IDCT differently, so it is not used:
+    a cache replayed with other pixels would no longer be the views its teacher saw.
+    """
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, folder: Path, name: str, data: np.ndarray, offsets: np.ndarray, hw: np.ndarray, size: int,
+                 first: int = 0, workers: int | None = None):  # fmt: skip
+        self.folder, self.name, self.data, self.offsets, self.hw = folder, name, data, offsets, hw
+        self.size, self.first = size, first
+        self.workers = workers or max(1, os.cpu_count() or 1)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self), 3, self.size, self.size)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the decoded canvases (what holding them resident takes)."""
+        return len(self) * 3 * self.size * self.size
+
+    @property
+    def stored_bytes(self) -> int:
+        return int(self.offsets[-1] - self.offsets[0])
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise IndexError("a jpeg store is sliced with step 1 only")
+            stop = max(start, stop)
+            return JpegImages(self.folder, self.name, self.data, self.offsets[start : stop + 1], self.hw[start:stop],
+                              self.size, self.first + start, self.workers)  # fmt: skip
+        rows = np.asarray(key, dtype=np.int64)
+        return self.decode(rows.reshape(-1)).reshape(*rows.shape, 3, self.size, self.size)
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.empty(self.shape, np.uint8)
+        for start in range(0, len(self), 1024):
+            rows = np.arange(start, min(len(self), start + 1024))
+            out[start : start + len(rows)] = self.decode(rows)
+        return out if dtype is None else out.astype(dtype)
+
+    def decode(self, rows: np.ndarray) -> np.ndarray:
+        """uint8 [len(rows), 3, S, S]: the canvases of `rows`, decoded on up to `workers` threads."""
+        out = np.empty((len(rows), 3, self.size, self.size), np.uint8)
+        parts = [p for p in np.array_split(np.arange(len(rows)), min(self.workers, max(1, len(rows)))) if len(p)]
+
+        def work(part: np.ndarray) -> None:
+            for i, image in zip(part, self._decode([int(rows[i]) for i in part])):
+                fill_canvas(out[i], image)
+
+        if len(parts) == 1:
+            work(parts[0])
+        elif parts:
+            with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+                list(pool.map(work, parts))
+        return out
+
+    def _decode(self, rows: list[int]) -> list[np.ndarray]:
+        import io
+
+        from PIL import Image
+
+        images = []
+        for r in rows:
+            if not 0 <= r < len(self):
+                raise IndexError(f"row {r} is outside 0..{len(self) - 1}")
+            try:
+                with Image.open(io.BytesIO(self.data[self.offsets[r] : self.offsets[r + 1]]), formats=("JPEG",)) as im:
+                    image = np.asarray(im.convert("RGB")).transpose(2, 0, 1)
+            except Exception as e:  # noqa: BLE001 - PIL raises many types; one line naming the image
+                raise self._bad(r, f"does not decode ({type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''})") from None
+            if image.shape[1:] != tuple(int(v) for v in self.hw[r]):
+                h, w = (int(v) for v in self.hw[r])
+                raise self._bad(r, f"decodes to {image.shape[2]}x{image.shape[1]} pixels, not the {w}x{h} recorded")
+            images.append(image)
+        return images
+
+    def _bad(self, row: int, what: str) -> KDCacheError:
+        try:
+            source = (self.folder / f"{self.name}_files.txt").read_text().splitlines()[self.first + row]
+        except (OSError, IndexError):
+            source = f"row {self.first + row}"
+        return KDCacheError(f"the image store {self.folder} is damaged: its copy of {source} {what}: "
+                            "run again with --rebuild-store to prepare it anew")  # fmt: skip
+
+
+def content_fingerprint(images, hw: np.ndarray, labels: np.ndarray, rows: int | None = None) -> str:
+    """sha256 over the first `rows` stored images (each its own h x w pixels, or a jpeg store's
+    bytes and offsets), sizes and labels."""
     n = len(labels) if rows is None else rows
     h = hashlib.sha256()
-    for block in range(0, n, 1024):
-        h.update(np.ascontiguousarray(images[block : min(n, block + 1024)]).tobytes())
+    if isinstance(images, JpegImages):
+        h.update(b"jpeg\0")
+        for start in range(0, n, 4096):
+            stop = min(n, start + 4096)
+            h.update(np.asarray(images.data[images.offsets[start] : images.offsets[stop]]).tobytes())
+        h.update(np.ascontiguousarray(images.offsets[: n + 1] - images.offsets[0], dtype=np.int64).tobytes())
+    else:
+        for block in range(0, n, 1024):
+            h.update(np.ascontiguousarray(images[block : min(n, block + 1024)]).tobytes())
     h.update(np.ascontiguousarray(hw[:n]).tobytes())
     h.update(np.ascontiguousarray(labels[:n], dtype=np.int64).tobytes())
     return h.hexdigest()
 
 
-def store_dir(root: Path, store_size: int, val_fraction: float | None) -> Path:
+def store_dir(root: Path, store_size: int, val_fraction: float | None, jpeg_quality: int | None = None) -> Path:
+    """The store's folder: one per data path, store size, split and format (a jpeg store per quality)."""
     key = f"{root.resolve()}\0{store_size}\0{val_fraction}\0{STORE_VERSION}"
-    return store_root() / f"{root.resolve().name}-{store_size}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    kind = ""
+    if jpeg_quality is not None:
+        key, kind = f"{key}\0jpeg{jpeg_quality}", f"jpeg{jpeg_quality}-"
+    return store_root() / f"{root.resolve().name}-{store_size}-{kind}{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def prepare(root: str | Path, store_size: int, *, val_fraction: float | None = None, skip_bad: bool = False,
-            max_pixels: int = DEFAULT_MAX_PIXELS, rebuild: bool = False,
-            progress=None) -> tuple[Store, Store, list[str], Path]:  # fmt: skip
-    """(train store, val store, classes, store folder): made once per folder and store size, then reused.
+            max_pixels: int = DEFAULT_MAX_PIXELS, rebuild: bool = False, store_format: str = "raw",
+            jpeg_quality: int = DEFAULT_JPEG_QUALITY, progress=None) -> tuple[Store, Store, list[str], Path]:  # fmt: skip
+    """(train store, val store, classes, store folder): made once per folder, store size and format
+    (`raw`, `jpeg` at `jpeg_quality`, or `auto`: see `choose_format`), then reused.
 
     The store is checked, opened and prepared under its lock; `rebuild` prepares it again
     whatever state it is in. A store root that cannot be written still serves a ready store."""
@@ -273,8 +445,15 @@ def prepare(root: str | Path, store_size: int, *, val_fraction: float | None = N
     root = Path(root)
     classes, train, val = scan(root, val_fraction)
     listing = listing_digest(root, train.files + val.files)
-    folder = store_dir(root, store_size, val_fraction)
-    record = {"val_fraction": val_fraction, "listing_sha256": listing, "skip_bad": skip_bad, "max_image_pixels": max_pixels}
+    if store_format not in STORE_FORMATS:
+        raise KDCacheError(f"--store-format must be one of {', '.join(STORE_FORMATS)} (got {store_format!r})")
+    if not 1 <= jpeg_quality <= 100:
+        raise KDCacheError(f"--jpeg-quality must be in 1..100 (got {jpeg_quality})")
+    if choose_format(store_format, len(train.files) + len(val.files), store_size) == "raw":
+        jpeg_quality = None
+    folder = store_dir(root, store_size, val_fraction, jpeg_quality)
+    record = {"val_fraction": val_fraction, "listing_sha256": listing, "skip_bad": skip_bad, "max_image_pixels": max_pixels,
+              "store_format": "raw" if jpeg_quality is None else "jpeg", "jpeg_quality": jpeg_quality}  # fmt: skip
     try:
         check_writable(folder.parent, "make it writable, or point KDCACHE_STORE_DIR at a writable folder")
     except KDCacheError:
@@ -345,9 +524,9 @@ def _build(root: Path, folder: Path, classes: list[str], splits: dict[str, Split
     try:
         progress.note(f"preparing a {store_size}-pixel store of {root} in {folder} (once)")
         info = {name: _write_split(tmp, name, root, split, store_size, record["skip_bad"], record["max_image_pixels"],
-                                   progress) for name, split in splits.items()}  # fmt: skip
+                                   record["jpeg_quality"], progress) for name, split in splits.items()}  # fmt: skip
         hw, labels = np.load(tmp / "train_hw.npy"), np.load(tmp / "train_labels.npy")
-        images = np.load(tmp / "train_images.npy", mmap_mode="r")[: len(labels)]
+        images = _train_images(tmp, record, store_size, len(labels))
         meta = {
             "format": "kdcache-image-store", "version": STORE_VERSION, "root": str(root.resolve()),
             "store_size": store_size, "classes": classes, **record,
@@ -359,7 +538,7 @@ def _build(root: Path, folder: Path, classes: list[str], splits: dict[str, Split
         _remove(folder)
         os.replace(tmp, folder)
     except OSError as e:
-        raise _store_write_failed(root, folder, splits, store_size, e) from None
+        raise _store_write_failed(root, folder, splits, store_size, e, record["jpeg_quality"] is not None) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if skipped := [f for name in splits for f in meta[f"{name}_skipped"]]:
@@ -375,10 +554,12 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _store_write_failed(root: Path, folder: Path, splits: dict[str, Split], store_size: int, e: OSError) -> KDCacheError:
+def _store_write_failed(root: Path, folder: Path, splits: dict[str, Split], store_size: int, e: OSError,
+                        jpeg: bool = False) -> KDCacheError:  # fmt: skip
     where = folder.parent
     if reason := no_room(e):
         need = sum(len(split.files) for split in splits.values()) * 3 * store_size**2
+        need //= 8 if jpeg else 1  # a jpeg store: about an eighth of the raw bytes
         return KDCacheError(
             f"the disk filled up while preparing the store of {root} ({reason}); nothing was kept: free about "
             f"{need / 1e6:,.0f} MB in {where}, or point KDCACHE_STORE_DIR at a larger disk, and run again"
@@ -389,9 +570,23 @@ def _store_write_failed(root: Path, folder: Path, splits: dict[str, Split], stor
     )
 
 
+def _train_images(folder: Path, record: dict, size: int, n: int):
+    """The train split's images as just written, for its fingerprint."""
+    if record["jpeg_quality"] is None:
+        return np.load(folder / "train_images.npy", mmap_mode="r")[:n]
+    offsets = np.load(folder / "train_offsets.npy")
+    return JpegImages(folder, "train", _bytes_map(folder / "train_jpeg.bin"), offsets, np.load(folder / "train_hw.npy"), size)
+
+
+def _bytes_map(path: Path) -> np.ndarray:
+    """A file's bytes, memory-mapped (an empty file is an empty array: mmap refuses length 0)."""
+    return np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+
+
 def _open(folder: Path, meta: dict) -> tuple[Store, Store]:
     """Both splits, memory-mapped, each array checked against meta.json: a short or replaced file is damage."""
     size = meta["store_size"]
+    jpeg = meta.get("store_format", "raw") == "jpeg"
 
     def load(name: str, mmap_mode: str | None = None) -> np.ndarray:
         try:
@@ -402,9 +597,22 @@ def _open(folder: Path, meta: dict) -> tuple[Store, Store]:
     def one(name: str) -> Store:
         n = meta[f"{name}_num_images"]
         labels, hw = load(f"{name}_labels.npy"), load(f"{name}_hw.npy")
-        images = load(f"{name}_images.npy", mmap_mode="r")
-        shapes = labels.shape == (n,) and hw.shape == (n, 2) and images.shape[1:] == (3, size, size) and len(images) >= n
-        if not shapes or (labels.dtype, hw.dtype, images.dtype) != (np.int64, np.int16, np.uint8):
+        if jpeg:
+            offsets = load(f"{name}_offsets.npy")
+            try:
+                data = _bytes_map(folder / f"{name}_jpeg.bin")
+            except OSError as e:
+                raise _damaged(folder, f"{name}_jpeg.bin cannot be read: {e.strerror or e}") from None
+            ok = offsets.shape == (n + 1,) and offsets.dtype == np.int64 and offsets[0] == 0
+            if not ok or (np.diff(offsets) <= 0).any() or offsets[-1] != len(data):
+                raise _damaged(folder, f"its {name}_jpeg.bin does not match its offsets (short, or replaced)")
+            images = JpegImages(folder, name, data, offsets, hw, size)
+            shapes = True
+        else:
+            images = load(f"{name}_images.npy", mmap_mode="r")
+            shapes = images.shape[1:] == (3, size, size) and len(images) >= n and images.dtype == np.uint8
+        shapes = shapes and labels.shape == (n,) and hw.shape == (n, 2)
+        if not shapes or (labels.dtype, hw.dtype) != (np.int64, np.int16):
             raise _damaged(folder, f"its {name} arrays do not match meta.json")
         return Store(images[:n], hw, labels, meta)
 

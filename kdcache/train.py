@@ -270,15 +270,20 @@ def gather_rows(store, rows: torch.Tensor, partner: torch.Tensor | None = None, 
     return block.to(device, non_blocking=True), inverse[: len(own)].to(device, non_blocking=True), local_partner
 
 
-def prefetch(store, batches: list[torch.Tensor], partner: torch.Tensor | None, device, depth: int = 2):
-    """Yield `gather_rows` for each batch of rows, `depth` batches ahead in a background thread
-    (numpy's copy and the page faults of a memory-mapped store overlap the training step)."""
+PREFETCH_WORKERS = 3  # batches gathered at once from a host store (threads: numpy's copy and the JPEG decoder release the GIL)
+
+
+def prefetch(store, batches: list[torch.Tensor], partner: torch.Tensor | None, device, workers: int = PREFETCH_WORKERS):
+    """Yield `gather_rows` for each batch of rows, in order, gathered by `workers` background threads up to
+    2 x workers batches ahead (a memory-mapped store's copies and page faults, or a jpeg store's decoding,
+    overlap the training step and each other)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def job(rows):
         return gather_rows(store, rows, None if partner is None else partner.index_select(0, rows), device)
 
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    depth = 2 * workers
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kdcache-gather") as pool:
         pending = [pool.submit(job, b) for b in batches[:depth]]
         for i in range(len(batches)):
             if i + depth < len(batches):
