@@ -273,13 +273,42 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
     }
 
 
-FOLDER_LOOPS = ("plain", "cached", "plain_streamed", "cached_streamed")
+FOLDER_LOOPS = ("imagefolder_online", "imagefolder_plain", "plain", "cached", "plain_streamed", "cached_streamed",
+                "cached_jpeg")  # fmt: skip
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _imagefolder_loader(folder: Path, image_size: int, batch_size: int, device: torch.device):
+    """The loop people run today: torchvision `ImageFolder` + `DataLoader(num_workers=all cores, pin_memory)`
+    + RandomResizedCrop + flip + ToTensor + Normalize, decoding every file in every epoch; endless batches."""
+    import os
+
+    from torchvision import datasets, transforms
+
+    from kdcache.data import IMAGENET_MEAN, IMAGENET_STD
+
+    tf = transforms.Compose([
+        transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        datasets.ImageFolder(str(folder / "train"), transform=tf), batch_size=batch_size, shuffle=True,
+        num_workers=os.cpu_count() or 1, pin_memory=device.type == "cuda", drop_last=True, persistent_workers=True,
+    )  # fmt: skip
+    while True:
+        for x, y in loader:
+            yield Batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True), None, None, None)
 
 
 def run_folder_bench(cfg: BenchConfig, rt: Runtime, folder: Path | None, image_size: int, log=lambda msg: None) -> dict:
-    """Image-folder loops side by side: the student from the cache and alone, with the store resident
-    on the device and streamed from host memory; plus the store's preparation speed. Random-resized
-    crops at `image_size`; a synthetic folder (24 classes x 60 images, PIL-written JPEG/PNG) without one."""
+    """Image-folder loops side by side, same student and batch: the ImageFolder + DataLoader loop users run
+    today (teacher online, and alone), and kdcache's student from the cache and alone with the raw store
+    resident on the device and streamed from host memory, and from the jpeg store (decoded per batch);
+    plus both stores' preparation speed and bytes. Random-resized crops at `image_size`; a synthetic
+    folder (24 classes x 60 images, PIL-written JPEG/PNG) without one."""
     import os
     import tempfile
 
@@ -297,12 +326,16 @@ def run_folder_bench(cfg: BenchConfig, rt: Runtime, folder: Path | None, image_s
         os.environ["KDCACHE_STORE_DIR"] = str(Path(tmp) / "stores")  # never touch the user's store
         try:
             store_size = folders.default_store_size(image_size)
-            log("preparing the store")
-            t0 = time.perf_counter()
-            train, val, _, _ = folders.prepare(folder, store_size)
-            prep_s = time.perf_counter() - t0
+            prep_s, stores = {}, {}
+            for fmt in ("raw", "jpeg"):
+                log(f"preparing the {fmt} store")
+                t0 = time.perf_counter()
+                train, val, _, where = folders.prepare(folder, store_size, store_format=fmt)
+                prep_s[fmt] = time.perf_counter() - t0
+                stores[fmt] = sum(p.stat().st_size for p in where.iterdir())
             prepared = len(train.labels) + len(val.labels)
-            data = load_folder(folder, image_size=image_size, store_size=store_size)
+            data = load_folder(folder, image_size=image_size, store_size=store_size, store_format="raw")
+            jpeg = load_folder(folder, image_size=image_size, store_size=store_size, store_format="jpeg").train_x
             n, c, g = len(data.train_y), data.num_classes, data.geometry
             labels = data.train_y.to(dev)
             resident = torch.from_numpy(np.array(data.train_x)).to(dev)
@@ -315,18 +348,25 @@ def run_folder_bench(cfg: BenchConfig, rt: Runtime, folder: Path | None, image_s
                 return ViewBatches(images, labels, plan, cfg.batch_size, 0, IMAGENET_MEAN, IMAGENET_STD, rt.compile,
                                    geometry=g)  # fmt: skip
 
-            def step(alpha: float):
+            def step(alpha: float, rt_: Runtime = rt, teacher=None):
                 torch.manual_seed(0)
-                model = rt.prepare(build(cfg.student_arch, c, image_size=image_size)).train()
+                model = rt_.prepare(build(cfg.student_arch, c, image_size=image_size)).train()
                 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
                 loss = lambda s, b: student_loss(s, b.y, b.t, T=cfg.T, alpha=alpha)  # noqa: E731
-                return make_step(model, loss, opt, rt)
+                return make_step(model, loss, opt, rt_, teacher=teacher)
 
+            # the usual loop: NCHW, the runtime's precision, the teacher's forward in every step
+            usual = Runtime(dev, rt.amp_dtype, channels_last=False)
+            torch.manual_seed(0)
+            teacher = usual.prepare(build(cfg.teacher_arch, c, image_size=image_size)).eval()
             loops = {
+                "imagefolder_online": (step(cfg.alpha, usual, teacher), _imagefolder_loader(folder, image_size, cfg.batch_size, dev)),
+                "imagefolder_plain": (step(0.0, usual), _imagefolder_loader(folder, image_size, cfg.batch_size, dev)),
                 "plain": (step(0.0), _endless(source_of(resident, False))),
                 "cached": (step(cfg.alpha), _endless(source_of(resident, True))),
                 "plain_streamed": (step(0.0), _endless(source_of(streamed, False))),
                 "cached_streamed": (step(cfg.alpha), _endless(source_of(streamed, True))),
+                "cached_jpeg": (step(cfg.alpha), _endless(source_of(jpeg, True))),
             }
             results, rounds, peaks = _measure(loops, cfg, dev, log)
         finally:
@@ -334,29 +374,28 @@ def run_folder_bench(cfg: BenchConfig, rt: Runtime, folder: Path | None, image_s
                 os.environ.pop("KDCACHE_STORE_DIR", None)
             else:
                 os.environ["KDCACHE_STORE_DIR"] = saved
+        folder_bytes = _folder_bytes(folder)
     return {
         **{f"{k}_img_s": v for k, v in results.items()},
         "ratios": {
+            "cached_jpeg_over_imagefolder_online": results["cached_jpeg"] / results["imagefolder_online"],
+            "cached_over_imagefolder_online": results["cached"] / results["imagefolder_online"],
             "cached_over_plain": results["cached"] / results["plain"],
             "cached_streamed_over_plain_streamed": results["cached_streamed"] / results["plain_streamed"],
             "streamed_over_resident": results["cached_streamed"] / results["cached"],
+            "jpeg_over_resident": results["cached_jpeg"] / results["cached"],
         },
-        "prepare_img_s": prepared / prep_s,
+        "prepare_img_s": prepared / prep_s["raw"],
+        "prepare_jpeg_img_s": prepared / prep_s["jpeg"],
         "prepare_images": prepared,
+        "store_bytes": {"folder": folder_bytes, **stores},
         "store": f"{n:,} x 3 x {store_size} x {store_size} uint8 ({resident.numel() / 1e6:,.0f} MB)",
         "rounds_img_s": rounds,
         "peak_working_mem_mb": peaks,
         "device": _device_name(dev),
         "runtime": rt.describe(),
-        "student_arch": cfg.student_arch,
+        **_about(cfg, source),
         "image_size": image_size,
-        "batch_size": cfg.batch_size,
-        "steps": cfg.steps,
-        "repeats": cfg.repeats,
-        "data": source,
-        "torch": torch.__version__,
-        "kdcache": __version__,
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 

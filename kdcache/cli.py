@@ -596,7 +596,7 @@ def bench_cmd(
             return _procs_bench(BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, repeats), procs, rt, json_path)
         if image_folder or (data_dir is not None and (data_dir / "train").is_dir()):
             folder = data_dir if data_dir is not None and (data_dir / "train").is_dir() else None
-            record = _folder_bench(student_arch, batch_size, steps, warmup, repeats, folder, image_size, rt)
+            record = _folder_bench(teacher_arch, student_arch, batch_size, steps, warmup, repeats, folder, image_size, rt)
             return _write_bench_json(json_path, record)
         cfg = BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, repeats, data_dir).validate()
         err_console.print(f"bench {teacher_arch} -> {student_arch} · batch {batch_size} · {repeats} rounds of {steps} steps · {rt.describe()}", highlight=False)
@@ -624,11 +624,11 @@ def _procs_bench(cfg, procs: int, rt, json_path: Path | None) -> None:
     _write_bench_json(json_path, record)
 
 
-def _folder_bench(student_arch, batch_size, steps, warmup, repeats, folder, image_size, rt) -> dict:
+def _folder_bench(teacher_arch, student_arch, batch_size, steps, warmup, repeats, folder, image_size, rt) -> dict:
     from kdcache.bench import BenchConfig, run_folder_bench
 
-    cfg = BenchConfig("resnet50", student_arch, batch_size, steps, warmup, repeats)
-    err_console.print(f"bench image folder {folder or '(synthetic)'} -> {student_arch} · {image_size} px · batch {batch_size} · "
+    cfg = BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, repeats).validate()
+    err_console.print(f"bench image folder {folder or '(synthetic)'} · {teacher_arch} -> {student_arch} · {image_size} px · batch {batch_size} · "
                       f"{repeats} rounds of {steps} steps · {rt.describe()}", highlight=False)  # fmt: skip
     with err_console.status("measuring") as status:
         record = run_folder_bench(cfg, rt, folder, image_size, log=lambda msg: status.update(msg))

@@ -208,17 +208,25 @@ def print_folder_bench(record: dict) -> None:
     table = Table(title=f"kdcache bench · {record['device']} · {record['data']} · store {record['store']}", title_justify="left")
     for col in ("loop", "img/s", "spread", "what"):
         table.add_column(col, justify="right" if col in ("img/s", "spread") else "left")
-    notes = {"plain": "store on the device, no teacher (floor)", "cached": "store on the device, logits from the cache",
-             "plain_streamed": "store streamed from host memory, no teacher",
-             "cached_streamed": "store streamed from host memory, logits from the cache"}  # fmt: skip
+    notes = {"imagefolder_online": f"ImageFolder + DataLoader workers, {record['teacher_arch']} teacher every step",
+             "imagefolder_plain": "ImageFolder + DataLoader workers, no teacher",
+             "plain": "raw store on the device, no teacher", "cached": "raw store on the device, logits from the cache",
+             "plain_streamed": "raw store streamed from host memory, no teacher",
+             "cached_streamed": "raw store streamed from host memory, logits from the cache",
+             "cached_jpeg": "jpeg store decoded per batch, logits from the cache"}  # fmt: skip
     for loop, what in notes.items():
         v, rounds = record[f"{loop}_img_s"], record["rounds_img_s"][loop]
         table.add_row(loop, f"{v:,.0f}", f"±{50 * (max(rounds) - min(rounds)) / v:.0f}%", what)
     out_console.print(table)
-    r = record["ratios"]
+    r, b = record["ratios"], record["store_bytes"]
     out_console.print(
-        f"cached/plain {r['cached_over_plain']:.2f} (resident), {r['cached_streamed_over_plain_streamed']:.2f} (streamed) · "
-        f"streamed/resident {r['streamed_over_resident']:.2f} · store prepared at {record['prepare_img_s']:,.0f} images/s "
+        f"cached over the ImageFolder online-KD loop: {r['cached_jpeg_over_imagefolder_online']:.2f}x (jpeg store), "
+        f"{r['cached_over_imagefolder_online']:.2f}x (raw, resident) · cached/plain {r['cached_over_plain']:.2f} (resident), "
+        f"{r['cached_streamed_over_plain_streamed']:.2f} (streamed) · streamed/resident {r['streamed_over_resident']:.2f} · "
+        f"jpeg/resident {r['jpeg_over_resident']:.2f}", highlight=False)  # fmt: skip
+    out_console.print(
+        f"bytes: folder {b['folder'] / 1e6:,.1f} MB · raw store {b['raw'] / 1e6:,.1f} MB · jpeg store {b['jpeg'] / 1e6:,.1f} MB · "
+        f"prepared at {record['prepare_img_s']:,.0f} (raw), {record['prepare_jpeg_img_s']:,.0f} (jpeg) images/s "
         f"({record['prepare_images']:,} images)", highlight=False)  # fmt: skip
 
 

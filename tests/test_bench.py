@@ -37,23 +37,30 @@ def test_bench_smoke_prints_table_and_writes_json(tmp_path):
     assert "the KD loss adds" in r.output and "cached_mixed_alone" in r.output
 
 
-def test_folder_bench_measures_resident_and_streamed_stores(tmp_path):
+def test_folder_bench_measures_the_imagefolder_loop_and_every_store(tmp_path):
     from kdcache.folders import write_image_folder
 
     folder = write_image_folder(tmp_path / "imgs", classes=3, per_class=12)
     out = tmp_path / "bench.json"
     r = CliRunner().invoke(
         app,
-        ["bench", "--data", str(folder), "--student-arch", "seed-cnn-student", "--image-size", "24", "--batch-size", "8",
+        ["bench", "--data", str(folder), "--teacher-arch", "seed-cnn-teacher", "--student-arch", "seed-cnn-student",
+         "--image-size", "24", "--batch-size", "8",
          "--steps", "2", "--warmup", "1", "--repeats", "1", "--device", "cpu", "--json", str(out)],
         env={"COLUMNS": "200", "KDCACHE_STORE_DIR": str(tmp_path / "user-stores")},
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     record = json.loads(out.read_text())
-    for loop in ("plain", "cached", "plain_streamed", "cached_streamed"):
+    for loop in ("imagefolder_online", "imagefolder_plain", "plain", "cached", "plain_streamed", "cached_streamed",
+                 "cached_jpeg"):  # fmt: skip
         assert record[f"{loop}_img_s"] > 0 and loop in r.output
-    assert record["ratios"]["streamed_over_resident"] == record["cached_streamed_img_s"] / record["cached_img_s"]
-    assert record["prepare_images"] == 45 and record["prepare_img_s"] > 0
+    ratios = record["ratios"]
+    assert ratios["streamed_over_resident"] == record["cached_streamed_img_s"] / record["cached_img_s"]
+    assert ratios["cached_jpeg_over_imagefolder_online"] == record["cached_jpeg_img_s"] / record["imagefolder_online_img_s"]
+    assert record["prepare_images"] == 45 and record["prepare_img_s"] > 0 and record["prepare_jpeg_img_s"] > 0
+    sizes = record["store_bytes"]
+    assert sizes["jpeg"] < sizes["raw"] and sizes["folder"] > 0 and record["teacher_arch"] == "seed-cnn-teacher"
+    assert "cached over the ImageFolder online-KD loop" in r.output
     assert not (tmp_path / "user-stores").exists()  # the bench prepares its own, temporary store
 
 
