@@ -150,3 +150,27 @@ def test_store_format_auto_picks_by_size_and_bad_values_are_one_line(folder, tmp
         assert not (tmp_path / "t.pt").exists()
     meta = json.loads(next(p for p in folders.store_root().iterdir() if "jpeg90" in p.name).joinpath("meta.json").read_text())
     assert meta["store_format"] == "jpeg"
+
+
+def test_a_thousand_class_folder_end_to_end_from_a_jpeg_store_with_a_topk_cache(tmp_path):
+    """1,000 classes: jpeg store, teacher, a top-10 cache, a student with the store streamed (decoded per
+    batch), `inspect` and `verify`; each process stays within a stated memory budget (2 GB resident)."""
+    import resource
+
+    root = folders.write_image_folder(tmp_path / "many", classes=1000, per_class=2, val_per_class=1)
+    t, c, s = tmp_path / "t.pt", tmp_path / "c.h5", tmp_path / "s.pt"
+    common = ["--epochs", "1", "--batch-size", "64", "--device", "cpu"]
+    r = run_cli("teacher", "--preset", "seed-cnn", "--arch", "seed-cnn-student", "--data", str(root), "--image-size", "16",
+                "--store-format", "jpeg", "--out", str(t), *common)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = run_cli("dump-logits", "--teacher", str(t), "--views", "2", "--topk", "10", "--device", "cpu", "--out", str(c))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("inspect", str(c))
+    assert r.returncode == 0 and "x 1000 classes" in r.stdout and "top 10 of 1000" in r.stdout, r.stdout + r.stderr
+    r = run_cli("verify", str(c), "--teacher", str(t), "--samples", "64", "--device", "cpu")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_cli("student", "--cache", str(c), "--out", str(s), "--resident-mb", "1", *common)
+    assert r.returncode == 0 and "stream" in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
+    assert torch.load(s)["data_options"]["store_format"] == "jpeg"
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child, in MB (Linux: KiB)
+    assert peak_mb < 2048, peak_mb
