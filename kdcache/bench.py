@@ -319,9 +319,11 @@ def run_folder_bench(cfg: BenchConfig, rt: Runtime, folder: Path | None, image_s
     dev = rt.device
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
         source = str(folder)
-        if folder is None:
-            folder = folders.write_image_folder(Path(tmp) / "synthetic", classes=24, per_class=60, val_per_class=4)
-            source = "synthetic folder, 24 classes x 60 images"
+        if folder is None:  # photo-sized for the view size: sides from 1 to 2 x image_size (ImageNet's are ~400 px)
+            sizes = (image_size, 2 * image_size)
+            folder = folders.write_image_folder(Path(tmp) / "synthetic", classes=24, per_class=60, val_per_class=4,
+                                                sizes=sizes)  # fmt: skip
+            source = f"synthetic folder, 24 classes x 60 images of {sizes[0]}-{sizes[1]} px"
         saved = os.environ.get("KDCACHE_STORE_DIR")
         os.environ["KDCACHE_STORE_DIR"] = str(Path(tmp) / "stores")  # never touch the user's store
         try:

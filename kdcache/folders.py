@@ -620,9 +620,10 @@ def _open(folder: Path, meta: dict) -> tuple[Store, Store]:
 
 
 def write_image_folder(root: str | Path, classes: int = 3, per_class: int = 8, val_per_class: int = 3,
-                       seed: int = 0, with_val: bool = True) -> Path:  # fmt: skip
+                       seed: int = 0, with_val: bool = True, sizes: tuple[int, int] = (24, 90)) -> Path:  # fmt: skip
     """Write a small generated image folder in the real layout (tests, benchmarks): JPEG and PNG files of
-    several sizes, some greyscale, one palette image; each class has its own colour and stripe pattern."""
+    several sizes (each side drawn from `sizes`), some greyscale, one palette image; each class has its
+    own colour and stripe pattern."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -632,7 +633,7 @@ def write_image_folder(root: str | Path, classes: int = 3, per_class: int = 8, v
             d = root / split / f"class_{c:02d}"
             d.mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                h, w = int(rng.integers(24, 90)), int(rng.integers(24, 90))
+                h, w = int(rng.integers(*sizes)), int(rng.integers(*sizes))
                 yy, xx = np.mgrid[0:h, 0:w]
                 base = np.array([40 + 70 * (c % 3), 40 + 50 * ((c // 3) % 3), 200 - 60 * (c % 2)], np.float32)
                 img = base + 50 * np.sin((xx * (c + 1) + yy) / 5.0)[..., None] + rng.normal(0, 20, (h, w, 3))
