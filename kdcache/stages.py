@@ -131,7 +131,8 @@ def _train_and_save(
         prepared = rt.prepare(final).eval()
         for level in TTAModel.LEVELS[1:]:
             tta = TTAModel(prepared, level)
-            metrics[f"test_acc_tta_{level}"] = accuracy(predict(tta, data.test_x, batches.mean, batches.std, rt),
+            metrics[f"test_acc_tta_{level}"] = accuracy(predict(tta, data.test_x, batches.mean, batches.std, rt,
+                                                                batch_size=batches.batch_size),
                                                         data.test_y)  # fmt: skip
         # into the very record on_epoch was handed last: --tensorboard writes these when it closes
         history[-1].update({k: v for k, v in metrics.items() if k.startswith("test_acc_tta")})
@@ -351,7 +352,7 @@ def train_student(
             plan = fresh_views_plan(len(data.train_y), recipe.seed, recipe.augment, rt.device, mix=recipe.mix,
                                     mix_prob=recipe.mix_prob, stream=STREAM_ONLINE, geometry=data.geometry)  # fmt: skip
             teacher = rt.prepare(teacher)
-            test_logits = predict(teacher, data.test_x.to(rt.device), mean, std, rt)
+            test_logits = predict(teacher, data.test_x.to(rt.device), mean, std, rt, batch_size=recipe.batch_size)
             source = {"online_teacher_sha256": file_sha256(online_teacher), "teacher_arch": meta["arch"]}
             teacher_acc = meta.get("metrics", {}).get("test_acc")
             batches = view_batches(data, plan, recipe.batch_size, recipe.seed, mean, std, rt)

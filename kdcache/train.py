@@ -551,7 +551,9 @@ def fit(
             raise Diverged(epoch + 1, train_loss, lr)
         # Eager evaluation: eval mode and no_grad would each be one more compiled graph.
         evaluated = unwrap(model) if ema is None else ema.module
-        test_logits = predict(evaluated, test_x, batches.mean, batches.std, rt)
+        # evaluated in training-sized batches: what fits a training step fits an evaluation (1,024 224-pixel
+        # images at once did not: tens of GB of activations)
+        test_logits = predict(evaluated, test_x, batches.mean, batches.std, rt, batch_size=batches.batch_size)
         metrics = {
             "epoch": epoch + 1,
             "lr": lr,
@@ -562,7 +564,8 @@ def fit(
             "train_img_s": seen / train_time,
         }
         if ema is not None:
-            metrics["test_acc_raw"] = accuracy(predict(unwrap(model), test_x, batches.mean, batches.std, rt), test_y)
+            metrics["test_acc_raw"] = accuracy(predict(unwrap(model), test_x, batches.mean, batches.std, rt,
+                                                             batch_size=batches.batch_size), test_y)  # fmt: skip
         if teacher_test_logits is not None:
             metrics.update(fidelity(test_logits, teacher_test_logits))
         on_epoch(epoch, metrics)
