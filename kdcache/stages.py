@@ -129,6 +129,8 @@ def _train_and_save(
     metrics = {"test_acc": history[-1]["test_acc"], "epochs": epochs, "train_time_s": train_time}
     if role == "teacher":  # what test-time augmentation would add (a dump can use --tta flip)
         prepared = rt.prepare(final).eval()
+        progress.note(f"evaluating with test-time augmentation ({', '.join(TTAModel.LEVELS[1:])}: 8 passes over the "
+                      f"{len(data.test_y):,} test images)")  # fmt: skip
         for level in TTAModel.LEVELS[1:]:
             tta = TTAModel(prepared, level)
             metrics[f"test_acc_tta_{level}"] = accuracy(predict(tta, data.test_x, batches.mean, batches.std, rt,
