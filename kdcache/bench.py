@@ -334,7 +334,7 @@ def run_folder_bench(cfg: BenchConfig, rt: Runtime, folder: Path | None, image_s
                 t0 = time.perf_counter()
                 train, val, _, where = folders.prepare(folder, store_size, store_format=fmt)
                 prep_s[fmt] = time.perf_counter() - t0
-                stores[fmt] = sum(p.stat().st_size for p in where.iterdir())
+                stores[fmt] = _folder_bytes(where)
             prepared = len(train.labels) + len(val.labels)
             data = load_folder(folder, image_size=image_size, store_size=store_size, store_format="raw")
             jpeg = load_folder(folder, image_size=image_size, store_size=store_size, store_format="jpeg").train_x

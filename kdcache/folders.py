@@ -443,12 +443,12 @@ def prepare(root: str | Path, store_size: int, *, val_fraction: float | None = N
 
     progress = progress or NoProgress()
     root = Path(root)
-    classes, train, val = scan(root, val_fraction)
-    listing = listing_digest(root, train.files + val.files)
     if store_format not in STORE_FORMATS:
         raise KDCacheError(f"--store-format must be one of {', '.join(STORE_FORMATS)} (got {store_format!r})")
     if not 1 <= jpeg_quality <= 100:
         raise KDCacheError(f"--jpeg-quality must be in 1..100 (got {jpeg_quality})")
+    classes, train, val = scan(root, val_fraction)
+    listing = listing_digest(root, train.files + val.files)
     if choose_format(store_format, len(train.files) + len(val.files), store_size) == "raw":
         jpeg_quality = None
     folder = store_dir(root, store_size, val_fraction, jpeg_quality)
@@ -525,15 +525,14 @@ def _build(root: Path, folder: Path, classes: list[str], splits: dict[str, Split
         progress.note(f"preparing a {store_size}-pixel store of {root} in {folder} (once)")
         info = {name: _write_split(tmp, name, root, split, store_size, record["skip_bad"], record["max_image_pixels"],
                                    record["jpeg_quality"], progress) for name, split in splits.items()}  # fmt: skip
-        hw, labels = np.load(tmp / "train_hw.npy"), np.load(tmp / "train_labels.npy")
-        images = _train_images(tmp, record, store_size, len(labels))
         meta = {
             "format": "kdcache-image-store", "version": STORE_VERSION, "root": str(root.resolve()),
             "store_size": store_size, "classes": classes, **record,
-            "train_fingerprint": content_fingerprint(images, hw, labels), **{
-                f"{name}_{k}": v for name, d in info.items() for k, v in d.items()},
+            **{f"{name}_{k}": v for name, d in info.items() for k, v in d.items()},
         }  # fmt: skip
-        del images
+        train = _open(tmp, meta)[0]  # the store as its readers will open it
+        meta["train_fingerprint"] = content_fingerprint(train.images, train.hw, train.labels)
+        del train
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         _remove(folder)
         os.replace(tmp, folder)
@@ -568,14 +567,6 @@ def _store_write_failed(root: Path, folder: Path, splits: dict[str, Split], stor
         f"cannot write the store of {root} in {where} ({e.strerror or e}): make it writable, "
         "or point KDCACHE_STORE_DIR at a writable folder"
     )
-
-
-def _train_images(folder: Path, record: dict, size: int, n: int):
-    """The train split's images as just written, for its fingerprint."""
-    if record["jpeg_quality"] is None:
-        return np.load(folder / "train_images.npy", mmap_mode="r")[:n]
-    offsets = np.load(folder / "train_offsets.npy")
-    return JpegImages(folder, "train", _bytes_map(folder / "train_jpeg.bin"), offsets, np.load(folder / "train_hw.npy"), size)
 
 
 def _bytes_map(path: Path) -> np.ndarray:
