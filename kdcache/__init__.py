@@ -15,6 +15,9 @@ _EXPORTS = {
     "Recipe": "kdcache.config",
     "get_preset": "kdcache.config",
     "PRESETS": "kdcache.config",
+    "DumpSettings": "kdcache.config",
+    "Views": "kdcache.views",
+    "render_views": "kdcache.views",
     "Runtime": "kdcache.train",
     "Batch": "kdcache.train",
     "open_cache": "kdcache.cache",
@@ -29,9 +32,9 @@ _EXPORTS = {
 _RENAMED = {"build_model": "build"}  # public name -> its name in the module
 
 # every name of _EXPORTS, and the version
-__all__ = ["PRESETS", "Batch", "CachedBatches", "KDCacheError", "Recipe", "Runtime", "__version__", "build_model",
-           "dump_logits", "get_preset", "kd_loss", "label_loss", "load_checkpoint", "open_cache", "soft_loss",
-           "student_loss", "train_student", "train_teacher"]  # fmt: skip
+__all__ = ["PRESETS", "Batch", "CachedBatches", "DumpSettings", "KDCacheError", "Recipe", "Runtime", "Views",
+           "__version__", "build_model", "dump_logits", "get_preset", "kd_loss", "label_loss", "load_checkpoint",
+           "open_cache", "render_views", "soft_loss", "student_loss", "train_student", "train_teacher"]  # fmt: skip
 
 
 def __getattr__(name: str):

@@ -32,7 +32,7 @@ from kdcache.losses import student_loss
 from kdcache.models import ARCHS, build
 from kdcache.stages import cached_plan, fresh_views_plan
 from kdcache.train import Batch, Runtime, ViewBatches, make_step, predict
-from kdcache.views import mix_params, view_params
+from kdcache.views import CropFlip, draw_views
 
 LOOPS = ("seed_loop", "online", "cached", "plain", "dump")
 NUM_VIEWS = 8
@@ -221,27 +221,28 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
     # -- our loops: device-resident uint8 data, batched rendering.
     images_d, labels_d = images.to(dev), labels.to(dev)
     teacher = rt.prepare(teacher_raw)
-    fresh = ViewBatches(images_d, labels_d, fresh_views_plan(n, 0, True, dev), cfg.batch_size, 0, mean, std, rt.compile)
-    params = view_params(0, range(n), range(NUM_VIEWS))
-    mixes = mix_params(0, range(n), range(NUM_VIEWS), num_rows=n, mix="both", prob=1.0)
+    fresh = ViewBatches(images_d, labels_d, fresh_views_plan(CropFlip(), n, 0, True, dev), cfg.batch_size, 0, mean, std,
+                        rt.compile)  # fmt: skip
+    plain_views = draw_views(CropFlip(), 0, range(n), range(NUM_VIEWS))
+    mixed_views = draw_views(CropFlip(), 0, range(n), range(NUM_VIEWS), mix="both", prob=1.0, num_rows=n)
     logits = torch.randn(n, NUM_VIEWS, c, generator=torch.Generator().manual_seed(1)).to(torch.float16)
     cached, cached_mixed = (
-        ViewBatches(images_d, labels_d, cached_plan(params, m, logits, 0, dev), cfg.batch_size, 0, mean, std, rt.compile)
-        for m in (None, mixes)
+        ViewBatches(images_d, labels_d, cached_plan(v, logits, 0, dev), cfg.batch_size, 0, mean, std, rt.compile)
+        for v in (plain_views, mixed_views)
     )  # fmt: skip
     # dump: teacher inference over rendered views, one batch of (image, view) rows per step, as dump-logits runs it
-    flat_params = params.flatten(0, 1).to(dev)
+    flat_views = plain_views.flatten().to(dev)
 
     def dump_rows():
         rows = n * NUM_VIEWS
         while True:
             for start in range(0, rows - cfg.batch_size + 1, cfg.batch_size):
                 idx = torch.arange(start, start + cfg.batch_size, device=dev)
-                yield idx // NUM_VIEWS, flat_params[idx]
+                yield idx // NUM_VIEWS, flat_views.take(idx)
 
-    def dump_step(rows_and_crops):
-        rows, crop = rows_and_crops
-        predict(teacher, images_d, mean, std, rt, rows=rows, crop=crop, batch_size=cfg.batch_size)
+    def dump_step(rows_and_views):
+        rows, views = rows_and_views
+        predict(teacher, images_d, mean, std, rt, rows=rows, views=views, batch_size=cfg.batch_size)
 
     loops = {
         "seed_loop": (seed_step, endless_loader()),
@@ -342,13 +343,12 @@ def run_folder_bench(cfg: BenchConfig, rt: Runtime, folder: Path | None, image_s
             labels = data.train_y.to(dev)
             resident = torch.from_numpy(np.array(data.train_x)).to(dev)
             streamed = data.train_x  # the memory-mapped store
-            params = g.params(0, range(n), range(NUM_VIEWS))
+            views = draw_views(g, 0, range(n), range(NUM_VIEWS))
             logits = torch.randn(n, NUM_VIEWS, c, generator=torch.Generator().manual_seed(1)).to(torch.float16)
 
             def source_of(images, cached: bool) -> ViewBatches:
-                plan = cached_plan(params, None, logits, 0, dev) if cached else fresh_views_plan(n, 0, True, dev, geometry=g)
-                return ViewBatches(images, labels, plan, cfg.batch_size, 0, IMAGENET_MEAN, IMAGENET_STD, rt.compile,
-                                   geometry=g)  # fmt: skip
+                plan = cached_plan(views, logits, 0, dev) if cached else fresh_views_plan(g, n, 0, True, dev)
+                return ViewBatches(images, labels, plan, cfg.batch_size, 0, IMAGENET_MEAN, IMAGENET_STD, rt.compile)
 
             def step(alpha: float, rt_: Runtime = rt, teacher=None):
                 torch.manual_seed(0)
@@ -427,19 +427,19 @@ def _procs_worker(spec: dict, out: Path) -> None:
     n, c = len(labels), 10
     mean, std = SEED_RESNET_MEAN, SEED_RESNET_STD
     images_d, labels_d = images.to(dev), labels.to(dev)
-    params = view_params(0, range(n), range(NUM_VIEWS))
+    views = draw_views(CropFlip(), 0, range(n), range(NUM_VIEWS))
     logits = torch.randn(n, NUM_VIEWS, c, generator=torch.Generator().manual_seed(1)).to(torch.float16)
-    batches = ViewBatches(images_d, labels_d, cached_plan(params, None, logits, 0, dev), b, 0, mean, std,
+    batches = ViewBatches(images_d, labels_d, cached_plan(views, logits, 0, dev), b, 0, mean, std,
                           rank=rt.rank, world=rt.world)  # fmt: skip
     step = _student_step(spec["student_arch"], c, rt, T=spec["T"], alpha=spec["alpha"])
     teacher = rt.prepare(build(spec["teacher_arch"], c)).eval()
     rows = torch.arange(n * NUM_VIEWS, device=dev).tensor_split(rt.world)[rt.rank]  # on the device once, as in run_bench
-    flat = params.flatten(0, 1).to(dev)
+    flat = views.flatten().to(dev)
 
     def dump_steps(count: int, offset: int) -> None:
         for i in range(offset, offset + count):
             idx = rows[i * b : (i + 1) * b]
-            predict(teacher, images_d, mean, std, rt, rows=idx // NUM_VIEWS, crop=flat[idx], batch_size=b)
+            predict(teacher, images_d, mean, std, rt, rows=idx // NUM_VIEWS, views=flat[idx], batch_size=b)
 
     it = _endless(batches)
     result = {"world": rt.world}

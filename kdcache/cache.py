@@ -20,8 +20,9 @@ import torch
 
 from kdcache import __version__
 from kdcache.artifacts import fresh_file, refuse_different, require_file
+from kdcache.config import DEFAULT_BLOCK_ROWS
 from kdcache.errors import KDCacheError
-from kdcache.views import GEOMETRIES, MIXES, CropFlip, Geometry, Mix, ResizedCrop
+from kdcache.views import GEOMETRIES, MIXES, CropFlip, Geometry, Mix, ResizedCrop, Views
 
 FORMAT = "kdcache-logits"
 FORMAT_VERSION = 2
@@ -30,7 +31,7 @@ MIX_DATASETS = ("mix_partner", "mix_crop", "mix_box", "mix_lam")  # v2, present 
 TOPK_DATASETS = ("topk_values", "topk_indices", "topk_lse")  # instead of "logits" when attrs topk > 0
 VIEW_RECIPE = CropFlip.recipe  # what a file without a view_recipe attribute holds (the only recipe of v1)
 _FIELDS = {CropFlip.recipe: (CropFlip.fields, "uint8"), ResizedCrop.recipe: (ResizedCrop.fields, "int16")}
-BLOCK_ROWS = 1024  # default HDF5 chunk, checksum and resume granularity along N
+BLOCK_ROWS = DEFAULT_BLOCK_ROWS  # default HDF5 chunk, checksum and resume granularity along N
 
 
 def partial_path(out: str | Path) -> Path:
@@ -400,9 +401,9 @@ class Cache:
             parts.append(t[torch.arange(stop - start), torch.from_numpy(views[start:stop])])
         return _cat_topk(parts) if self.topk else torch.cat(parts)
 
-    def tensors(self, targets: bool = True) -> tuple[torch.Tensor, torch.Tensor, Mix | None, torch.Tensor]:
-        """(targets: logits fp16 [N,K,C] or a `TopK` [N,K], view_params [N,K,F], Mix [N,K] or None,
-        labels int64 [N]) in host memory, checked: finite targets, view parameters, partners, classes
+    def tensors(self, targets: bool = True) -> tuple["torch.Tensor | TopK | None", Views, torch.Tensor]:
+        """(targets: logits fp16 [N,K,C] or a `TopK` [N,K] (None when not `targets`), the `Views` [N,K]
+        (view_params, the mix record when mixed, the geometry), labels int64 [N]) in host memory, checked: finite targets, view parameters, partners, classes
         and labels in range (a hand-edited cache is refused here). The student moves one epoch's slice
         to the device at a time."""
         f = self.file
@@ -433,7 +434,7 @@ class Cache:
                 raise KDCacheError(f"{self.path} holds mix partners, weights or boxes out of range: {fix}")
         if bool(((labels < 0) | (labels >= c)).any()):
             raise KDCacheError(f"{self.path} holds labels outside 0..{c - 1}: {fix}")
-        return logits, params, mix, labels
+        return logits, Views(geometry, params, mix), labels
 
     def close(self) -> None:
         self.file.close()

@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from kdcache.artifacts import atomic_write_text, claim_output
-from kdcache.config import DEFAULT_PRESET, PRESETS, Recipe, config_given, read_config, resolve, teacher_views
+from kdcache.config import DEFAULT_PRESET, PRESETS, Recipe, config_given, dump_settings, read_config, resolve, teacher_views
 from kdcache.errors import KDCacheError
 from kdcache.present import (
     RichProgress,
@@ -127,11 +127,12 @@ TensorBoardOpt = typer.Option(None, "--tensorboard", help="Also write each epoch
 TrustArchOpt = typer.Option(False, "--trust-arch", help="Build a module.path:factory architecture that a checkpoint or cache names: that imports the module and runs its code, so only for files you trust. kdcache's own names and torchvision:/timm: specs need no flag.")
 
 
-def _print_config(recipe, command: str) -> None:
-    """--print-config: the resolved recipe as TOML on stdout, then exit 0 before any work."""
+def _print_config(recipe, command: str, dump=None) -> None:
+    """--print-config: the resolved recipe (and the dump's own settings) as TOML on stdout, then exit 0 before any work."""
     from kdcache.config import to_toml
 
-    typer.echo(to_toml(recipe, header=f"kdcache {command}: the resolved recipe (use it with --config FILE)"), nl=False)
+    typer.echo(to_toml(recipe, header=f"kdcache {command}: the resolved recipe (use it with --config FILE)", dump=dump),
+               nl=False)  # fmt: skip
     raise typer.Exit(0)
 
 
@@ -331,10 +332,10 @@ def dump_cmd(
     resident_mb: Optional[float] = ResidentOpt,
     subset: Optional[int] = typer.Option(None, "--subset", help="Use only the first N training images. \\[default: the images the teacher was trained on]"),
     seed: Optional[int] = SeedOpt,
-    batch_size: int = typer.Option(512, "--batch-size", help="Teacher inference batch size."),
-    block_rows: int = typer.Option(1024, "--block-rows", help="Images per written block (the resume and checksum unit)."),
-    topk: Optional[int] = typer.Option(None, "--topk", help="Keep only the k largest logits per view (fp16) and their classes, plus the log-sum-exp of all logits at --topk-temperatures, so the tail's mass stays exact: for many classes (C=1000, k=10: 29x smaller per view). Students then use --loss kd at one of those temperatures. \\[default: dense logits]"),
-    tta: str = typer.Option("none", "--tta", help="Test-time augmentation of the cached logits: none (the teacher's answer to exactly the view) | flip (the mean of its answers to the view and its mirror: a two-member ensemble, usually a little more accurate; recorded in the cache) | flip-translate (also shifted by a pixel: 6 passes)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Teacher inference batch size. \\[default: 512]"),
+    block_rows: Optional[int] = typer.Option(None, "--block-rows", help="Images per written block (the resume and checksum unit). \\[default: 1024]"),
+    topk: Optional[int] = typer.Option(None, "--topk", help="Keep only the k largest logits per view (fp16) and their classes, plus the log-sum-exp of all logits at --topk-temperatures, so the tail's mass stays exact: for many classes (C=1000, k=10: 29x smaller per view). Students then use --loss kd at one of those temperatures. 0: every logit. \\[default: 0, dense logits]"),
+    tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation of the cached logits: none (the teacher's answer to exactly the view) | flip (the mean of its answers to the view and its mirror: a two-member ensemble, usually a little more accurate; recorded in the cache) | flip-translate (also shifted by a pixel: 6 passes). \\[default: none]"),
     topk_temperatures: Optional[str] = typer.Option(None, "--topk-temperatures", help="Temperatures a top-k cache serves, comma-separated. \\[default: 1,2,3,4,5,8 and the recipe's T]"),
     config: Optional[Path] = ConfigOpt,
     print_config: bool = PrintConfigOpt,
@@ -357,16 +358,17 @@ def dump_cmd(
     recipe = resolve(preset, cfg, taught, dict(views=views, augment=augment, mix=mix, mix_prob=mix_prob, seed=seed,
                                                subset=subset), config_path=config)  # fmt: skip
     recipe = teacher_views(recipe, taught, **config_given(cfg, mix=mix, mix_prob=mix_prob))  # crop/flip: the preset's
+    own = dump_settings(cfg, config, tta=tta, topk=topk, batch_size=batch_size, block_rows=block_rows,
+                        topk_temperatures=_numbers("--topk-temperatures", topk_temperatures))  # fmt: skip
     if print_config:
-        _print_config(recipe, "dump-logits")
+        _print_config(recipe, "dump-logits", dump=own)
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)
     with RichProgress() as progress:
         path = dump_logits(
             teacher_path=teacher if len(teacher) > 1 else teacher[0], data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
-            batch_size=batch_size, rt=rt, subset=recipe.subset, augment=recipe.augment, mix=recipe.mix,
-            mix_prob=recipe.mix_prob, arch=arch, trust_arch=trust_arch,
-            block_rows=block_rows, force=force, resume=resume, progress=progress, rebuild_store=rebuild_store,
-            topk=topk, topk_temperatures=_numbers("--topk-temperatures", topk_temperatures), tta=tta,
+            rt=rt, subset=recipe.subset, augment=recipe.augment, mix=recipe.mix, mix_prob=recipe.mix_prob, arch=arch,
+            trust_arch=trust_arch, force=force, resume=resume, progress=progress, rebuild_store=rebuild_store,
+            **own.dump_args(),
         )  # fmt: skip
     if rt.main:
         print_cache_summary(path, recipe.T)
@@ -528,10 +530,11 @@ def inspect_cmd(
 ):
     """Summarise a cache: format, dataset, N x K x C, size, teacher, accuracy, entropy, completeness."""
     if config:
-        from kdcache.config import recorded_recipe, to_toml
+        from kdcache.config import to_toml
+        from kdcache.stages import recorded_recipe
 
-        recipe, note = recorded_recipe(cache)
-        typer.echo(to_toml(Recipe.from_dict(recipe), header=note), nl=False)
+        recipe, note, dump = recorded_recipe(cache)
+        typer.echo(to_toml(Recipe.from_dict(recipe), header=note, dump=dump), nl=False)
         return
     if not (math.isfinite(T) and T > 0):
         raise KDCacheError(f"--T must be a finite number > 0 (got {T})")
@@ -709,11 +712,12 @@ def pipeline_cmd(
     if config:
         _file_arch(recipe.for_teacher().teacher_arch, teacher_arch, config, "--teacher-arch")
         _file_arch(recipe.student_arch, student_arch, config, "--student-arch")
+    dump = dump_settings(cfg, config) if "dump" in cfg else None  # the file's [dump] table: the dump stage's own
     if print_config:
-        _print_config(recipe, "pipeline")
+        _print_config(recipe, "pipeline", dump=dump)
     rt = _runtime(device, precision, compile, resident_mb)
     with RichProgress() as progress:
-        record = run_pipeline(recipe, preset=name, run_dir=out, data_dir=data_dir, rt=rt, teacher=teacher,
+        record = run_pipeline(recipe, preset=name, run_dir=out, data_dir=data_dir, rt=rt, teacher=teacher, dump=dump,
                               trust_arch=trust_arch, teachers=teachers, with_online=with_online, data_options=data_options, force=force,
                               resume=resume, progress=progress, on_epoch=print_epoch, tensorboard=tensorboard,
                               log=lambda msg: err_console.print(f"[bold]{msg}[/]", highlight=False))  # fmt: skip

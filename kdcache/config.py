@@ -216,6 +216,71 @@ def get_preset(name: str | None) -> Recipe:
         raise KDCacheError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
 
+TTA_LEVELS = ("none", "flip", "flip-translate")  # test-time augmentation of a model's logits (train.TTAModel)
+DEFAULT_DUMP_BATCH, DEFAULT_BLOCK_ROWS = 512, 1024
+
+
+@dataclass(frozen=True)
+class DumpSettings:
+    """The dump's own settings beyond the recipe: how the teacher answers (`tta`), what is kept of its
+    answer (`topk` 0: every logit; k: the k largest and the tail's log-sum-exp at `topk_temperatures`,
+    () for the default grid) and how the work is cut (`batch_size`, `block_rows`). Recorded in the
+    cache; a config file's [dump] table. Checked here, once, whoever builds it."""
+
+    tta: str = "none"
+    topk: int = 0
+    topk_temperatures: tuple = ()
+    batch_size: int = DEFAULT_DUMP_BATCH
+    block_rows: int = DEFAULT_BLOCK_ROWS
+
+    def __post_init__(self):
+        if self.tta not in TTA_LEVELS:
+            raise KDCacheError(f"--tta must be one of {', '.join(TTA_LEVELS)} (got {self.tta!r})")
+        if self.topk < 0:
+            raise KDCacheError(f"--topk must be >= 1, or 0 for every logit (got {self.topk})")
+        if self.topk_temperatures and not self.topk:
+            raise KDCacheError("--topk-temperatures goes with --topk K")
+        if not all(math.isfinite(t) and t > 0 for t in self.topk_temperatures):
+            raise KDCacheError("--topk-temperatures must be finite numbers > 0 "
+                               f"(got {', '.join(map(str, self.topk_temperatures))})")  # fmt: skip
+        for name in ("batch_size", "block_rows"):
+            if getattr(self, name) < 1:
+                raise KDCacheError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+
+    def dump_args(self) -> dict:
+        """As `dump.dump_logits`' keyword arguments."""
+        return dict(tta=self.tta, topk=self.topk or None, topk_temperatures=self.topk_temperatures or None,
+                    batch_size=self.batch_size, block_rows=self.block_rows)
+
+    @classmethod
+    def recorded(cls, attrs) -> "DumpSettings":
+        """The settings a cache's attributes record (older caches: the defaults where absent)."""
+        topk = int(attrs.get("topk", 0) or 0)
+        temps = tuple(float(t) for t in attrs.get("lse_temperatures", ())) if topk else ()
+        return cls(str(attrs.get("tta", "none")), topk, temps, int(attrs.get("batch_size", DEFAULT_DUMP_BATCH)),
+                   int(attrs.get("block_rows", DEFAULT_BLOCK_ROWS)))  # fmt: skip
+
+
+def _in_file(error: KDCacheError, config_path: Path | None, table: str = "") -> KDCacheError:
+    """A settings error raised by a config file's values, reworded to name the file and its keys (not flags)."""
+    import re
+
+    keys = re.sub(r"--([A-Za-z][\w-]*)", lambda m: table + m[1].replace("-", "_"), str(error))
+    return KDCacheError(f"{config_path or 'the config file'}: {keys}")
+
+
+def dump_settings(config: dict, config_path: Path | None = None, **flags) -> DumpSettings:
+    """The dump's settings: each typed flag (None: not typed) > the config file's [dump] table > the default.
+    The file's table is checked on its own first, so a bad value there names the file and its key."""
+    table = config.get("dump", {})
+    if table:
+        try:
+            DumpSettings(**table)
+        except KDCacheError as e:
+            raise _in_file(e, config_path, "dump.") from None
+    return DumpSettings(**{**table, **{k: v for k, v in flags.items() if v is not None}})
+
+
 # ---- config files: a recipe as TOML ------------------------------------------------------------------
 # A config file holds Recipe fields: top-level keys are the shared and the students' settings, a
 # [teacher] table the teacher stage's own (it replaces the starting recipe's teacher settings whole).
@@ -256,9 +321,32 @@ def read_config(path: Path | None) -> dict:
             if not isinstance(value, dict):
                 raise KDCacheError(f"{path}: teacher must be a [teacher] table of the teacher stage's settings")
             config[key] = {k: _config_value(path, f"teacher.{k}", k, v) for k, v in value.items()}
+        elif key == "dump":
+            if not isinstance(value, dict):
+                raise KDCacheError(f"{path}: dump must be a [dump] table of the dump's own settings")
+            config[key] = {k: _dump_value(path, k, v) for k, v in value.items()}
         else:
             config[key] = _config_value(path, key, key, value)
     return config
+
+
+def _dump_value(path, key: str, value):
+    """One checked [dump] value: a field of `DumpSettings` of its type (ranges: DumpSettings itself)."""
+    import difflib
+
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(DumpSettings)}
+    if key not in kinds:
+        close = difflib.get_close_matches(key, list(kinds), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"the keys are {', '.join(kinds)}"
+        raise KDCacheError(f"{path}: unknown key 'dump.{key}': {hint}")
+    if kinds[key] is tuple:
+        if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return tuple(float(v) for v in value)
+        raise KDCacheError(f"{path}: dump.{key} must be a list of numbers (got {value!r})")
+    if type(value) is not kinds[key]:
+        raise KDCacheError(f"{path}: dump.{key} must be {'a string' if kinds[key] is str else 'a whole number'} "
+                           f"(got {value!r})")  # fmt: skip
+    return value
 
 
 def _config_value(path, where: str, key: str, value):
@@ -299,7 +387,7 @@ def resolve(preset: str | None, config: dict, recorded: dict | None, flags: dict
         base = get_preset(name)
     else:
         base = Recipe.from_dict(recorded)
-    fields = _given({k: v for k, v in config.items() if k not in ("preset", "teacher")})
+    fields = _given({k: v for k, v in config.items() if k not in ("preset", "teacher", "dump")})
     if "teacher" in config:  # the file's teacher settings are the whole story
         fields.update(teacher=dict(config["teacher"]), teacher_epochs=None, teacher_augment=None)
     if "subset" in config:
@@ -308,10 +396,7 @@ def resolve(preset: str | None, config: dict, recorded: dict | None, flags: dict
         try:  # one replace: the file's values are checked together, never half applied
             base = dataclasses.replace(base, **fields)
         except KDCacheError as e:
-            import re
-
-            keys = re.sub(r"--([A-Za-z][\w-]*)", lambda m: m[1].replace("-", "_"), str(e))
-            raise KDCacheError(f"{config_path or 'the config file'}: {keys}") from None
+            raise _in_file(e, config_path) from None
     return base.override_teacher(**flags) if teacher_stage else base.override(**flags)
 
 
@@ -333,9 +418,10 @@ def config_given(config: dict, **flags) -> dict:
     return {k: v if v is not None else config.get(k) for k, v in flags.items()}
 
 
-def to_toml(recipe: Recipe, *, header: str = "") -> str:
+def to_toml(recipe: Recipe, *, header: str = "", dump: DumpSettings | None = None) -> str:
     """The recipe as a config file, every field written (`subset = "all"` for no subset; the teacher's
-    epochs and augment folded into the [teacher] table), so reading it back gives the same recipe."""
+    epochs and augment folded into the [teacher] table), so reading it back gives the same recipe;
+    with `dump`, also the dump's own settings as a [dump] table."""
     teacher = dict(recipe.teacher)
     if recipe.teacher_epochs is not None:
         teacher.setdefault("epochs", recipe.teacher_epochs)
@@ -349,6 +435,9 @@ def to_toml(recipe: Recipe, *, header: str = "") -> str:
         lines.append(f"{f.name} = {_toml_value('all' if f.name == 'subset' and value is None else value)}")
     lines += ["", "[teacher]  # the teacher stage's own settings (the others as above)"]
     lines += [f"{k} = {_toml_value(v)}" for k, v in teacher.items()]
+    if dump is not None:
+        lines += ["", "[dump]  # dump-logits' own settings (topk 0: every logit; topk_temperatures []: the default grid)"]
+        lines += [f"{f.name} = {_toml_value(getattr(dump, f.name))}" for f in dataclasses.fields(DumpSettings)]
     return "\n".join(lines) + "\n"
 
 
@@ -362,35 +451,3 @@ def _toml_value(value) -> str:
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return json.dumps(str(value))  # a TOML basic string: JSON's escapes are TOML's
-
-
-def recorded_recipe(path: Path) -> tuple[dict, str]:
-    """The recipe a checkpoint or a cache recorded, and a note naming the command that repeats it
-    (and, for a cache, the dump's own settings that are flags rather than recipe fields)."""
-    import h5py
-
-    path = Path(path)
-    if not path.is_file():
-        raise KDCacheError(f"{path}: no such file: pass a checkpoint (.pt) or a cache (.h5) written by kdcache")
-    if h5py.is_hdf5(path):
-        from kdcache.cache import open_cache
-
-        with open_cache(path) as c:
-            import json
-
-            attrs = c.attrs
-            recipe = json.loads(attrs["recipe"]) if "recipe" in attrs else None
-            flags = f"--tta {attrs.get('tta', 'none')}" + (f" --topk {attrs['topk']}" if attrs.get("topk") else "")
-        note = (f"the recipe recorded in {path}\nrepeat: kdcache dump-logits --config FILE --teacher TEACHER.pt {flags}"
-                "\n(a student from this cache: kdcache student --config FILE --cache CACHE)")
-    else:
-        from kdcache.models import read_checkpoint
-
-        meta = read_checkpoint(path)
-        recipe = meta.get("recipe")
-        command = "teacher" if meta.get("role") == "teacher" else "student --cache CACHE"
-        note = f"the recipe recorded in {path}\nrepeat: kdcache {command} --config FILE"
-    if not recipe:
-        raise KDCacheError(f"{path} records no recipe (an imported teacher, or a file from an older kdcache): "
-                           "nothing to repeat")  # fmt: skip
-    return recipe, note

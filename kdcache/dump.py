@@ -12,13 +12,14 @@ import torch
 
 from kdcache import cache as cache_io
 from kdcache.artifacts import claim_output, no_room
+from kdcache.config import DumpSettings
 from kdcache.data import load_dataset, recorded_options
 from kdcache.errors import KDCacheError
 from kdcache.imports import load_teachers
 from kdcache.models import check_classes
 from kdcache.train import Progress, Runtime, NoProgress, TTAModel, accuracy, predict
 from kdcache.topk import DEFAULT_TEMPERATURES, from_dense
-from kdcache.views import MIXES, mix_params
+from kdcache.views import MIXES, draw_views
 
 
 def _size(nbytes: float) -> str:
@@ -40,18 +41,14 @@ def _refuse_nonfinite(logits: torch.Tensor, start: int, teacher_path, writer, wh
 
 def _topk_grid(topk: int | None, temperatures, num_classes: int, meta: dict) -> tuple[float, ...]:
     """The temperatures a top-k cache keeps the tail's mass at: the given grid, or the default one
-    plus the teacher recipe's T. Checked: 1 <= k <= C, every T finite and > 0."""
+    plus the teacher recipe's T. Checked: 1 <= k <= C (the rest: `DumpSettings`)."""
     if not topk:
-        if temperatures:
-            raise KDCacheError("--topk-temperatures goes with --topk K")
         return ()
     if not 1 <= topk <= num_classes:
         raise KDCacheError(f"--topk must be in 1..{num_classes}, the class count (got {topk})")
     grid = tuple(temperatures) if temperatures else DEFAULT_TEMPERATURES
     if not temperatures and (t := float(meta.get("recipe", {}).get("T", 0) or 0)) > 0 and t not in grid:
         grid = (*grid, t)
-    if not all(np.isfinite(t) and t > 0 for t in grid):
-        raise KDCacheError(f"--topk-temperatures must be finite numbers > 0 (got {', '.join(map(str, grid))})")
     return tuple(sorted(set(float(t) for t in grid)))
 
 
@@ -130,12 +127,7 @@ def dump_logits(
         raise KDCacheError(f"--mix must be one of {', '.join(MIXES)} (got {mix!r})")
     if not (0.0 <= mix_prob <= 1.0):  # also refuses nan
         raise KDCacheError(f"--mix-prob must be in [0, 1] (got {mix_prob})")
-    if batch_size < 1:
-        raise KDCacheError(f"--batch-size must be >= 1 (got {batch_size})")
-    if block_rows < 1:
-        raise KDCacheError(f"--block-rows must be >= 1 (got {block_rows})")
-    if tta not in TTAModel.LEVELS:
-        raise KDCacheError(f"--tta must be one of {', '.join(TTAModel.LEVELS)} (got {tta!r})")
+    DumpSettings(tta, topk or 0, tuple(topk_temperatures or ()), batch_size, block_rows)  # checks them, one place
     partial = cache_io.partial_path(out)
     left = [partial] if partial.exists() else cache_io.shard_paths(out)  # what an interrupted dump left
     with claim_output(out, force=force, resume=resume, interrupted=left[0] if left else partial, lock=rt.main) as out:
@@ -205,15 +197,12 @@ def dump_logits(
 
         def block(start: int, stop: int, writer) -> None:
             """Views, teacher, targets of rows [start, stop): one written block."""
-            params = geometry.params(seed, range(start, stop), range(views), augment=augment)  # [b, K, F]
-            mixes = None if mix == "none" else mix_params(
-                seed, range(start, stop), range(views), num_rows=n, mix=mix, prob=mix_prob, augment=augment,
-                geometry=geometry)
+            drawn = draw_views(geometry, seed, range(start, stop), range(views), augment=augment, mix=mix,
+                               prob=mix_prob, num_rows=n)  # [b, K]  # fmt: skip
             rows = torch.arange(start, stop, device=rt.device).repeat_interleave(views)
-            flat = lambda t: t.flatten(0, 1).to(rt.device)  # noqa: E731 - one copy per block, not per batch
-            logits = predict(teacher, images, render_mean, render_std, rt, rows=rows, crop=flat(params),
-                             mix=None if mixes is None else mixes.map(flat), batch_size=batch_size,
-                             geometry=geometry)  # fmt: skip
+            # one copy to the device per block, not per batch
+            logits = predict(teacher, images, render_mean, render_std, rt, rows=rows, views=drawn.flatten().to(rt.device),
+                             batch_size=batch_size)  # fmt: skip
             logits = logits.view(stop - start, views, c)
             _refuse_nonfinite(logits.to(torch.float16), start, teacher_path, writer)  # fp16: > 65504 is inf too
             if topk:  # the k largest, their classes, and the tail's log-sum-exp on the grid
@@ -222,9 +211,9 @@ def dump_logits(
                            "topk_indices": classes.cpu().numpy().astype(writer.ds["topk_indices"].dtype)}  # fmt: skip
             else:
                 targets = logits.to(torch.float16).cpu().numpy()
-            writer.write_rows(start, targets, params.numpy(), data.train_y[start:stop].numpy(),
+            writer.write_rows(start, targets, drawn.crop.numpy(), data.train_y[start:stop].numpy(),
                               np.arange(start, stop, dtype=np.int64),
-                              None if mixes is None else cache_io.mix_arrays(mixes))  # fmt: skip
+                              None if drawn.mix is None else cache_io.mix_arrays(drawn.mix))  # fmt: skip
             progress.advance()
 
         if sharded:

@@ -16,7 +16,7 @@ from typing import Callable
 from kdcache import cache as cache_io
 from kdcache import tblog
 from kdcache.artifacts import atomic_write, check_writable, metrics_of, metrics_path, output_lock, refuse_different
-from kdcache.config import Recipe
+from kdcache.config import DumpSettings, Recipe
 from kdcache.dump import dump_logits
 from kdcache.errors import KDCacheError
 from kdcache.imports import ensemble_sha256
@@ -46,7 +46,7 @@ def _done(path: Path, expect: dict) -> bool:
         return False
     if path.suffix == ".h5":
         with cache_io.open_cache(path) as cache:  # raises if it cannot be trusted
-            got = {"mix": "none", "mix_prob": 1.0, **cache.attrs}  # a v1 cache: unmixed views
+            got = {"mix": "none", "mix_prob": 1.0, "tta": "none", "topk": 0, **cache.attrs}  # older caches: the defaults
     else:
         record = read_checkpoint(path)
         recorded = Recipe.from_dict(record.get("recipe", {}))  # fields added since: defaults
@@ -114,8 +114,12 @@ def run_pipeline(
     trust_arch: bool = False,
     teachers: int = 1,
     tensorboard: str | Path | None = None,
+    dump: DumpSettings | None = None,
 ) -> dict:
     """Run every stage not already done; write and return the report.
+
+    `dump`: the dump stage's own settings (a config file's [dump] table: --tta, --topk, ...); None: the
+    exact view's dense logits, in batches of max(256, the recipe's batch size).
 
     `teachers` N > 1: train N teachers (seeds seed, seed + 1, ...; teacher.pt, teacher_2.pt, ...) and
     cache their ensemble (the log of their mean softmax), which the students then distil.
@@ -190,12 +194,14 @@ def run_pipeline(
         shas = [file_sha256(paths[name]) for name in members]
         return shas[0] if teachers == 1 else ensemble_sha256(shas)
 
+    own = (dump or DumpSettings(batch_size=max(256, recipe.batch_size))).dump_args()
     stage(CACHE, "dump-logits" if teachers == 1 else f"dump-logits (ensemble of {teachers})", lambda out, kw: dump_logits(
         teacher_path=paths[TEACHER] if teachers == 1 else [paths[name] for name in members], data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
-        batch_size=max(256, recipe.batch_size), rt=rt, subset=recipe.subset, augment=recipe.augment,
-        mix=recipe.mix, mix_prob=recipe.mix_prob, progress=progress, trust_arch=trusted, **kw),
+        rt=rt, subset=recipe.subset, augment=recipe.augment, mix=recipe.mix, mix_prob=recipe.mix_prob,
+        progress=progress, trust_arch=trusted, **own, **kw),
         expect={"teacher_sha256": teacher_sha(), "num_views": recipe.views, "seed": recipe.seed,
-                "augment": recipe.augment, "mix": recipe.mix, "mix_prob": recipe.mix_prob})  # fmt: skip
+                "augment": recipe.augment, "mix": recipe.mix, "mix_prob": recipe.mix_prob,
+                "tta": own["tta"], "topk": own["topk"] or 0})  # fmt: skip
     for name, title, student in (
         (STUDENT_KD, f"student with KD (T={recipe.T:g}, alpha={recipe.alpha:g})", recipe),
         (STUDENT_ALONE, "student alone (alpha=0, same views, seed and budget)", dataclasses.replace(recipe, alpha=0.0)),

@@ -11,12 +11,12 @@ import torch
 
 from kdcache import cache as cache_io
 from kdcache.artifacts import claim_output, metrics_path, write_metrics
-from kdcache.config import Recipe
+from kdcache.config import DumpSettings, Recipe
 from kdcache.data import IMAGENET_MEAN, IMAGENET_STD, Dataset, load_dataset, recorded_options
 from kdcache.errors import KDCacheError
 from kdcache.losses import label_loss, student_loss
 from kdcache.topk import TopK
-from kdcache.models import InitFromData, build, check_classes, file_sha256, load_checkpoint, num_params, save_checkpoint
+from kdcache.models import InitFromData, build, check_classes, file_sha256, load_checkpoint, num_params, read_checkpoint, save_checkpoint
 from kdcache.train import (
     Plan,
     Progress,
@@ -35,7 +35,7 @@ from kdcache.train import (
     resume_path,
     save_resume,
 )
-from kdcache.views import STREAM_ONLINE, STREAM_TRAIN, CropFlip, Geometry, Mix, mix_params, normalize, view_schedule
+from kdcache.views import STREAM_ONLINE, STREAM_TRAIN, CropFlip, Geometry, Views, draw_views, normalize, view_schedule
 
 
 @dataclass
@@ -162,30 +162,26 @@ def _view_family(recipe: Recipe, data: Dataset) -> str:
     return shape + ("" if recipe.mix == "none" else f", {recipe.mix} on {recipe.mix_prob:.0%} of them")
 
 
-def fresh_views_plan(n: int, seed: int, augment: bool, device, *, mix: str = "none", mix_prob: float = 1.0,
-                     stream: int = STREAM_TRAIN, geometry: Geometry | None = None) -> Plan:  # fmt: skip
+def fresh_views_plan(geometry: Geometry, n: int, seed: int, augment: bool, device, *, mix: str = "none",
+                     mix_prob: float = 1.0, stream: int = STREAM_TRAIN) -> Plan:  # fmt: skip
     """A new deterministic view of every image each epoch (view index = epoch in `stream`):
-    crop+flip, mixed with a partner when `mix` is set. Teacher training and online students."""
+    a crop of `geometry`, mixed with a partner when `mix` is set. Teacher training and online students."""
     idx = np.arange(n)
-    geometry = geometry or CropFlip()
 
     def plan(epoch: int) -> EpochViews:
-        crop = geometry.params(seed, idx, [epoch], augment=augment, stream=stream)[:, 0].to(device)
-        if mix == "none":
-            return EpochViews(crop, None, None)
-        m = mix_params(seed, idx, [epoch], num_rows=n, mix=mix, prob=mix_prob, augment=augment, stream=stream,
-                       geometry=geometry)  # fmt: skip
-        return EpochViews(crop, m[:, 0].to(device), None)
+        views = draw_views(geometry, seed, idx, [epoch], augment=augment, mix=mix, prob=mix_prob, num_rows=n,
+                           stream=stream)  # fmt: skip
+        return EpochViews(views[:, 0].to(device), None)
 
     return plan
 
 
-def cached_plan(params: torch.Tensor, mix: Mix | None, logits, seed: int, device) -> Plan:
-    """Students: each sample's scheduled cached view ([N,K,F] crops, [N,K] mixes) and its teacher
-    targets ([N,K,C] logits or a `TopK`). The cache stays in host memory; only the epoch's slice
+def cached_plan(views: Views, logits, seed: int, device) -> Plan:
+    """Students: each sample's scheduled cached view (`views` [N,K]) and its teacher targets
+    ([N,K,C] logits or a `TopK`). The cache stays in host memory; only the epoch's slice
     goes to the device. `logits` may instead be a reader, views [N] -> that epoch's targets [N]
     (a cache larger than memory): the next epoch's are then read in a background thread."""
-    n, k = params.shape[:2]
+    n, k = views.crop.shape[:2]
     rows = torch.arange(n)
     if callable(logits):
         epoch_targets = _prefetched(logits, lambda e: view_schedule(seed, n, k, e).numpy())
@@ -194,8 +190,7 @@ def cached_plan(params: torch.Tensor, mix: Mix | None, logits, seed: int, device
 
     def plan(epoch: int) -> EpochViews:
         v = view_schedule(seed, n, k, epoch)
-        m = None if mix is None else mix[rows, v].to(device)
-        return EpochViews(params[rows, v].to(device), m, epoch_targets(epoch).to(device))
+        return EpochViews(views[rows, v].to(device), epoch_targets(epoch).to(device))
 
     return plan
 
@@ -220,7 +215,7 @@ def view_batches(data: Dataset, plan: Plan, batch_size: int, seed: int, mean, st
     """Every stage's batches (and the library's `CachedBatches`): the training images placed where the loop
     reads them, this process's share under torchrun, the last partial batch dropped when compiled."""
     batches = ViewBatches(rt.place(data.train_x), data.train_y.to(rt.device), plan, batch_size, seed,
-                          tuple(mean), tuple(std), drop_last=rt.compile, geometry=data.geometry)  # fmt: skip
+                          tuple(mean), tuple(std), drop_last=rt.compile)  # fmt: skip
     batches.rank, batches.world = rt.rank, rt.world
     return batches
 
@@ -251,7 +246,7 @@ def load_cached(cache_file: str | Path, *, data_dir: str | Path | None, rt: Runt
                             **recorded_options(attrs))  # fmt: skip
         cache_io.check_matches(cache, data.fingerprint, data.num_classes, data.classes)
         streamed = cache.target_bytes > rt.host_budget()  # larger than memory: read per epoch
-        logits, params, mix, labels = cache.tensors(targets=not streamed)
+        logits, views, labels = cache.tensors(targets=not streamed)
         if streamed:
             (progress or NoProgress()).note(f"{cache.target_bytes / 1e6:,.0f} MB of cached targets are over the "
                                             "memory budget: each epoch's views are read from the file in blocks, "
@@ -261,9 +256,9 @@ def load_cached(cache_file: str | Path, *, data_dir: str | Path | None, rt: Runt
         digest, cache_mix = cache_io.content_digest(cache), cache.mix
     if not torch.equal(labels, data.train_y):
         raise KDCacheError(f"{cache_file}: labels differ from the data's: dump the cache again")
-    plan = cached_plan(params, mix, logits, seed, rt.device)
+    plan = cached_plan(views, logits, seed, rt.device)
     batches = view_batches(data, plan, batch_size, seed, attrs["normalize_mean"], attrs["normalize_std"], rt)
-    return CachedData(data, batches, attrs, test_logits, digest, cache_mix, params.shape[1])
+    return CachedData(data, batches, attrs, test_logits, digest, cache_mix, views.crop.shape[1])
 
 
 def train_teacher(
@@ -289,8 +284,8 @@ def train_teacher(
         if data.name == "imagefolder":  # photographs: ImageNet's statistics, as pretrained models expect
             recipe = dataclasses.replace(recipe, mean=IMAGENET_MEAN, std=IMAGENET_STD)
             recorded = dataclasses.replace(recorded, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-        plan = fresh_views_plan(len(data.train_y), recipe.seed, recipe.augment, rt.device, mix=recipe.mix,
-                                mix_prob=recipe.mix_prob, geometry=data.geometry)  # fmt: skip
+        plan = fresh_views_plan(data.geometry, len(data.train_y), recipe.seed, recipe.augment, rt.device,
+                                mix=recipe.mix, mix_prob=recipe.mix_prob)  # fmt: skip
         batches = view_batches(data, plan, recipe.batch_size, recipe.seed, recipe.mean, recipe.std, rt)
         return _train_and_save(
             role="teacher", arch=recipe.teacher_arch, data=data, recipe=recipe, epochs=recipe.teacher_recipe_epochs,
@@ -351,8 +346,8 @@ def train_student(
             check_classes(online_teacher, meta, data.name, data.num_classes)
             _check_mixable(recipe, len(data.train_y))
             mean, std = tuple(meta["normalize_mean"]), tuple(meta["normalize_std"])
-            plan = fresh_views_plan(len(data.train_y), recipe.seed, recipe.augment, rt.device, mix=recipe.mix,
-                                    mix_prob=recipe.mix_prob, stream=STREAM_ONLINE, geometry=data.geometry)  # fmt: skip
+            plan = fresh_views_plan(data.geometry, len(data.train_y), recipe.seed, recipe.augment, rt.device,
+                                    mix=recipe.mix, mix_prob=recipe.mix_prob, stream=STREAM_ONLINE)  # fmt: skip
             teacher = rt.prepare(teacher)
             test_logits = predict(teacher, data.test_x.to(rt.device), mean, std, rt, batch_size=recipe.batch_size)
             source = {"online_teacher_sha256": file_sha256(online_teacher), "teacher_arch": meta["arch"]}
@@ -389,3 +384,31 @@ def train_student(
         )  # fmt: skip
         result.teacher_test_acc = None if teacher_acc is None else float(teacher_acc)
         return result
+
+
+def recorded_recipe(path: Path) -> tuple[dict, str, DumpSettings | None]:
+    """The recipe a checkpoint or a cache recorded, a note naming the command that repeats it, and
+    for a cache the dump's own settings (None for a checkpoint)."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise KDCacheError(f"{path}: no such file: pass a checkpoint (.pt) or a cache (.h5) written by kdcache")
+    if h5py.is_hdf5(path):
+        import json
+
+        with cache_io.open_cache(path) as c:
+            attrs = c.attrs
+            recipe = json.loads(attrs["recipe"]) if "recipe" in attrs else None
+            dump = DumpSettings.recorded(attrs)
+        note = (f"the recipe recorded in {path}\nrepeat: kdcache dump-logits --config FILE --teacher TEACHER.pt"
+                "\n(a student from this cache: kdcache student --config FILE --cache CACHE)")
+    else:
+        meta = read_checkpoint(path)
+        recipe, dump = meta.get("recipe"), None
+        command = "teacher" if meta.get("role") == "teacher" else "student --cache CACHE"
+        note = f"the recipe recorded in {path}\nrepeat: kdcache {command} --config FILE"
+    if not recipe:
+        raise KDCacheError(f"{path} records no recipe (an imported teacher, or a file from an older kdcache): "
+                           "nothing to repeat")  # fmt: skip
+    return recipe, note, dump

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from kdcache.artifacts import refuse_different
+from kdcache.config import TTA_LEVELS
 from kdcache.errors import KDCacheError
 from kdcache.models import atomic_torch_save, finite_weights, unwrap
-from kdcache.views import Geometry, Mix, normalize, render_views, shuffle_order
+from kdcache.views import Views, normalize, render_views, shuffle_order
 
 
 def _distributed(device: str) -> tuple[int, int]:
@@ -157,8 +158,7 @@ class Runtime:
 class EpochViews(NamedTuple):
     """What a plan gives for one epoch, one entry per sample, on the device."""
 
-    crop: torch.Tensor  # [N, F]: each sample's own crop in its geometry's terms (CIFAR: uint8 (dx, dy, flip))
-    mix: Mix | None  # its mix (v2 record), None for crop/flip views only
+    views: Views  # [N]: each sample's view (its crop in the geometry's terms, its mix if mixed)
     targets: torch.Tensor | None  # the teacher's logits for that exact view [N, C], or a `TopK` [N] (students)
 
 
@@ -194,7 +194,6 @@ class ViewBatches:
     # Compiled models recompile for every new batch shape: skip the epoch's last
     # partial batch then (the order changes each epoch, so no sample is always left out).
     drop_last: bool = False
-    geometry: Geometry | None = None  # how a crop becomes pixels (None: CIFAR's pad-4 crop)
     # Under torchrun every rank takes its contiguous share of each global batch (the same global
     # order, views and schedule for any number of processes); a final global batch smaller than
     # `world` is skipped. A rank's mean loss is scaled by world * its share / the global batch, so
@@ -220,29 +219,29 @@ class ViewBatches:
         return parts
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        crop, mix, targets = self.plan(epoch)
+        views, targets = self.plan(epoch)
         device = self.labels.device
         order = shuffle_order(self.seed, len(self.labels), epoch)
         parts = self._local()
         streamed = None
         if not isinstance(self.images, torch.Tensor):  # a host store: gather each batch's rows ahead, in a thread
-            partner = None if mix is None else mix.partner.cpu()
+            partner = None if views.mix is None else views.mix.partner.cpu()
             streamed = prefetch(self.images, [order[lo:hi] for lo, hi, _ in parts], partner, device)
         # Everything per sample is put in the epoch's order once, so a batch is a slice of each
         # (one gather per tensor per epoch, not per batch: fewer small ops in the hot loop).
         order = order.to(device)
         take = lambda t: None if t is None else t.index_select(0, order)  # noqa: E731 - faster than t[idx] on CPU
-        crop, targets, labels, mix = take(crop), take(targets), take(self.labels), None if mix is None else mix.take(order)
-        y2 = None if mix is None else self.labels.index_select(0, mix.partner.clamp(min=0))
+        views, targets, labels = views.take(order), take(targets), take(self.labels)
+        y2 = None if views.mix is None else self.labels.index_select(0, views.mix.partner.clamp(min=0))
         for lo, hi, scale in parts:
-            idx, m = order[lo:hi], None if mix is None else mix[lo:hi]
+            idx, v = order[lo:hi], views[lo:hi]
             images, rows = self.images, idx
             if streamed is not None:  # the batch's own and partner rows, renumbered into the gathered block
                 images, rows, local_partner = next(streamed)
-                m = None if m is None else Mix(local_partner, m.crop, m.box, m.lam)
-            x = render_views(images, rows, crop[lo:hi], m, self.mean, self.std, self.geometry)
+                v = v.with_partners(local_partner)
+            x = render_views(images, rows, v, self.mean, self.std)
             yield Batch(x, labels[lo:hi], None if targets is None else targets[lo:hi], None if y2 is None else y2[lo:hi],
-                        None if m is None else m.lam, scale, idx)  # fmt: skip
+                        None if v.mix is None else v.mix.lam, scale, idx)  # fmt: skip
 
 
 def gather_rows(store, rows: torch.Tensor, partner: torch.Tensor | None = None, device=None):
@@ -352,11 +351,10 @@ class NoProgress:
 @torch.no_grad()
 def predict(
     model: nn.Module, images: torch.Tensor, mean, std, rt: Runtime, *, rows: torch.Tensor | None = None,
-    crop: torch.Tensor | None = None, mix: Mix | None = None, batch_size: int = 1024,
-    geometry: Geometry | None = None,
+    views: Views | None = None, batch_size: int = 1024,
 ) -> torch.Tensor:
     """float32 logits for uint8 images: [N, C] for the plain images, or, with `rows` [M] and
-    their views (`crop` [M,3], optional `mix` [M]), [M, C] for the views of images[rows].
+    their `views` [M], [M, C] for those views of images[rows].
 
     A compiled model sees one batch shape only: a short last batch is padded with zero
     images (and their logits dropped), since a second shape means a recompilation.
@@ -370,14 +368,14 @@ def predict(
             x = normalize(images[start : start + batch_size].to(rt.device, non_blocking=True), mean, std)
         else:
             part = slice(start, start + batch_size)
-            m = None if mix is None else mix[part]
+            v = views[part]
             if isinstance(images, torch.Tensor):
                 block, local = images, rows[part].to(images.device)
-                m = None if m is None else m.to(images.device)
+                v = v.to(images.device)
             else:  # a host store: gather this batch's rows (and partners) first
-                block, local, partner = gather_rows(images, rows[part], None if m is None else m.partner, rt.device)
-                m = None if m is None else Mix(partner, *(t.to(rt.device) for t in (m.crop, m.box, m.lam)))
-            x = render_views(block, local, crop[part].to(block.device), m, mean, std, geometry)
+                block, local, partner = gather_rows(images, rows[part], None if v.mix is None else v.mix.partner, rt.device)
+                v = v.to(rt.device).with_partners(partner)
+            x = render_views(block, local, v, mean, std)
         n = len(x)
         if one_shape and n < batch_size:
             x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
@@ -392,7 +390,7 @@ class TTAModel(nn.Module):
     `flip-translate` = half that, half the same over the input shifted by one pixel up-left and
     down-right (reflect padding)."""
 
-    LEVELS = ("none", "flip", "flip-translate")
+    LEVELS = TTA_LEVELS
 
     def __init__(self, model: nn.Module, level: str):
         super().__init__()

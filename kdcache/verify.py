@@ -14,7 +14,7 @@ from kdcache.data import load_dataset, recorded_options
 from kdcache.imports import load_teachers
 from kdcache.errors import KDCacheError
 from kdcache.train import Runtime, TTAModel, predict
-from kdcache.views import Mix, mix_params
+from kdcache.views import Mix, Views, draw_views
 
 SCAN_ROWS = 4096
 
@@ -172,11 +172,11 @@ def verify_cache(
         for start in range(0, done, SCAN_ROWS):  # in blocks: bounded memory for any N x K
             stop = min(start + SCAN_ROWS, done)
             rows = indices[start:stop]
-            expected = {"view_params": geometry.params(a["seed"], rows, range(k), augment=a["augment"]).numpy()}
-            if cache.mix != "none":  # the mix record too: partner, partner crop, box and weight
-                expected |= cache_io.mix_arrays(mix_params(a["seed"], rows, range(k), num_rows=n, mix=cache.mix,
-                                                           prob=float(a["mix_prob"]), augment=a["augment"],
-                                                           geometry=geometry))  # fmt: skip
+            drawn = draw_views(geometry, a["seed"], rows, range(k), augment=a["augment"], mix=cache.mix,
+                               prob=float(a.get("mix_prob", 1.0)), num_rows=n)  # fmt: skip
+            expected = {"view_params": drawn.crop.numpy()}
+            if drawn.mix is not None:  # the mix record too: partner, partner crop, box and weight
+                expected |= cache_io.mix_arrays(drawn.mix)
             for name, want in expected.items():
                 differs[start:stop] |= (f[name][start:stop] != want).reshape(stop - start, -1).any(axis=1)
         wrong = np.nonzero(differs)[0]
@@ -240,7 +240,7 @@ def verify_cache(
                 mixed = Mix(*(torch.from_numpy(f[name][uniq][inv, vs]) for name in cache_io.MIX_DATASETS))
                 mixed.partner = mixed.partner.long()
             fresh = predict(model, rt.place(data.train_x), mean, std, rt, rows=torch.from_numpy(indices[rows]),
-                            crop=params, mix=mixed, batch_size=512, geometry=geometry).cpu()  # fmt: skip
+                            views=Views(geometry, params, mixed), batch_size=512).cpu()  # fmt: skip
             fresh_top1 = fresh.argmax(1)
             if cache.topk:  # the fresh logits at the cached classes, and the fresh log-sum-exp on the grid
                 from kdcache.topk import from_dense

@@ -17,8 +17,8 @@ device, worker count or resume point.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -212,10 +212,9 @@ class ResizedCrop:
 
 
 GEOMETRIES = (CropFlip.recipe, ResizedCrop.recipe)
-_CIFAR = CropFlip()
 
 
-@dataclass
+@dataclasses.dataclass
 class Mix:
     """The mix part of view record v2, for a batch of views (any leading shape S).
 
@@ -244,7 +243,7 @@ class Mix:
 
 
 def mix_params(
-    seed: int, indices, views, *, num_rows: int, mix: str, prob: float, geometry: "Geometry | None" = None,
+    seed: int, indices, views, *, num_rows: int, mix: str, prob: float, geometry: Geometry,
     augment: bool = True, stream: int = STREAM_DUMP,
 ) -> Mix:
     """Mix [len(indices), len(views)] for every (sample, view): a pure function of (seed, stream, i, v).
@@ -257,7 +256,6 @@ def mix_params(
     """
     if mix not in MIXES:
         raise ValueError(f"mix must be one of {MIXES}")
-    geometry = geometry or CropFlip()
     h_out, w_out = size = geometry.size
     if max(size) > 255:
         raise ValueError("the mix record stores boxes as uint8: outputs up to 255 pixels a side")
@@ -283,6 +281,59 @@ def mix_params(
     crop[~torch.from_numpy(apply)] = 0
     return Mix(torch.from_numpy(np.where(apply, partner, -1)), crop, torch.from_numpy(box),
                torch.from_numpy(lam.astype(np.float32)))  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Views:
+    """View records and the geometry that turns them into pixels: each view's own crop `crop`
+    [S..., F] in the geometry's terms and, for mixed views, its `Mix` [S...] (None: none mixed).
+    What the cache stores per (sample, view), what a plan hands out per epoch, what
+    `render_views` renders and `predict` runs a teacher on: one value, not three arguments."""
+
+    geometry: Geometry
+    crop: torch.Tensor
+    mix: Mix | None = None
+
+    def __len__(self) -> int:
+        return len(self.crop)
+
+    def map(self, fn) -> "Views":
+        """The same views with `fn` applied to every record tensor (crop, and the mix's)."""
+        return Views(self.geometry, fn(self.crop), None if self.mix is None else self.mix.map(fn))
+
+    def __getitem__(self, idx) -> "Views":
+        return self.map(lambda t: t[idx])
+
+    def take(self, rows: torch.Tensor) -> "Views":
+        """Entries `rows` (int64 [B]) of a 1-D set of views, by index_select (fast on CPU)."""
+        return self.map(lambda t: t.index_select(0, rows))
+
+    def to(self, device) -> "Views":
+        return self.map(lambda t: t.to(device, non_blocking=True))
+
+    def flatten(self) -> "Views":
+        """[N, K] views -> [N*K], row-major (sample i's K views together)."""
+        return self.map(lambda t: t.flatten(0, 1))
+
+    def with_partners(self, partner: torch.Tensor) -> "Views":
+        """The same views with the mix partners renumbered (rows of a gathered block, not of the store)."""
+        return self if self.mix is None else dataclasses.replace(self, mix=dataclasses.replace(self.mix, partner=partner))
+
+
+def draw_views(
+    geometry: Geometry, seed: int, indices, views, *, augment: bool = True, mix: str = "none", prob: float = 1.0,
+    num_rows: int = 0, stream: int = STREAM_DUMP,
+) -> Views:
+    """THE draw: the views [len(indices), len(views)] of (seed, stream) in `geometry`, each a pure
+    function of (seed, stream, sample, view): the dump, verify, teacher training and online students
+    all draw through it. `mix` other than "none" mixes a view with probability `prob` with a partner
+    among `num_rows` rows (`mix_params`)."""
+    crop = geometry.params(seed, indices, views, augment=augment, stream=stream)
+    if mix == "none":
+        return Views(geometry, crop)
+    m = mix_params(seed, indices, views, num_rows=num_rows, mix=mix, prob=prob, geometry=geometry, augment=augment,
+                   stream=stream)  # fmt: skip
+    return Views(geometry, crop, m)
 
 
 def view_schedule(seed: int, num_samples: int, num_views: int, epoch: int) -> torch.Tensor:
@@ -316,13 +367,9 @@ def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
     return pixels.to(torch.float32, copy=True).div_(255.0).sub_(m).div_(s)
 
 
-def render_views(
-    images: torch.Tensor, rows: torch.Tensor, crop: torch.Tensor, mix: Mix | None, mean, std,
-    geometry: Geometry | None = None,
-) -> torch.Tensor:
-    """THE renderer: views of `images[rows]` (uint8 [N,3,H,W] on the device, rows int64 [B])
-    with their crops [B,F] and optional `Mix` [B] -> normalised float32 [B,3,h,w]. The
-    geometry (default: CIFAR's pad-4 crop) turns a crop into pixels.
+def render_views(images: torch.Tensor, rows: torch.Tensor, views: Views, mean, std) -> torch.Tensor:
+    """THE renderer: `views` [B] of `images[rows]` (uint8 [N,3,H,W] on the device, rows int64 [B])
+    -> normalised float32 [B,3,h,w]; the views' geometry turns a crop into pixels.
 
     Both mixes are one `torch.lerp(partner, own, weight)` in float32 pixel values: weight is
     1 outside and 0 inside a CutMix box (exact: the pixels are whole numbers), lam for a MixUp
@@ -330,7 +377,7 @@ def render_views(
     float rounding. An unmixed row in a mixed batch has lam 1 and no box, which leaves it
     exactly as it was. Then normalised as ToTensor + Normalize do.
     """
-    geometry = geometry or _CIFAR
+    geometry, crop, mix = views.geometry, views.crop, views.mix
     if mix is None:
         return normalize(geometry.pixels(images, rows, crop), mean, std)
     b = len(rows)

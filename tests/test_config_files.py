@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.config import PRESETS, Recipe, read_config, resolve, to_toml
+from kdcache.config import PRESETS, DumpSettings, Recipe, dump_settings, read_config, resolve, to_toml
 from kdcache.errors import KDCacheError
 from kdcache.models import read_checkpoint
 from conftest import run_cli
@@ -78,6 +78,38 @@ def test_bad_files_are_one_line_errors_naming_file_and_key(tmp_path, text, messa
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[dump]\ntta = "flop"\n', "dump.tta must be one of none, flip, flip-translate (got 'flop')"),
+        ("[dump]\ntopp = 3\n", "unknown key 'dump.topp': did you mean 'topk'?"),
+        ("[dump]\ntopk = 2.5\n", "dump.topk must be a whole number (got 2.5)"),
+        ("[dump]\ntopk = -1\n", "dump.topk must be >= 1, or 0 for every logit (got -1)"),
+        ("[dump]\nblock_rows = 0\n", "dump.block_rows must be >= 1 (got 0)"),
+        ("[dump]\ntopk = 5\ntopk_temperatures = [2, -1]\n", "dump.topk_temperatures must be finite numbers > 0"),
+        ('[dump]\ntopk_temperatures = ["a"]\n', "dump.topk_temperatures must be a list of numbers"),
+        ("[dump]\ntopk_temperatures = [2.0]\n", "dump.topk_temperatures goes with dump.topk K"),
+        ("dump = 3\n", "dump must be a [dump] table"),
+    ],
+)
+def test_bad_dump_tables_are_one_line_errors_naming_file_and_key(tmp_path, text, message):
+    path = _file(tmp_path, text)
+    with pytest.raises(KDCacheError) as e:
+        dump_settings(read_config(path), path)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+
+
+def test_dump_settings_flag_over_file_over_default_and_round_trip(tmp_path):
+    assert dump_settings({}) == DumpSettings() and DumpSettings().topk == 0 and DumpSettings().tta == "none"
+    cfg = read_config(_file(tmp_path, '[dump]\ntta = "flip"\ntopk = 5\nbatch_size = 64\n'))
+    got = dump_settings(cfg, tta="none", topk=None, batch_size=None, block_rows=None, topk_temperatures=None)
+    assert got == DumpSettings(tta="none", topk=5, batch_size=64)  # the typed --tta wins, the file fills the rest
+    with pytest.raises(KDCacheError, match="^--topk must be >= 1"):  # a bad flag is named as the flag
+        dump_settings(cfg, topk=-2)
+    printed = to_toml(Recipe(), dump=DumpSettings("flip-translate", 10, (1.0, 4.0), 256, 64))
+    assert dump_settings(read_config(_file(tmp_path, printed, "p.toml"))) == DumpSettings("flip-translate", 10, (1.0, 4.0), 256, 64)
+
+
 def test_cli_config_errors_and_print_config(tmp_path):
     bad = _file(tmp_path, "lrr = 1\n", "bad.toml")
     r = run_cli("teacher", "--config", str(bad), cwd=tmp_path)
@@ -110,13 +142,16 @@ def _weights(path):
 
 def test_runs_repeated_from_their_recorded_config_give_the_same_artifacts(tmp_path, data_dir):
     """teacher -> dump -> student, then each repeated from `kdcache inspect FILE --config` alone
-    (plus paths): the same weights, the same cached logits and views, the same recorded recipes."""
+    (plus paths): the same weights, the same cached logits and views, the same recorded recipes; the
+    dump's own settings (--tta, --topk, its temperatures, blocks, batch) travel in the [dump] table."""
     common = ("--data", str(data_dir), "--device", "cpu")
     first = tmp_path / "first"
     first.mkdir()
     steps = [
         ("teacher", "t.pt", ["--preset", "seed-cnn", "--subset", "200", "--epochs", "1", "--augment", "--lr", "0.002"]),
-        ("dump-logits", "c.h5", ["--teacher", "t.pt", "--views", "2", "--mix", "cutmix", "--mix-prob", "0.5"]),
+        ("dump-logits", "c.h5", ["--teacher", "t.pt", "--views", "2", "--mix", "cutmix", "--mix-prob", "0.5",
+                                 "--tta", "flip", "--topk", "3", "--topk-temperatures", "2.5", "--block-rows", "64",
+                                 "--batch-size", "100"]),  # fmt: skip
         ("student", "s.pt", ["--cache", "c.h5", "--epochs", "1", "--T", "2.5", "--batch-size", "32", "--seed", "3"]),
     ]
     for command, out, args in steps:
@@ -137,7 +172,10 @@ def test_runs_repeated_from_their_recorded_config_give_the_same_artifacts(tmp_pa
         assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     with h5py.File(first / "c.h5") as a, h5py.File(again / "c.h5") as b:
         assert a.attrs["recipe"] == b.attrs["recipe"]
-        for key in ("logits", "view_params", "labels"):
+        for key in ("tta", "topk", "lse_temperatures", "block_rows", "batch_size"):  # the dump's own settings too
+            assert np.array_equal(a.attrs[key], b.attrs[key]), key
+        assert a.attrs["tta"] == "flip" and a.attrs["topk"] == 3 and a.attrs["block_rows"] == 64
+        for key in ("topk_values", "topk_indices", "topk_lse", "view_params", "labels", "block_sha256"):
             assert np.array_equal(a[key][...], b[key][...]), key
 
 

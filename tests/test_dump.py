@@ -10,7 +10,7 @@ from kdcache.data import load_dataset
 from kdcache.dump import dump_logits
 from kdcache.models import file_sha256, load_checkpoint
 from kdcache.train import predict
-from kdcache.views import render, view_params
+from kdcache.views import CropFlip, Views, render, view_params
 
 
 def test_cache_follows_format_v2(cache_file, teacher_ckpt, data_dir):
@@ -40,7 +40,8 @@ def test_replay_fidelity(cache_file, teacher_ckpt, data_dir, cpu):
     g = np.random.default_rng(0)
     rows, vs = g.integers(0, 400, 64), g.integers(0, 4, 64)
     with open_cache(cache_file) as cache:
-        logits, params, _, _ = cache.tensors()
+        logits, views, _ = cache.tensors()
+    params = views.crop
     x = render(data.train_x[rows], params[rows, vs], meta["normalize_mean"], meta["normalize_std"])
     with torch.no_grad():
         fresh = teacher(x)
@@ -86,7 +87,7 @@ def test_predict_on_views_equals_rendering_then_forward(teacher_ckpt, data_dir, 
     data = load_dataset("cifar10", data_dir, 50)
     params = view_params(0, range(50), [1])[:, 0]
     got = predict(teacher, data.train_x, meta["normalize_mean"], meta["normalize_std"], cpu, rows=torch.arange(50),
-                  crop=params, batch_size=16)  # fmt: skip
+                  views=Views(CropFlip(), params), batch_size=16)  # fmt: skip
     with torch.no_grad():
         expected = teacher(render(data.train_x, params, meta["normalize_mean"], meta["normalize_std"]))
     assert torch.allclose(got, expected, atol=1e-5)

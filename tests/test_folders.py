@@ -18,7 +18,7 @@ from kdcache import folders
 from kdcache.cli import app
 from kdcache.data import load_dataset
 from kdcache.errors import KDCacheError
-from kdcache.views import ResizedCrop, mix_params, render_views
+from kdcache.views import ResizedCrop, Views, mix_params, render_views
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +128,12 @@ def test_mixed_rrc_views_fit_the_partner_and_render(folder):
     m = mix_params(0, range(n), range(6), num_rows=n, mix="both", prob=1.0, geometry=g)
     assert g.valid(m.crop, m.partner).all()
     crop = g.params(0, range(n), [0])[:, 0]
-    x = render_views(images, torch.arange(n), crop, m[:, 0], (0.5,) * 3, (0.25,) * 3, g)
+    x = render_views(images, torch.arange(n), Views(g, crop, m[:, 0]), (0.5,) * 3, (0.25,) * 3)
     assert x.shape == (n, 3, 24, 24) and torch.isfinite(x).all()
     # an unmixed view in a mixed batch renders as the plain view
-    plain = render_views(images, torch.arange(n), crop, None, (0.5,) * 3, (0.25,) * 3, g)
+    plain = render_views(images, torch.arange(n), Views(g, crop), (0.5,) * 3, (0.25,) * 3)
     unmixed = mix_params(0, range(n), [0], num_rows=n, mix="both", prob=0.0, geometry=g)[:, 0]
-    assert torch.equal(render_views(images, torch.arange(n), crop, unmixed, (0.5,) * 3, (0.25,) * 3, g), plain)
+    assert torch.equal(render_views(images, torch.arange(n), Views(g, crop, unmixed), (0.5,) * 3, (0.25,) * 3), plain)
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,8 @@ def datasets(path) -> dict[str, np.ndarray]:
 def test_mixed_dump_stores_the_v2_record(mixed_cache):
     with cache_io.open_cache(mixed_cache) as c:
         assert c.attrs["format_version"] == 2 and c.mix == "both" and c.attrs["mix_prob"] == 0.7
-        logits, params, mix, labels = c.tensors()
+        logits, views, labels = c.tensors()
+    mix = views.mix
     assert logits.shape == (300, 6, 10) and mix.partner.shape == (300, 6) and mix.box.shape == (300, 6, 4)
     mixed = mix.partner >= 0
     assert 0.5 < mixed.float().mean() < 0.9  # mix_prob 0.7
@@ -75,10 +76,10 @@ def test_teacher_rerun_on_rerendered_mixed_views_gives_the_cached_logits(mixed_c
     teacher, meta = load_checkpoint(teacher_ckpt)
     data = load_dataset("cifar10", data_dir, 300)
     with cache_io.open_cache(mixed_cache) as c:
-        logits, params, mix, _ = c.tensors()
+        logits, views, _ = c.tensors()
     rows = torch.arange(300).repeat_interleave(6)
     fresh = predict(teacher, data.train_x, meta["normalize_mean"], meta["normalize_std"], cpu, rows=rows,
-                    crop=params.flatten(0, 1), mix=mix.map(lambda t: t.flatten(0, 1)), batch_size=77)  # fmt: skip
+                    views=views.flatten(), batch_size=77)  # fmt: skip
     cached = logits.flatten(0, 1).float()
     assert torch.allclose(fresh, cached, atol=1e-2, rtol=1e-3)  # fp16 storage
 
@@ -88,12 +89,12 @@ def test_student_batches_carry_the_partner_labels_and_weights(mixed_cache, data_
 
     data = load_dataset("cifar10", data_dir, 300)
     with cache_io.open_cache(mixed_cache) as c:
-        logits, params, mix, _ = c.tensors()
-    plan = cached_plan(params, mix, logits, 0, "cpu")
+        logits, views, _ = c.tensors()
+    plan = cached_plan(views, logits, 0, "cpu")
     batches = ViewBatches(data.train_x, data.train_y, plan, 64, 0, (0.5,) * 3, (0.25,) * 3)
-    views, order = plan(3), shuffle_order(0, 300, 3)
+    epoch, order = plan(3), shuffle_order(0, 300, 3)
     for i, b in enumerate(batches.epoch(3)):
-        m = views.mix[order[i * 64 : (i + 1) * 64]]
+        m = epoch.views.mix[order[i * 64 : (i + 1) * 64]]
         assert torch.equal(b.y2, data.train_y[m.partner.clamp(min=0)]) and torch.equal(b.lam, m.lam)
 
 
@@ -105,11 +106,11 @@ def _schedule(epoch: int, k: int) -> torch.Tensor:
 
 def test_k_at_least_epochs_shows_a_new_view_every_epoch(mixed_cache):
     with cache_io.open_cache(mixed_cache) as c:
-        logits, params, mix, _ = c.tensors()
-    plan = cached_plan(params, mix, logits, 0, "cpu")
+        logits, views, _ = c.tensors()
+    plan = cached_plan(views, logits, 0, "cpu")
     seen = torch.stack([_schedule(e, 6) for e in range(6)], dim=1)  # [N, epochs]
     assert all(len(set(row.tolist())) == 6 for row in seen)
-    assert torch.equal(plan(2).mix.partner, mix.partner[torch.arange(300), seen[:, 2]])
+    assert torch.equal(plan(2).views.mix.partner, views.mix.partner[torch.arange(300), seen[:, 2]])
     code, err, out = cli("inspect", mixed_cache)
     assert code == 0, err
     assert "each view once every 6 epochs" in out and "mixed: both" in out

@@ -86,7 +86,7 @@ def test_an_ensemble_cache_holds_the_log_mean_softmax_and_verifies(tmp_path, tea
     from kdcache.config import get_preset
     from kdcache.stages import train_teacher
     from kdcache.train import Runtime, predict
-    from kdcache.views import view_params
+    from kdcache.views import CropFlip, Views, view_params
 
     rt = Runtime.create("cpu", "fp32")
     second = tmp_path / "t2.pt"
@@ -110,7 +110,7 @@ def test_an_ensemble_cache_holds_the_log_mean_softmax_and_verifies(tmp_path, tea
     for path in (teacher_ckpt, second):
         model, meta = load_checkpoint(path)
         logits = predict(model, data.train_x, meta["normalize_mean"], meta["normalize_std"], rt,
-                         rows=torch.arange(4), crop=params)  # fmt: skip
+                         rows=torch.arange(4), views=Views(CropFlip(), params))  # fmt: skip
         probs.append(logits.softmax(1))
     expected = torch.stack(probs).mean(0).log()
     assert torch.allclose(cached, expected, atol=0.02), (cached, expected)

@@ -17,7 +17,7 @@ from kdcache import folders
 from kdcache.data import load_dataset
 from kdcache.errors import KDCacheError
 from kdcache.train import gather_rows, prefetch
-from kdcache.views import mix_params, render_views
+from kdcache.views import Views, mix_params, render_views
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +69,10 @@ def test_decoded_views_equal_raw_store_views_of_the_same_pixels(folder):
     rows = torch.tensor([4, 0, 17, 4, 29, 11])
     crop = g.params(0, range(n), [0])[:, 0][rows]
     m = mix_params(0, range(n), [1], num_rows=n, mix="both", prob=1.0, geometry=g)[:, 0].take(rows)
-    for mix in (None, m):
-        block, local, partner = gather_rows(data.train_x, rows, None if mix is None else mix.partner)
-        from_jpeg = render_views(block, local, crop, None if mix is None else type(mix)(partner, mix.crop, mix.box, mix.lam),
-                                 (0.5,) * 3, (0.25,) * 3, g)  # fmt: skip
-        assert torch.equal(from_jpeg, render_views(pixels, rows, crop, mix, (0.5,) * 3, (0.25,) * 3, g))
+    for views in (Views(g, crop), Views(g, crop, m)):
+        block, local, partner = gather_rows(data.train_x, rows, None if views.mix is None else views.mix.partner)
+        from_jpeg = render_views(block, local, views.with_partners(partner), (0.5,) * 3, (0.25,) * 3)
+        assert torch.equal(from_jpeg, render_views(pixels, rows, views, (0.5,) * 3, (0.25,) * 3))
 
 
 def test_more_prefetch_workers_give_the_same_batches(folder):

@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.views import STREAM_DUMP, STREAM_TRAIN, Mix, mix_params, render, render_views, view_params
+from kdcache.views import STREAM_DUMP, STREAM_TRAIN, CropFlip, Mix, Views, render, render_views, view_params
+from kdcache.views import mix_params as _mix_params
+
+CIFAR = CropFlip()
+
+
+def mix_params(*args, **kw) -> Mix:
+    """The mix record of CIFAR's pad-4 crop views."""
+    return _mix_params(*args, geometry=CIFAR, **kw)
+
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 N, H, W = 50, 32, 32
@@ -81,7 +90,7 @@ def test_render_views_matches_the_numpy_reference(images):
     cut, blend, plain = kinds(mix)
     assert cut.sum() > 0 and blend.sum() > 0 and plain.sum() > 0, "each kind of view must occur"
 
-    got = render_views(images, rows, own, mix, MEAN, STD).numpy()
+    got = render_views(images, rows, Views(CIFAR, own, mix), MEAN, STD).numpy()
     imgs = images.numpy()
     for b in range(len(rows)):
         ref = normalize_reference(
@@ -198,9 +207,9 @@ def test_seed_and_stream_change_the_mix():
 def test_render_views_is_batch_independent(images):
     """Rendering all views at once equals rendering them in chunks of 7, bit for bit."""
     rows, own, mix = flat_batch(2, 2, mix="both", prob=0.7)
-    whole = render_views(images, rows, own, mix, MEAN, STD)
+    whole = render_views(images, rows, Views(CIFAR, own, mix), MEAN, STD)
     chunks = [slice(s, s + 7) for s in range(0, len(rows), 7)]
-    pieces = torch.cat([render_views(images, rows[c], own[c], mix[c], MEAN, STD) for c in chunks])
+    pieces = torch.cat([render_views(images, rows[c], Views(CIFAR, own[c], mix[c]), MEAN, STD) for c in chunks])
     assert torch.equal(whole, pieces)
 
 
@@ -209,7 +218,7 @@ def test_unmixed_row_in_a_mixed_batch_renders_as_the_plain_crop(images):
     rows, own, mix = flat_batch(4, 2, mix="both", prob=0.7)
     cut, blend, plain = kinds(mix)
     assert plain.any() and (cut | blend).any()
-    got = render_views(images, rows, own, mix, MEAN, STD)
+    got = render_views(images, rows, Views(CIFAR, own, mix), MEAN, STD)
     expected = render(images[rows], own, MEAN, STD)
     assert torch.equal(got[plain], expected[plain])
     assert not torch.equal(got[~plain], expected[~plain])

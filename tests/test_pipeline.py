@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from kdcache.cli import app
-from kdcache.config import PRESETS, get_preset
+from kdcache.config import PRESETS, DumpSettings, get_preset
 from kdcache.errors import KDCacheError
 from kdcache.models import file_sha256, load_checkpoint
 from kdcache.pipeline import run_pipeline
@@ -155,6 +155,9 @@ def test_resume_refuses_finished_stages_made_with_other_settings(run_dir, data_d
     with pytest.raises(KDCacheError, match="num_views"):
         run_pipeline(TINY.override(views=3, augment=True), preset="test", run_dir=run_dir, data_dir=data_dir,
                      rt=cpu, resume=True)  # fmt: skip
+    with pytest.raises(KDCacheError, match=r"was made with tta='none', this run asks for 'flip'"):  # a [dump] table
+        run_pipeline(TINY.override(views=2, augment=True), preset="test", run_dir=run_dir, data_dir=data_dir,
+                     rt=cpu, resume=True, dump=DumpSettings(tta="flip"))  # fmt: skip
 
 
 def test_resume_keeps_stages_whose_recipe_predates_newer_fields(run_dir, data_dir, cpu, tmp_path):

@@ -20,7 +20,7 @@ from kdcache.losses import label_loss, student_loss
 from kdcache.models import AirNet, build, load_checkpoint, read_checkpoint
 from kdcache.stages import train_teacher
 from kdcache.train import TTAModel, WeightAverage, build_optimizer, lr_factor, predict
-from kdcache.views import render_views
+from kdcache.views import CropFlip, Views, render_views
 
 AIR = TINY.override_teacher(teacher_arch="airbench94", epochs=2, batch_size=50, optimizer="sgd", lr=0.4,
                             momentum=0.85, nesterov=True, weight_decay=1e-3, schedule="linear", warmup_epochs=1,
@@ -138,7 +138,7 @@ def test_tta_flip_cache_holds_the_mean_of_the_view_and_its_mirror(air_teachers, 
 
     data = load_dataset("cifar10", data_dir, 100)
     rows = torch.arange(100).repeat_interleave(2)
-    x = render_views(data.train_x, rows, params.flatten(0, 1), None, meta["normalize_mean"], meta["normalize_std"])
+    x = render_views(data.train_x, rows, Views(CropFlip(), params.flatten(0, 1)), meta["normalize_mean"], meta["normalize_std"])
     with torch.no_grad():
         want = 0.5 * (model(x) + model(x.flip(-1)))
     assert torch.allclose(cached.flatten(0, 1), want.half().float(), atol=2e-3)

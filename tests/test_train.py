@@ -5,13 +5,14 @@ import torch
 
 from kdcache.stages import fresh_views_plan
 from kdcache.train import Runtime, ViewBatches, build_optimizer, predict
-from kdcache.views import view_params
+from kdcache.views import CropFlip, Views, view_params
 
 
 def batches(n: int, bs: int, drop_last: bool = False) -> ViewBatches:
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
     labels = torch.arange(n)  # label = row, so a batch tells which samples it holds
-    return ViewBatches(images, labels, fresh_views_plan(n, 0, True, "cpu"), bs, 0, (0.5,) * 3, (0.25,) * 3, drop_last)
+    plan = fresh_views_plan(CropFlip(), n, 0, True, "cpu")
+    return ViewBatches(images, labels, plan, bs, 0, (0.5,) * 3, (0.25,) * 3, drop_last)
 
 
 def test_every_sample_once_per_epoch_in_an_order_fixed_by_seed_and_epoch():
@@ -49,9 +50,10 @@ def test_predict_pads_a_compiled_models_short_last_batch_to_the_one_shape():
     params = view_params(0, range(23), [0])[:, 0]
     rt = Runtime.create("cpu")
     wrapped = _Compiled(net)
-    got = predict(wrapped, images, (0.5,) * 3, (0.25,) * 3, rt, rows=torch.arange(23), crop=params, batch_size=10)
+    got = predict(wrapped, images, (0.5,) * 3, (0.25,) * 3, rt, rows=torch.arange(23), views=Views(CropFlip(), params), batch_size=10)
     assert set(wrapped.shapes) == {(10, 3, 32, 32)} and len(wrapped.shapes) == 3
-    eager = predict(net, images, (0.5,) * 3, (0.25,) * 3, rt, rows=torch.arange(23), crop=params, batch_size=10)
+    eager = predict(net, images, (0.5,) * 3, (0.25,) * 3, rt, rows=torch.arange(23), views=Views(CropFlip(), params),
+                    batch_size=10)  # fmt: skip
     assert got.shape == (23, 4) and torch.allclose(got, eager, atol=1e-6)
 
 
