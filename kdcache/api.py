@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from kdcache.config import DumpSettings, Recipe, validate
+from kdcache.config import DEFAULT_DUMP_BATCH, DumpSettings, Recipe, validate
 from kdcache.errors import KDCacheError
 from kdcache.train import Batch, Progress, Runtime
 
@@ -143,7 +143,7 @@ def train_teacher(recipe: Recipe, *, out: str | Path, data_dir: str | Path | Non
 
 
 def dump_logits(recipe: Recipe | None, *, teacher: str | Path | list, out: str | Path,
-                data_dir: str | Path | None = None, runtime: Runtime | None = None, batch_size: int = 512,
+                data_dir: str | Path | None = None, runtime: Runtime | None = None, batch_size: int = DEFAULT_DUMP_BATCH,
                 force: bool = False, resume: bool = False, progress: Progress | None = None,
                 dump: DumpSettings | None = None, **options) -> Path:  # fmt: skip
     """`kdcache dump-logits`: cache the teacher's logits for `recipe.views` views of every training image.
@@ -151,9 +151,9 @@ def dump_logits(recipe: Recipe | None, *, teacher: str | Path | list, out: str |
     The views: `recipe`'s views, augment, seed and subset (None: the images the teacher trained on), mixed as
     its teacher stage was (`recipe.for_teacher()`'s mix and mix_prob). `recipe` None: the recipe the teacher's
     checkpoint recorded, as the command does without --preset. `teacher`: a checkpoint, or a list of them (an
-    ensemble). `dump`: the dump's own settings (tta, topk, ..., batch_size: a config file's [dump] table),
-    instead of `batch_size` and those `options`. `options`: `dump.dump_logits`'s others (topk,
-    topk_temperatures, tta, block_rows, arch, ...). Returns the cache's path."""
+    ensemble). The dump's own settings (tta, topk, topk_temperatures, batch_size, block_rows: a config file's
+    [dump] table) come as `dump`, a `DumpSettings`, or as keywords, not both. `options`: `dump.dump_logits`'s
+    others (arch, ...). Returns the cache's path."""
     from kdcache.dump import dump_logits as dump_stage
     from kdcache.models import read_checkpoint
 
@@ -162,10 +162,15 @@ def dump_logits(recipe: Recipe | None, *, teacher: str | Path | list, out: str |
         recipe = Recipe.from_dict(read_checkpoint(first).get("recipe") or {})
     recipe = _recipe(recipe)
     taught = recipe.for_teacher()
-    own = dump.dump_args() if dump is not None else {"batch_size": batch_size}
+    loose = {name: options.pop(name) for name in [*options] if name in DumpSettings.__dataclass_fields__}
+    if dump is not None and (loose or batch_size != DEFAULT_DUMP_BATCH):
+        raise KDCacheError(f"dump_logits: the dump's settings came twice (dump= and {', '.join([*loose] or ['batch_size'])}=): "
+                           "pass them in dump=DumpSettings(...) or as keywords, not both")  # fmt: skip
+    dump = dump or DumpSettings(batch_size=batch_size, **loose)
     return dump_stage(teacher_path=teacher, data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
                       rt=_runtime(runtime), subset=recipe.subset, augment=recipe.augment, mix=taught.mix,
-                      mix_prob=taught.mix_prob, force=force, resume=resume, progress=progress, **{**own, **options})  # fmt: skip
+                      mix_prob=taught.mix_prob, force=force, resume=resume, progress=progress, **dump.dump_args(),
+                      **options)  # fmt: skip
 
 
 def train_student(recipe: Recipe | None, *, cache: str | Path | None, out: str | Path,

@@ -101,7 +101,7 @@ def bytes_needed(n: int, k: int, c: int, n_test: int, mixed: bool = False, view_
 _IDENTITY_ATTRS = (
     "num_views", "num_classes", "dataset", "dataset_fingerprint", "teacher_sha256", "seed", "augment",
     "batch_size", "block_rows", "precision", "mix", "mix_prob", "view_recipe", "data_options", "topk",
-    "lse_temperatures",
+    "lse_temperatures", "tta",
 )  # fmt: skip
 
 
@@ -492,7 +492,7 @@ REQUIRED_ATTRS = ("num_views", "num_classes", "dataset", "dataset_fingerprint", 
                   "created_utc", "kdcache_version")  # fmt: skip
 V1_DEFAULTS = {"mix": "none", "mix_prob": 1.0}  # what a v1 file (no mix attributes) means
 # ... and a partial from before image folders (CIFAR only), for resume's comparison
-_RESUME_DEFAULTS = {**V1_DEFAULTS, "view_recipe": VIEW_RECIPE, "data_options": "{}", "topk": 0, "lse_temperatures": []}
+_RESUME_DEFAULTS = {**V1_DEFAULTS, "view_recipe": VIEW_RECIPE, "data_options": "{}", "topk": 0, "lse_temperatures": [], "tta": "none"}
 
 
 JSON_ATTRS = {"recipe": dict, "data_options": dict, "classes": list, "ensemble_members": list}  # stored as JSON text

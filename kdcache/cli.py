@@ -712,7 +712,8 @@ def pipeline_cmd(
     if config:
         _file_arch(recipe.for_teacher().teacher_arch, teacher_arch, config, "--teacher-arch")
         _file_arch(recipe.student_arch, student_arch, config, "--student-arch")
-    dump = dump_settings(cfg, config) if "dump" in cfg else None  # the file's [dump] table: the dump stage's own
+    # the file's [dump] table: the dump stage's own settings (its batch size by default as without a table)
+    dump = dump_settings({"dump": {"batch_size": max(256, recipe.batch_size), **cfg["dump"]}}, config) if "dump" in cfg else None
     if print_config:
         _print_config(recipe, "pipeline", dump=dump)
     rt = _runtime(device, precision, compile, resident_mb)

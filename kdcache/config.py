@@ -234,18 +234,35 @@ class DumpSettings:
     block_rows: int = DEFAULT_BLOCK_ROWS
 
     def __post_init__(self):
-        if self.tta not in TTA_LEVELS:
-            raise KDCacheError(f"--tta must be one of {', '.join(TTA_LEVELS)} (got {self.tta!r})")
-        if self.topk < 0:
-            raise KDCacheError(f"--topk must be >= 1, or 0 for every logit (got {self.topk})")
+        self.check_values(vars(self))
+        for name in ("topk", "batch_size", "block_rows"):  # numpy integers in, plain ints kept
+            object.__setattr__(self, name, int(getattr(self, name)))
+        object.__setattr__(self, "topk_temperatures", tuple(float(t) for t in self.topk_temperatures))
         if self.topk_temperatures and not self.topk:
             raise KDCacheError("--topk-temperatures goes with --topk K")
-        if not all(math.isfinite(t) and t > 0 for t in self.topk_temperatures):
-            raise KDCacheError("--topk-temperatures must be finite numbers > 0 "
-                               f"(got {', '.join(map(str, self.topk_temperatures))})")  # fmt: skip
-        for name in ("batch_size", "block_rows"):
-            if getattr(self, name) < 1:
-                raise KDCacheError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+
+    @staticmethod
+    def check_values(values: dict) -> None:
+        """Each value's type and range on its own (how topk and its temperatures combine: __post_init__)."""
+        import numbers
+
+        for name, value in values.items():
+            flag = "--" + name.replace("_", "-")
+            if name == "tta":
+                if value not in TTA_LEVELS:
+                    raise KDCacheError(f"{flag} must be one of {', '.join(TTA_LEVELS)} (got {value!r})")
+            elif name == "topk_temperatures":
+                if not isinstance(value, (list, tuple)) or not all(
+                        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value):
+                    raise KDCacheError(f"{flag} must be a list of numbers (got {value!r})")
+                if not all(math.isfinite(v) and v > 0 for v in value):
+                    raise KDCacheError(f"{flag} must be finite numbers > 0 (got {', '.join(map(str, value))})")
+            elif not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise KDCacheError(f"{flag} must be a whole number (got {value!r})")
+            elif name == "topk" and value < 0:
+                raise KDCacheError(f"{flag} must be >= 1, or 0 for every logit (got {value})")
+            elif name != "topk" and value < 1:
+                raise KDCacheError(f"{flag} must be >= 1 (got {value})")
 
     def dump_args(self) -> dict:
         """As `dump.dump_logits`' keyword arguments."""
@@ -271,14 +288,20 @@ def _in_file(error: KDCacheError, config_path: Path | None, table: str = "") -> 
 
 def dump_settings(config: dict, config_path: Path | None = None, **flags) -> DumpSettings:
     """The dump's settings: each typed flag (None: not typed) > the config file's [dump] table > the default.
-    The file's table is checked on its own first, so a bad value there names the file and its key."""
-    table = config.get("dump", {})
-    if table:
-        try:
-            DumpSettings(**table)
-        except KDCacheError as e:
-            raise _in_file(e, config_path, "dump.") from None
-    return DumpSettings(**{**table, **{k: v for k, v in flags.items() if v is not None}})
+    The table's values are checked on their own first, so a bad value there names the file and its key;
+    a typed --topk 0 (every logit) also drops the table's topk_temperatures, which only a top-k cache has."""
+    table = dict(config.get("dump", {}))
+    typed = {k: v for k, v in flags.items() if v is not None}
+    try:
+        DumpSettings.check_values(table)
+        if table.get("topk_temperatures") and "topk_temperatures" not in typed:
+            if "topk" in typed and not typed["topk"]:
+                del table["topk_temperatures"]
+            elif not {**table, **typed}.get("topk"):
+                raise KDCacheError("--topk-temperatures goes with --topk K")
+    except KDCacheError as e:
+        raise _in_file(e, config_path, "dump.") from None
+    return DumpSettings(**{**table, **typed})
 
 
 # ---- config files: a recipe as TOML ------------------------------------------------------------------
@@ -331,7 +354,7 @@ def read_config(path: Path | None) -> dict:
 
 
 def _dump_value(path, key: str, value):
-    """One checked [dump] value: a field of `DumpSettings` of its type (ranges: DumpSettings itself)."""
+    """One checked [dump] value: a field of `DumpSettings`, of its type and in its range."""
     import difflib
 
     kinds = {f.name: type(f.default) for f in dataclasses.fields(DumpSettings)}
@@ -339,14 +362,11 @@ def _dump_value(path, key: str, value):
         close = difflib.get_close_matches(key, list(kinds), n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"the keys are {', '.join(kinds)}"
         raise KDCacheError(f"{path}: unknown key 'dump.{key}': {hint}")
-    if kinds[key] is tuple:
-        if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            return tuple(float(v) for v in value)
-        raise KDCacheError(f"{path}: dump.{key} must be a list of numbers (got {value!r})")
-    if type(value) is not kinds[key]:
-        raise KDCacheError(f"{path}: dump.{key} must be {'a string' if kinds[key] is str else 'a whole number'} "
-                           f"(got {value!r})")  # fmt: skip
-    return value
+    try:
+        DumpSettings.check_values({key: value})
+    except KDCacheError as e:
+        raise _in_file(e, path, "dump.") from None
+    return tuple(float(v) for v in value) if kinds[key] is tuple else value
 
 
 def _config_value(path, where: str, key: str, value):

@@ -194,14 +194,17 @@ def run_pipeline(
         shas = [file_sha256(paths[name]) for name in members]
         return shas[0] if teachers == 1 else ensemble_sha256(shas)
 
-    own = (dump or DumpSettings(batch_size=max(256, recipe.batch_size))).dump_args()
+    dump = dump or DumpSettings(batch_size=max(256, recipe.batch_size))
+    own = dump.dump_args()
     stage(CACHE, "dump-logits" if teachers == 1 else f"dump-logits (ensemble of {teachers})", lambda out, kw: dump_logits(
         teacher_path=paths[TEACHER] if teachers == 1 else [paths[name] for name in members], data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
         rt=rt, subset=recipe.subset, augment=recipe.augment, mix=recipe.mix, mix_prob=recipe.mix_prob,
         progress=progress, trust_arch=trusted, **own, **kw),
         expect={"teacher_sha256": teacher_sha(), "num_views": recipe.views, "seed": recipe.seed,
                 "augment": recipe.augment, "mix": recipe.mix, "mix_prob": recipe.mix_prob,
-                "tta": own["tta"], "topk": own["topk"] or 0})  # fmt: skip
+                "tta": own["tta"], "topk": own["topk"] or 0,
+                # an explicit grid is compared; the default one follows from the teacher, compared above
+                **({"lse_temperatures": sorted(set(own["topk_temperatures"]))} if own["topk_temperatures"] else {})})  # fmt: skip
     for name, title, student in (
         (STUDENT_KD, f"student with KD (T={recipe.T:g}, alpha={recipe.alpha:g})", recipe),
         (STUDENT_ALONE, "student alone (alpha=0, same views, seed and budget)", dataclasses.replace(recipe, alpha=0.0)),
@@ -223,5 +226,5 @@ def run_pipeline(
                 stale.unlink(missing_ok=True)
         else:
             _done(paths[STUDENT_ONLINE], online_expect)  # refuses one made with other settings
-    return write_report(run_dir, extra={"preset": preset, "recipe": dataclasses.asdict(recipe),
+    return write_report(run_dir, extra={"preset": preset, "recipe": dataclasses.asdict(recipe), "dump": dataclasses.asdict(dump),
                                         "runtime": rt.describe(), "pipeline_wall_s": time.perf_counter() - t0})  # fmt: skip

@@ -401,7 +401,10 @@ def recorded_recipe(path: Path) -> tuple[dict, str, DumpSettings | None]:
             attrs = c.attrs
             recipe = json.loads(attrs["recipe"]) if "recipe" in attrs else None
             dump = DumpSettings.recorded(attrs)
-        note = (f"the recipe recorded in {path}\nrepeat: kdcache dump-logits --config FILE --teacher TEACHER.pt"
+        members = json.loads(attrs.get("ensemble_members") or "[]")
+        teachers = " ".join(f"--teacher {m['path']}" for m in members) or "--teacher TEACHER.pt"  # checked when opened
+        note = (f"the recipe recorded in {path}\nrepeat: kdcache dump-logits --config FILE {teachers}"
+                f" --precision {attrs.get('precision', 'fp32')}"
                 "\n(a student from this cache: kdcache student --config FILE --cache CACHE)")
     else:
         meta = read_checkpoint(path)

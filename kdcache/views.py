@@ -331,6 +331,8 @@ def draw_views(
     crop = geometry.params(seed, indices, views, augment=augment, stream=stream)
     if mix == "none":
         return Views(geometry, crop)
+    if num_rows < 1:
+        raise ValueError(f"draw_views: mixing ({mix}) draws partners among num_rows rows (got {num_rows})")
     m = mix_params(seed, indices, views, num_rows=num_rows, mix=mix, prob=prob, geometry=geometry, augment=augment,
                    stream=stream)  # fmt: skip
     return Views(geometry, crop, m)

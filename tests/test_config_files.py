@@ -110,6 +110,38 @@ def test_dump_settings_flag_over_file_over_default_and_round_trip(tmp_path):
     assert dump_settings(read_config(_file(tmp_path, printed, "p.toml"))) == DumpSettings("flip-translate", 10, (1.0, 4.0), 256, 64)
 
 
+def test_dump_settings_combine_file_and_flags_before_checking_topk_and_its_grid(tmp_path):
+    path = _file(tmp_path, "[dump]\ntopk = 10\ntopk_temperatures = [1.0, 2.0]\n")  # as inspect --config writes
+    assert dump_settings(read_config(path), path, topk=0) == DumpSettings()  # every logit: the grid goes too
+    grid_only = _file(tmp_path, "[dump]\ntopk_temperatures = [1.0, 2.0]\n", "grid.toml")
+    assert dump_settings(read_config(grid_only), grid_only, topk=4) == DumpSettings(topk=4, topk_temperatures=(1.0, 2.0))
+    with pytest.raises(KDCacheError, match=r"grid.toml: dump.topk_temperatures goes with dump.topk K"):
+        dump_settings(read_config(grid_only), grid_only)
+    with pytest.raises(KDCacheError, match="^--topk-temperatures goes with --topk K"):  # typed: named as the flag
+        dump_settings({}, topk_temperatures=(2.0,))
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [({"topk": "3"}, "--topk must be a whole number"), ({"batch_size": 2.5}, "--batch-size must be a whole number"),
+     ({"tta": 1}, "--tta must be one of"), ({"topk": 2, "topk_temperatures": "2"}, "must be a list of numbers"),
+     ({"block_rows": True}, "--block-rows must be a whole number")],
+)
+def test_dump_settings_from_python_check_types(fields, message):
+    with pytest.raises(KDCacheError, match=message):
+        DumpSettings(**fields)
+    assert DumpSettings(topk=np.int64(3), topk_temperatures=[2, 1.5]) == DumpSettings(topk=3, topk_temperatures=(2.0, 1.5))
+
+
+def test_api_dump_logits_refuses_settings_given_twice(tmp_path):
+    import kdcache
+
+    for extra in ({"tta": "flip"}, {"batch_size": 64}):
+        with pytest.raises(KDCacheError, match="came twice"):
+            kdcache.dump_logits(Recipe(), teacher=tmp_path / "t.pt", out=tmp_path / "c.h5", dump=DumpSettings(), **extra)
+    assert not (tmp_path / "c.h5").exists()
+
+
 def test_cli_config_errors_and_print_config(tmp_path):
     bad = _file(tmp_path, "lrr = 1\n", "bad.toml")
     r = run_cli("teacher", "--config", str(bad), cwd=tmp_path)

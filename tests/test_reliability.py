@@ -88,6 +88,26 @@ def test_resumed_dump_refuses_a_partial_with_a_nonfinite_logit(tmp_path, teacher
     assert partial.read_bytes() == before and not out.exists()
 
 
+def test_resumed_dump_refuses_a_partial_started_with_another_tta(tmp_path, teacher_ckpt, data_dir):
+    out = tmp_path / "c.h5"
+    partial = tmp_path / "c.h5.partial"
+    args = ["dump-logits", "--teacher", teacher_ckpt, "--data-dir", data_dir, "--out", out, "--subset", "256",
+            "--views", "2", "--seed", "0", "--batch-size", "128", "--block-rows", "128", "--device", "cpu"]  # fmt: skip
+    code, err, _ = cli(*args)
+    assert code == 0, err
+
+    def interrupted(f):
+        f.attrs["complete"] = False
+        f.attrs["rows_done"] = 128
+
+    edited_copy(out, partial, interrupted)
+    out.unlink()
+    before = partial.read_bytes()
+    code, err, _ = cli(*args, "--tta", "flip", "--resume")  # the rest would be the mean of view and mirror
+    assert_one_line_error(code, err, "tta='none'", "'flip'", started=True)
+    assert partial.read_bytes() == before and not out.exists()
+
+
 # ---- 2. a teacher that answers NaN/inf stops the dump ---------------------------------------------
 
 
