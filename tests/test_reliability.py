@@ -67,45 +67,37 @@ def test_student_refuses_view_params_outside_the_recipe(tmp_path, cache_file, da
     assert written(tmp_path / "s") == []
 
 
-def test_resumed_dump_refuses_a_partial_with_a_nonfinite_logit(tmp_path, teacher_ckpt, data_dir):
-    out = tmp_path / "c.h5"
-    partial = tmp_path / "c.h5.partial"
+def _refused_resume(tmp_path, teacher_ckpt, data_dir, edit, *resume_flags) -> tuple[int, str]:
+    """Dump 400 rows, turn the cache into an interrupted partial with `edit`, resume with `resume_flags`:
+    its exit code and stderr (the partial untouched, nothing published)."""
+    out, partial = tmp_path / "c.h5", tmp_path / "c.h5.partial"
     args = ["dump-logits", "--teacher", teacher_ckpt, "--data-dir", data_dir, "--out", out, "--subset", "400",
             "--views", "4", "--seed", "0", "--batch-size", "128", "--block-rows", "128", "--device", "cpu"]  # fmt: skip
     code, err, _ = cli(*args)
     assert code == 0, err
 
-    def interrupted_with_nan(f):
-        f.attrs["complete"] = False
-        f.attrs["rows_done"] = 256
-        f["logits"][130, 2, 0] = np.nan
-
-    edited_copy(out, partial, interrupted_with_nan)
-    out.unlink()
-    before = partial.read_bytes()
-    code, err, _ = cli(*args, "--resume")
-    assert_one_line_error(code, err, "non-finite", "row 130 view 2", "--force", started=True)
-    assert partial.read_bytes() == before and not out.exists()
-
-
-def test_resumed_dump_refuses_a_partial_started_with_another_tta(tmp_path, teacher_ckpt, data_dir):
-    out = tmp_path / "c.h5"
-    partial = tmp_path / "c.h5.partial"
-    args = ["dump-logits", "--teacher", teacher_ckpt, "--data-dir", data_dir, "--out", out, "--subset", "256",
-            "--views", "2", "--seed", "0", "--batch-size", "128", "--block-rows", "128", "--device", "cpu"]  # fmt: skip
-    code, err, _ = cli(*args)
-    assert code == 0, err
-
     def interrupted(f):
         f.attrs["complete"] = False
-        f.attrs["rows_done"] = 128
+        f.attrs["rows_done"] = 256
+        edit(f)
 
     edited_copy(out, partial, interrupted)
     out.unlink()
     before = partial.read_bytes()
-    code, err, _ = cli(*args, "--tta", "flip", "--resume")  # the rest would be the mean of view and mirror
-    assert_one_line_error(code, err, "tta='none'", "'flip'", started=True)
+    code, err, _ = cli(*args, *resume_flags, "--resume")
     assert partial.read_bytes() == before and not out.exists()
+    return code, err
+
+
+def test_resumed_dump_refuses_a_partial_with_a_nonfinite_logit(tmp_path, teacher_ckpt, data_dir):
+    code, err = _refused_resume(tmp_path, teacher_ckpt, data_dir, lambda f: f["logits"].__setitem__((130, 2, 0), np.nan))
+    assert_one_line_error(code, err, "non-finite", "row 130 view 2", "--force", started=True)
+
+
+def test_resumed_dump_refuses_a_partial_started_with_another_tta(tmp_path, teacher_ckpt, data_dir):
+    # the rest of the rows would be the mean of each view's and its mirror's logits
+    code, err = _refused_resume(tmp_path, teacher_ckpt, data_dir, lambda f: None, "--tta", "flip")
+    assert_one_line_error(code, err, "tta='none'", "'flip'", started=True)
 
 
 # ---- 2. a teacher that answers NaN/inf stops the dump ---------------------------------------------
