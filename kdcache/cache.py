@@ -64,7 +64,7 @@ def shard_blocks(path: Path, attrs: dict) -> set[int]:
 def _same_dump(path: Path, started, attrs: dict) -> None:
     """A partial or a shard belongs to this dump only if it was started with the same identity attributes."""
     def identity(a):
-        return {k: _plain(a.get(k, _RESUME_DEFAULTS.get(k))) for k in _IDENTITY_ATTRS}
+        return {k: _plain(a.get(k, ABSENT_DEFAULTS.get(k))) for k in _IDENTITY_ATTRS}
 
     refuse_different(path, identity(started), identity(attrs), asked="this dump has")
 
@@ -491,8 +491,8 @@ REQUIRED_ATTRS = ("num_views", "num_classes", "dataset", "dataset_fingerprint", 
                   "teacher_sha256", "seed", "augment", "normalize_mean", "normalize_std", "block_rows",
                   "created_utc", "kdcache_version")  # fmt: skip
 V1_DEFAULTS = {"mix": "none", "mix_prob": 1.0}  # what a v1 file (no mix attributes) means
-# ... and a partial from before image folders (CIFAR only), for resume's comparison
-_RESUME_DEFAULTS = {**V1_DEFAULTS, "view_recipe": VIEW_RECIPE, "data_options": "{}", "topk": 0, "lse_temperatures": [], "tta": "none"}
+# ... and what a file from before image folders, top-k or --tta lacks (for resume's and the pipeline's comparisons)
+ABSENT_DEFAULTS = {**V1_DEFAULTS, "view_recipe": VIEW_RECIPE, "data_options": "{}", "topk": 0, "lse_temperatures": [], "tta": "none"}
 
 
 JSON_ATTRS = {"recipe": dict, "data_options": dict, "classes": list, "ensemble_members": list}  # stored as JSON text

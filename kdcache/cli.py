@@ -691,7 +691,7 @@ def pipeline_cmd(
     Writes OUT/report.json, OUT/report.md and OUT/accuracy.png beside the four artifacts: the plot
     has each row's test accuracy against the epoch and against cumulative training time.
     """
-    from kdcache.pipeline import run_pipeline
+    from kdcache.pipeline import dump_batch_size, run_pipeline
 
     from kdcache.models import check_spec
 
@@ -713,7 +713,8 @@ def pipeline_cmd(
         _file_arch(recipe.for_teacher().teacher_arch, teacher_arch, config, "--teacher-arch")
         _file_arch(recipe.student_arch, student_arch, config, "--student-arch")
     # the file's [dump] table: the dump stage's own settings (its batch size by default as without a table)
-    dump = dump_settings({"dump": {"batch_size": max(256, recipe.batch_size), **cfg["dump"]}}, config) if "dump" in cfg else None
+    dump = (dump_settings({"dump": {"batch_size": dump_batch_size(recipe), **cfg["dump"]}}, config)
+            if "dump" in cfg else None)  # fmt: skip
     if print_config:
         _print_config(recipe, "pipeline", dump=dump)
     rt = _runtime(device, precision, compile, resident_mb)

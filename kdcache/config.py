@@ -288,19 +288,15 @@ def _in_file(error: KDCacheError, config_path: Path | None, table: str = "") -> 
 
 def dump_settings(config: dict, config_path: Path | None = None, **flags) -> DumpSettings:
     """The dump's settings: each typed flag (None: not typed) > the config file's [dump] table > the default.
-    The table's values are checked on their own first, so a bad value there names the file and its key;
+    `config` is `read_config`'s, which checked each table value (a bad one names the file and its key);
     a typed --topk 0 (every logit) also drops the table's topk_temperatures, which only a top-k cache has."""
     table = dict(config.get("dump", {}))
     typed = {k: v for k, v in flags.items() if v is not None}
-    try:
-        DumpSettings.check_values(table)
-        if table.get("topk_temperatures") and "topk_temperatures" not in typed:
-            if "topk" in typed and not typed["topk"]:
-                del table["topk_temperatures"]
-            elif not {**table, **typed}.get("topk"):
-                raise KDCacheError("--topk-temperatures goes with --topk K")
-    except KDCacheError as e:
-        raise _in_file(e, config_path, "dump.") from None
+    if table.get("topk_temperatures") and "topk_temperatures" not in typed:
+        if "topk" in typed and not typed["topk"]:
+            del table["topk_temperatures"]
+        elif not {**table, **typed}.get("topk"):
+            raise _in_file(KDCacheError("--topk-temperatures goes with --topk K"), config_path, "dump.")
     return DumpSettings(**{**table, **typed})
 
 

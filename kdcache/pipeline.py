@@ -35,6 +35,12 @@ def member_name(i: int) -> str:
     return TEACHER if i == 1 else f"teacher_{i}.pt"
 
 
+def dump_batch_size(recipe: Recipe) -> int:
+    """The pipeline's dump batch unless a [dump] table sets one: inference needs no gradients, so at
+    least 256 images, and never fewer than the recipe trains with."""
+    return max(256, recipe.batch_size)
+
+
 def _done(path: Path, expect: dict) -> bool:
     """Is `path` a finished artifact of *this* run? A complete file made with other settings is refused.
 
@@ -46,7 +52,7 @@ def _done(path: Path, expect: dict) -> bool:
         return False
     if path.suffix == ".h5":
         with cache_io.open_cache(path) as cache:  # raises if it cannot be trusted
-            got = {"mix": "none", "mix_prob": 1.0, "tta": "none", "topk": 0, **cache.attrs}  # older caches: the defaults
+            got = {**cache_io.ABSENT_DEFAULTS, **cache.attrs}  # older caches: what their missing attributes mean
     else:
         record = read_checkpoint(path)
         recorded = Recipe.from_dict(record.get("recipe", {}))  # fields added since: defaults
@@ -119,7 +125,7 @@ def run_pipeline(
     """Run every stage not already done; write and return the report.
 
     `dump`: the dump stage's own settings (a config file's [dump] table: --tta, --topk, ...); None: the
-    exact view's dense logits, in batches of max(256, the recipe's batch size).
+    exact view's dense logits, in batches of `dump_batch_size(recipe)`.
 
     `teachers` N > 1: train N teachers (seeds seed, seed + 1, ...; teacher.pt, teacher_2.pt, ...) and
     cache their ensemble (the log of their mean softmax), which the students then distil.
@@ -194,7 +200,7 @@ def run_pipeline(
         shas = [file_sha256(paths[name]) for name in members]
         return shas[0] if teachers == 1 else ensemble_sha256(shas)
 
-    dump = dump or DumpSettings(batch_size=max(256, recipe.batch_size))
+    dump = dump or DumpSettings(batch_size=dump_batch_size(recipe))
     own = dump.dump_args()
     stage(CACHE, "dump-logits" if teachers == 1 else f"dump-logits (ensemble of {teachers})", lambda out, kw: dump_logits(
         teacher_path=paths[TEACHER] if teachers == 1 else [paths[name] for name in members], data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
@@ -202,9 +208,9 @@ def run_pipeline(
         progress=progress, trust_arch=trusted, **own, **kw),
         expect={"teacher_sha256": teacher_sha(), "num_views": recipe.views, "seed": recipe.seed,
                 "augment": recipe.augment, "mix": recipe.mix, "mix_prob": recipe.mix_prob,
-                "tta": own["tta"], "topk": own["topk"] or 0,
+                "tta": dump.tta, "topk": dump.topk,
                 # an explicit grid is compared; the default one follows from the teacher, compared above
-                **({"lse_temperatures": sorted(set(own["topk_temperatures"]))} if own["topk_temperatures"] else {})})  # fmt: skip
+                **({"lse_temperatures": sorted(set(dump.topk_temperatures))} if dump.topk_temperatures else {})})  # fmt: skip
     for name, title, student in (
         (STUDENT_KD, f"student with KD (T={recipe.T:g}, alpha={recipe.alpha:g})", recipe),
         (STUDENT_ALONE, "student alone (alpha=0, same views, seed and budget)", dataclasses.replace(recipe, alpha=0.0)),
