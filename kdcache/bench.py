@@ -8,6 +8,8 @@
 - cached_mixed / cached_mixed_alone: the student on mixed cached views with KD, and with alpha 0
   (same views, no soft term): their ratio is what the KD loss adds to a step.
 - plain:     our student with no teacher at all (the floor).
+- plain_mixed: the same, on fresh mixed views (CutMix/MixUp, no cache, no teacher): what mixing
+  itself costs (a second image rendered and blended), so cached_mixed/plain_mixed is the cache's own cost.
 - dump:      teacher inference over rendered views, as dump-logits runs it.
 Weights are random: throughput does not depend on what a model has learned.
 """
@@ -223,6 +225,8 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
     teacher = rt.prepare(teacher_raw)
     fresh = ViewBatches(images_d, labels_d, fresh_views_plan(CropFlip(), n, 0, True, dev), cfg.batch_size, 0, mean, std,
                         rt.compile)  # fmt: skip
+    fresh_mixed = ViewBatches(images_d, labels_d, fresh_views_plan(CropFlip(), n, 0, True, dev, mix="both", mix_prob=1.0),
+                              cfg.batch_size, 0, mean, std, rt.compile)  # fmt: skip
     plain_views = draw_views(CropFlip(), 0, range(n), range(NUM_VIEWS))
     mixed_views = draw_views(CropFlip(), 0, range(n), range(NUM_VIEWS), mix="both", prob=1.0, num_rows=n)
     logits = torch.randn(n, NUM_VIEWS, c, generator=torch.Generator().manual_seed(1)).to(torch.float16)
@@ -252,6 +256,7 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
         # the same mixed cached views with alpha 0: what the KD loss itself adds to a step
         "cached_mixed_alone": (student_and_step(rt_=rt, alpha=0.0), _endless(cached_mixed)),
         "plain": (student_and_step(rt_=rt, alpha=0.0), _endless(fresh)),
+        "plain_mixed": (student_and_step(rt_=rt, alpha=0.0), _endless(fresh_mixed)),
         "dump": (dump_step, dump_rows()),
     }
     results, rounds, peaks = _measure(loops, cfg, dev, log)
@@ -263,6 +268,7 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
             "cached_over_online": results["cached"] / results["online"],
             "cached_over_plain": results["cached"] / results["plain"],
             "cached_mixed_over_plain": results["cached_mixed"] / results["plain"],
+            "cached_mixed_over_plain_mixed": results["cached_mixed"] / results["plain_mixed"],
             "kd_loss_overhead": results["cached_mixed_alone"] / results["cached_mixed"] - 1.0,
         },
         "rounds_img_s": rounds,
