@@ -23,7 +23,10 @@ A store is `raw` (the uint8 canvases themselves, read by memory map) or `jpeg` (
 once as JPEG bytes in one file, with an offsets index: about a tenth of the raw bytes). A jpeg
 store's rows are decoded per batch, on a pool of threads, into the same canvases a raw store
 holds (`JpegImages`); every reader decodes with the same decoder on the CPU, so a dump, a student
-and `verify` see the same pixels.
+and `verify` see the same pixels. That is checked, not assumed: a jpeg store records the digest of
+a sample of its decoded images (and which decoder made them), every opening decodes the sample
+again and refuses a decoder that gives other pixels, and the sample's pixels are part of the data
+fingerprint a checkpoint or cache records, so a cache is never replayed from other pixels.
 """
 
 from __future__ import annotations
@@ -394,6 +397,10 @@ class JpegImages:
             images.append(image)
         return images
 
+    def sample_sha256(self, rows: int | None = None) -> str:
+        """sha256 of the decoded canvases of a fixed sample (`decode_sample`) of the first `rows` rows."""
+        return hashlib.sha256(self.decode(decode_sample(len(self) if rows is None else rows)).tobytes()).hexdigest()
+
     def _bad(self, row: int, what: str) -> KDCacheError:
         try:
             source = (self.folder / f"{self.name}_files.txt").read_text().splitlines()[self.first + row]
@@ -403,9 +410,25 @@ class JpegImages:
                             "run again with --rebuild-store to prepare it anew")  # fmt: skip
 
 
+DECODE_SAMPLE = 16  # images of a jpeg store decoded at every opening to check the decoder
+
+
+def decode_sample(n: int) -> np.ndarray:
+    """The rows of the first `n` whose decoded pixels stand for the decoder: up to 16, evenly spread."""
+    return np.unique(np.linspace(0, n - 1, min(n, DECODE_SAMPLE)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+
+
+def jpeg_decoder() -> str:
+    """Which decoder this process reads a jpeg store with (named in a refusal; the pixels decide)."""
+    import PIL
+    from PIL import features
+
+    return f"Pillow {PIL.__version__}, libjpeg-turbo {features.version('libjpeg_turbo') or 'absent (libjpeg)'}"
+
+
 def content_fingerprint(images, hw: np.ndarray, labels: np.ndarray, rows: int | None = None) -> str:
     """sha256 over the first `rows` stored images (each its own h x w pixels, or a jpeg store's
-    bytes and offsets), sizes and labels."""
+    bytes and offsets and the decoded pixels of its `decode_sample`), sizes and labels."""
     n = len(labels) if rows is None else rows
     h = hashlib.sha256()
     if isinstance(images, JpegImages):
@@ -414,6 +437,7 @@ def content_fingerprint(images, hw: np.ndarray, labels: np.ndarray, rows: int | 
             stop = min(n, start + 4096)
             h.update(np.asarray(images.data[images.offsets[start] : images.offsets[stop]]).tobytes())
         h.update(np.ascontiguousarray(images.offsets[: n + 1] - images.offsets[0], dtype=np.int64).tobytes())
+        h.update(b"decoded\0" + images.sample_sha256(n).encode())  # the same bytes decoded to other pixels differ
     else:
         for block in range(0, n, 1024):
             h.update(np.ascontiguousarray(images[block : min(n, block + 1024)]).tobytes())
@@ -491,6 +515,9 @@ def _published(folder: Path) -> dict | None:
         raise _damaged(folder, f"meta.json lacks {missing[0]!r}")
     if not all(isinstance(meta[f"{name}_num_images"], int) for name in ("train", "val")):
         raise _damaged(folder, "meta.json's image counts are not numbers")
+    if meta.get("store_format") == "jpeg" and "decoded_sample_sha256" not in meta:
+        raise KDCacheError(f"the image store {folder} was prepared by an earlier kdcache, before jpeg stores recorded "
+                           "their decoder: run again with --rebuild-store to prepare it anew")  # fmt: skip
     return meta
 
 
@@ -531,6 +558,8 @@ def _build(root: Path, folder: Path, classes: list[str], splits: dict[str, Split
             **{f"{name}_{k}": v for name, d in info.items() for k, v in d.items()},
         }  # fmt: skip
         train = _open(tmp, meta)[0]  # the store as its readers will open it
+        if isinstance(train.images, JpegImages):  # what this decoder makes of it, checked at every opening
+            meta["decoder"], meta["decoded_sample_sha256"] = jpeg_decoder(), train.images.sample_sha256()
         meta["train_fingerprint"] = content_fingerprint(train.images, train.hw, train.labels)
         del train
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -607,7 +636,14 @@ def _open(folder: Path, meta: dict) -> tuple[Store, Store]:
             raise _damaged(folder, f"its {name} arrays do not match meta.json")
         return Store(images[:n], hw, labels, meta)
 
-    return one("train"), one("val")
+    train = one("train")
+    if jpeg and "decoded_sample_sha256" in meta and train.images.sample_sha256() != meta["decoded_sample_sha256"]:
+        raise KDCacheError(
+            f"the image store {folder} was prepared with a JPEG decoder that gives other pixels than this one "
+            f"({meta.get('decoder')} there, {jpeg_decoder()} here), so views rendered here would not be the ones "
+            "its caches recorded: run again with --rebuild-store to prepare it with this decoder, then dump the cache again"
+        )
+    return train, one("val")
 
 
 def write_image_folder(root: str | Path, classes: int = 3, per_class: int = 8, val_per_class: int = 3,

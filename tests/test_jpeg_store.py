@@ -114,25 +114,66 @@ def test_jpeg_store_whole_flow_replays_exactly_streamed_or_resident(folder, tmp_
 
 
 def test_a_corrupt_jpeg_in_the_store_is_one_line_naming_the_image(tmp_path):
-    root = folders.write_image_folder(tmp_path / "f", classes=2, per_class=6)
+    root = folders.write_image_folder(tmp_path / "f", classes=2, per_class=10)
     train, _, _, where = folders.prepare(root, 48, store_format="jpeg")
-    row = 3
-    start = int(train.images.offsets[row])
-    with open(where / "train_jpeg.bin", "r+b") as f:  # the image's JPEG header, overwritten
-        f.seek(start)
-        f.write(b"\0" * 16)
-    name = (where / "train_files.txt").read_text().splitlines()[row]
-    train, _, _, _ = folders.prepare(root, 48, store_format="jpeg")
+    n = len(train.labels)
+    sampled = set(folders.decode_sample(n).tolist())
+    row = min(set(range(n)) - sampled)  # not among the rows every opening decodes: found when read
+
+    def corrupt(row: int) -> str:
+        with open(where / "train_jpeg.bin", "r+b") as f:  # the image's JPEG header, overwritten
+            f.seek(int(train.images.offsets[row]))
+            f.write(b"\0" * 16)
+        return (where / "train_files.txt").read_text().splitlines()[row]
+
+    name = corrupt(row)
+    opened, _, _, _ = folders.prepare(root, 48, store_format="jpeg")
     with pytest.raises(KDCacheError, match=rf"damaged: its copy of {name} does not decode.*--rebuild-store") as e:
-        np.array(train.images)
+        np.array(opened.images)
     assert "\n" not in str(e.value)
+    # a row of the decoder check's sample: the same line, when the store is opened
+    name = corrupt(min(sampled))
+    with pytest.raises(KDCacheError, match=rf"damaged: its copy of {name} does not decode.*--rebuild-store"):
+        folders.prepare(root, 48, store_format="jpeg")
     # a short file is damage found when the store is opened
     with open(where / "train_jpeg.bin", "r+b") as f:
-        f.truncate(start)
+        f.truncate(int(train.images.offsets[row]))
     with pytest.raises(KDCacheError, match="does not match its offsets.*--rebuild-store"):
         folders.prepare(root, 48, store_format="jpeg")
     fixed, _, _, _ = folders.prepare(root, 48, store_format="jpeg", rebuild=True)
-    assert np.array(fixed.images).shape == (12, 3, 48, 48)
+    assert np.array(fixed.images).shape == (n, 3, 48, 48)
+
+
+def test_a_decoder_that_gives_other_pixels_is_refused_and_changes_the_fingerprint(folder, tmp_path, monkeypatch):
+    """Two JPEG decoders may round differently (nvJPEG's IDCT against libjpeg-turbo's): a store is read
+    only by a decoder that gives the pixels its builder saw, and those pixels are in the fingerprint a
+    cache records, so a cache is never replayed from other pixels."""
+    monkeypatch.setenv("KDCACHE_STORE_DIR", str(tmp_path / "stores"))
+    train, _, _, where = folders.prepare(folder, 48, store_format="jpeg")
+    meta = json.loads((where / "meta.json").read_text())
+    assert meta["decoder"].startswith("Pillow ") and meta["decoded_sample_sha256"] == train.images.sample_sha256()
+    subset_fp = folders.content_fingerprint(train.images, train.hw, train.labels, 20)
+    real = folders.JpegImages._decode
+
+    def rounds_otherwise(self, rows):  # one pixel of each image one level brighter, as another IDCT might
+        images = [im.copy() for im in real(self, rows)]
+        for im in images:
+            im[0, 0, 0] = int(im[0, 0, 0]) + 1 if im[0, 0, 0] < 255 else 254
+        return images
+
+    monkeypatch.setattr(folders.JpegImages, "_decode", rounds_otherwise)
+    with pytest.raises(KDCacheError, match="JPEG decoder that gives other pixels.*Pillow .* there.*--rebuild-store") as e:
+        folders.prepare(folder, 48, store_format="jpeg")
+    assert "\n" not in str(e.value)
+    # the same bytes decoded otherwise are other data: a subset's fingerprint (computed when used) differs
+    assert folders.content_fingerprint(train.images, train.hw, train.labels, 20) != subset_fp
+    monkeypatch.setattr(folders.JpegImages, "_decode", real)
+    # a jpeg store from before the check is not read on trust
+    del meta["decoded_sample_sha256"]
+    (where / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(KDCacheError, match="prepared by an earlier kdcache.*--rebuild-store"):
+        folders.prepare(folder, 48, store_format="jpeg")
+    assert folders.prepare(folder, 48, store_format="jpeg", rebuild=True)[0].meta["train_fingerprint"] == meta["train_fingerprint"]
 
 
 def test_store_format_auto_picks_by_size_and_bad_values_are_one_line(folder, tmp_path, monkeypatch):
