@@ -45,7 +45,7 @@ def _topk_grid(topk: int | None, temperatures, num_classes: int, meta: dict) -> 
     if not topk:
         return ()
     if not 1 <= topk <= num_classes:
-        raise KDCacheError(f"--topk must be in 1..{num_classes}, the class count (got {topk})")
+        raise KDCacheError(f"--topk (or a config file's [dump] topk) must be in 1..{num_classes}, the class count (got {topk})")
     grid = tuple(temperatures) if temperatures else DEFAULT_TEMPERATURES
     if not temperatures and (t := float(meta.get("recipe", {}).get("T", 0) or 0)) > 0 and t not in grid:
         grid = (*grid, t)

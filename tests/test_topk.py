@@ -88,7 +88,7 @@ def test_topk_dump_verifies_and_trains(tmp_path, teacher_ckpt, data_dir):
     for args, needle in ((["--T", 3], "not at --T 3"), (["--loss", "dist", "--T", 2], "--loss dist needs every logit")):
         r = invoke("student", "--cache", cache, "--data-dir", data_dir, "--epochs", 1, "--out", tmp_path / "x.pt", *args)
         assert r.exit_code == 2 and needle in r.output, r.output
-    for args, needle in ((["--topk", 11], "--topk must be in 1..10"), (["--topk-temperatures", "2"], "goes with --topk"),
+    for args, needle in ((["--topk", 11], "[dump] topk) must be in 1..10"), (["--topk-temperatures", "2"], "goes with --topk"),
                          (["--topk", 2, "--topk-temperatures", "0,1"], "finite numbers > 0")):  # fmt: skip
         r = invoke("dump-logits", "--teacher", teacher_ckpt, "--data-dir", data_dir, "--out", tmp_path / "y.h5", *args)
         assert r.exit_code == 2 and needle in r.output, r.output
