@@ -23,10 +23,11 @@ A store is `raw` (the uint8 canvases themselves, read by memory map) or `jpeg` (
 once as JPEG bytes in one file, with an offsets index: about a tenth of the raw bytes). A jpeg
 store's rows are decoded per batch, on a pool of threads, into the same canvases a raw store
 holds (`JpegImages`); every reader decodes with the same decoder on the CPU, so a dump, a student
-and `verify` see the same pixels. That is checked, not assumed: a jpeg store records the digest of
-a sample of its decoded images (and which decoder made them), every opening decodes the sample
-again and refuses a decoder that gives other pixels, and the sample's pixels are part of the data
-fingerprint a checkpoint or cache records, so a cache is never replayed from other pixels.
+and `verify` see the same pixels. That is checked on a sample, not assumed: a jpeg store records the
+digests of 16 of its images, as bytes and as decoded pixels (and which decoder made them); every
+opening decodes them again and refuses a decoder that gives other pixels; and those pixels are part
+of the data fingerprint a checkpoint or cache records, so a cache dumped where the decoder differs
+is refused as other data rather than replayed.
 """
 
 from __future__ import annotations
@@ -326,6 +327,7 @@ class JpegImages:
         self.folder, self.name, self.data, self.offsets, self.hw = folder, name, data, offsets, hw
         self.size, self.first = size, first
         self.workers = workers or max(1, os.cpu_count() or 1)
+        self._digests: dict[int, tuple[str, str]] = {}
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -397,9 +399,15 @@ class JpegImages:
             images.append(image)
         return images
 
-    def sample_sha256(self, rows: int | None = None) -> str:
-        """sha256 of the decoded canvases of a fixed sample (`decode_sample`) of the first `rows` rows."""
-        return hashlib.sha256(self.decode(decode_sample(len(self) if rows is None else rows)).tobytes()).hexdigest()
+    def sample_digests(self, rows: int | None = None) -> tuple[str, str]:
+        """sha256 of the stored bytes and of the decoded canvases of a fixed sample (`decode_sample`) of the
+        first `rows` rows: the bytes tell damage from a decoder that rounds otherwise."""
+        n = len(self) if rows is None else rows
+        if n not in self._digests:  # made once per reader (a build fingerprints what it just checked)
+            sample = decode_sample(n)
+            stored = hashlib.sha256(b"".join(self.data[self.offsets[r] : self.offsets[r + 1]].tobytes() for r in sample))
+            self._digests[n] = (stored.hexdigest(), hashlib.sha256(self.decode(sample).tobytes()).hexdigest())
+        return self._digests[n]
 
     def _bad(self, row: int, what: str) -> KDCacheError:
         try:
@@ -411,6 +419,7 @@ class JpegImages:
 
 
 DECODE_SAMPLE = 16  # images of a jpeg store decoded at every opening to check the decoder
+DECODE_CHECK_KEYS = ("decoder", "bytes_sha256", "pixels_sha256")  # meta.json's decode_check record
 
 
 def decode_sample(n: int) -> np.ndarray:
@@ -437,7 +446,7 @@ def content_fingerprint(images, hw: np.ndarray, labels: np.ndarray, rows: int | 
             stop = min(n, start + 4096)
             h.update(np.asarray(images.data[images.offsets[start] : images.offsets[stop]]).tobytes())
         h.update(np.ascontiguousarray(images.offsets[: n + 1] - images.offsets[0], dtype=np.int64).tobytes())
-        h.update(b"decoded\0" + images.sample_sha256(n).encode())  # the same bytes decoded to other pixels differ
+        h.update(b"decoded\0" + images.sample_digests(n)[1].encode())  # the same bytes decoded otherwise differ
     else:
         for block in range(0, n, 1024):
             h.update(np.ascontiguousarray(images[block : min(n, block + 1024)]).tobytes())
@@ -515,9 +524,16 @@ def _published(folder: Path) -> dict | None:
         raise _damaged(folder, f"meta.json lacks {missing[0]!r}")
     if not all(isinstance(meta[f"{name}_num_images"], int) for name in ("train", "val")):
         raise _damaged(folder, "meta.json's image counts are not numbers")
-    if meta.get("store_format") == "jpeg" and "decoded_sample_sha256" not in meta:
-        raise KDCacheError(f"the image store {folder} was prepared by an earlier kdcache, before jpeg stores recorded "
-                           "their decoder: run again with --rebuild-store to prepare it anew")  # fmt: skip
+    if meta.get("store_format") == "jpeg":
+        if "decode_check" not in meta:
+            raise KDCacheError(
+                f"the image store {folder} was prepared by an earlier kdcache, before jpeg stores checked their "
+                "decoder: run again with --rebuild-store to prepare it anew (checkpoints and caches made from the old "
+                "store will no longer match: train and dump them again)"
+            )
+        check = meta["decode_check"]
+        if not (isinstance(check, dict) and all(isinstance(check.get(k), str) for k in DECODE_CHECK_KEYS)):
+            raise _damaged(folder, "meta.json's decode_check is not a record of strings")
     return meta
 
 
@@ -559,7 +575,8 @@ def _build(root: Path, folder: Path, classes: list[str], splits: dict[str, Split
         }  # fmt: skip
         train = _open(tmp, meta)[0]  # the store as its readers will open it
         if isinstance(train.images, JpegImages):  # what this decoder makes of it, checked at every opening
-            meta["decoder"], meta["decoded_sample_sha256"] = jpeg_decoder(), train.images.sample_sha256()
+            stored, pixels = train.images.sample_digests()
+            meta["decode_check"] = {"decoder": jpeg_decoder(), "bytes_sha256": stored, "pixels_sha256": pixels}
         meta["train_fingerprint"] = content_fingerprint(train.images, train.hw, train.labels)
         del train
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -637,12 +654,18 @@ def _open(folder: Path, meta: dict) -> tuple[Store, Store]:
         return Store(images[:n], hw, labels, meta)
 
     train = one("train")
-    if jpeg and "decoded_sample_sha256" in meta and train.images.sample_sha256() != meta["decoded_sample_sha256"]:
-        raise KDCacheError(
-            f"the image store {folder} was prepared with a JPEG decoder that gives other pixels than this one "
-            f"({meta.get('decoder')} there, {jpeg_decoder()} here), so views rendered here would not be the ones "
-            "its caches recorded: run again with --rebuild-store to prepare it with this decoder, then dump the cache again"
-        )
+    if jpeg and "decode_check" in meta:  # (absent only while the store is being built)
+        check = meta["decode_check"]
+        stored, pixels = train.images.sample_digests()
+        if stored != check["bytes_sha256"]:
+            raise _damaged(folder, "the JPEG bytes of its decoder check's sample images changed since it was prepared")
+        if pixels != check["pixels_sha256"]:
+            raise KDCacheError(
+                f"the image store {folder} was prepared with a JPEG decoder that gives other pixels than this one "
+                f"({check['decoder']} there, {jpeg_decoder()} here), so views rendered here would not be the ones "
+                "its caches recorded: run again with --rebuild-store to prepare it with this decoder, then dump the "
+                "cache again"
+            )
     return train, one("val")
 
 

@@ -151,7 +151,8 @@ def test_a_decoder_that_gives_other_pixels_is_refused_and_changes_the_fingerprin
     monkeypatch.setenv("KDCACHE_STORE_DIR", str(tmp_path / "stores"))
     train, _, _, where = folders.prepare(folder, 48, store_format="jpeg")
     meta = json.loads((where / "meta.json").read_text())
-    assert meta["decoder"].startswith("Pillow ") and meta["decoded_sample_sha256"] == train.images.sample_sha256()
+    check = meta["decode_check"]
+    assert check["decoder"].startswith("Pillow ") and (check["bytes_sha256"], check["pixels_sha256"]) == train.images.sample_digests()
     subset_fp = folders.content_fingerprint(train.images, train.hw, train.labels, 20)
     real = folders.JpegImages._decode
 
@@ -166,12 +167,25 @@ def test_a_decoder_that_gives_other_pixels_is_refused_and_changes_the_fingerprin
         folders.prepare(folder, 48, store_format="jpeg")
     assert "\n" not in str(e.value)
     # the same bytes decoded otherwise are other data: a subset's fingerprint (computed when used) differs
-    assert folders.content_fingerprint(train.images, train.hw, train.labels, 20) != subset_fp
+    reader = folders.JpegImages(where, "train", train.images.data, train.images.offsets, train.hw, 48)
+    assert folders.content_fingerprint(reader, train.hw, train.labels, 20) != subset_fp
     monkeypatch.setattr(folders.JpegImages, "_decode", real)
+    # a changed byte of a sampled image that still decodes is damage, not another decoder
+    data = bytearray((where / "train_jpeg.bin").read_bytes())
+    row = int(folders.decode_sample(len(train.labels))[1])
+    end = int(train.images.offsets[row + 1])
+    data[end - 200] ^= 0x10  # inside the scan data, well before the end-of-image marker
+    (where / "train_jpeg.bin").write_bytes(bytes(data))
+    with pytest.raises(KDCacheError, match="damaged.*decoder check's sample images changed.*--rebuild-store"):
+        folders.prepare(folder, 48, store_format="jpeg")
     # a jpeg store from before the check is not read on trust
-    del meta["decoded_sample_sha256"]
+    del meta["decode_check"]
     (where / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(KDCacheError, match="prepared by an earlier kdcache.*--rebuild-store"):
+    with pytest.raises(KDCacheError, match="prepared by an earlier kdcache.*--rebuild-store.*no longer match"):
+        folders.prepare(folder, 48, store_format="jpeg")
+    meta["decode_check"] = {"decoder": 3}
+    (where / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(KDCacheError, match="damaged.*decode_check is not a record"):
         folders.prepare(folder, 48, store_format="jpeg")
     assert folders.prepare(folder, 48, store_format="jpeg", rebuild=True)[0].meta["train_fingerprint"] == meta["train_fingerprint"]
 
