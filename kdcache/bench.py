@@ -1,4 +1,4 @@
-"""`kdcache bench`: images per second of five loops, side by side, in one process.
+"""`kdcache bench`: images per second of its loops, side by side, in one process.
 
 - seed_loop: notebook 1 as written: torchvision-style dataset of PIL images,
   DataLoader(num_workers=2), RandomCrop/Flip/ToTensor/Normalize, teacher forward

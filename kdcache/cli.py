@@ -585,11 +585,13 @@ def bench_cmd(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON here."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --json file."),
 ):
-    """Measure img/s of the seed notebook's loop, online KD, cached KD, no-teacher training and the dump.
+    """Measure img/s of the seed notebook's loop, online KD, cached KD (plain and mixed views), no-teacher
+    training (plain and mixed views) and the dump.
 
-    All five run side by side in one process on one device, taking turns for --repeats
-    rounds of --steps steps; the table shows each loop's median, its spread over the
-    rounds, and the ratios that matter. --procs N measures torchrun instead.
+    All run side by side in one process on one device, taking turns for
+    --repeats rounds of --steps steps; the table shows each loop's median, its
+    spread over the rounds, and the ratios that matter. --procs N measures
+    torchrun instead.
     """
     from kdcache.bench import BenchConfig, run_bench
 

@@ -199,8 +199,9 @@ PRESETS: dict[str, Recipe] = {
     # linear decay, per step; a weight average (EMA 0.98 per step) in place of its lookahead. 16 epochs
     # (airbench: 9.9 with its alternating flips and 2-pixel translations; kdcache's views are pad-4
     # crops + random flips): on a CPU, seed 0, 12 epochs gave 93.91% and 93.61% with flip + translate
-    # TTA (two runs), 16 epochs 94.04%, airbench94's published figure (docs/results.md). The students: notebook 1's ResNet18 with the H200 recipe (SGD lr 0.2
-    # Nesterov, batch 512, 2 warm-up epochs, cosine, 40 epochs) on 40 cached crop/flip views.
+    # TTA (two runs), 16 epochs 94.04%, airbench94's published figure (docs/results.md). The students:
+    # notebook 1's ResNet18 with the H200 recipe (SGD lr 0.2 Nesterov, batch 512, 2 warm-up epochs,
+    # cosine, 40 epochs) on 40 cached crop/flip views.
     "cifar10-fast": Recipe(
         teacher_arch="airbench94", student_arch="resnet18", epochs=40, batch_size=512, lr=0.2, nesterov=True,
         warmup_epochs=2, views=40, T=3.0, alpha=0.5,
