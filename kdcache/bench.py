@@ -39,6 +39,9 @@ from kdcache.views import CropFlip, draw_views
 
 LOOPS = ("seed_loop", "online", "cached", "plain", "dump")
 NUM_VIEWS = 8
+# Mixed views, cached and fresh alike (so cached_mixed_alone/plain_mixed compares like with like): every
+# view CutMix or MixUp, the worst case for rendering.
+MIX, MIX_PROB = "both", 1.0
 
 
 @dataclass
@@ -226,10 +229,10 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
     teacher = rt.prepare(teacher_raw)
     fresh = ViewBatches(images_d, labels_d, fresh_views_plan(CropFlip(), n, 0, True, dev), cfg.batch_size, 0, mean, std,
                         rt.compile)  # fmt: skip
-    fresh_mixed = ViewBatches(images_d, labels_d, fresh_views_plan(CropFlip(), n, 0, True, dev, mix="both", mix_prob=1.0),
+    fresh_mixed = ViewBatches(images_d, labels_d, fresh_views_plan(CropFlip(), n, 0, True, dev, mix=MIX, mix_prob=MIX_PROB),
                               cfg.batch_size, 0, mean, std, rt.compile)  # fmt: skip
     plain_views = draw_views(CropFlip(), 0, range(n), range(NUM_VIEWS))
-    mixed_views = draw_views(CropFlip(), 0, range(n), range(NUM_VIEWS), mix="both", prob=1.0, num_rows=n)
+    mixed_views = draw_views(CropFlip(), 0, range(n), range(NUM_VIEWS), mix=MIX, prob=MIX_PROB, num_rows=n)
     logits = torch.randn(n, NUM_VIEWS, c, generator=torch.Generator().manual_seed(1)).to(torch.float16)
     cached, cached_mixed = (
         ViewBatches(images_d, labels_d, cached_plan(v, logits, 0, dev), cfg.batch_size, 0, mean, std, rt.compile)
