@@ -28,8 +28,13 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="own_loop_student.pt", help="where the state dict goes")
     args = p.parse_args(argv)
 
-    views = kdcache.CachedBatches(args.cache, data_dir=args.data_dir, batch_size=args.batch_size, seed=args.seed,
-                                  runtime=kdcache.Runtime.create(args.device))
+    views = kdcache.CachedBatches(
+        args.cache,
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        runtime=kdcache.Runtime.create(args.device),
+    )
     print(views)
     torch.manual_seed(args.seed)
     model = torchvision.models.resnet18(num_classes=views.num_classes)
@@ -42,8 +47,9 @@ def main(argv=None) -> None:
         model.train()
         loss_sum = torch.zeros((), device=views.device)
         for b in views.epoch(epoch):
-            loss = kdcache.student_loss(model(b.x), b.y, b.t, T=args.T, alpha=args.alpha, partner_labels=b.y2,
-                                        lam=b.lam)
+            loss = kdcache.student_loss(
+                model(b.x), b.y, b.t, T=args.T, alpha=args.alpha, partner_labels=b.y2, lam=b.lam
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -51,8 +57,11 @@ def main(argv=None) -> None:
         model.eval()
         with torch.no_grad():
             correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in views.test_batches())
-        print(f"epoch {epoch + 1}  loss {loss_sum.item() / views.num_samples:.4f}  "
-              f"test acc {100 * correct / len(views.test_labels):.2f}%", flush=True)
+        print(
+            f"epoch {epoch + 1}  loss {loss_sum.item() / views.num_samples:.4f}  "
+            f"test acc {100 * correct / len(views.test_labels):.2f}%",
+            flush=True,
+        )
     torch.save(model.state_dict(), args.out)
     print(f"saved {args.out}")
 

@@ -32,9 +32,29 @@ _EXPORTS = {
 _RENAMED = {"build_model": "build"}  # public name -> its name in the module
 
 # every name of _EXPORTS, and the version
-__all__ = ["PRESETS", "Batch", "CachedBatches", "DumpSettings", "KDCacheError", "Recipe", "Runtime", "Views",
-           "__version__", "build_model", "dump_logits", "get_preset", "kd_loss", "label_loss", "load_checkpoint",
-           "open_cache", "render_views", "soft_loss", "student_loss", "train_student", "train_teacher"]  # fmt: skip
+__all__ = [
+    "PRESETS",
+    "Batch",
+    "CachedBatches",
+    "DumpSettings",
+    "KDCacheError",
+    "Recipe",
+    "Runtime",
+    "Views",
+    "__version__",
+    "build_model",
+    "dump_logits",
+    "get_preset",
+    "kd_loss",
+    "label_loss",
+    "load_checkpoint",
+    "open_cache",
+    "render_views",
+    "soft_loss",
+    "student_loss",
+    "train_student",
+    "train_teacher",
+]
 
 
 def __getattr__(name: str):

@@ -50,15 +50,30 @@ class CachedBatches:
     image folder: the path the cache recorded). `subset`: None for the rows the cache holds.
     """
 
-    def __init__(self, cache: str | Path, *, data_dir: str | Path | None = None, batch_size: int = 128,
-                 seed: int = 0, runtime: Runtime | None = None, subset: int | None = None,
-                 progress: Progress | None = None):  # fmt: skip
+    def __init__(
+        self,
+        cache: str | Path,
+        *,
+        data_dir: str | Path | None = None,
+        batch_size: int = 128,
+        seed: int = 0,
+        runtime: Runtime | None = None,
+        subset: int | None = None,
+        progress: Progress | None = None,
+    ):
         from kdcache.stages import load_cached
 
         batch_size, seed = _integer("batch_size", batch_size, 1), _integer("seed", seed)
         self.runtime = _runtime(runtime)
-        loaded = load_cached(cache, data_dir=data_dir, rt=self.runtime, batch_size=batch_size, seed=seed,
-                             subset=subset, progress=progress)  # fmt: skip
+        loaded = load_cached(
+            cache,
+            data_dir=data_dir,
+            rt=self.runtime,
+            batch_size=batch_size,
+            seed=seed,
+            subset=subset,
+            progress=progress,
+        )
         self.path, self.seed, self.batch_size = Path(cache), seed, batch_size
         self.attrs, self.mix, self.num_views = loaded.attrs, loaded.mix, loaded.num_views
         self.teacher_test_logits = loaded.test_logits
@@ -69,9 +84,11 @@ class CachedBatches:
         return len(self._batches)
 
     def __repr__(self) -> str:
-        return (f"CachedBatches({str(self.path)!r}: {self.num_samples:,} {self._data.name} images x {self.num_views} "
-                f"views, {self.num_classes} classes, mix {self.mix}, {len(self)} batches of {self.batch_size} "
-                f"on {self.device})")  # fmt: skip
+        return (
+            f"CachedBatches({str(self.path)!r}: {self.num_samples:,} {self._data.name} images x {self.num_views} "
+            f"views, {self.num_classes} classes, mix {self.mix}, {len(self)} batches of {self.batch_size} "
+            f"on {self.device})"
+        )
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of epoch `epoch` (0-based), rendered on the device; any epoch, in any order."""
@@ -131,21 +148,49 @@ class CachedBatches:
         return None if acc is None else float(acc)
 
 
-def train_teacher(recipe: Recipe, *, out: str | Path, data_dir: str | Path | None = None,
-                  runtime: Runtime | None = None, force: bool = False, resume: bool = False,
-                  progress: Progress | None = None, on_epoch=None, data_options: dict | None = None):  # fmt: skip
+def train_teacher(
+    recipe: Recipe,
+    *,
+    out: str | Path,
+    data_dir: str | Path | None = None,
+    runtime: Runtime | None = None,
+    force: bool = False,
+    resume: bool = False,
+    progress: Progress | None = None,
+    on_epoch=None,
+    data_options: dict | None = None,
+):
     """`kdcache teacher`: train `recipe.teacher_arch` (with `recipe.for_teacher()`'s settings) and write the
     checkpoint `out`. Returns a `StageResult` (history of per-epoch metrics, test accuracy)."""
     from kdcache.stages import train_teacher as stage
 
-    return stage(_recipe(recipe), data_dir=data_dir, out=out, rt=_runtime(runtime), force=force, resume=resume,
-                 progress=progress, on_epoch=on_epoch, data_options=data_options)  # fmt: skip
+    return stage(
+        _recipe(recipe),
+        data_dir=data_dir,
+        out=out,
+        rt=_runtime(runtime),
+        force=force,
+        resume=resume,
+        progress=progress,
+        on_epoch=on_epoch,
+        data_options=data_options,
+    )
 
 
-def dump_logits(recipe: Recipe | None, *, teacher: str | Path | list, out: str | Path,
-                data_dir: str | Path | None = None, runtime: Runtime | None = None, batch_size: int = DEFAULT_DUMP_BATCH,
-                force: bool = False, resume: bool = False, progress: Progress | None = None,
-                dump: DumpSettings | None = None, **options) -> Path:  # fmt: skip
+def dump_logits(
+    recipe: Recipe | None,
+    *,
+    teacher: str | Path | list,
+    out: str | Path,
+    data_dir: str | Path | None = None,
+    runtime: Runtime | None = None,
+    batch_size: int = DEFAULT_DUMP_BATCH,
+    force: bool = False,
+    resume: bool = False,
+    progress: Progress | None = None,
+    dump: DumpSettings | None = None,
+    **options,
+) -> Path:
     """`kdcache dump-logits`: cache the teacher's logits for `recipe.views` views of every training image.
 
     The views: `recipe`'s views, augment, seed and subset (None: the images the teacher trained on), mixed as
@@ -164,19 +209,44 @@ def dump_logits(recipe: Recipe | None, *, teacher: str | Path | list, out: str |
     taught = recipe.for_teacher()
     loose = {name: options.pop(name) for name in [*options] if name in DumpSettings.__dataclass_fields__}
     if dump is not None and (loose or batch_size != DEFAULT_DUMP_BATCH):
-        raise KDCacheError(f"dump_logits: the dump's settings came twice (dump= and {', '.join([*loose] or ['batch_size'])}=): "
-                           "pass them in dump=DumpSettings(...) or as keywords, not both")  # fmt: skip
+        raise KDCacheError(
+            f"dump_logits: the dump's settings came twice (dump= and {', '.join([*loose] or ['batch_size'])}=): "
+            "pass them in dump=DumpSettings(...) or as keywords, not both"
+        )
     dump = dump or DumpSettings(batch_size=batch_size, **loose)
-    return dump_stage(teacher_path=teacher, data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
-                      rt=_runtime(runtime), subset=recipe.subset, augment=recipe.augment, mix=taught.mix,
-                      mix_prob=taught.mix_prob, force=force, resume=resume, progress=progress, **dump.dump_args(),
-                      **options)  # fmt: skip
+    return dump_stage(
+        teacher_path=teacher,
+        data_dir=data_dir,
+        out=out,
+        views=recipe.views,
+        seed=recipe.seed,
+        rt=_runtime(runtime),
+        subset=recipe.subset,
+        augment=recipe.augment,
+        mix=taught.mix,
+        mix_prob=taught.mix_prob,
+        force=force,
+        resume=resume,
+        progress=progress,
+        **dump.dump_args(),
+        **options,
+    )
 
 
-def train_student(recipe: Recipe | None, *, cache: str | Path | None, out: str | Path,
-                  data_dir: str | Path | None = None, runtime: Runtime | None = None,
-                  online_teacher: str | Path | None = None, force: bool = False, resume: bool = False,
-                  progress: Progress | None = None, on_epoch=None, trust_arch: bool = False):  # fmt: skip
+def train_student(
+    recipe: Recipe | None,
+    *,
+    cache: str | Path | None,
+    out: str | Path,
+    data_dir: str | Path | None = None,
+    runtime: Runtime | None = None,
+    online_teacher: str | Path | None = None,
+    force: bool = False,
+    resume: bool = False,
+    progress: Progress | None = None,
+    on_epoch=None,
+    trust_arch: bool = False,
+):
     """`kdcache student`: train `recipe.student_arch` against the cache's soft targets (or, with
     `online_teacher` and `cache=None`, a teacher run on fresh views) and write the checkpoint `out`.
     The views and normalisation are the cache's; `recipe.subset` must be None or the cache's rows.
@@ -192,17 +262,31 @@ def train_student(recipe: Recipe | None, *, cache: str | Path | None, out: str |
             raise KDCacheError("train_student with an online teacher needs a recipe: pass kdcache.get_preset(NAME)")
         recipe = _recorded(cache)
         if not trust_arch:
-            refuse_code(recipe.student_arch, f"the recipe recorded in {cache}",
-                        "pass a recipe naming it (or trust_arch=True) if you trust that code")  # fmt: skip
-    return stage(_recipe(recipe), cache_file=cache, data_dir=data_dir, out=out, rt=_runtime(runtime),
-                 online_teacher=online_teacher, force=force, resume=resume, progress=progress, on_epoch=on_epoch,
-                 trust_arch=trust_arch)  # fmt: skip
+            refuse_code(
+                recipe.student_arch,
+                f"the recipe recorded in {cache}",
+                "pass a recipe naming it (or trust_arch=True) if you trust that code",
+            )
+    return stage(
+        _recipe(recipe),
+        cache_file=cache,
+        data_dir=data_dir,
+        out=out,
+        rt=_runtime(runtime),
+        online_teacher=online_teacher,
+        force=force,
+        resume=resume,
+        progress=progress,
+        on_epoch=on_epoch,
+        trust_arch=trust_arch,
+    )
 
 
 def _recipe(recipe) -> Recipe:
     if not isinstance(recipe, Recipe):
-        raise KDCacheError(f"expected a kdcache.Recipe, got a {type(recipe).__name__}: "
-                           "pass e.g. kdcache.get_preset('seed-cnn')")
+        raise KDCacheError(
+            f"expected a kdcache.Recipe, got a {type(recipe).__name__}: pass e.g. kdcache.get_preset('seed-cnn')"
+        )
     return validate(recipe)
 
 

@@ -11,8 +11,9 @@ import os
 import secrets
 import stat
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, TypeVar
+from typing import BinaryIO, TypeVar
 
 from kdcache.errors import KDCacheError
 
@@ -48,7 +49,9 @@ def write_failed(path: Path, e: BaseException) -> KDCacheError | None:
             f"free space in {path.parent} and run again"
         )
     if isinstance(e, OSError):
-        return KDCacheError(f"cannot write {path} ({e.strerror or e}): make {path.parent} writable, or choose another path")
+        return KDCacheError(
+            f"cannot write {path} ({e.strerror or e}): make {path.parent} writable, or choose another path"
+        )
     return None
 
 
@@ -178,8 +181,16 @@ def output_lock(out: str | Path, wait: Callable[[str], None] | None = None) -> I
 
 
 @contextlib.contextmanager
-def claim_output(out: str | Path, *, force: bool, resume: bool = False, interrupted: Path | None = None,
-                 sides: tuple[Path, ...] = (), lock: bool = True, flag: str = "--out") -> Iterator[Path]:  # fmt: skip
+def claim_output(
+    out: str | Path,
+    *,
+    force: bool,
+    resume: bool = False,
+    interrupted: Path | None = None,
+    sides: tuple[Path, ...] = (),
+    lock: bool = True,
+    flag: str = "--out",
+) -> Iterator[Path]:
     """Take `out` for the whole `with` block, the one way a stage claims its output: check it
     can be written before any work starts (never after an hour of training), lock it, then
     refuse to clobber it or its side files (`sides`: its metrics log). The lock comes before the
@@ -205,8 +216,9 @@ def check_writable(folder: Path, fix: str) -> None:
         raise KDCacheError(f"cannot write to {folder} ({reason}): {fix}") from None
 
 
-def _refuse_clobber(out: Path, *, force: bool, resume: bool, interrupted: Path | None, sides: tuple[Path, ...],
-                    flag: str) -> None:  # fmt: skip
+def _refuse_clobber(
+    out: Path, *, force: bool, resume: bool, interrupted: Path | None, sides: tuple[Path, ...], flag: str
+) -> None:
     """`interrupted`: where an interrupted run of the same output keeps its state; it is
     never thrown away silently (resume it, or --force to start over). A link counts as a file."""
     if interrupted is not None and os.path.lexists(interrupted) and not (resume or force):
@@ -222,14 +234,23 @@ def _refuse_clobber(out: Path, *, force: bool, resume: bool, interrupted: Path |
     if folder := next((p for p in (out, interrupted, *sides) if p and p.is_dir() and not p.is_symlink()), None):
         raise KDCacheError(f"{folder} is a directory where kdcache writes a file: remove it, or choose another {flag}")
     if (side := next((p for p in sides if os.path.lexists(p)), None)) and not (force or resume):
-        raise KDCacheError(f"{side} already exists (beside {out.name}): pass --force to overwrite it, or choose another {flag}")
+        raise KDCacheError(
+            f"{side} already exists (beside {out.name}): pass --force to overwrite it, or choose another {flag}"
+        )
 
 
 RESUME_FIX = "resume with the same arguments, or pass --force to start over"
 
 
-def refuse_different(path: Path, recorded: dict, wanted: dict, *, made: str = "was started with",
-                     asked: str = "this run has", fix: str = RESUME_FIX) -> None:  # fmt: skip
+def refuse_different(
+    path: Path,
+    recorded: dict,
+    wanted: dict,
+    *,
+    made: str = "was started with",
+    asked: str = "this run has",
+    fix: str = RESUME_FIX,
+) -> None:
     """The one "same settings?" check (resume, a dump's shards, a pipeline's finished stages): the
     first setting in `wanted` that `path` recorded otherwise, in one line; in a nested record (a
     recipe), the field that differs is named."""

@@ -56,7 +56,7 @@ class BenchConfig:
     T: float = 3.0
     alpha: float = 0.5
 
-    def validate(self) -> "BenchConfig":
+    def validate(self) -> BenchConfig:
         if self.batch_size < 1 or self.steps < 1 or self.repeats < 1 or self.warmup < 0:
             raise KDCacheError("--batch-size, --steps and --repeats must be >= 1, --warmup >= 0")
         for arch in (self.teacher_arch, self.student_arch):
@@ -133,7 +133,7 @@ def _measure(loops: dict, cfg: BenchConfig, device, log) -> tuple[dict, dict, di
     for r in range(cfg.repeats):
         for name, (step, _) in loops.items():
             log(f"round {r + 1}/{cfg.repeats}: {name}")
-            img_s, mb = _working_mb(lambda: _window(step, its[name], cfg.steps, device), device)
+            img_s, mb = _working_mb(lambda step=step, it=its[name]: _window(step, it, cfg.steps, device), device)
             rounds[name].append(img_s)
             peaks[name] = mb if peaks[name] is None else max(peaks[name], mb)
     return {name: statistics.median(v) for name, v in rounds.items()}, rounds, peaks
@@ -173,7 +173,9 @@ def _synthetic(n: int = 50000) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images of CIFAR-10's shape and size (the same memory footprint and partial last batch
     as real data), and labels."""
     g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(
+        0, 10, (n,), generator=g
+    )
 
 
 def _student_step(arch: str, num_classes: int, rt: Runtime, *, T: float, alpha: float, teacher=None):
@@ -206,15 +208,24 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
     # -- seed_loop: the notebook's loop, fp32, NCHW, PIL + DataLoader workers.
     from torchvision import transforms
 
-    tf = transforms.Compose([
-        transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(), transforms.Normalize(mean, std),
-    ])  # fmt: skip
+    tf = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
     hwc = images.permute(0, 2, 3, 1).contiguous().numpy()
     loader = torch.utils.data.DataLoader(
-        _PILImages(hwc, labels.numpy(), tf), batch_size=cfg.batch_size, shuffle=True, num_workers=2,
-        pin_memory=dev.type == "cuda", drop_last=True, persistent_workers=True,
-    )  # fmt: skip
+        _PILImages(hwc, labels.numpy(), tf),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        num_workers=2,
+        pin_memory=dev.type == "cuda",
+        drop_last=True,
+        persistent_workers=True,
+    )
     seed_rt = Runtime(dev, None, channels_last=False)
     seed_teacher = build(cfg.teacher_arch, c).to(dev).eval()
     seed_step = student_and_step(seed_teacher, rt_=seed_rt, alpha=cfg.alpha)
@@ -227,17 +238,26 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
     # -- our loops: device-resident uint8 data, batched rendering.
     images_d, labels_d = images.to(dev), labels.to(dev)
     teacher = rt.prepare(teacher_raw)
-    fresh = ViewBatches(images_d, labels_d, fresh_views_plan(CropFlip(), n, 0, True, dev), cfg.batch_size, 0, mean, std,
-                        rt.compile)  # fmt: skip
-    fresh_mixed = ViewBatches(images_d, labels_d, fresh_views_plan(CropFlip(), n, 0, True, dev, mix=MIX, mix_prob=MIX_PROB),
-                              cfg.batch_size, 0, mean, std, rt.compile)  # fmt: skip
+    fresh = ViewBatches(
+        images_d, labels_d, fresh_views_plan(CropFlip(), n, 0, True, dev), cfg.batch_size, 0, mean, std, rt.compile
+    )
+    fresh_mixed = ViewBatches(
+        images_d,
+        labels_d,
+        fresh_views_plan(CropFlip(), n, 0, True, dev, mix=MIX, mix_prob=MIX_PROB),
+        cfg.batch_size,
+        0,
+        mean,
+        std,
+        rt.compile,
+    )
     plain_views = draw_views(CropFlip(), 0, range(n), range(NUM_VIEWS))
     mixed_views = draw_views(CropFlip(), 0, range(n), range(NUM_VIEWS), mix=MIX, prob=MIX_PROB, num_rows=n)
     logits = torch.randn(n, NUM_VIEWS, c, generator=torch.Generator().manual_seed(1)).to(torch.float16)
     cached, cached_mixed = (
         ViewBatches(images_d, labels_d, cached_plan(v, logits, 0, dev), cfg.batch_size, 0, mean, std, rt.compile)
         for v in (plain_views, mixed_views)
-    )  # fmt: skip
+    )
     # dump: teacher inference over rendered views, one batch of (image, view) rows per step, as dump-logits runs it
     flat_views = plain_views.flatten().to(dev)
 
@@ -284,8 +304,15 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
     }
 
 
-FOLDER_LOOPS = ("imagefolder_online", "imagefolder_plain", "plain", "cached", "plain_streamed", "cached_streamed",
-                "cached_jpeg")  # fmt: skip
+FOLDER_LOOPS = (
+    "imagefolder_online",
+    "imagefolder_plain",
+    "plain",
+    "cached",
+    "plain_streamed",
+    "cached_streamed",
+    "cached_jpeg",
+)
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -301,14 +328,23 @@ def _imagefolder_loader(folder: Path, image_size: int, batch_size: int, device: 
 
     from kdcache.data import IMAGENET_MEAN, IMAGENET_STD
 
-    tf = transforms.Compose([
-        transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])  # fmt: skip
+    tf = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(image_size),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
     loader = torch.utils.data.DataLoader(
-        datasets.ImageFolder(str(folder / "train"), transform=tf), batch_size=batch_size, shuffle=True,
-        num_workers=os.cpu_count() or 1, pin_memory=device.type == "cuda", drop_last=True, persistent_workers=True,
-    )  # fmt: skip
+        datasets.ImageFolder(str(folder / "train"), transform=tf),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=os.cpu_count() or 1,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=True,
+    )
     while True:
         for x, y in loader:
             yield Batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True), None, None, None)
@@ -332,8 +368,9 @@ def run_folder_bench(cfg: BenchConfig, rt: Runtime, folder: Path | None, image_s
         source = str(folder)
         if folder is None:  # photo-sized for the view size: sides from 1 to 2 x image_size (ImageNet's are ~400 px)
             sizes = (image_size, 2 * image_size)
-            folder = folders.write_image_folder(Path(tmp) / "synthetic", classes=24, per_class=60, val_per_class=4,
-                                                sizes=sizes)  # fmt: skip
+            folder = folders.write_image_folder(
+                Path(tmp) / "synthetic", classes=24, per_class=60, val_per_class=4, sizes=sizes
+            )
             source = f"synthetic folder, 24 classes x 60 images of {sizes[0]}-{sizes[1]} px"
         saved = os.environ.get("KDCACHE_STORE_DIR")
         os.environ["KDCACHE_STORE_DIR"] = str(Path(tmp) / "stores")  # never touch the user's store
@@ -372,7 +409,10 @@ def run_folder_bench(cfg: BenchConfig, rt: Runtime, folder: Path | None, image_s
             torch.manual_seed(0)
             teacher = usual.prepare(build(cfg.teacher_arch, c, image_size=image_size)).eval()
             loops = {
-                "imagefolder_online": (step(cfg.alpha, usual, teacher), _imagefolder_loader(folder, image_size, cfg.batch_size, dev)),
+                "imagefolder_online": (
+                    step(cfg.alpha, usual, teacher),
+                    _imagefolder_loader(folder, image_size, cfg.batch_size, dev),
+                ),
                 "imagefolder_plain": (step(0.0, usual), _imagefolder_loader(folder, image_size, cfg.batch_size, dev)),
                 "plain": (step(0.0), _endless(source_of(resident, False))),
                 "cached": (step(cfg.alpha), _endless(source_of(resident, True))),
@@ -439,11 +479,14 @@ def _procs_worker(spec: dict, out: Path) -> None:
     images_d, labels_d = images.to(dev), labels.to(dev)
     views = draw_views(CropFlip(), 0, range(n), range(NUM_VIEWS))
     logits = torch.randn(n, NUM_VIEWS, c, generator=torch.Generator().manual_seed(1)).to(torch.float16)
-    batches = ViewBatches(images_d, labels_d, cached_plan(views, logits, 0, dev), b, 0, mean, std,
-                          rank=rt.rank, world=rt.world)  # fmt: skip
+    batches = ViewBatches(
+        images_d, labels_d, cached_plan(views, logits, 0, dev), b, 0, mean, std, rank=rt.rank, world=rt.world
+    )
     step = _student_step(spec["student_arch"], c, rt, T=spec["T"], alpha=spec["alpha"])
     teacher = rt.prepare(build(spec["teacher_arch"], c)).eval()
-    rows = torch.arange(n * NUM_VIEWS, device=dev).tensor_split(rt.world)[rt.rank]  # on the device once, as in run_bench
+    rows = torch.arange(n * NUM_VIEWS, device=dev).tensor_split(rt.world)[
+        rt.rank
+    ]  # on the device once, as in run_bench
     flat = views.flatten().to(dev)
 
     def dump_steps(count: int, offset: int) -> None:
@@ -481,13 +524,23 @@ def run_procs_bench(cfg: BenchConfig, procs: int, rt: Runtime, log=lambda msg: N
         raise KDCacheError(f"--procs must be >= 2 (got {procs}): it compares that many processes with one")
     cuda = rt.device.type == "cuda"
     if cuda and torch.cuda.device_count() < procs:
-        raise KDCacheError(f"--procs {procs} on CUDA needs {procs} GPUs, this machine has {torch.cuda.device_count()}: use fewer")
+        raise KDCacheError(
+            f"--procs {procs} on CUDA needs {procs} GPUs, this machine has {torch.cuda.device_count()}: use fewer"
+        )
     if not cuda and cfg.batch_size < procs:
         raise KDCacheError(f"--batch-size {cfg.batch_size} cannot be split over {procs} processes: use a larger one")
     threads = torch.get_num_threads()
-    spec = {"device": rt.device.type, "precision": "fp32" if rt.amp_dtype is None else "bf16", "teacher_arch": cfg.teacher_arch,
-            "student_arch": cfg.student_arch, "batch_size": cfg.batch_size, "steps": cfg.steps, "warmup": cfg.warmup,
-            "T": cfg.T, "alpha": cfg.alpha}  # fmt: skip
+    spec = {
+        "device": rt.device.type,
+        "precision": "fp32" if rt.amp_dtype is None else "bf16",
+        "teacher_arch": cfg.teacher_arch,
+        "student_arch": cfg.student_arch,
+        "batch_size": cfg.batch_size,
+        "steps": cfg.steps,
+        "warmup": cfg.warmup,
+        "T": cfg.T,
+        "alpha": cfg.alpha,
+    }
     rounds: dict[int, list[dict]] = {1: [], procs: []}
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
         out = Path(tmp) / "result.json"
@@ -495,12 +548,24 @@ def run_procs_bench(cfg: BenchConfig, procs: int, rt: Runtime, log=lambda msg: N
             for p in (1, procs):
                 log(f"round {r + 1}/{cfg.repeats}: {p} process{'es' if p > 1 else ''}")
                 env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // p))}
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(p),
-                       "-m", "kdcache.bench", json.dumps(spec), str(out)]  # fmt: skip
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    "--nproc-per-node",
+                    str(p),
+                    "-m",
+                    "kdcache.bench",
+                    json.dumps(spec),
+                    str(out),
+                ]
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if done.returncode != 0:
                     lines = [ln for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
-                    raise KDCacheError(f"a {p}-process bench round failed ({lines[-1] if lines else f'exit {done.returncode}'})")
+                    raise KDCacheError(
+                        f"a {p}-process bench round failed ({lines[-1] if lines else f'exit {done.returncode}'})"
+                    )
                 rounds[p].append(json.loads(out.read_text()))
                 out.unlink()
     median = {p: {loop: statistics.median(x[loop] for x in rs) for loop in PROCS_LOOPS} for p, rs in rounds.items()}

@@ -13,6 +13,7 @@ import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -23,6 +24,9 @@ from kdcache.artifacts import fresh_file, refuse_different, require_file
 from kdcache.config import DEFAULT_BLOCK_ROWS
 from kdcache.errors import KDCacheError
 from kdcache.views import GEOMETRIES, MIXES, CropFlip, Geometry, Mix, ResizedCrop, Views
+
+if TYPE_CHECKING:
+    from kdcache.topk import TopK
 
 FORMAT = "kdcache-logits"
 FORMAT_VERSION = 2
@@ -55,7 +59,9 @@ def shard_blocks(path: Path, attrs: dict) -> set[int]:
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise KDCacheError(f"{path} cannot be read ({str(e).splitlines()[0][:80]}): rerun with --force to start over") from None
+        raise KDCacheError(
+            f"{path} cannot be read ({str(e).splitlines()[0][:80]}): rerun with --force to start over"
+        ) from None
     with f:
         _same_dump(path, f.attrs, attrs)
         return {int(b) for b in np.flatnonzero(f["blocks_done"][...])}
@@ -63,13 +69,14 @@ def shard_blocks(path: Path, attrs: dict) -> set[int]:
 
 def _same_dump(path: Path, started, attrs: dict) -> None:
     """A partial or a shard belongs to this dump only if it was started with the same identity attributes."""
+
     def identity(a):
         return {k: _plain(a.get(k, ABSENT_DEFAULTS.get(k))) for k in _IDENTITY_ATTRS}
 
     refuse_different(path, identity(started), identity(attrs), asked="this dump has")
 
 
-def merge_shards(writer: "CacheWriter", shards: dict[int, Path], num_rows: int, block_rows: int) -> None:
+def merge_shards(writer: CacheWriter, shards: dict[int, Path], num_rows: int, block_rows: int) -> None:
     """Copy every block, in order, from the shard holding it into `writer` (a fresh partial):
     the same writes as a one-process dump, so the same bytes whatever the process count."""
     names = [n for n in ("logits", *TOPK_DATASETS) if n in writer.ds]
@@ -81,16 +88,29 @@ def merge_shards(writer: "CacheWriter", shards: dict[int, Path], num_rows: int, 
             f = open_files.get(path) or open_files.setdefault(path, h5py.File(path, "r"))
             stop = min(start + block_rows, num_rows)
             targets = {n: f[n][start:stop] for n in names}
-            writer.write_rows(start, targets if "logits" not in targets else targets["logits"], f["view_params"][start:stop],
-                              f["labels"][start:stop], f["indices"][start:stop],
-                              {n: f[n][start:stop] for n in mix_names} or None)  # fmt: skip
+            writer.write_rows(
+                start,
+                targets if "logits" not in targets else targets["logits"],
+                f["view_params"][start:stop],
+                f["labels"][start:stop],
+                f["indices"][start:stop],
+                {n: f[n][start:stop] for n in mix_names} or None,
+            )
     finally:
         for f in open_files.values():
             f.close()
 
 
-def bytes_needed(n: int, k: int, c: int, n_test: int, mixed: bool = False, view_bytes: int = 3,
-                 topk: int | None = None, grid: int = 0) -> int:  # fmt: skip
+def bytes_needed(
+    n: int,
+    k: int,
+    c: int,
+    n_test: int,
+    mixed: bool = False,
+    view_bytes: int = 3,
+    topk: int | None = None,
+    grid: int = 0,
+) -> int:
     from kdcache.topk import bytes_per_view
 
     per_view = bytes_per_view(c, topk, grid) + view_bytes + (8 + view_bytes + 4 + 4 if mixed else 0)
@@ -99,21 +119,39 @@ def bytes_needed(n: int, k: int, c: int, n_test: int, mixed: bool = False, view_
 
 # Attributes that must match for a partial file to be resumed by the same dump.
 _IDENTITY_ATTRS = (
-    "num_views", "num_classes", "dataset", "dataset_fingerprint", "teacher_sha256", "seed", "augment",
-    "batch_size", "block_rows", "precision", "mix", "mix_prob", "view_recipe", "data_options", "topk",
-    "lse_temperatures", "tta",
-)  # fmt: skip
+    "num_views",
+    "num_classes",
+    "dataset",
+    "dataset_fingerprint",
+    "teacher_sha256",
+    "seed",
+    "augment",
+    "batch_size",
+    "block_rows",
+    "precision",
+    "mix",
+    "mix_prob",
+    "view_recipe",
+    "data_options",
+    "topk",
+    "lse_temperatures",
+    "tta",
+)
 
 
-def content_digest(cache: "Cache") -> str:
+def content_digest(cache: Cache) -> str:
     """sha256 over the per-block checksums: names the cache's logits and views in 64 hex digits."""
     return hashlib.sha256(cache.file["block_sha256"][...].tobytes()).hexdigest()
 
 
 def mix_arrays(mix: Mix) -> dict[str, np.ndarray]:
     """A `Mix` [rows, K] as the cache's mix datasets (numpy, their on-disk dtypes)."""
-    return {"mix_partner": mix.partner.numpy().astype(np.int32), "mix_crop": mix.crop.numpy(),
-            "mix_box": mix.box.numpy(), "mix_lam": mix.lam.numpy()}  # fmt: skip
+    return {
+        "mix_partner": mix.partner.numpy().astype(np.int32),
+        "mix_crop": mix.crop.numpy(),
+        "mix_box": mix.box.numpy(),
+        "mix_lam": mix.lam.numpy(),
+    }
 
 
 def target_names(attrs) -> tuple[str, ...]:
@@ -139,8 +177,17 @@ def block_digest(targets: np.ndarray | dict, params: np.ndarray, mix: dict | Non
 class CacheWriter:
     """Writes rows [start, stop) of logits and view params into `<out>.partial`, then publishes `<out>`."""
 
-    def __init__(self, out: str | Path, *, attrs: dict, num_rows: int, num_test: int, resume: bool,
-                 store_hw: np.ndarray | None = None, shard: Path | None = None):  # fmt: skip
+    def __init__(
+        self,
+        out: str | Path,
+        *,
+        attrs: dict,
+        num_rows: int,
+        num_test: int,
+        resume: bool,
+        store_hw: np.ndarray | None = None,
+        shard: Path | None = None,
+    ):
         """`shard`: write this file instead of `<out>.partial`: one process's share of a torchrun dump,
         with a `blocks_done` record (it is merged into `out` by `merge_shards`, never published)."""
         self.out, self.tmp = Path(out), Path(shard) if shard is not None else partial_path(out)
@@ -174,8 +221,17 @@ class CacheWriter:
         `flush`, which raises, and the dump can clean up.
         """
         f = self.file
-        names = ("logits", *TOPK_DATASETS, "view_params", "labels", "indices", "block_sha256", "test_logits",
-                 "blocks_done", *MIX_DATASETS)  # fmt: skip
+        names = (
+            "logits",
+            *TOPK_DATASETS,
+            "view_params",
+            "labels",
+            "indices",
+            "block_sha256",
+            "test_logits",
+            "blocks_done",
+            *MIX_DATASETS,
+        )
         self.ds = {name: f[name] for name in names if name in f}
         self.attrs = f.attrs
 
@@ -188,7 +244,7 @@ class CacheWriter:
             from kdcache.topk import index_dtype
 
             grid = len(attrs["lse_temperatures"])
-            for name, dt, tail in zip(TOPK_DATASETS, ("float16", index_dtype(c), "float32"), (topk, topk, grid)):
+            for name, dt, tail in zip(TOPK_DATASETS, ("float16", index_dtype(c), "float32"), (topk, topk, grid), strict=False):
                 f.create_dataset(name, (num_rows, k, tail), dtype=dt, chunks=(rows, k, tail))
         else:
             f.create_dataset("logits", (num_rows, k, c), dtype="float16", chunks=(rows, k, c))
@@ -196,7 +252,7 @@ class CacheWriter:
         if store_hw is not None:  # random-resized crops: each stored image's (h, w), so views can be checked
             f.create_dataset("store_hw", data=np.asarray(store_hw, dtype=np.int16))
         if attrs["mix"] != "none":
-            for name, dt, tail in zip(MIX_DATASETS, ("int32", dtype, "uint8", "float32"), ((), (fields,), (4,), ())):
+            for name, dt, tail in zip(MIX_DATASETS, ("int32", dtype, "uint8", "float32"), ((), (fields,), (4,), ()), strict=False):
                 f.create_dataset(name, (num_rows, k, *tail), dtype=dt, chunks=(rows, k, *tail))
         f.create_dataset("labels", (num_rows,), dtype="int64")
         f.create_dataset("indices", (num_rows,), dtype="int64")
@@ -205,16 +261,18 @@ class CacheWriter:
             f.create_dataset("blocks_done", (-(-num_rows // block),), dtype="uint8")
         if num_test:
             f.create_dataset("test_logits", (num_test, c), dtype="float16")
-        f.attrs.update({
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "view_recipe": VIEW_RECIPE,  # the dump's attrs name another recipe where it has one
-            "complete": False,
-            "rows_done": 0,
-            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "kdcache_version": __version__,
-            **attrs,
-        })  # fmt: skip
+        f.attrs.update(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "view_recipe": VIEW_RECIPE,  # the dump's attrs name another recipe where it has one
+                "complete": False,
+                "rows_done": 0,
+                "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "kdcache_version": __version__,
+                **attrs,
+            }
+        )
         f.flush()
 
     def _reopen(self, attrs: dict) -> h5py.File:
@@ -237,13 +295,14 @@ class CacheWriter:
     def rows_done(self) -> int:
         return int(self.attrs["rows_done"])
 
-    def write_rows(self, start: int, logits: np.ndarray | dict, params: np.ndarray, labels, indices,
-                   mix: dict | None = None) -> None:  # fmt: skip
+    def write_rows(
+        self, start: int, logits: np.ndarray | dict, params: np.ndarray, labels, indices, mix: dict | None = None
+    ) -> None:
         """Write one block, flush it, and only then record it as done (the resume point).
         `logits`: dense fp16 [b, K, C], or the top-k datasets by name."""
         stop = start + len(params)
         ds = self.ds
-        for name, value in (logits.items() if isinstance(logits, dict) else [("logits", logits)]):
+        for name, value in logits.items() if isinstance(logits, dict) else [("logits", logits)]:
             ds[name][start:stop] = value
         ds["view_params"][start:stop] = params
         for name in MIX_DATASETS if mix is not None else ():
@@ -316,8 +375,11 @@ def _cat_topk(parts):
     from kdcache.topk import TopK
 
     first = parts[0]
-    return TopK(*(torch.cat([getattr(p, f) for p in parts]) for f in ("values", "indices", "lse")),
-                first.temperatures, first.num_classes)  # fmt: skip
+    return TopK(
+        *(torch.cat([getattr(p, f) for p in parts]) for f in ("values", "indices", "lse")),
+        first.temperatures,
+        first.num_classes,
+    )
 
 
 def check_finite(path: str | Path, logits: torch.Tensor, fix: str) -> None:
@@ -359,8 +421,13 @@ class Cache:
         from kdcache.topk import TopK
 
         values, idx, lse = (f[name][rows] for name in TOPK_DATASETS)
-        return TopK(torch.from_numpy(values), torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(lse),
-                    tuple(float(t) for t in self.attrs["lse_temperatures"]), int(self.attrs["num_classes"]))  # fmt: skip
+        return TopK(
+            torch.from_numpy(values),
+            torch.from_numpy(idx.astype(np.int64)),
+            torch.from_numpy(lse),
+            tuple(float(t) for t in self.attrs["lse_temperatures"]),
+            int(self.attrs["num_classes"]),
+        )
 
     @property
     def mix(self) -> str:
@@ -401,7 +468,7 @@ class Cache:
             parts.append(t[torch.arange(stop - start), torch.from_numpy(views[start:stop])])
         return _cat_topk(parts) if self.topk else torch.cat(parts)
 
-    def tensors(self, targets: bool = True) -> tuple["torch.Tensor | TopK | None", Views, torch.Tensor]:
+    def tensors(self, targets: bool = True) -> tuple[torch.Tensor | TopK | None, Views, torch.Tensor]:
         """(targets: logits fp16 [N,K,C] or a `TopK` [N,K] (None when not `targets`), the `Views` [N,K]
         (view_params, the mix record when mixed, the geometry), labels int64 [N]) in host memory, checked: finite targets, view parameters, partners, classes
         and labels in range (a hand-edited cache is refused here). The student moves one epoch's slice
@@ -439,7 +506,7 @@ class Cache:
     def close(self) -> None:
         self.file.close()
 
-    def __enter__(self) -> "Cache":
+    def __enter__(self) -> Cache:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -450,9 +517,11 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> Cache:
     """Open and validate a cache; every failure is a one-line KDCacheError saying what to do."""
     path = Path(path)
     if not path.exists():
-        hint = f" (an interrupted dump is at {partial_path(path)}: finish it with dump-logits --resume)" if partial_path(
-            path
-        ).exists() else ""
+        hint = (
+            f" (an interrupted dump is at {partial_path(path)}: finish it with dump-logits --resume)"
+            if partial_path(path).exists()
+            else ""
+        )
         raise KDCacheError(f"cache {path} does not exist{hint}: create it with `kdcache dump-logits`")
     try:
         f = h5py.File(path, "r")
@@ -476,8 +545,11 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> Cache:
         problem = f"{path} is incomplete (an interrupted dump): finish it with `kdcache dump-logits --resume`"
     elif not all(name in f for name in (*target_names(attrs), "view_params", "labels", "indices")):
         problem = f"{path} lacks datasets of format v1: recreate it with `kdcache dump-logits`"
-    elif missing := [key for key in REQUIRED_ATTRS + (tuple(V1_DEFAULTS) if _plain(attrs.get("format_version")) >= 2 else ())
-                     if key not in attrs]:
+    elif missing := [
+        key
+        for key in REQUIRED_ATTRS + (tuple(V1_DEFAULTS) if _plain(attrs.get("format_version")) >= 2 else ())
+        if key not in attrs
+    ]:
         problem = f"{path} lacks the attribute {missing[0]!r}: it was edited or damaged; recreate it with `kdcache dump-logits`"
     elif damage := _layout_problem(f) or _json_problem(attrs):
         problem = f"{path} {damage}: it was edited or damaged; recreate it with `kdcache dump-logits`"
@@ -487,12 +559,32 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> Cache:
     return Cache(path, f)
 
 
-REQUIRED_ATTRS = ("num_views", "num_classes", "dataset", "dataset_fingerprint", "subset", "teacher_arch",
-                  "teacher_sha256", "seed", "augment", "normalize_mean", "normalize_std", "block_rows",
-                  "created_utc", "kdcache_version")  # fmt: skip
+REQUIRED_ATTRS = (
+    "num_views",
+    "num_classes",
+    "dataset",
+    "dataset_fingerprint",
+    "subset",
+    "teacher_arch",
+    "teacher_sha256",
+    "seed",
+    "augment",
+    "normalize_mean",
+    "normalize_std",
+    "block_rows",
+    "created_utc",
+    "kdcache_version",
+)
 V1_DEFAULTS = {"mix": "none", "mix_prob": 1.0}  # what a v1 file (no mix attributes) means
 # ... and what a file from before image folders, top-k or --tta lacks (for resume's and the pipeline's comparisons)
-ABSENT_DEFAULTS = {**V1_DEFAULTS, "view_recipe": VIEW_RECIPE, "data_options": "{}", "topk": 0, "lse_temperatures": [], "tta": "none"}
+ABSENT_DEFAULTS = {
+    **V1_DEFAULTS,
+    "view_recipe": VIEW_RECIPE,
+    "data_options": "{}",
+    "topk": 0,
+    "lse_temperatures": [],
+    "tta": "none",
+}
 
 
 JSON_ATTRS = {"recipe": dict, "data_options": dict, "classes": list, "ensemble_members": list}  # stored as JSON text
@@ -512,7 +604,9 @@ def _json_problem(attrs) -> str | None:
         if ok and key == "ensemble_members":
             ok = all(isinstance(m, dict) and all(isinstance(m.get(k), str) for k in MEMBER_KEYS) for m in value)
         if not ok:
-            return f"has an attribute {key} that is not the JSON {'object' if kind is dict else 'list'} dump-logits writes"
+            return (
+                f"has an attribute {key} that is not the JSON {'object' if kind is dict else 'list'} dump-logits writes"
+            )
     return None
 
 
@@ -559,7 +653,9 @@ def check_matches(cache: Cache, fingerprint: str, num_classes: int, classes: lis
             f"{cache.path} has {a['num_classes']} classes, the data has {num_classes}: use a cache of this dataset"
         )
     if "classes" in a and classes is not None and json.loads(a["classes"]) != list(classes):
-        raise KDCacheError(f"{cache.path} names other classes than the data (e.g. class order): use a cache of this dataset")
+        raise KDCacheError(
+            f"{cache.path} names other classes than the data (e.g. class order): use a cache of this dataset"
+        )
     if a["dataset_fingerprint"] != fingerprint:
         raise KDCacheError(
             f"{cache.path} was made from other training images (fingerprint {a['dataset_fingerprint'][:12]}, "

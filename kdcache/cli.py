@@ -9,12 +9,20 @@ import json
 import math
 import signal
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from kdcache.artifacts import atomic_write_text, claim_output
-from kdcache.config import DEFAULT_PRESET, PRESETS, Recipe, config_given, dump_settings, read_config, resolve, teacher_views
+from kdcache.config import (
+    DEFAULT_PRESET,
+    PRESETS,
+    Recipe,
+    config_given,
+    dump_settings,
+    read_config,
+    resolve,
+    teacher_views,
+)
 from kdcache.errors import KDCacheError
 from kdcache.present import (
     RichProgress,
@@ -85,54 +93,176 @@ def command(name: str | None = None, **kwargs):
 
 # ---- shared options -----------------------------------------------------------------------------
 
-PresetOpt = typer.Option(None, "--preset", help=f"Named recipe: {PRESET_NAMES}. Flags you pass override it. \\[default: {DEFAULT_PRESET} for teacher and pipeline; dump-logits and student start from the recipe the teacher/cache recorded]")
-DataDirOpt = typer.Option(None, "--data-dir", "--data", help="Where the data is: CIFAR's python batches (\\[default: data/]) or an image folder (\\[default: the path the checkpoint or cache recorded]).")
-DatasetOpt = typer.Option(None, "--dataset", help="cifar10 | cifar100 | imagefolder (implied by --data PATH with a train/ folder). \\[default: cifar10]")
-ImageSizeOpt = typer.Option(None, "--image-size", help="Image folders: side of a view in pixels, 8..255 (64 trains fast on a CPU). \\[default: 224]")
-StoreSizeOpt = typer.Option(None, "--store-size", help="Image folders: images are stored once, shrunk to fit this many pixels a side. \\[default: image size x 4/3 / 0.875, rounded up to 8: 104 for 64, 344 for 224]")
-ValFractionOpt = typer.Option(None, "--val-fraction", help="Image folders without val/: hold out this share of every class of train/ (chosen by a hash of the file path).")
-SkipBadOpt = typer.Option(False, "--skip-bad-images", help="Image folders: leave out files that do not decode or are too large (named in a note and in the store's meta.json) instead of stopping.")
-MaxPixelsOpt = typer.Option(None, "--max-image-pixels", help="Image folders: refuse (or with --skip-bad-images leave out) an image whose header declares more pixels than this, before decoding it: a small file can declare a huge canvas. \\[default: 40000000, 40 megapixels]")
-ResidentOpt = typer.Option(None, "--resident-mb", help="Image folders: training images up to this many MB stay on the device; a larger store is streamed from host memory per batch (same results). \\[default: half the GPU's free memory, or half the RAM]")
-StoreFormatOpt = typer.Option(None, "--store-format", help="Image folders: how the store keeps each image: raw (uint8 pixels, read by memory map: fastest, biggest), jpeg (JPEG bytes, about a tenth of raw, decoded per batch on all cores) or auto (raw while the raw store fits in half the RAM, jpeg beyond). \\[default: auto]")
-JpegQualityOpt = typer.Option(None, "--jpeg-quality", help="Image folders, jpeg store: JPEG quality of the stored images. \\[default: 90]")
-RebuildStoreOpt = typer.Option(False, "--rebuild-store", help="Image folders: prepare the store again, whatever its state: after the folder changed (artifacts of the old store no longer match), or when it is damaged.")
-SubsetOpt = typer.Option(None, "--subset", help="Use only the first N training images. \\[default: all, or the preset's]")
+PresetOpt = typer.Option(
+    None,
+    "--preset",
+    help=f"Named recipe: {PRESET_NAMES}. Flags you pass override it. \\[default: {DEFAULT_PRESET} for teacher and pipeline; dump-logits and student start from the recipe the teacher/cache recorded]",
+)
+DataDirOpt = typer.Option(
+    None,
+    "--data-dir",
+    "--data",
+    help="Where the data is: CIFAR's python batches (\\[default: data/]) or an image folder (\\[default: the path the checkpoint or cache recorded]).",
+)
+DatasetOpt = typer.Option(
+    None,
+    "--dataset",
+    help="cifar10 | cifar100 | imagefolder (implied by --data PATH with a train/ folder). \\[default: cifar10]",
+)
+ImageSizeOpt = typer.Option(
+    None,
+    "--image-size",
+    help="Image folders: side of a view in pixels, 8..255 (64 trains fast on a CPU). \\[default: 224]",
+)
+StoreSizeOpt = typer.Option(
+    None,
+    "--store-size",
+    help="Image folders: images are stored once, shrunk to fit this many pixels a side. \\[default: image size x 4/3 / 0.875, rounded up to 8: 104 for 64, 344 for 224]",
+)
+ValFractionOpt = typer.Option(
+    None,
+    "--val-fraction",
+    help="Image folders without val/: hold out this share of every class of train/ (chosen by a hash of the file path).",
+)
+SkipBadOpt = typer.Option(
+    False,
+    "--skip-bad-images",
+    help="Image folders: leave out files that do not decode or are too large (named in a note and in the store's meta.json) instead of stopping.",
+)
+MaxPixelsOpt = typer.Option(
+    None,
+    "--max-image-pixels",
+    help="Image folders: refuse (or with --skip-bad-images leave out) an image whose header declares more pixels than this, before decoding it: a small file can declare a huge canvas. \\[default: 40000000, 40 megapixels]",
+)
+ResidentOpt = typer.Option(
+    None,
+    "--resident-mb",
+    help="Image folders: training images up to this many MB stay on the device; a larger store is streamed from host memory per batch (same results). \\[default: half the GPU's free memory, or half the RAM]",
+)
+StoreFormatOpt = typer.Option(
+    None,
+    "--store-format",
+    help="Image folders: how the store keeps each image: raw (uint8 pixels, read by memory map: fastest, biggest), jpeg (JPEG bytes, about a tenth of raw, decoded per batch on all cores) or auto (raw while the raw store fits in half the RAM, jpeg beyond). \\[default: auto]",
+)
+JpegQualityOpt = typer.Option(
+    None, "--jpeg-quality", help="Image folders, jpeg store: JPEG quality of the stored images. \\[default: 90]"
+)
+RebuildStoreOpt = typer.Option(
+    False,
+    "--rebuild-store",
+    help="Image folders: prepare the store again, whatever its state: after the folder changed (artifacts of the old store no longer match), or when it is damaged.",
+)
+SubsetOpt = typer.Option(
+    None, "--subset", help="Use only the first N training images. \\[default: all, or the preset's]"
+)
 SeedOpt = typer.Option(None, "--seed", help="Seed for initialisation, views and order. \\[default: 0]")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda (auto: cuda when available).")
-PrecisionOpt = typer.Option("auto", "--precision", help="auto | fp32 | bf16 (auto: bf16 autocast on cuda, fp32 on cpu).")
+PrecisionOpt = typer.Option(
+    "auto", "--precision", help="auto | fp32 | bf16 (auto: bf16 autocast on cuda, fp32 on cpu)."
+)
 CompileOpt = typer.Option(False, "--compile", help="torch.compile the model (pays off on long CUDA runs).")
 ForceOpt = typer.Option(False, "--force", help="Overwrite an existing output (or discard an interrupted run's state).")
-ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run of the same command from its last saved point.")
+ResumeOpt = typer.Option(
+    False, "--resume", help="Continue an interrupted run of the same command from its last saved point."
+)
 EpochsOpt = typer.Option(None, "--epochs", help="Training epochs. \\[default: the preset's, 200 for seed-resnet]")
-BatchOpt = typer.Option(None, "--batch-size", help="Training batch size. \\[default: the preset's, 128 for seed-resnet]")
+BatchOpt = typer.Option(
+    None, "--batch-size", help="Training batch size. \\[default: the preset's, 128 for seed-resnet]"
+)
 LrOpt = typer.Option(None, "--lr", help="Peak learning rate. \\[default: the preset's, 0.1 (SGD) for seed-resnet]")
-OptimOpt = typer.Option(None, "--optimizer", help="sgd | adam; momentum and weight decay stay the preset's. \\[default: the preset's: sgd for seed-resnet, adam for seed-cnn]")
-WarmupOpt = typer.Option(None, "--warmup-epochs", help="Epochs of linear warm-up to --lr before the schedule starts. \\[default: the preset's, 0]")
-NesterovOpt = typer.Option(None, "--nesterov/--no-nesterov", help="Nesterov momentum (SGD). \\[default: the preset's, off]")
-MixOpt = typer.Option(None, "--mix", help="Mixed views (function matching): none | cutmix | mixup | both; the partner image and box or weight are a pure function of (seed, image, view). \\[default: the preset's, none]")
-MixProbOpt = typer.Option(None, "--mix-prob", help="Share of views that are mixed, in [0, 1]. \\[default: the preset's, 1; dump-logits: the teacher's]")
-LossOpt = typer.Option(None, "--loss", help="Soft-target loss from raw logits: kd (Hinton) | dkd (decoupled KD) | dist (DIST) | ls (logit standardisation). \\[default: kd]")
-ScheduleOpt = typer.Option(None, "--schedule", help="Learning rate over the epochs, set every step: cosine (decays to 0) | linear (decays to 0) | constant. \\[default: the preset's: cosine for seed-resnet, constant for seed-cnn]")
-MomentumOpt = typer.Option(None, "--momentum", help="SGD momentum in [0, 1). \\[default: the preset's, 0.9 for seed-resnet]")
-WeightDecayOpt = typer.Option(None, "--weight-decay", help="L2 weight decay (>= 0). \\[default: the preset's, 5e-4 for seed-resnet]")
-LabelSmoothingOpt = typer.Option(None, "--label-smoothing", help="Label smoothing of the label term, in [0, 1): targets (1 - s) one-hot + s / classes. \\[default: the preset's, 0; cifar10-fast's teacher 0.2]")
-EmaOpt = typer.Option(None, "--ema", help="Keep an exponential moving average of the weights (this decay per step, e.g. 0.98; 0: off); evaluation, the checkpoint and so the dump use the average. \\[default: the preset's, 0]")
-BnBiasLrOpt = typer.Option(None, "--bn-bias-lr", help="BatchNorm biases learn at this multiple of --lr (their weight decay divided by it, as airbench does). \\[default: the preset's, 1]")
-ConfigOpt = typer.Option(None, "--config", help="A TOML file of recipe fields, e.g. `lr = 0.05`, with a \\[teacher] table for the teacher stage's own (write one with --print-config, or from any checkpoint or cache with `kdcache inspect FILE --config`). Flags you type override it; it overrides the starting recipe (--preset, its own `preset = NAME`, or what the upstream artifact recorded).")
-PrintConfigOpt = typer.Option(False, "--print-config", help="Print the resolved recipe as a TOML config file and exit: nothing is trained or written.")
-FixedDatasetOpt = typer.Option(None, "--dataset", help="Fixed by the teacher (or cache): accepted when it names the same dataset, refused otherwise.")
-FixedImageSizeOpt = typer.Option(None, "--image-size", help="Fixed by the teacher (or cache): accepted when it is the same size, refused otherwise.")
-TensorBoardOpt = typer.Option(None, "--tensorboard", help="Also write each epoch's metrics (the lines of OUT.metrics.jsonl: train loss, train and test accuracy, lr, img/s, a student's agreement and KL with the teacher, a teacher's TTA accuracies at the end) as TensorBoard scalars into this folder, the epoch as the step; view them with `tensorboard --logdir DIR`. Needs pip install 'kdcache\\[tensorboard]'.", metavar="DIR")
-TrustArchOpt = typer.Option(False, "--trust-arch", help="Build a module.path:factory architecture that a checkpoint or cache names: that imports the module and runs its code, so only for files you trust. kdcache's own names and torchvision:/timm: specs need no flag.")
+OptimOpt = typer.Option(
+    None,
+    "--optimizer",
+    help="sgd | adam; momentum and weight decay stay the preset's. \\[default: the preset's: sgd for seed-resnet, adam for seed-cnn]",
+)
+WarmupOpt = typer.Option(
+    None,
+    "--warmup-epochs",
+    help="Epochs of linear warm-up to --lr before the schedule starts. \\[default: the preset's, 0]",
+)
+NesterovOpt = typer.Option(
+    None, "--nesterov/--no-nesterov", help="Nesterov momentum (SGD). \\[default: the preset's, off]"
+)
+MixOpt = typer.Option(
+    None,
+    "--mix",
+    help="Mixed views (function matching): none | cutmix | mixup | both; the partner image and box or weight are a pure function of (seed, image, view). \\[default: the preset's, none]",
+)
+MixProbOpt = typer.Option(
+    None,
+    "--mix-prob",
+    help="Share of views that are mixed, in [0, 1]. \\[default: the preset's, 1; dump-logits: the teacher's]",
+)
+LossOpt = typer.Option(
+    None,
+    "--loss",
+    help="Soft-target loss from raw logits: kd (Hinton) | dkd (decoupled KD) | dist (DIST) | ls (logit standardisation). \\[default: kd]",
+)
+ScheduleOpt = typer.Option(
+    None,
+    "--schedule",
+    help="Learning rate over the epochs, set every step: cosine (decays to 0) | linear (decays to 0) | constant. \\[default: the preset's: cosine for seed-resnet, constant for seed-cnn]",
+)
+MomentumOpt = typer.Option(
+    None, "--momentum", help="SGD momentum in [0, 1). \\[default: the preset's, 0.9 for seed-resnet]"
+)
+WeightDecayOpt = typer.Option(
+    None, "--weight-decay", help="L2 weight decay (>= 0). \\[default: the preset's, 5e-4 for seed-resnet]"
+)
+LabelSmoothingOpt = typer.Option(
+    None,
+    "--label-smoothing",
+    help="Label smoothing of the label term, in [0, 1): targets (1 - s) one-hot + s / classes. \\[default: the preset's, 0; cifar10-fast's teacher 0.2]",
+)
+EmaOpt = typer.Option(
+    None,
+    "--ema",
+    help="Keep an exponential moving average of the weights (this decay per step, e.g. 0.98; 0: off); evaluation, the checkpoint and so the dump use the average. \\[default: the preset's, 0]",
+)
+BnBiasLrOpt = typer.Option(
+    None,
+    "--bn-bias-lr",
+    help="BatchNorm biases learn at this multiple of --lr (their weight decay divided by it, as airbench does). \\[default: the preset's, 1]",
+)
+ConfigOpt = typer.Option(
+    None,
+    "--config",
+    help="A TOML file of recipe fields, e.g. `lr = 0.05`, with a \\[teacher] table for the teacher stage's own (write one with --print-config, or from any checkpoint or cache with `kdcache inspect FILE --config`). Flags you type override it; it overrides the starting recipe (--preset, its own `preset = NAME`, or what the upstream artifact recorded).",
+)
+PrintConfigOpt = typer.Option(
+    False,
+    "--print-config",
+    help="Print the resolved recipe as a TOML config file and exit: nothing is trained or written.",
+)
+FixedDatasetOpt = typer.Option(
+    None,
+    "--dataset",
+    help="Fixed by the teacher (or cache): accepted when it names the same dataset, refused otherwise.",
+)
+FixedImageSizeOpt = typer.Option(
+    None, "--image-size", help="Fixed by the teacher (or cache): accepted when it is the same size, refused otherwise."
+)
+TensorBoardOpt = typer.Option(
+    None,
+    "--tensorboard",
+    help="Also write each epoch's metrics (the lines of OUT.metrics.jsonl: train loss, train and test accuracy, lr, img/s, a student's agreement and KL with the teacher, a teacher's TTA accuracies at the end) as TensorBoard scalars into this folder, the epoch as the step; view them with `tensorboard --logdir DIR`. Needs pip install 'kdcache\\[tensorboard]'.",
+    metavar="DIR",
+)
+TrustArchOpt = typer.Option(
+    False,
+    "--trust-arch",
+    help="Build a module.path:factory architecture that a checkpoint or cache names: that imports the module and runs its code, so only for files you trust. kdcache's own names and torchvision:/timm: specs need no flag.",
+)
 
 
 def _print_config(recipe, command: str, dump=None) -> None:
     """--print-config: the resolved recipe (and the dump's own settings) as TOML on stdout, then exit 0 before any work."""
     from kdcache.config import to_toml
 
-    typer.echo(to_toml(recipe, header=f"kdcache {command}: the resolved recipe (use it with --config FILE)", dump=dump),
-               nl=False)  # fmt: skip
+    typer.echo(
+        to_toml(recipe, header=f"kdcache {command}: the resolved recipe (use it with --config FILE)", dump=dump),
+        nl=False,
+    )
     raise typer.Exit(0)
 
 
@@ -150,25 +280,52 @@ def _fixed_by(source: Path, **typed: tuple) -> None:
     for name, (value, recorded) in typed.items():
         flag = "--" + name.replace("_", "-")
         if value is not None and value != recorded:
-            raise KDCacheError(f"{flag} {value} differs from {source}, which has {recorded}: it is fixed by that file; "
-                               f"drop {flag}, or make the file again with it")  # fmt: skip
+            raise KDCacheError(
+                f"{flag} {value} differs from {source}, which has {recorded}: it is fixed by that file; "
+                f"drop {flag}, or make the file again with it"
+            )
 
 
-def _data_options(dataset: str | None, data_dir: Path | None, image_size, store_size, val_fraction, skip_bad,
-                  max_pixels, rebuild, store_format=None, jpeg_quality=None) -> tuple[str | None, dict]:  # fmt: skip
+def _data_options(
+    dataset: str | None,
+    data_dir: Path | None,
+    image_size,
+    store_size,
+    val_fraction,
+    skip_bad,
+    max_pixels,
+    rebuild,
+    store_format=None,
+    jpeg_quality=None,
+) -> tuple[str | None, dict]:
     """The dataset (a folder with train/ is an image folder) and its store options, checked."""
     if dataset is None and data_dir is not None and (data_dir / "train").is_dir():
         dataset = "imagefolder"
-    given = {"--image-size": image_size, "--store-size": store_size, "--val-fraction": val_fraction,
-             "--skip-bad-images": skip_bad or None, "--max-image-pixels": max_pixels, "--store-format": store_format,
-             "--jpeg-quality": jpeg_quality}  # fmt: skip
+    given = {
+        "--image-size": image_size,
+        "--store-size": store_size,
+        "--val-fraction": val_fraction,
+        "--skip-bad-images": skip_bad or None,
+        "--max-image-pixels": max_pixels,
+        "--store-format": store_format,
+        "--jpeg-quality": jpeg_quality,
+    }
     if dataset != "imagefolder" and (flag := next((f for f, v in given.items() if v is not None), None)):
-        raise KDCacheError(f"{flag} applies to image folders: pass --data PATH, a folder with train/<class>/ image folders")
+        raise KDCacheError(
+            f"{flag} applies to image folders: pass --data PATH, a folder with train/<class>/ image folders"
+        )
     if dataset == "imagefolder" and data_dir is None:
         raise KDCacheError("--dataset imagefolder needs --data PATH, a folder with train/<class>/ image folders")
-    options = {"image_size": image_size, "store_size": store_size, "val_fraction": val_fraction,
-               "skip_bad_images": skip_bad, "max_image_pixels": max_pixels, "rebuild_store": rebuild,
-               "store_format": store_format, "jpeg_quality": jpeg_quality}  # fmt: skip
+    options = {
+        "image_size": image_size,
+        "store_size": store_size,
+        "val_fraction": val_fraction,
+        "skip_bad_images": skip_bad,
+        "max_image_pixels": max_pixels,
+        "rebuild_store": rebuild,
+        "store_format": store_format,
+        "jpeg_quality": jpeg_quality,
+    }
     return dataset, options if dataset == "imagefolder" else {}
 
 
@@ -190,43 +347,51 @@ def _runtime(device: str, precision: str, compile: bool, resident_mb: float | No
 
 @command("teacher")
 def teacher_cmd(
-    preset: Optional[str] = PresetOpt,
-    arch: Optional[str] = typer.Option(None, "--arch", help="Teacher architecture: resnet18|34|50, seed-cnn-teacher, torchvision:NAME, timm:NAME or module.path:factory. \\[default: resnet50]"),
-    dataset: Optional[str] = DatasetOpt,
-    data_dir: Optional[Path] = DataDirOpt,
-    image_size: Optional[int] = ImageSizeOpt,
-    store_size: Optional[int] = StoreSizeOpt,
-    val_fraction: Optional[float] = ValFractionOpt,
+    preset: str | None = PresetOpt,
+    arch: str | None = typer.Option(
+        None,
+        "--arch",
+        help="Teacher architecture: resnet18|34|50, seed-cnn-teacher, torchvision:NAME, timm:NAME or module.path:factory. \\[default: resnet50]",
+    ),
+    dataset: str | None = DatasetOpt,
+    data_dir: Path | None = DataDirOpt,
+    image_size: int | None = ImageSizeOpt,
+    store_size: int | None = StoreSizeOpt,
+    val_fraction: float | None = ValFractionOpt,
     skip_bad_images: bool = SkipBadOpt,
-    max_image_pixels: Optional[int] = MaxPixelsOpt,
+    max_image_pixels: int | None = MaxPixelsOpt,
     rebuild_store: bool = RebuildStoreOpt,
-    store_format: Optional[str] = StoreFormatOpt,
-    jpeg_quality: Optional[int] = JpegQualityOpt,
-    resident_mb: Optional[float] = ResidentOpt,
-    subset: Optional[int] = SubsetOpt,
-    epochs: Optional[int] = EpochsOpt,
-    batch_size: Optional[int] = BatchOpt,
-    lr: Optional[float] = LrOpt,
-    optimizer: Optional[str] = OptimOpt,
-    schedule: Optional[str] = ScheduleOpt,
-    warmup_epochs: Optional[int] = WarmupOpt,
-    nesterov: Optional[bool] = NesterovOpt,
-    momentum: Optional[float] = MomentumOpt,
-    weight_decay: Optional[float] = WeightDecayOpt,
-    label_smoothing: Optional[float] = LabelSmoothingOpt,
-    ema: Optional[float] = EmaOpt,
-    bn_bias_lr: Optional[float] = BnBiasLrOpt,
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random pad-4 crop + flip each epoch. \\[default: the preset's]"),
-    mix: Optional[str] = MixOpt,
-    mix_prob: Optional[float] = MixProbOpt,
-    seed: Optional[int] = SeedOpt,
-    config: Optional[Path] = ConfigOpt,
+    store_format: str | None = StoreFormatOpt,
+    jpeg_quality: int | None = JpegQualityOpt,
+    resident_mb: float | None = ResidentOpt,
+    subset: int | None = SubsetOpt,
+    epochs: int | None = EpochsOpt,
+    batch_size: int | None = BatchOpt,
+    lr: float | None = LrOpt,
+    optimizer: str | None = OptimOpt,
+    schedule: str | None = ScheduleOpt,
+    warmup_epochs: int | None = WarmupOpt,
+    nesterov: bool | None = NesterovOpt,
+    momentum: float | None = MomentumOpt,
+    weight_decay: float | None = WeightDecayOpt,
+    label_smoothing: float | None = LabelSmoothingOpt,
+    ema: float | None = EmaOpt,
+    bn_bias_lr: float | None = BnBiasLrOpt,
+    augment: bool | None = typer.Option(
+        None, "--augment/--no-augment", help="Random pad-4 crop + flip each epoch. \\[default: the preset's]"
+    ),
+    mix: str | None = MixOpt,
+    mix_prob: float | None = MixProbOpt,
+    seed: int | None = SeedOpt,
+    config: Path | None = ConfigOpt,
     print_config: bool = PrintConfigOpt,
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     compile: bool = CompileOpt,
-    out: Path = typer.Option(TEACHER_OUT, "--out", help="Checkpoint to write (metrics go beside it as OUT.metrics.jsonl)."),
-    tensorboard: Optional[Path] = TensorBoardOpt,
+    out: Path = typer.Option(
+        TEACHER_OUT, "--out", help="Checkpoint to write (metrics go beside it as OUT.metrics.jsonl)."
+    ),
+    tensorboard: Path | None = TensorBoardOpt,
     force: bool = ForceOpt,
     resume: bool = ResumeOpt,
 ):
@@ -236,51 +401,110 @@ def teacher_cmd(
     from kdcache.stages import train_teacher
 
     cfg = read_config(config)
-    dataset, data_options = _data_options(dataset or cfg.get("dataset"), data_dir, image_size, store_size,
-                                          val_fraction, skip_bad_images, max_image_pixels, rebuild_store,
-                                          store_format, jpeg_quality)  # fmt: skip
+    dataset, data_options = _data_options(
+        dataset or cfg.get("dataset"),
+        data_dir,
+        image_size,
+        store_size,
+        val_fraction,
+        skip_bad_images,
+        max_image_pixels,
+        rebuild_store,
+        store_format,
+        jpeg_quality,
+    )
     check_spec(arch) if arch else None
-    recipe = resolve(preset, cfg, None, dict(
-        teacher_arch=arch, dataset=dataset, subset=subset, epochs=epochs, batch_size=batch_size,
-        lr=lr, optimizer=optimizer, schedule=schedule, warmup_epochs=warmup_epochs, nesterov=nesterov,
-        momentum=momentum, weight_decay=weight_decay, label_smoothing=label_smoothing, ema=ema, bn_bias_lr=bn_bias_lr,
-        augment=augment, mix=mix, mix_prob=mix_prob, seed=seed,
-    ), teacher_stage=True, config_path=config)  # fmt: skip
+    recipe = resolve(
+        preset,
+        cfg,
+        None,
+        dict(
+            teacher_arch=arch,
+            dataset=dataset,
+            subset=subset,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            optimizer=optimizer,
+            schedule=schedule,
+            warmup_epochs=warmup_epochs,
+            nesterov=nesterov,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            label_smoothing=label_smoothing,
+            ema=ema,
+            bn_bias_lr=bn_bias_lr,
+            augment=augment,
+            mix=mix,
+            mix_prob=mix_prob,
+            seed=seed,
+        ),
+        teacher_stage=True,
+        config_path=config,
+    )
     _file_arch(recipe.for_teacher().teacher_arch if config else None, arch, config)
     if print_config:
         _print_config(recipe, "teacher")
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)
     tblog.check(tensorboard, main=rt.main)
     with tblog.epoch_scalars(tensorboard, print_epoch) as on_epoch, RichProgress() as progress:
-        result = train_teacher(recipe, data_dir=data_dir, out=out, rt=rt, force=force, resume=resume,
-                               progress=progress, on_epoch=on_epoch, data_options=data_options)  # fmt: skip
+        result = train_teacher(
+            recipe,
+            data_dir=data_dir,
+            out=out,
+            rt=rt,
+            force=force,
+            resume=resume,
+            progress=progress,
+            on_epoch=on_epoch,
+            data_options=data_options,
+        )
     if rt.main:
         stage_summary("teacher", result)
 
 
 @command("import-teacher")
 def import_teacher_cmd(
-    weights: Path = typer.Argument(..., help="Weights trained elsewhere: a state dict (.pt/.pth, also nested under 'state_dict' or 'model'), loaded safely with no flag; a whole saved model needs --trust-pickle."),
-    arch: str = typer.Option(..., "--arch", help="What the weights were trained as: a kdcache name, torchvision:NAME, timm:NAME or module.path:factory."),
-    dataset: Optional[str] = DatasetOpt,
-    data_dir: Optional[Path] = DataDirOpt,
-    image_size: Optional[int] = ImageSizeOpt,
-    store_size: Optional[int] = StoreSizeOpt,
-    val_fraction: Optional[float] = ValFractionOpt,
+    weights: Path = typer.Argument(
+        ...,
+        help="Weights trained elsewhere: a state dict (.pt/.pth, also nested under 'state_dict' or 'model'), loaded safely with no flag; a whole saved model needs --trust-pickle.",
+    ),
+    arch: str = typer.Option(
+        ...,
+        "--arch",
+        help="What the weights were trained as: a kdcache name, torchvision:NAME, timm:NAME or module.path:factory.",
+    ),
+    dataset: str | None = DatasetOpt,
+    data_dir: Path | None = DataDirOpt,
+    image_size: int | None = ImageSizeOpt,
+    store_size: int | None = StoreSizeOpt,
+    val_fraction: float | None = ValFractionOpt,
     skip_bad_images: bool = SkipBadOpt,
-    max_image_pixels: Optional[int] = MaxPixelsOpt,
+    max_image_pixels: int | None = MaxPixelsOpt,
     rebuild_store: bool = RebuildStoreOpt,
-    store_format: Optional[str] = StoreFormatOpt,
-    jpeg_quality: Optional[int] = JpegQualityOpt,
-    mean: Optional[str] = typer.Option(None, "--mean", help="Normalisation the weights were trained with, as R,G,B in [0, 1]. \\[default: ImageNet's for image folders, CIFAR's for CIFAR]"),
-    std: Optional[str] = typer.Option(None, "--std", help="Its standard deviations, R,G,B. \\[default: with --mean's]"),
-    small_stem: Optional[bool] = typer.Option(None, "--small-stem/--no-small-stem", help="ResNet-style models: the CIFAR stem (3x3 stride 1, no max-pool) or the ImageNet one. \\[default: the CIFAR stem for images of at most 64 pixels]"),
+    store_format: str | None = StoreFormatOpt,
+    jpeg_quality: int | None = JpegQualityOpt,
+    mean: str | None = typer.Option(
+        None,
+        "--mean",
+        help="Normalisation the weights were trained with, as R,G,B in [0, 1]. \\[default: ImageNet's for image folders, CIFAR's for CIFAR]",
+    ),
+    std: str | None = typer.Option(None, "--std", help="Its standard deviations, R,G,B. \\[default: with --mean's]"),
+    small_stem: bool | None = typer.Option(
+        None,
+        "--small-stem/--no-small-stem",
+        help="ResNet-style models: the CIFAR stem (3x3 stride 1, no max-pool) or the ImageNet one. \\[default: the CIFAR stem for images of at most 64 pixels]",
+    ),
     batch_size: int = typer.Option(512, "--batch-size", help="Evaluation batch size."),
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     out: Path = typer.Option(Path("saved_models/imported_teacher.pt"), "--out", help="kdcache checkpoint to write."),
     force: bool = ForceOpt,
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Also load a whole pickled model (torch.save(model)): this runs code from the file, so only for files you trust. A state dict needs no flag."),
+    trust_pickle: bool = typer.Option(
+        False,
+        "--trust-pickle",
+        help="Also load a whole pickled model (torch.save(model)): this runs code from the file, so only for files you trust. A state dict needs no flag.",
+    ),
 ):
     """Wrap a teacher trained elsewhere into a kdcache checkpoint, checked against the data's classes.
 
@@ -291,9 +515,18 @@ def import_teacher_cmd(
     """
     from kdcache.imports import import_teacher
 
-    dataset, data_options = _data_options(dataset or None, data_dir, image_size, store_size, val_fraction,
-                                          skip_bad_images, max_image_pixels, rebuild_store,
-                                          store_format, jpeg_quality)  # fmt: skip
+    dataset, data_options = _data_options(
+        dataset or None,
+        data_dir,
+        image_size,
+        store_size,
+        val_fraction,
+        skip_bad_images,
+        max_image_pixels,
+        rebuild_store,
+        store_format,
+        jpeg_quality,
+    )
 
     def rgb(flag: str, text: str | None):
         values = _numbers(flag, text)
@@ -308,68 +541,146 @@ def import_teacher_cmd(
         raise KDCacheError(f"--std must be positive (got {std})")
     rt = _runtime(device, precision, False)
     with RichProgress() as progress:
-        meta = import_teacher(weights, arch=arch, dataset=dataset or "cifar10", data_dir=data_dir,
-                              data_options=data_options, out=out, rt=rt, mean=m, std=s, small_stem=small_stem,
-                              batch_size=batch_size, force=force, progress=progress,
-                              trust_pickle=trust_pickle)  # fmt: skip
+        meta = import_teacher(
+            weights,
+            arch=arch,
+            dataset=dataset or "cifar10",
+            data_dir=data_dir,
+            data_options=data_options,
+            out=out,
+            rt=rt,
+            mean=m,
+            std=s,
+            small_stem=small_stem,
+            batch_size=batch_size,
+            force=force,
+            progress=progress,
+            trust_pickle=trust_pickle,
+        )
     print_imported(meta, arch, out)
 
 
 @command("dump-logits")
 def dump_cmd(
-    preset: Optional[str] = PresetOpt,
-    teacher: list[Path] = typer.Option([TEACHER_OUT], "--teacher", help="Teacher checkpoint written by `kdcache teacher` or `import-teacher`. Repeat it for an ensemble: the cache then holds log(mean of the members' softmax), valid logits at T=1."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="Refuse a teacher of any other architecture; naming a module.path:factory one here also lets it be built (as --trust-arch)."),
+    preset: str | None = PresetOpt,
+    teacher: list[Path] = typer.Option(
+        [TEACHER_OUT],
+        "--teacher",
+        help="Teacher checkpoint written by `kdcache teacher` or `import-teacher`. Repeat it for an ensemble: the cache then holds log(mean of the members' softmax), valid logits at T=1.",
+    ),
+    arch: str | None = typer.Option(
+        None,
+        "--arch",
+        help="Refuse a teacher of any other architecture; naming a module.path:factory one here also lets it be built (as --trust-arch).",
+    ),
     trust_arch: bool = TrustArchOpt,
-    views: Optional[int] = typer.Option(None, "--views", help="Augmented views per image, K. \\[default: the preset's, 8 for seed-resnet]"),
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Crop+flip views; --no-augment caches the plain image. \\[default: the preset's; without --preset, what the teacher was trained with]"),
-    mix: Optional[str] = typer.Option(None, "--mix", help="Mixed views: none | cutmix | mixup | both. The teacher runs on the mixed image itself, and the cache stores the partner and box/weight, so a student replays exactly that image. \\[default: what the teacher was trained with]"),
-    mix_prob: Optional[float] = MixProbOpt,
-    data_dir: Optional[Path] = DataDirOpt,
-    dataset: Optional[str] = FixedDatasetOpt,
-    image_size: Optional[int] = FixedImageSizeOpt,
+    views: int | None = typer.Option(
+        None, "--views", help="Augmented views per image, K. \\[default: the preset's, 8 for seed-resnet]"
+    ),
+    augment: bool | None = typer.Option(
+        None,
+        "--augment/--no-augment",
+        help="Crop+flip views; --no-augment caches the plain image. \\[default: the preset's; without --preset, what the teacher was trained with]",
+    ),
+    mix: str | None = typer.Option(
+        None,
+        "--mix",
+        help="Mixed views: none | cutmix | mixup | both. The teacher runs on the mixed image itself, and the cache stores the partner and box/weight, so a student replays exactly that image. \\[default: what the teacher was trained with]",
+    ),
+    mix_prob: float | None = MixProbOpt,
+    data_dir: Path | None = DataDirOpt,
+    dataset: str | None = FixedDatasetOpt,
+    image_size: int | None = FixedImageSizeOpt,
     rebuild_store: bool = RebuildStoreOpt,
-    resident_mb: Optional[float] = ResidentOpt,
-    subset: Optional[int] = typer.Option(None, "--subset", help="Use only the first N training images. \\[default: the images the teacher was trained on]"),
-    seed: Optional[int] = SeedOpt,
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Teacher inference batch size. \\[default: 512]"),
-    block_rows: Optional[int] = typer.Option(None, "--block-rows", help="Images per written block (the resume and checksum unit). \\[default: 1024]"),
-    topk: Optional[int] = typer.Option(None, "--topk", help="Keep only the k largest logits per view (fp16) and their classes, plus the log-sum-exp of all logits at --topk-temperatures, so the tail's mass stays exact: for many classes (C=1000, k=10: 29x smaller per view). Students then use --loss kd at one of those temperatures. 0: every logit. \\[default: 0, dense logits]"),
-    tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation of the cached logits: none (the teacher's answer to exactly the view) | flip (the mean of its answers to the view and its mirror: a two-member ensemble, usually a little more accurate; recorded in the cache) | flip-translate (also shifted by a pixel: 6 passes). \\[default: none]"),
-    topk_temperatures: Optional[str] = typer.Option(None, "--topk-temperatures", help="Temperatures a top-k cache serves, comma-separated. \\[default: 1,2,3,4,5,8 and the recipe's T]"),
-    config: Optional[Path] = ConfigOpt,
+    resident_mb: float | None = ResidentOpt,
+    subset: int | None = typer.Option(
+        None,
+        "--subset",
+        help="Use only the first N training images. \\[default: the images the teacher was trained on]",
+    ),
+    seed: int | None = SeedOpt,
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Teacher inference batch size. \\[default: 512]"
+    ),
+    block_rows: int | None = typer.Option(
+        None, "--block-rows", help="Images per written block (the resume and checksum unit). \\[default: 1024]"
+    ),
+    topk: int | None = typer.Option(
+        None,
+        "--topk",
+        help="Keep only the k largest logits per view (fp16) and their classes, plus the log-sum-exp of all logits at --topk-temperatures, so the tail's mass stays exact: for many classes (C=1000, k=10: 29x smaller per view). Students then use --loss kd at one of those temperatures. 0: every logit. \\[default: 0, dense logits]",
+    ),
+    tta: str | None = typer.Option(
+        None,
+        "--tta",
+        help="Test-time augmentation of the cached logits: none (the teacher's answer to exactly the view) | flip (the mean of its answers to the view and its mirror: a two-member ensemble, usually a little more accurate; recorded in the cache) | flip-translate (also shifted by a pixel: 6 passes). \\[default: none]",
+    ),
+    topk_temperatures: str | None = typer.Option(
+        None,
+        "--topk-temperatures",
+        help="Temperatures a top-k cache serves, comma-separated. \\[default: 1,2,3,4,5,8 and the recipe's T]",
+    ),
+    config: Path | None = ConfigOpt,
     print_config: bool = PrintConfigOpt,
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     compile: bool = CompileOpt,
-    out: Path = typer.Option(CACHE_OUT, "--out", help="HDF5 cache to write (built as OUT.partial, renamed when complete)."),
+    out: Path = typer.Option(
+        CACHE_OUT, "--out", help="HDF5 cache to write (built as OUT.partial, renamed when complete)."
+    ),
     force: bool = ForceOpt,
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted dump (OUT.partial) from its last complete block."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue an interrupted dump (OUT.partial) from its last complete block."
+    ),
 ):
     """Cache the teacher's raw logits for K deterministic augmented views of every training image."""
     from kdcache.dump import dump_logits
-
     from kdcache.models import read_checkpoint
 
     cfg = read_config(config)
     meta = read_checkpoint(teacher[0])
     taught = meta.get("recipe")
     _fixed_by(teacher[0], dataset=(dataset, meta.get("dataset")), image_size=(image_size, meta.get("image_size")))
-    recipe = resolve(preset, cfg, taught, dict(views=views, augment=augment, mix=mix, mix_prob=mix_prob, seed=seed,
-                                               subset=subset), config_path=config)  # fmt: skip
+    recipe = resolve(
+        preset,
+        cfg,
+        taught,
+        dict(views=views, augment=augment, mix=mix, mix_prob=mix_prob, seed=seed, subset=subset),
+        config_path=config,
+    )
     recipe = teacher_views(recipe, taught, **config_given(cfg, mix=mix, mix_prob=mix_prob))  # crop/flip: the preset's
-    own = dump_settings(cfg, config, tta=tta, topk=topk, batch_size=batch_size, block_rows=block_rows,
-                        topk_temperatures=_numbers("--topk-temperatures", topk_temperatures))  # fmt: skip
+    own = dump_settings(
+        cfg,
+        config,
+        tta=tta,
+        topk=topk,
+        batch_size=batch_size,
+        block_rows=block_rows,
+        topk_temperatures=_numbers("--topk-temperatures", topk_temperatures),
+    )
     if print_config:
         _print_config(recipe, "dump-logits", dump=own)
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)
     with RichProgress() as progress:
         path = dump_logits(
-            teacher_path=teacher if len(teacher) > 1 else teacher[0], data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
-            rt=rt, subset=recipe.subset, augment=recipe.augment, mix=recipe.mix, mix_prob=recipe.mix_prob, arch=arch,
-            trust_arch=trust_arch, force=force, resume=resume, progress=progress, rebuild_store=rebuild_store,
+            teacher_path=teacher if len(teacher) > 1 else teacher[0],
+            data_dir=data_dir,
+            out=out,
+            views=recipe.views,
+            seed=recipe.seed,
+            rt=rt,
+            subset=recipe.subset,
+            augment=recipe.augment,
+            mix=recipe.mix,
+            mix_prob=recipe.mix_prob,
+            arch=arch,
+            trust_arch=trust_arch,
+            force=force,
+            resume=resume,
+            progress=progress,
+            rebuild_store=rebuild_store,
             **own.dump_args(),
-        )  # fmt: skip
+        )
     if rt.main:
         print_cache_summary(path, recipe.T)
 
@@ -386,43 +697,69 @@ def _numbers(flag: str, text: str | None) -> tuple[float, ...] | None:
 
 @command("student")
 def student_cmd(
-    preset: Optional[str] = PresetOpt,
-    arch: Optional[str] = typer.Option(None, "--arch", help="Student architecture: resnet18|34|50, seed-cnn-student, torchvision:NAME, timm:NAME or module.path:factory. \\[default: resnet18]"),
+    preset: str | None = PresetOpt,
+    arch: str | None = typer.Option(
+        None,
+        "--arch",
+        help="Student architecture: resnet18|34|50, seed-cnn-student, torchvision:NAME, timm:NAME or module.path:factory. \\[default: resnet18]",
+    ),
     cache: Path = typer.Option(CACHE_OUT, "--cache", help="Logit cache written by `kdcache dump-logits`."),
-    online_teacher: Optional[Path] = typer.Option(None, "--online-teacher", help="No cache: run this teacher checkpoint on a fresh view every step (online distillation, to compare with the cache at equal budget). The views are of the family the teacher trained on (crop/flip or not, its --mix and --mix-prob), whatever --preset says; --augment/--no-augment, --mix and --mix-prob change them."),
+    online_teacher: Path | None = typer.Option(
+        None,
+        "--online-teacher",
+        help="No cache: run this teacher checkpoint on a fresh view every step (online distillation, to compare with the cache at equal budget). The views are of the family the teacher trained on (crop/flip or not, its --mix and --mix-prob), whatever --preset says; --augment/--no-augment, --mix and --mix-prob change them.",
+    ),
     trust_arch: bool = TrustArchOpt,
-    loss: Optional[str] = LossOpt,
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="With --online-teacher only: crop+flip views, or the plain image. \\[default: the teacher's]"),
-    mix: Optional[str] = typer.Option(None, "--mix", help="With --online-teacher only: none | cutmix | mixup | both. \\[default: the teacher's]"),
-    mix_prob: Optional[float] = typer.Option(None, "--mix-prob", help="With --online-teacher only. \\[default: the teacher's]"),
-    data_dir: Optional[Path] = DataDirOpt,
-    dataset: Optional[str] = FixedDatasetOpt,
-    image_size: Optional[int] = FixedImageSizeOpt,
-    views: Optional[int] = typer.Option(None, "--views", help="Fixed by the cache (its K views per image): accepted when it is the same, refused otherwise."),
+    loss: str | None = LossOpt,
+    augment: bool | None = typer.Option(
+        None,
+        "--augment/--no-augment",
+        help="With --online-teacher only: crop+flip views, or the plain image. \\[default: the teacher's]",
+    ),
+    mix: str | None = typer.Option(
+        None, "--mix", help="With --online-teacher only: none | cutmix | mixup | both. \\[default: the teacher's]"
+    ),
+    mix_prob: float | None = typer.Option(
+        None, "--mix-prob", help="With --online-teacher only. \\[default: the teacher's]"
+    ),
+    data_dir: Path | None = DataDirOpt,
+    dataset: str | None = FixedDatasetOpt,
+    image_size: int | None = FixedImageSizeOpt,
+    views: int | None = typer.Option(
+        None,
+        "--views",
+        help="Fixed by the cache (its K views per image): accepted when it is the same, refused otherwise.",
+    ),
     rebuild_store: bool = RebuildStoreOpt,
-    resident_mb: Optional[float] = ResidentOpt,
-    subset: Optional[int] = typer.Option(None, "--subset", help="Must match the cache's; \\[default: the cache's]"),
-    epochs: Optional[int] = EpochsOpt,
-    batch_size: Optional[int] = BatchOpt,
-    lr: Optional[float] = LrOpt,
-    optimizer: Optional[str] = OptimOpt,
-    schedule: Optional[str] = ScheduleOpt,
-    warmup_epochs: Optional[int] = WarmupOpt,
-    nesterov: Optional[bool] = NesterovOpt,
-    momentum: Optional[float] = MomentumOpt,
-    weight_decay: Optional[float] = WeightDecayOpt,
-    label_smoothing: Optional[float] = LabelSmoothingOpt,
-    ema: Optional[float] = EmaOpt,
-    T: Optional[float] = typer.Option(None, "--T", help="Distillation temperature (> 0). \\[default: the preset's, 3]"),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="Weight of the soft-target loss in [0, 1]; 0 trains the student alone. \\[default: the preset's, 0.5 for seed-resnet]"),
-    seed: Optional[int] = SeedOpt,
-    config: Optional[Path] = ConfigOpt,
+    resident_mb: float | None = ResidentOpt,
+    subset: int | None = typer.Option(None, "--subset", help="Must match the cache's; \\[default: the cache's]"),
+    epochs: int | None = EpochsOpt,
+    batch_size: int | None = BatchOpt,
+    lr: float | None = LrOpt,
+    optimizer: str | None = OptimOpt,
+    schedule: str | None = ScheduleOpt,
+    warmup_epochs: int | None = WarmupOpt,
+    nesterov: bool | None = NesterovOpt,
+    momentum: float | None = MomentumOpt,
+    weight_decay: float | None = WeightDecayOpt,
+    label_smoothing: float | None = LabelSmoothingOpt,
+    ema: float | None = EmaOpt,
+    T: float | None = typer.Option(None, "--T", help="Distillation temperature (> 0). \\[default: the preset's, 3]"),
+    alpha: float | None = typer.Option(
+        None,
+        "--alpha",
+        help="Weight of the soft-target loss in [0, 1]; 0 trains the student alone. \\[default: the preset's, 0.5 for seed-resnet]",
+    ),
+    seed: int | None = SeedOpt,
+    config: Path | None = ConfigOpt,
     print_config: bool = PrintConfigOpt,
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     compile: bool = CompileOpt,
-    out: Path = typer.Option(STUDENT_OUT, "--out", help="Checkpoint to write (metrics go beside it as OUT.metrics.jsonl)."),
-    tensorboard: Optional[Path] = TensorBoardOpt,
+    out: Path = typer.Option(
+        STUDENT_OUT, "--out", help="Checkpoint to write (metrics go beside it as OUT.metrics.jsonl)."
+    ),
+    tensorboard: Path | None = TensorBoardOpt,
     force: bool = ForceOpt,
     resume: bool = ResumeOpt,
 ):
@@ -445,13 +782,21 @@ def student_cmd(
     taught = None if meta is None else meta.get("recipe")
     if any(v is not None for v in (dataset, image_size, views)):
         if meta is not None:
-            _fixed_by(online_teacher, dataset=(dataset, meta.get("dataset")), image_size=(image_size, meta.get("image_size")))
+            _fixed_by(
+                online_teacher, dataset=(dataset, meta.get("dataset")), image_size=(image_size, meta.get("image_size"))
+            )
             if views is not None:
-                raise KDCacheError("--views goes with a cache (its K views); an online student sees a fresh view every epoch")
+                raise KDCacheError(
+                    "--views goes with a cache (its K views); an online student sees a fresh view every epoch"
+                )
         else:
             with open_cache(cache) as c:
-                _fixed_by(cache, dataset=(dataset, c.attrs.get("dataset")), image_size=(image_size, c.geometry().size[0]),
-                          views=(views, c.file["view_params"].shape[1]))  # fmt: skip
+                _fixed_by(
+                    cache,
+                    dataset=(dataset, c.attrs.get("dataset")),
+                    image_size=(image_size, c.geometry().size[0]),
+                    views=(views, c.file["view_params"].shape[1]),
+                )
 
     @functools.cache  # the cache's recipe is read once, for the resolver and the views check alike
     def recorded() -> dict | None:
@@ -461,23 +806,51 @@ def student_cmd(
             return json.loads(c.attrs["recipe"]) if "recipe" in c.attrs else None
 
     cfg = read_config(config)
-    recipe = resolve(preset, cfg, None if preset or cfg.get("preset") else recorded(), dict(
-        student_arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-        warmup_epochs=warmup_epochs, nesterov=nesterov, momentum=momentum, weight_decay=weight_decay,
-        label_smoothing=label_smoothing, ema=ema, T=T, alpha=alpha, seed=seed, loss=loss, augment=augment,
-        mix=mix, mix_prob=mix_prob,
-    ), config_path=config)  # fmt: skip
+    recipe = resolve(
+        preset,
+        cfg,
+        None if preset or cfg.get("preset") else recorded(),
+        dict(
+            student_arch=arch,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            optimizer=optimizer,
+            schedule=schedule,
+            warmup_epochs=warmup_epochs,
+            nesterov=nesterov,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            label_smoothing=label_smoothing,
+            ema=ema,
+            T=T,
+            alpha=alpha,
+            seed=seed,
+            loss=loss,
+            augment=augment,
+            mix=mix,
+            mix_prob=mix_prob,
+        ),
+        config_path=config,
+    )
     # the cache's rows unless asked otherwise
     recipe = dataclasses.replace(recipe, subset=config_given(cfg, subset=subset)["subset"])
     if online_teacher is None and (fixed := {k: cfg[k] for k in ("views", "augment", "mix", "mix_prob") if k in cfg}):
         dumped = recorded() or {}  # a cache student replays the cache's views: a file that says otherwise is wrong
         for key, value in fixed.items():
             if key in dumped and dumped[key] != value:
-                raise KDCacheError(f"{config}: {key} = {value!r} but {cache} holds {key} = {dumped[key]!r}: the views "
-                                   f"are the cache's; remove {key} from the file or dump a cache with it")  # fmt: skip
+                raise KDCacheError(
+                    f"{config}: {key} = {value!r} but {cache} holds {key} = {dumped[key]!r}: the views "
+                    f"are the cache's; remove {key} from the file or dump a cache with it"
+                )
     if arch is None and not trust_arch:  # the student architecture a file recorded, not one the user named
-        refuse_code(recipe.student_arch, f"the config file {config}" if "student_arch" in cfg else f"the recipe recorded in {online_teacher or cache}",
-                    f"pass --arch {recipe.student_arch} (or --trust-arch) if you trust that code, or another --arch")  # fmt: skip
+        refuse_code(
+            recipe.student_arch,
+            f"the config file {config}"
+            if "student_arch" in cfg
+            else f"the recipe recorded in {online_teacher or cache}",
+            f"pass --arch {recipe.student_arch} (or --trust-arch) if you trust that code, or another --arch",
+        )
     if online_teacher is not None:  # as a cache student replays the dump's views
         recipe = teacher_views(recipe, taught, **config_given(cfg, augment=augment, mix=mix, mix_prob=mix_prob))
     if print_config:
@@ -485,9 +858,20 @@ def student_cmd(
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)
     tblog.check(tensorboard, main=rt.main)
     with tblog.epoch_scalars(tensorboard, print_epoch) as on_epoch, RichProgress() as progress:
-        result = train_student(recipe, cache_file=cache, data_dir=data_dir, out=out, rt=rt, force=force,
-                               online_teacher=online_teacher, resume=resume, progress=progress,
-                               on_epoch=on_epoch, rebuild_store=rebuild_store, trust_arch=trust_arch)  # fmt: skip
+        result = train_student(
+            recipe,
+            cache_file=cache,
+            data_dir=data_dir,
+            out=out,
+            rt=rt,
+            force=force,
+            online_teacher=online_teacher,
+            resume=resume,
+            progress=progress,
+            on_epoch=on_epoch,
+            rebuild_store=rebuild_store,
+            trust_arch=trust_arch,
+        )
     if rt.main:
         stage_summary("student", result)
         warn_weak_teacher(result.teacher_test_acc, result.test_acc, "this student")
@@ -496,11 +880,19 @@ def student_cmd(
 @command("eval")
 def eval_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint written by `kdcache teacher` or `kdcache student`."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="Refuse a checkpoint of any other architecture; naming a module.path:factory one here also lets it be built (as --trust-arch)."),
+    arch: str | None = typer.Option(
+        None,
+        "--arch",
+        help="Refuse a checkpoint of any other architecture; naming a module.path:factory one here also lets it be built (as --trust-arch).",
+    ),
     trust_arch: bool = TrustArchOpt,
-    data_dir: Optional[Path] = DataDirOpt,
+    data_dir: Path | None = DataDirOpt,
     batch_size: int = typer.Option(1024, "--batch-size", help="Inference batch size."),
-    tta: str = typer.Option("none", "--tta", help="Test-time augmentation: none | flip (mean of the image's and its mirror's logits) | flip-translate (also shifted one pixel each way, as airbench evaluates)."),
+    tta: str = typer.Option(
+        "none",
+        "--tta",
+        help="Test-time augmentation: none | flip (mean of the image's and its mirror's logits) | flip-translate (also shifted one pixel each way, as airbench evaluates).",
+    ),
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
 ):
@@ -517,8 +909,14 @@ def eval_cmd(
     model, meta = load_checkpoint(checkpoint, arch=arch, device=rt.device, trust_arch=trust_arch)
     data = load_dataset(meta["dataset"], data_dir, subset=1, **recorded_options(meta))
     check_classes(checkpoint, meta, data.name, data.num_classes)
-    logits = predict(TTAModel(rt.prepare(model), tta), data.test_x, meta["normalize_mean"], meta["normalize_std"],
-                     rt, batch_size=batch_size)  # fmt: skip
+    logits = predict(
+        TTAModel(rt.prepare(model), tta),
+        data.test_x,
+        meta["normalize_mean"],
+        meta["normalize_std"],
+        rt,
+        batch_size=batch_size,
+    )
     print_eval(checkpoint, meta["arch"], num_params(model), data, tta, accuracy(logits, data.test_y))
 
 
@@ -526,7 +924,11 @@ def eval_cmd(
 def inspect_cmd(
     cache: Path = typer.Argument(..., help="A logit cache (complete or interrupted); with --config also a checkpoint."),
     T: float = typer.Option(3.0, "--T", help="Temperature for the soft-target entropy."),
-    config: bool = typer.Option(False, "--config", help="Print the recipe the cache or checkpoint recorded, as a TOML config file: `kdcache inspect student.pt --config > run.toml`, then `kdcache student --config run.toml ...` repeats the run."),
+    config: bool = typer.Option(
+        False,
+        "--config",
+        help="Print the recipe the cache or checkpoint recorded, as a TOML config file: `kdcache inspect student.pt --config > run.toml`, then `kdcache student --config run.toml ...` repeats the run.",
+    ),
 ):
     """Summarise a cache: format, dataset, N x K x C, size, teacher, accuracy, entropy, completeness."""
     if config:
@@ -544,11 +946,21 @@ def inspect_cmd(
 @command("verify")
 def verify_cmd(
     cache: Path = typer.Argument(..., help="The logit cache to check."),
-    teacher: list[Path] = typer.Option([TEACHER_OUT], "--teacher", help="The teacher checkpoint the cache was made with (each member, in order, for an ensemble)."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="Refuse a teacher of any other architecture; naming a module.path:factory one here also lets it be built (as --trust-arch)."),
+    teacher: list[Path] = typer.Option(
+        [TEACHER_OUT],
+        "--teacher",
+        help="The teacher checkpoint the cache was made with (each member, in order, for an ensemble).",
+    ),
+    arch: str | None = typer.Option(
+        None,
+        "--arch",
+        help="Refuse a teacher of any other architecture; naming a module.path:factory one here also lets it be built (as --trust-arch).",
+    ),
     trust_arch: bool = TrustArchOpt,
-    data_dir: Optional[Path] = DataDirOpt,
-    samples: int = typer.Option(256, "--samples", help="Random (image, view) pairs to re-render and re-run through the teacher."),
+    data_dir: Path | None = DataDirOpt,
+    samples: int = typer.Option(
+        256, "--samples", help="Random (image, view) pairs to re-render and re-run through the teacher."
+    ),
     device: str = DeviceOpt,
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto for the teacher re-run."),
 ):
@@ -558,8 +970,15 @@ def verify_cmd(
     """
     from kdcache.verify import verify_cache
 
-    report = verify_cache(cache, teacher=teacher, data_dir=data_dir, samples=samples, rt=_runtime(device, precision, False),
-                          arch=arch, trust_arch=trust_arch)  # fmt: skip
+    report = verify_cache(
+        cache,
+        teacher=teacher,
+        data_dir=data_dir,
+        samples=samples,
+        rt=_runtime(device, precision, False),
+        arch=arch,
+        trust_arch=trust_arch,
+    )
     print_verify(cache, report)
     if not report.ok:
         failed = ", ".join(c.name for c in report.checks if not c.ok)
@@ -574,15 +993,32 @@ def bench_cmd(
     batch_size: int = typer.Option(512, "--batch-size", help="Batch size for every loop."),
     steps: int = typer.Option(50, "--steps", help="Timed steps per loop."),
     warmup: int = typer.Option(5, "--warmup", help="Untimed steps per loop before the first round."),
-    repeats: int = typer.Option(3, "--repeats", help="Rounds: the loops take turns, each timed once a round; the table shows each loop's median."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", "--data", help="Real CIFAR-10 here, or an image folder (with train/): its store-backed loops; without it, synthetic uint8 images of CIFAR's shape."),
-    image_folder: bool = typer.Option(False, "--image-folder", help="Measure the image-folder loops (resident and streamed store, random-resized crops) on a synthetic folder when --data is not one."),
+    repeats: int = typer.Option(
+        3,
+        "--repeats",
+        help="Rounds: the loops take turns, each timed once a round; the table shows each loop's median.",
+    ),
+    data_dir: Path | None = typer.Option(
+        None,
+        "--data-dir",
+        "--data",
+        help="Real CIFAR-10 here, or an image folder (with train/): its store-backed loops; without it, synthetic uint8 images of CIFAR's shape.",
+    ),
+    image_folder: bool = typer.Option(
+        False,
+        "--image-folder",
+        help="Measure the image-folder loops (resident and streamed store, random-resized crops) on a synthetic folder when --data is not one.",
+    ),
     image_size: int = typer.Option(64, "--image-size", help="Image-folder loops: view size in pixels."),
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     compile: bool = CompileOpt,
-    procs: Optional[int] = typer.Option(None, "--procs", help="Instead: the cached student and the dump in N processes under torchrun (DDP; CPU cores split evenly, or one GPU each) against 1 process, taking turns."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON here."),
+    procs: int | None = typer.Option(
+        None,
+        "--procs",
+        help="Instead: the cached student and the dump in N processes under torchrun (DDP; CPU cores split evenly, or one GPU each) against 1 process, taking turns.",
+    ),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the figures as JSON here."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --json file."),
 ):
     """Measure img/s of the seed notebook's loop, online KD, cached KD (plain and mixed views), no-teacher
@@ -598,13 +1034,20 @@ def bench_cmd(
     with claim_output(json_path, force=force, flag="--json") if json_path else contextlib.nullcontext():
         rt = _runtime(device, precision, compile)
         if procs is not None:
-            return _procs_bench(BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, repeats), procs, rt, json_path)
+            return _procs_bench(
+                BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, repeats), procs, rt, json_path
+            )
         if image_folder or (data_dir is not None and (data_dir / "train").is_dir()):
             folder = data_dir if data_dir is not None and (data_dir / "train").is_dir() else None
-            record = _folder_bench(teacher_arch, student_arch, batch_size, steps, warmup, repeats, folder, image_size, rt)
+            record = _folder_bench(
+                teacher_arch, student_arch, batch_size, steps, warmup, repeats, folder, image_size, rt
+            )
             return _write_bench_json(json_path, record)
         cfg = BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, repeats, data_dir).validate()
-        err_console.print(f"bench {teacher_arch} -> {student_arch} · batch {batch_size} · {repeats} rounds of {steps} steps · {rt.describe()}", highlight=False)
+        err_console.print(
+            f"bench {teacher_arch} -> {student_arch} · batch {batch_size} · {repeats} rounds of {steps} steps · {rt.describe()}",
+            highlight=False,
+        )
         with err_console.status("measuring") as status:
             record = run_bench(cfg, rt, log=lambda msg: status.update(msg))
         print_bench(record)
@@ -621,8 +1064,11 @@ def _write_bench_json(json_path: Path | None, record: dict) -> None:
 def _procs_bench(cfg, procs: int, rt, json_path: Path | None) -> None:
     from kdcache.bench import run_procs_bench
 
-    err_console.print(f"bench torchrun {cfg.teacher_arch} -> {cfg.student_arch} · batch {cfg.batch_size} · 1 vs {procs} processes · "
-                      f"{cfg.repeats} rounds of {cfg.steps} steps", highlight=False)  # fmt: skip
+    err_console.print(
+        f"bench torchrun {cfg.teacher_arch} -> {cfg.student_arch} · batch {cfg.batch_size} · 1 vs {procs} processes · "
+        f"{cfg.repeats} rounds of {cfg.steps} steps",
+        highlight=False,
+    )
     with err_console.status("measuring") as status:
         record = run_procs_bench(cfg, procs, rt, log=lambda msg: status.update(msg))
     print_procs_bench(record, cfg, procs)
@@ -633,8 +1079,11 @@ def _folder_bench(teacher_arch, student_arch, batch_size, steps, warmup, repeats
     from kdcache.bench import BenchConfig, run_folder_bench
 
     cfg = BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, repeats).validate()
-    err_console.print(f"bench image folder {folder or '(synthetic)'} · {teacher_arch} -> {student_arch} · {image_size} px · batch {batch_size} · "
-                      f"{repeats} rounds of {steps} steps · {rt.describe()}", highlight=False)  # fmt: skip
+    err_console.print(
+        f"bench image folder {folder or '(synthetic)'} · {teacher_arch} -> {student_arch} · {image_size} px · batch {batch_size} · "
+        f"{repeats} rounds of {steps} steps · {rt.describe()}",
+        highlight=False,
+    )
     with err_console.status("measuring") as status:
         record = run_folder_bench(cfg, rt, folder, image_size, log=lambda msg: status.update(msg))
     print_folder_bench(record)
@@ -643,48 +1092,79 @@ def _folder_bench(teacher_arch, student_arch, batch_size, steps, warmup, repeats
 
 @command("pipeline")
 def pipeline_cmd(
-    preset: Optional[str] = PresetOpt,
+    preset: str | None = PresetOpt,
     out: Path = typer.Option(Path("runs/run"), "--out", help="Run directory for every artifact and the report."),
-    data_dir: Optional[Path] = DataDirOpt,
-    image_size: Optional[int] = ImageSizeOpt,
-    store_size: Optional[int] = StoreSizeOpt,
-    val_fraction: Optional[float] = ValFractionOpt,
+    data_dir: Path | None = DataDirOpt,
+    image_size: int | None = ImageSizeOpt,
+    store_size: int | None = StoreSizeOpt,
+    val_fraction: float | None = ValFractionOpt,
     skip_bad_images: bool = SkipBadOpt,
-    max_image_pixels: Optional[int] = MaxPixelsOpt,
+    max_image_pixels: int | None = MaxPixelsOpt,
     rebuild_store: bool = RebuildStoreOpt,
-    store_format: Optional[str] = StoreFormatOpt,
-    jpeg_quality: Optional[int] = JpegQualityOpt,
-    resident_mb: Optional[float] = ResidentOpt,
-    subset: Optional[int] = SubsetOpt,
-    teacher_arch: Optional[str] = typer.Option(None, "--teacher-arch", help="[default: the preset's]"),
-    student_arch: Optional[str] = typer.Option(None, "--student-arch", help="[default: the preset's]"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Student epochs (and teacher's unless --teacher-epochs). \\[default: the preset's]"),
-    teacher_epochs: Optional[int] = typer.Option(None, "--teacher-epochs", help="Teacher epochs. \\[default: the preset's]"),
-    batch_size: Optional[int] = BatchOpt,
-    lr: Optional[float] = LrOpt,
-    optimizer: Optional[str] = OptimOpt,
-    schedule: Optional[str] = ScheduleOpt,
-    warmup_epochs: Optional[int] = WarmupOpt,
-    nesterov: Optional[bool] = NesterovOpt,
-    views: Optional[int] = typer.Option(None, "--views", help="Cached views per image, K. \\[default: the preset's]"),
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Crop+flip views for teacher and cache. \\[default: the preset's]"),
-    teacher_augment: Optional[bool] = typer.Option(None, "--teacher-augment/--no-teacher-augment", help="The teacher's own training views, when they differ from the cache's (a teacher trained on crops + flips labels plain views well). \\[default: the preset's, else as --augment]"),
-    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Reuse this teacher checkpoint instead of training one."),
-    teachers: int = typer.Option(1, "--teachers", help="Train N teachers (seeds --seed, --seed + 1, ...) and cache their ensemble (the log of their mean softmax); the report lists each member and the ensemble."),
-    trust_arch: bool = typer.Option(False, "--trust-arch", help="The --teacher checkpoint may name a module.path:factory architecture: building it imports the module and runs its code, so only for files you trust."),
-    mix: Optional[str] = MixOpt,
-    mix_prob: Optional[float] = MixProbOpt,
-    loss: Optional[str] = LossOpt,
-    with_online: bool = typer.Option(False, "--with-online", help="Also train the KD student with the teacher in the loop on fresh views of the same family (no cache): accuracy and time beside the cached student."),
-    T: Optional[float] = typer.Option(None, "--T", help="Distillation temperature. \\[default: the preset's]"),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="Soft-target weight of the KD student. \\[default: the preset's]"),
-    seed: Optional[int] = SeedOpt,
-    config: Optional[Path] = ConfigOpt,
+    store_format: str | None = StoreFormatOpt,
+    jpeg_quality: int | None = JpegQualityOpt,
+    resident_mb: float | None = ResidentOpt,
+    subset: int | None = SubsetOpt,
+    teacher_arch: str | None = typer.Option(None, "--teacher-arch", help="[default: the preset's]"),
+    student_arch: str | None = typer.Option(None, "--student-arch", help="[default: the preset's]"),
+    epochs: int | None = typer.Option(
+        None, "--epochs", help="Student epochs (and teacher's unless --teacher-epochs). \\[default: the preset's]"
+    ),
+    teacher_epochs: int | None = typer.Option(
+        None, "--teacher-epochs", help="Teacher epochs. \\[default: the preset's]"
+    ),
+    batch_size: int | None = BatchOpt,
+    lr: float | None = LrOpt,
+    optimizer: str | None = OptimOpt,
+    schedule: str | None = ScheduleOpt,
+    warmup_epochs: int | None = WarmupOpt,
+    nesterov: bool | None = NesterovOpt,
+    views: int | None = typer.Option(None, "--views", help="Cached views per image, K. \\[default: the preset's]"),
+    augment: bool | None = typer.Option(
+        None, "--augment/--no-augment", help="Crop+flip views for teacher and cache. \\[default: the preset's]"
+    ),
+    teacher_augment: bool | None = typer.Option(
+        None,
+        "--teacher-augment/--no-teacher-augment",
+        help="The teacher's own training views, when they differ from the cache's (a teacher trained on crops + flips labels plain views well). \\[default: the preset's, else as --augment]",
+    ),
+    teacher: Path | None = typer.Option(
+        None, "--teacher", help="Reuse this teacher checkpoint instead of training one."
+    ),
+    teachers: int = typer.Option(
+        1,
+        "--teachers",
+        help="Train N teachers (seeds --seed, --seed + 1, ...) and cache their ensemble (the log of their mean softmax); the report lists each member and the ensemble.",
+    ),
+    trust_arch: bool = typer.Option(
+        False,
+        "--trust-arch",
+        help="The --teacher checkpoint may name a module.path:factory architecture: building it imports the module and runs its code, so only for files you trust.",
+    ),
+    mix: str | None = MixOpt,
+    mix_prob: float | None = MixProbOpt,
+    loss: str | None = LossOpt,
+    with_online: bool = typer.Option(
+        False,
+        "--with-online",
+        help="Also train the KD student with the teacher in the loop on fresh views of the same family (no cache): accuracy and time beside the cached student.",
+    ),
+    T: float | None = typer.Option(None, "--T", help="Distillation temperature. \\[default: the preset's]"),
+    alpha: float | None = typer.Option(
+        None, "--alpha", help="Soft-target weight of the KD student. \\[default: the preset's]"
+    ),
+    seed: int | None = SeedOpt,
+    config: Path | None = ConfigOpt,
     print_config: bool = PrintConfigOpt,
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     compile: bool = CompileOpt,
-    tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help="Also write each training stage's per-epoch metrics (as its OUT.metrics.jsonl: loss, accuracies, lr, img/s, the students' agreement and KL with the teacher, the teacher's TTA accuracies) as TensorBoard scalars, the epoch as the step, one subfolder of DIR per report row (teacher, student_alone, student_with_kd, student_online_kd); view them side by side with `tensorboard --logdir DIR`. Needs pip install 'kdcache\\[tensorboard]'.", metavar="DIR"),
+    tensorboard: Path | None = typer.Option(
+        None,
+        "--tensorboard",
+        help="Also write each training stage's per-epoch metrics (as its OUT.metrics.jsonl: loss, accuracies, lr, img/s, the students' agreement and KL with the teacher, the teacher's TTA accuracies) as TensorBoard scalars, the epoch as the step, one subfolder of DIR per report row (teacher, student_alone, student_with_kd, student_online_kd); view them side by side with `tensorboard --logdir DIR`. Needs pip install 'kdcache\\[tensorboard]'.",
+        metavar="DIR",
+    ),
     force: bool = typer.Option(False, "--force", help="Redo every stage, overwriting the run directory's artifacts."),
     resume: bool = typer.Option(False, "--resume", help="Keep finished stages, continue an interrupted one."),
 ):
@@ -693,46 +1173,100 @@ def pipeline_cmd(
     Writes OUT/report.json, OUT/report.md and OUT/accuracy.png beside the four artifacts: the plot
     has each row's test accuracy against the epoch and against cumulative training time.
     """
-    from kdcache.pipeline import dump_batch_size, run_pipeline
-
     from kdcache.models import check_spec
+    from kdcache.pipeline import dump_batch_size, run_pipeline
 
     for spec in (teacher_arch, student_arch):
         check_spec(spec) if spec else None
     cfg = read_config(config)
-    dataset, data_options = _data_options(cfg.get("dataset"), data_dir, image_size, store_size, val_fraction,
-                                          skip_bad_images, max_image_pixels, rebuild_store,
-                                          store_format, jpeg_quality)  # fmt: skip
+    dataset, data_options = _data_options(
+        cfg.get("dataset"),
+        data_dir,
+        image_size,
+        store_size,
+        val_fraction,
+        skip_bad_images,
+        max_image_pixels,
+        rebuild_store,
+        store_format,
+        jpeg_quality,
+    )
     name = preset or cfg.get("preset") or (f"config {config}" if config else DEFAULT_PRESET)
-    recipe = resolve(preset, cfg, None, dict(
-        dataset=dataset, subset=subset, teacher_arch=teacher_arch, student_arch=student_arch, epochs=epochs,
-        teacher_epochs=teacher_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-        warmup_epochs=warmup_epochs, nesterov=nesterov, views=views, augment=augment,
-        teacher_augment=teacher_augment, T=T,
-        alpha=alpha, seed=seed, mix=mix, mix_prob=mix_prob, loss=loss,
-    ), config_path=config)  # fmt: skip
+    recipe = resolve(
+        preset,
+        cfg,
+        None,
+        dict(
+            dataset=dataset,
+            subset=subset,
+            teacher_arch=teacher_arch,
+            student_arch=student_arch,
+            epochs=epochs,
+            teacher_epochs=teacher_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            optimizer=optimizer,
+            schedule=schedule,
+            warmup_epochs=warmup_epochs,
+            nesterov=nesterov,
+            views=views,
+            augment=augment,
+            teacher_augment=teacher_augment,
+            T=T,
+            alpha=alpha,
+            seed=seed,
+            mix=mix,
+            mix_prob=mix_prob,
+            loss=loss,
+        ),
+        config_path=config,
+    )
     if config:
         _file_arch(recipe.for_teacher().teacher_arch, teacher_arch, config, "--teacher-arch")
         _file_arch(recipe.student_arch, student_arch, config, "--student-arch")
     # the file's [dump] table: the dump stage's own settings (its batch size by default as without a table)
-    dump = (dump_settings({"dump": {"batch_size": dump_batch_size(recipe), **cfg["dump"]}}, config)
-            if "dump" in cfg else None)  # fmt: skip
+    dump = (
+        dump_settings({"dump": {"batch_size": dump_batch_size(recipe), **cfg["dump"]}}, config)
+        if "dump" in cfg
+        else None
+    )
     if print_config:
         _print_config(recipe, "pipeline", dump=dump)
     rt = _runtime(device, precision, compile, resident_mb)
     with RichProgress() as progress:
-        record = run_pipeline(recipe, preset=name, run_dir=out, data_dir=data_dir, rt=rt, teacher=teacher, dump=dump,
-                              trust_arch=trust_arch, teachers=teachers, with_online=with_online, data_options=data_options, force=force,
-                              resume=resume, progress=progress, on_epoch=print_epoch, tensorboard=tensorboard,
-                              log=lambda msg: err_console.print(f"[bold]{msg}[/]", highlight=False))  # fmt: skip
+        record = run_pipeline(
+            recipe,
+            preset=name,
+            run_dir=out,
+            data_dir=data_dir,
+            rt=rt,
+            teacher=teacher,
+            dump=dump,
+            trust_arch=trust_arch,
+            teachers=teachers,
+            with_online=with_online,
+            data_options=data_options,
+            force=force,
+            resume=resume,
+            progress=progress,
+            on_epoch=print_epoch,
+            tensorboard=tensorboard,
+            log=lambda msg: err_console.print(f"[bold]{msg}[/]", highlight=False),
+        )
     print_pipeline(record, out)
 
 
 @command("report")
 def report_cmd(
     run_dirs: list[Path] = typer.Argument(..., help="One or more run directories written by `kdcache pipeline`."),
-    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Combined plot for several runs. \\[default: comparison.png beside the first run]"),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing plot file (--plot, or comparison.png for several runs); each run's own report files are always re-rendered."),
+    plot_path: Path | None = typer.Option(
+        None, "--plot", help="Combined plot for several runs. \\[default: comparison.png beside the first run]"
+    ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Overwrite an existing plot file (--plot, or comparison.png for several runs); each run's own report files are always re-rendered.",
+    ),
 ):
     """Re-render the comparison table, report files and plot from saved metrics; several runs side by side."""
     from kdcache.report import plot, write_report
@@ -748,7 +1282,9 @@ def report_cmd(
     if len(records) > 1:
         out_console.print(f"plot: {target}", highlight=False)
     else:
-        out_console.print(f"report: {run_dirs[0] / 'report.md'} · plot: {target or run_dirs[0] / 'accuracy.png'}", highlight=False)
+        out_console.print(
+            f"report: {run_dirs[0] / 'report.md'} · plot: {target or run_dirs[0] / 'accuracy.png'}", highlight=False
+        )
 
 
 def main() -> None:

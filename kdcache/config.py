@@ -61,26 +61,36 @@ class Recipe:
     def __post_init__(self) -> None:
         validate(self)  # immutable and checked once, here: every Recipe in kdcache can train
 
-    def override(self, **values) -> "Recipe":
+    def override(self, **values) -> Recipe:
         """A copy with every non-None value replaced (None means: keep the preset's)."""
         return dataclasses.replace(self, **_given(values))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Recipe":
+    def from_dict(cls, d: dict) -> Recipe:
         """The recipe an artifact recorded (checkpoint meta, cache attribute); unknown keys ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
-        fields["teacher"] = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.get("teacher", {}).items()
-                             if k in known and k != "teacher"}  # fmt: skip
+        fields["teacher"] = {
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in fields.get("teacher", {}).items()
+            if k in known and k != "teacher"
+        }
         return cls(**fields)
 
-    def for_teacher(self) -> "Recipe":
+    def for_teacher(self) -> Recipe:
         """The recipe the teacher stage trains with: `teacher`'s fields, epochs and augment resolved."""
         own = {k: v for k, v in self.teacher.items() if k not in ("epochs", "augment")}
-        return dataclasses.replace(self, **own, epochs=self.teacher_recipe_epochs, augment=self.teacher_recipe_augment,
-                                   teacher_epochs=None, teacher_augment=None, teacher={})  # fmt: skip
+        return dataclasses.replace(
+            self,
+            **own,
+            epochs=self.teacher_recipe_epochs,
+            augment=self.teacher_recipe_augment,
+            teacher_epochs=None,
+            teacher_augment=None,
+            teacher={},
+        )
 
-    def override_teacher(self, **values) -> "Recipe":
+    def override_teacher(self, **values) -> Recipe:
         """A copy whose teacher stage takes every non-None value (flags typed on `kdcache teacher`)."""
         given = _given(values)
         shared = {k: given.pop(k) for k in ("dataset", "subset", "seed", "teacher_arch") if k in given}
@@ -126,9 +136,17 @@ def validate(recipe: Recipe) -> Recipe:
 
 def _check(recipe: Recipe) -> None:
     epochs = recipe.epochs
-    numbers = {"--lr": recipe.lr, "--T": recipe.T, "--alpha": recipe.alpha, "--mix-prob": recipe.mix_prob,
-               "--momentum": recipe.momentum, "--weight-decay": recipe.weight_decay, "--ema": recipe.ema,
-               "--label-smoothing": recipe.label_smoothing, "--bn-bias-lr": recipe.bn_bias_lr}  # fmt: skip
+    numbers = {
+        "--lr": recipe.lr,
+        "--T": recipe.T,
+        "--alpha": recipe.alpha,
+        "--mix-prob": recipe.mix_prob,
+        "--momentum": recipe.momentum,
+        "--weight-decay": recipe.weight_decay,
+        "--ema": recipe.ema,
+        "--label-smoothing": recipe.label_smoothing,
+        "--bn-bias-lr": recipe.bn_bias_lr,
+    }
     for flag, value in numbers.items():
         if not math.isfinite(value):
             raise KDCacheError(f"{flag} must be a finite number (got {value})")
@@ -150,15 +168,18 @@ def _check(recipe: Recipe) -> None:
         (0.0 <= recipe.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1) (got {recipe.label_smoothing})"),
         (0.0 <= recipe.ema < 1.0, f"--ema must be a decay in [0, 1), e.g. 0.98; 0 turns it off (got {recipe.ema})"),
         (recipe.bn_bias_lr > 0, f"--bn-bias-lr must be > 0 (got {recipe.bn_bias_lr})"),
-        (0 <= recipe.warmup_epochs < epochs, f"--warmup-epochs must be in 0..{epochs - 1}, below --epochs (got {recipe.warmup_epochs})"),
-        (not recipe.nesterov or (recipe.optimizer == "sgd" and recipe.momentum > 0),
-         "--nesterov needs --optimizer sgd with momentum (the preset's has none): drop --nesterov or use sgd"),
+        (
+            0 <= recipe.warmup_epochs < epochs,
+            f"--warmup-epochs must be in 0..{epochs - 1}, below --epochs (got {recipe.warmup_epochs})",
+        ),
+        (
+            not recipe.nesterov or (recipe.optimizer == "sgd" and recipe.momentum > 0),
+            "--nesterov needs --optimizer sgd with momentum (the preset's has none): drop --nesterov or use sgd",
+        ),
     ]
     for ok, message in checks:
         if not ok:
             raise KDCacheError(message)
-
-
 
 
 # Notebook 2: its two CNNs, Adam 1e-3, 10 epochs, batch 64, no augmentation,
@@ -190,8 +211,16 @@ PRESETS: dict[str, Recipe] = {
     # a quarter-width ResNet-9 (BatchNorm, 4x the seed teacher's training speed on a CPU)
     # trained on crops + flips for 8 epochs labels the plain images; the notebook-2 student
     # alone overfits them in 20 epochs, and the soft targets hold it back from that.
-    "demo": SEED_CNN.override(subset=10000, teacher_arch="resnet9s", teacher_epochs=8, teacher_augment=True,
-                              epochs=20, schedule="cosine", T=2.0, alpha=0.5),
+    "demo": SEED_CNN.override(
+        subset=10000,
+        teacher_arch="resnet9s",
+        teacher_epochs=8,
+        teacher_augment=True,
+        epochs=20,
+        schedule="cosine",
+        T=2.0,
+        alpha=0.5,
+    ),
     # A teacher worth distilling, fast: the airbench94 network and recipe (Jordan 2024: 94% on CIFAR-10
     # in ~10 epochs with flip + translate TTA), in kdcache's terms: airbench's lr 11.5 and weight decay
     # 0.0153 per 1,024 images under a summed loss and momentum 0.85 are lr 1.5 and weight decay 1.33e-3
@@ -203,10 +232,28 @@ PRESETS: dict[str, Recipe] = {
     # notebook 1's ResNet18 with the H200 recipe (SGD lr 0.2 Nesterov, batch 512, 2 warm-up epochs,
     # cosine, 40 epochs) on 40 cached crop/flip views.
     "cifar10-fast": Recipe(
-        teacher_arch="airbench94", student_arch="resnet18", epochs=40, batch_size=512, lr=0.2, nesterov=True,
-        warmup_epochs=2, views=40, T=3.0, alpha=0.5,
-        teacher={"epochs": 16, "batch_size": 1024, "lr": 1.5, "momentum": 0.85, "weight_decay": 1.33e-3,
-                 "schedule": "linear", "warmup_epochs": 3, "label_smoothing": 0.2, "ema": 0.98, "bn_bias_lr": 64.0},
+        teacher_arch="airbench94",
+        student_arch="resnet18",
+        epochs=40,
+        batch_size=512,
+        lr=0.2,
+        nesterov=True,
+        warmup_epochs=2,
+        views=40,
+        T=3.0,
+        alpha=0.5,
+        teacher={
+            "epochs": 16,
+            "batch_size": 1024,
+            "lr": 1.5,
+            "momentum": 0.85,
+            "weight_decay": 1.33e-3,
+            "schedule": "linear",
+            "warmup_epochs": 3,
+            "label_smoothing": 0.2,
+            "ema": 0.98,
+            "bn_bias_lr": 64.0,
+        },
     ),
 }
 DEFAULT_PRESET = "seed-resnet"
@@ -217,6 +264,7 @@ def get_preset(name: str | None) -> Recipe:
     if name not in PRESETS:
         raise KDCacheError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
+
 
 TTA_LEVELS = ("none", "flip", "flip-translate")  # test-time augmentation of a model's logits (train.TTAModel)
 DEFAULT_DUMP_BATCH, DEFAULT_BLOCK_ROWS = 512, 1024
@@ -255,7 +303,8 @@ class DumpSettings:
                     raise KDCacheError(f"{flag} must be one of {', '.join(TTA_LEVELS)} (got {value!r})")
             elif name == "topk_temperatures":
                 if not isinstance(value, (list, tuple)) or not all(
-                        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value):
+                    isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value
+                ):
                     raise KDCacheError(f"{flag} must be a list of numbers (got {value!r})")
                 if not all(math.isfinite(v) and v > 0 for v in value):
                     raise KDCacheError(f"{flag} must be finite numbers > 0 (got {', '.join(map(str, value))})")
@@ -268,16 +317,26 @@ class DumpSettings:
 
     def dump_args(self) -> dict:
         """As `dump.dump_logits`' keyword arguments."""
-        return dict(tta=self.tta, topk=self.topk or None, topk_temperatures=self.topk_temperatures or None,
-                    batch_size=self.batch_size, block_rows=self.block_rows)
+        return dict(
+            tta=self.tta,
+            topk=self.topk or None,
+            topk_temperatures=self.topk_temperatures or None,
+            batch_size=self.batch_size,
+            block_rows=self.block_rows,
+        )
 
     @classmethod
-    def recorded(cls, attrs) -> "DumpSettings":
+    def recorded(cls, attrs) -> DumpSettings:
         """The settings a cache's attributes record (older caches: the defaults where absent)."""
         topk = int(attrs.get("topk", 0) or 0)
         temps = tuple(float(t) for t in attrs.get("lse_temperatures", ())) if topk else ()
-        return cls(str(attrs.get("tta", "none")), topk, temps, int(attrs.get("batch_size", DEFAULT_DUMP_BATCH)),
-                   int(attrs.get("block_rows", DEFAULT_BLOCK_ROWS)))  # fmt: skip
+        return cls(
+            str(attrs.get("tta", "none")),
+            topk,
+            temps,
+            int(attrs.get("batch_size", DEFAULT_DUMP_BATCH)),
+            int(attrs.get("block_rows", DEFAULT_BLOCK_ROWS)),
+        )
 
 
 def _in_file(error: KDCacheError, config_path: Path | None, table: str = "") -> KDCacheError:
@@ -387,14 +446,26 @@ def _config_value(path, where: str, key: str, value):
     elif type(value) is kind:
         return value
     else:
-        kind_name = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
-                     tuple: "a list of 3 numbers"}[kind]  # fmt: skip
+        kind_name = {
+            bool: "true or false",
+            int: "a whole number",
+            float: "a number",
+            str: "a string",
+            tuple: "a list of 3 numbers",
+        }[kind]
     extra = ' or "all"' if key == "subset" else ""
     raise KDCacheError(f"{path}: {where} must be {kind_name}{extra} (got {value!r})")
 
 
-def resolve(preset: str | None, config: dict, recorded: dict | None, flags: dict, *, teacher_stage: bool = False,
-            config_path: Path | None = None) -> Recipe:  # fmt: skip
+def resolve(
+    preset: str | None,
+    config: dict,
+    recorded: dict | None,
+    flags: dict,
+    *,
+    teacher_stage: bool = False,
+    config_path: Path | None = None,
+) -> Recipe:
     """The one recipe resolver: flags > config file > the starting recipe, which is --preset (or the
     file's preset), else the recipe the upstream artifact recorded, else the default preset.
     `flags`: the command's recipe flags (None: not typed); on `kdcache teacher` they are the teacher
@@ -426,9 +497,13 @@ def teacher_views(recipe: Recipe, taught: dict | None, **given) -> Recipe:
     if not taught:
         return recipe
     own = taught.get("teacher", {})
-    recorded = {k for k in given if k in taught or k in own or (k == "augment" and taught.get("teacher_augment") is not None)}
+    recorded = {
+        k for k in given if k in taught or k in own or (k == "augment" and taught.get("teacher_augment") is not None)
+    }
     resolved = Recipe.from_dict(taught).for_teacher()  # the teacher stage's own settings where it had them
-    return dataclasses.replace(recipe, **{k: getattr(resolved, k) for k, v in given.items() if v is None and k in recorded})
+    return dataclasses.replace(
+        recipe, **{k: getattr(resolved, k) for k, v in given.items() if v is None and k in recorded}
+    )
 
 
 def config_given(config: dict, **flags) -> dict:
@@ -454,7 +529,10 @@ def to_toml(recipe: Recipe, *, header: str = "", dump: DumpSettings | None = Non
     lines += ["", "[teacher]  # the teacher stage's own settings (the others as above)"]
     lines += [f"{k} = {_toml_value(v)}" for k, v in teacher.items()]
     if dump is not None:
-        lines += ["", "[dump]  # dump-logits' own settings (topk 0: every logit; topk_temperatures []: the default grid)"]
+        lines += [
+            "",
+            "[dump]  # dump-logits' own settings (topk 0: every logit; topk_temperatures []: the default grid)",
+        ]
         lines += [f"{f.name} = {_toml_value(getattr(dump, f.name))}" for f in dataclasses.fields(DumpSettings)]
     return "\n".join(lines) + "\n"
 

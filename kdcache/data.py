@@ -156,7 +156,7 @@ def _read_batch(path: Path, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_split(folder: Path, files: tuple[str, ...], spec: DatasetSpec, expected: int):
-    xs, ys = zip(*(_read_batch(folder / name, spec) for name in files))
+    xs, ys = zip(*(_read_batch(folder / name, spec) for name in files), strict=False)
     x, y = np.concatenate(xs), np.concatenate(ys)
     if len(y) != expected:
         raise KDCacheError(f"{folder} holds {len(y)} images where {expected} are expected: {INTACT}")
@@ -214,7 +214,10 @@ def recorded_options(meta: dict) -> dict:
 
 
 def load_dataset(
-    name: str = "cifar10", data_dir: str | Path | None = None, subset: int | None = None, download: bool = True,
+    name: str = "cifar10",
+    data_dir: str | Path | None = None,
+    subset: int | None = None,
+    download: bool = True,
     **folder_options,
 ) -> Dataset:
     """Read `name` from `data_dir` (downloading through torchvision if allowed) as uint8 tensors.
@@ -258,10 +261,20 @@ def load_dataset(
 
 
 def load_folder(
-    data_dir: str | Path | None, *, subset: int | None = None, image_size: int | None = None,
-    store_size: int | None = None, val_fraction: float | None = None, skip_bad_images: bool = False,
-    max_image_pixels: int | None = None, rebuild_store: bool = False, data_path: str | None = None, progress=None,
-    store_format: str | None = None, jpeg_quality: int | None = None, **_ignored,
+    data_dir: str | Path | None,
+    *,
+    subset: int | None = None,
+    image_size: int | None = None,
+    store_size: int | None = None,
+    val_fraction: float | None = None,
+    skip_bad_images: bool = False,
+    max_image_pixels: int | None = None,
+    rebuild_store: bool = False,
+    data_path: str | None = None,
+    progress=None,
+    store_format: str | None = None,
+    jpeg_quality: int | None = None,
+    **_ignored,
 ) -> Dataset:
     """An image folder through its prepared store (see `folders`): train rows as store canvases with
     random-resized-crop views, val rendered once as Resize(size / 0.875) + CenterCrop(size)."""
@@ -273,32 +286,52 @@ def load_folder(
     if not 8 <= image_size <= 255:
         raise KDCacheError(f"--image-size must be in 8..255 for image folders (got {image_size})")
     if image_size > store_size:
-        raise KDCacheError(f"--image-size {image_size} is above the store size {store_size}: lower it, or raise --store-size")
+        raise KDCacheError(
+            f"--image-size {image_size} is above the store size {store_size}: lower it, or raise --store-size"
+        )
     max_image_pixels = folders.DEFAULT_MAX_PIXELS if max_image_pixels is None else int(max_image_pixels)
     if max_image_pixels < 1:
         raise KDCacheError(f"--max-image-pixels must be >= 1 (got {max_image_pixels})")
     jpeg_quality = folders.DEFAULT_JPEG_QUALITY if jpeg_quality is None else int(jpeg_quality)
-    train, val, classes, _ = folders.prepare(root, store_size, val_fraction=val_fraction, skip_bad=skip_bad_images,
-                                             max_pixels=max_image_pixels, rebuild=rebuild_store,
-                                             store_format=store_format or "auto", jpeg_quality=jpeg_quality,
-                                             progress=progress)  # fmt: skip
+    train, val, classes, _ = folders.prepare(
+        root,
+        store_size,
+        val_fraction=val_fraction,
+        skip_bad=skip_bad_images,
+        max_pixels=max_image_pixels,
+        rebuild=rebuild_store,
+        store_format=store_format or "auto",
+        jpeg_quality=jpeg_quality,
+        progress=progress,
+    )
     jpeg = train.meta.get("store_format") == "jpeg"
     n = len(train.labels)
     if subset is not None and not 1 <= subset <= n:
         raise KDCacheError(f"--subset {subset} is outside 1..{n}, the training images in {root}: use at most {n}")
     rows = n if subset is None else subset
-    fp = train.meta["train_fingerprint"] if rows == n else folders.content_fingerprint(train.images, train.hw, train.labels, rows)
+    fp = (
+        train.meta["train_fingerprint"]
+        if rows == n
+        else folders.content_fingerprint(train.images, train.hw, train.labels, rows)
+    )
     train_hw = torch.from_numpy(train.hw[:rows].astype(np.int64))
     evaluate = ResizedCrop(torch.from_numpy(val.hw.astype(np.int64)), image_size)
     val_images = torch.from_numpy(np.array(val.images))
     val_rows = torch.arange(len(val.labels))
     params = evaluate.params(0, val_rows, [0], augment=False)[:, 0]
-    test_x = torch.cat([evaluate.pixels(val_images, val_rows[i : i + 256], params[i : i + 256])
-                        for i in range(0, len(val_rows), 256)])  # fmt: skip
-    options = {"data_path": str(root.resolve()), "image_size": image_size, "store_size": store_size,
-               "val_fraction": val_fraction, "skip_bad_images": skip_bad_images,
-               "max_image_pixels": max_image_pixels, "store_format": "jpeg" if jpeg else "raw",
-               "jpeg_quality": jpeg_quality if jpeg else None}  # fmt: skip
+    test_x = torch.cat(
+        [evaluate.pixels(val_images, val_rows[i : i + 256], params[i : i + 256]) for i in range(0, len(val_rows), 256)]
+    )
+    options = {
+        "data_path": str(root.resolve()),
+        "image_size": image_size,
+        "store_size": store_size,
+        "val_fraction": val_fraction,
+        "skip_bad_images": skip_bad_images,
+        "max_image_pixels": max_image_pixels,
+        "store_format": "jpeg" if jpeg else "raw",
+        "jpeg_quality": jpeg_quality if jpeg else None,
+    }
     return Dataset(
         name="imagefolder",
         train_x=train.images[:rows],  # the memory-mapped store: `Runtime.place` loads it, or streams it

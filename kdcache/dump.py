@@ -17,8 +17,8 @@ from kdcache.data import load_dataset, recorded_options
 from kdcache.errors import KDCacheError
 from kdcache.imports import load_teachers
 from kdcache.models import check_classes
-from kdcache.train import Progress, Runtime, NoProgress, TTAModel, accuracy, predict
 from kdcache.topk import DEFAULT_TEMPERATURES, from_dense
+from kdcache.train import NoProgress, Progress, Runtime, TTAModel, accuracy, predict
 from kdcache.views import MIXES, draw_views
 
 
@@ -45,7 +45,9 @@ def _topk_grid(topk: int | None, temperatures, num_classes: int, meta: dict) -> 
     if not topk:
         return ()
     if not 1 <= topk <= num_classes:
-        raise KDCacheError(f"--topk (or a config file's [dump] topk) must be in 1..{num_classes}, the class count (got {topk})")
+        raise KDCacheError(
+            f"--topk (or a config file's [dump] topk) must be in 1..{num_classes}, the class count (got {topk})"
+        )
     grid = tuple(temperatures) if temperatures else DEFAULT_TEMPERATURES
     if not temperatures and (t := float(meta.get("recipe", {}).get("T", 0) or 0)) > 0 and t not in grid:
         grid = (*grid, t)
@@ -60,12 +62,15 @@ def _sharded_blocks(out, attrs, shards, n, num_test, block_rows, hw, rt, block, 
     _barrier(rt)  # everyone has read the old shards before any is written again
     left = [b for b in range(-(-n // block_rows)) if b not in held]
     if held:
-        progress.note(f"{len(held)} block(s) kept from the interrupted dump's shards, {len(left)} to do "
-                      f"over {rt.world} process(es)")  # fmt: skip
+        progress.note(
+            f"{len(held)} block(s) kept from the interrupted dump's shards, {len(left)} to do "
+            f"over {rt.world} process(es)"
+        )
     todo = left[rt.rank :: rt.world]
     mine = cache_io.shard_path(out, rt.rank, rt.world)
-    writer = cache_io.CacheWriter(out, attrs=attrs, num_rows=n, num_test=num_test, resume=mine.exists(),
-                                  store_hw=hw, shard=mine)  # fmt: skip
+    writer = cache_io.CacheWriter(
+        out, attrs=attrs, num_rows=n, num_test=num_test, resume=mine.exists(), store_hw=hw, shard=mine
+    )
     try:
         progress.begin(f"dump {n}x{views} views (this process's share)", len(todo))
         for b in todo:
@@ -132,12 +137,20 @@ def dump_logits(
     left = [partial] if partial.exists() else cache_io.shard_paths(out)  # what an interrupted dump left
     with claim_output(out, force=force, resume=resume, interrupted=left[0] if left else partial, lock=rt.main) as out:
         # One teacher, or an ensemble (several paths): the log of the members' mean softmax.
-        teacher, meta, render_mean, render_std, who = load_teachers(teacher_path, rt=rt, arch=arch, trust_arch=trust_arch)
+        teacher, meta, render_mean, render_std, who = load_teachers(
+            teacher_path, rt=rt, arch=arch, trust_arch=trust_arch
+        )
         teacher = TTAModel(teacher, tta) if tta != "none" else teacher
         teacher_path = who["teacher_path"]
         # By default, the images the teacher was trained on (its --subset), so the commands chain.
-        data = load_dataset(meta["dataset"], data_dir, subset if subset is not None else meta.get("num_train"),
-                            progress=progress, rebuild_store=rebuild_store, **recorded_options(meta))  # fmt: skip
+        data = load_dataset(
+            meta["dataset"],
+            data_dir,
+            subset if subset is not None else meta.get("num_train"),
+            progress=progress,
+            rebuild_store=rebuild_store,
+            **recorded_options(meta),
+        )
         check_classes(teacher_path, meta, data.name, data.num_classes)
         geometry = data.geometry
         mean, std = tuple(meta["normalize_mean"]), tuple(meta["normalize_std"])
@@ -166,12 +179,28 @@ def dump_logits(
             **({"topk": topk, "lse_temperatures": list(temps)} if topk else {}),
             "classes": json.dumps(data.classes),
             # The teacher's recipe with this dump's view settings: students start from it.
-            "recipe": json.dumps({**meta.get("recipe", {}), "views": views, "augment": augment, "seed": seed, "subset": n,
-                                 "mix": mix, "mix_prob": mix_prob}),
+            "recipe": json.dumps(
+                {
+                    **meta.get("recipe", {}),
+                    "views": views,
+                    "augment": augment,
+                    "seed": seed,
+                    "subset": n,
+                    "mix": mix,
+                    "mix_prob": mix_prob,
+                }
+            ),
         }
-        need = cache_io.bytes_needed(n, views, c, len(data.test_y), mixed=mix != "none",
-                                     view_bytes=geometry.fields * geometry.dtype.itemsize, topk=topk,
-                                     grid=len(temps))  # fmt: skip
+        need = cache_io.bytes_needed(
+            n,
+            views,
+            c,
+            len(data.test_y),
+            mixed=mix != "none",
+            view_bytes=geometry.fields * geometry.dtype.itemsize,
+            topk=topk,
+            grid=len(temps),
+        )
         free = shutil.disk_usage(out.parent).free
         if free < need * 1.1:
             raise KDCacheError(
@@ -180,8 +209,9 @@ def dump_logits(
         shards = cache_io.shard_paths(out)
         sharded = rt.world > 1 or (resume and bool(shards))  # torchrun, or finishing what one left
         if shards and not (resume or force):
-            raise KDCacheError(f"an interrupted torchrun dump left {shards[0]}: pass --resume to continue it, "
-                               "or --force to start over")  # fmt: skip
+            raise KDCacheError(
+                f"an interrupted torchrun dump left {shards[0]}: pass --resume to continue it, or --force to start over"
+            )
         if not resume:
             cache_io.partial_path(out).unlink(missing_ok=True)
             if rt.main:
@@ -189,7 +219,9 @@ def dump_logits(
                     path.unlink(missing_ok=True)
             shards = []
         progress = progress if progress is not None and rt.main else NoProgress()
-        progress.note(f"dump {n:,} {data.name} images x {views} view(s) through {who['teacher_arch']} · {rt.describe()}")
+        progress.note(
+            f"dump {n:,} {data.name} images x {views} view(s) through {who['teacher_arch']} · {rt.describe()}"
+        )
         t0 = time.perf_counter()
         writer = None
         images = rt.place(data.train_x)  # resident, or a host store streamed per batch
@@ -197,23 +229,40 @@ def dump_logits(
 
         def block(start: int, stop: int, writer) -> None:
             """Views, teacher, targets of rows [start, stop): one written block."""
-            drawn = draw_views(geometry, seed, range(start, stop), range(views), augment=augment, mix=mix,
-                               prob=mix_prob, num_rows=n)  # [b, K]  # fmt: skip
+            drawn = draw_views(
+                geometry, seed, range(start, stop), range(views), augment=augment, mix=mix, prob=mix_prob, num_rows=n
+            )  # [b, K]
             rows = torch.arange(start, stop, device=rt.device).repeat_interleave(views)
             # one copy to the device per block, not per batch
-            logits = predict(teacher, images, render_mean, render_std, rt, rows=rows, views=drawn.flatten().to(rt.device),
-                             batch_size=batch_size)  # fmt: skip
+            logits = predict(
+                teacher,
+                images,
+                render_mean,
+                render_std,
+                rt,
+                rows=rows,
+                views=drawn.flatten().to(rt.device),
+                batch_size=batch_size,
+            )
             logits = logits.view(stop - start, views, c)
             _refuse_nonfinite(logits.to(torch.float16), start, teacher_path, writer)  # fp16: > 65504 is inf too
             if topk:  # the k largest, their classes, and the tail's log-sum-exp on the grid
                 values, classes, lse = from_dense(logits, topk, temps)
-                targets = {"topk_values": values.cpu().numpy(), "topk_lse": lse.cpu().numpy(),
-                           "topk_indices": classes.cpu().numpy().astype(writer.ds["topk_indices"].dtype)}  # fmt: skip
+                targets = {
+                    "topk_values": values.cpu().numpy(),
+                    "topk_lse": lse.cpu().numpy(),
+                    "topk_indices": classes.cpu().numpy().astype(writer.ds["topk_indices"].dtype),
+                }
             else:
                 targets = logits.to(torch.float16).cpu().numpy()
-            writer.write_rows(start, targets, drawn.crop.numpy(), data.train_y[start:stop].numpy(),
-                              np.arange(start, stop, dtype=np.int64),
-                              None if drawn.mix is None else cache_io.mix_arrays(drawn.mix))  # fmt: skip
+            writer.write_rows(
+                start,
+                targets,
+                drawn.crop.numpy(),
+                data.train_y[start:stop].numpy(),
+                np.arange(start, stop, dtype=np.int64),
+                None if drawn.mix is None else cache_io.mix_arrays(drawn.mix),
+            )
             progress.advance()
 
         if sharded:
@@ -221,14 +270,18 @@ def dump_logits(
             if not rt.main:
                 return out  # rank 0 merges the shards and finishes the cache
         try:
-            writer = cache_io.CacheWriter(out, attrs=attrs, num_rows=n, num_test=len(data.test_y),
-                                          resume=resume and not sharded, store_hw=hw)  # fmt: skip
+            writer = cache_io.CacheWriter(
+                out, attrs=attrs, num_rows=n, num_test=len(data.test_y), resume=resume and not sharded, store_hw=hw
+            )
             if sharded:  # every block is in some shard now: merge them in order, as one process writes them
                 owner = {b: p for p in cache_io.shard_paths(out) for b in cache_io.shard_blocks(p, attrs)}
                 cache_io.merge_shards(writer, owner, n, block_rows)
             elif resume:  # what an earlier run wrote must be sound before more is added to it
-                done = [torch.from_numpy(writer.ds[name][: writer.rows_done]).float()
-                        for name in cache_io.target_names(attrs) if name != "topk_indices"]  # fmt: skip
+                done = [
+                    torch.from_numpy(writer.ds[name][: writer.rows_done]).float()
+                    for name in cache_io.target_names(attrs)
+                    if name != "topk_indices"
+                ]
                 cache_io.check_finite(writer.tmp, torch.cat(done, -1), "start the dump over with --force")
             blocks = range(n if sharded else writer.rows_done, n, block_rows)
             progress.begin(f"dump {n}x{views} views", len(blocks))

@@ -59,8 +59,15 @@ STORE_FORMATS = ("auto", "raw", "jpeg")
 # q90 keeps a photo's detail (it is what FFCV and most ImageNet copies use) at about a tenth of the
 # raw bytes; chroma 4:2:0, as camera files have.
 DEFAULT_JPEG_QUALITY = 90
-_META_KEYS = ("store_size", "skip_bad", "classes", "listing_sha256", "train_fingerprint", "train_num_images",
-              "val_num_images")  # fmt: skip
+_META_KEYS = (
+    "store_size",
+    "skip_bad",
+    "classes",
+    "listing_sha256",
+    "train_fingerprint",
+    "train_num_images",
+    "val_num_images",
+)
 
 
 def default_store_size(image_size: int) -> int:
@@ -88,7 +95,7 @@ class Store:
     """One prepared split: canvas uint8 [N,3,S,S] (memory-mapped, or `JpegImages` decoding on read),
     hw int16 [N,2], labels int64 [N]."""
 
-    images: "np.ndarray | JpegImages"
+    images: np.ndarray | JpegImages
     hw: np.ndarray
     labels: np.ndarray
     meta: dict
@@ -138,7 +145,9 @@ def scan(root: Path, val_fraction: float | None) -> tuple[list[str], Split, Spli
         train = per_class
     else:
         if val_fraction is None:
-            raise KDCacheError(f"{root} has no val/ folder: add one, or hold out part of train/ with --val-fraction 0.1")
+            raise KDCacheError(
+                f"{root} has no val/ folder: add one, or hold out part of train/ with --val-fraction 0.1"
+            )
         if not 0.0 < val_fraction < 1.0:
             raise KDCacheError(f"--val-fraction must be in (0, 1) (got {val_fraction})")
         train, val = {}, {}
@@ -250,8 +259,17 @@ def fill_canvas(canvas: np.ndarray, image) -> None:
     canvas[:, :, w:] = canvas[:, :, w - 1 : w]
 
 
-def _write_split(folder: Path, name: str, root: Path, split: Split, store_size: int, skip_bad: bool,
-                 max_pixels: int, quality: int | None, progress) -> dict:  # fmt: skip
+def _write_split(
+    folder: Path,
+    name: str,
+    root: Path,
+    split: Split,
+    store_size: int,
+    skip_bad: bool,
+    max_pixels: int,
+    quality: int | None,
+    progress,
+) -> dict:
     """Decode (and for a jpeg store, `quality` not None, re-encode) every image of the split on a pool
     of threads, writing it as it comes: canvases into a preallocated array, or JPEG bytes appended
     to one file with their offsets."""
@@ -322,8 +340,17 @@ class JpegImages:
 
     dtype = np.dtype(np.uint8)
 
-    def __init__(self, folder: Path, name: str, data: np.ndarray, offsets: np.ndarray, hw: np.ndarray, size: int,
-                 first: int = 0, workers: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        folder: Path,
+        name: str,
+        data: np.ndarray,
+        offsets: np.ndarray,
+        hw: np.ndarray,
+        size: int,
+        first: int = 0,
+        workers: int | None = None,
+    ):
         self.folder, self.name, self.data, self.offsets, self.hw = folder, name, data, offsets, hw
         self.size, self.first = size, first
         self.workers = workers or max(1, os.cpu_count() or 1)
@@ -351,8 +378,16 @@ class JpegImages:
             if step != 1:
                 raise IndexError("a jpeg store is sliced with step 1 only")
             stop = max(start, stop)
-            return JpegImages(self.folder, self.name, self.data, self.offsets[start : stop + 1], self.hw[start:stop],
-                              self.size, self.first + start, self.workers)  # fmt: skip
+            return JpegImages(
+                self.folder,
+                self.name,
+                self.data,
+                self.offsets[start : stop + 1],
+                self.hw[start:stop],
+                self.size,
+                self.first + start,
+                self.workers,
+            )
         rows = np.asarray(key, dtype=np.int64)
         return self.decode(rows.reshape(-1)).reshape(*rows.shape, 3, self.size, self.size)
 
@@ -369,7 +404,7 @@ class JpegImages:
         parts = [p for p in np.array_split(np.arange(len(rows)), min(self.workers, max(1, len(rows)))) if len(p)]
 
         def work(part: np.ndarray) -> None:
-            for i, image in zip(part, self._decode([int(rows[i]) for i in part])):
+            for i, image in zip(part, self._decode([int(rows[i]) for i in part]), strict=False):
                 fill_canvas(out[i], image)
 
         if len(parts) == 1:
@@ -392,7 +427,9 @@ class JpegImages:
                 with Image.open(io.BytesIO(self.data[self.offsets[r] : self.offsets[r + 1]]), formats=("JPEG",)) as im:
                     image = np.asarray(im.convert("RGB")).transpose(2, 0, 1)
             except Exception as e:  # noqa: BLE001 - PIL raises many types; one line naming the image
-                raise self._bad(r, f"does not decode ({type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''})") from None
+                raise self._bad(
+                    r, f"does not decode ({type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''})"
+                ) from None
             if image.shape[1:] != tuple(int(v) for v in self.hw[r]):
                 h, w = (int(v) for v in self.hw[r])
                 raise self._bad(r, f"decodes to {image.shape[2]}x{image.shape[1]} pixels, not the {w}x{h} recorded")
@@ -405,7 +442,9 @@ class JpegImages:
         n = len(self) if rows is None else rows
         if n not in self._digests:  # made once per reader (a build fingerprints what it just checked)
             sample = decode_sample(n)
-            stored = hashlib.sha256(b"".join(self.data[self.offsets[r] : self.offsets[r + 1]].tobytes() for r in sample))
+            stored = hashlib.sha256(
+                b"".join(self.data[self.offsets[r] : self.offsets[r + 1]].tobytes() for r in sample)
+            )
             self._digests[n] = (stored.hexdigest(), hashlib.sha256(self.decode(sample).tobytes()).hexdigest())
         return self._digests[n]
 
@@ -414,8 +453,10 @@ class JpegImages:
             source = (self.folder / f"{self.name}_files.txt").read_text().splitlines()[self.first + row]
         except (OSError, IndexError):
             source = f"row {self.first + row}"
-        return KDCacheError(f"the image store {self.folder} is damaged: its copy of {source} {what}: "
-                            "run again with --rebuild-store to prepare it anew")  # fmt: skip
+        return KDCacheError(
+            f"the image store {self.folder} is damaged: its copy of {source} {what}: "
+            "run again with --rebuild-store to prepare it anew"
+        )
 
 
 DECODE_SAMPLE = 16  # images of a jpeg store decoded at every opening to check the decoder
@@ -424,7 +465,9 @@ DECODE_CHECK_KEYS = ("decoder", "bytes_sha256", "pixels_sha256")  # meta.json's 
 
 def decode_sample(n: int) -> np.ndarray:
     """The rows of the first `n` whose decoded pixels stand for the decoder: up to 16, evenly spread."""
-    return np.unique(np.linspace(0, n - 1, min(n, DECODE_SAMPLE)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+    return (
+        np.unique(np.linspace(0, n - 1, min(n, DECODE_SAMPLE)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+    )
 
 
 def jpeg_decoder() -> str:
@@ -464,9 +507,18 @@ def store_dir(root: Path, store_size: int, val_fraction: float | None, jpeg_qual
     return store_root() / f"{root.resolve().name}-{store_size}-{kind}{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-def prepare(root: str | Path, store_size: int, *, val_fraction: float | None = None, skip_bad: bool = False,
-            max_pixels: int = DEFAULT_MAX_PIXELS, rebuild: bool = False, store_format: str = "raw",
-            jpeg_quality: int = DEFAULT_JPEG_QUALITY, progress=None) -> tuple[Store, Store, list[str], Path]:  # fmt: skip
+def prepare(
+    root: str | Path,
+    store_size: int,
+    *,
+    val_fraction: float | None = None,
+    skip_bad: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    rebuild: bool = False,
+    store_format: str = "raw",
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY,
+    progress=None,
+) -> tuple[Store, Store, list[str], Path]:
     """(train store, val store, classes, store folder): made once per folder, store size and format
     (`raw`, `jpeg` at `jpeg_quality`, or `auto`: see `choose_format`), then reused.
 
@@ -485,8 +537,14 @@ def prepare(root: str | Path, store_size: int, *, val_fraction: float | None = N
     if choose_format(store_format, len(train.files) + len(val.files), store_size) == "raw":
         jpeg_quality = None
     folder = store_dir(root, store_size, val_fraction, jpeg_quality)
-    record = {"val_fraction": val_fraction, "listing_sha256": listing, "skip_bad": skip_bad, "max_image_pixels": max_pixels,
-              "store_format": "raw" if jpeg_quality is None else "jpeg", "jpeg_quality": jpeg_quality}  # fmt: skip
+    record = {
+        "val_fraction": val_fraction,
+        "listing_sha256": listing,
+        "skip_bad": skip_bad,
+        "max_image_pixels": max_pixels,
+        "store_format": "raw" if jpeg_quality is None else "jpeg",
+        "jpeg_quality": jpeg_quality,
+    }
     try:
         check_writable(folder.parent, "make it writable, or point KDCACHE_STORE_DIR at a writable folder")
     except KDCacheError:
@@ -494,7 +552,9 @@ def prepare(root: str | Path, store_size: int, *, val_fraction: float | None = N
             raise
         lock = contextlib.nullcontext()  # read-only: nobody prepares the store here, it is read as it is
     else:
-        lock = output_lock(folder, wait=lambda pid: progress.note(f"waiting for kdcache run {pid}, which is preparing {folder}"))
+        lock = output_lock(
+            folder, wait=lambda pid: progress.note(f"waiting for kdcache run {pid}, which is preparing {folder}")
+        )
     with lock:
         meta = None if rebuild else _published(folder)
         if meta is None:
@@ -505,7 +565,9 @@ def prepare(root: str | Path, store_size: int, *, val_fraction: float | None = N
 
 
 def _damaged(folder: Path, why: str) -> KDCacheError:
-    return KDCacheError(f"the image store {folder} is damaged ({why}): run again with --rebuild-store to prepare it anew")
+    return KDCacheError(
+        f"the image store {folder} is damaged ({why}): run again with --rebuild-store to prepare it anew"
+    )
 
 
 def _published(folder: Path) -> dict | None:
@@ -518,7 +580,11 @@ def _published(folder: Path) -> dict | None:
         raise _damaged(folder, "it has no meta.json") from None
     except (OSError, ValueError) as e:
         raise _damaged(folder, f"meta.json does not read as JSON: {str(e).splitlines()[0][:60]}") from None
-    if not isinstance(meta, dict) or meta.get("format") != "kdcache-image-store" or meta.get("version") != STORE_VERSION:
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != "kdcache-image-store"
+        or meta.get("version") != STORE_VERSION
+    ):
         raise _damaged(folder, f"meta.json is not a version-{STORE_VERSION} kdcache store record")
     if missing := [k for k in _META_KEYS if k not in meta]:
         raise _damaged(folder, f"meta.json lacks {missing[0]!r}")
@@ -556,8 +622,9 @@ def _refuse_stale(root: Path, folder: Path, meta: dict, classes: list[str], curr
     )
 
 
-def _build(root: Path, folder: Path, classes: list[str], splits: dict[str, Split], store_size: int, record: dict,
-           progress) -> dict:  # fmt: skip
+def _build(
+    root: Path, folder: Path, classes: list[str], splits: dict[str, Split], store_size: int, record: dict, progress
+) -> dict:
     """Decode every image into a new private folder beside `folder`, fingerprint what was written, and
     publish it as `folder` with one rename; a full disk is one line and leaves nothing behind."""
     for old in folder.parent.iterdir():  # what killed runs left: we hold the lock, nobody writes them
@@ -566,13 +633,29 @@ def _build(root: Path, folder: Path, classes: list[str], splits: dict[str, Split
     _, tmp = unique_beside(folder, ".partial", os.mkdir)
     try:
         progress.note(f"preparing a {store_size}-pixel store of {root} in {folder} (once)")
-        info = {name: _write_split(tmp, name, root, split, store_size, record["skip_bad"], record["max_image_pixels"],
-                                   record["jpeg_quality"], progress) for name, split in splits.items()}  # fmt: skip
+        info = {
+            name: _write_split(
+                tmp,
+                name,
+                root,
+                split,
+                store_size,
+                record["skip_bad"],
+                record["max_image_pixels"],
+                record["jpeg_quality"],
+                progress,
+            )
+            for name, split in splits.items()
+        }
         meta = {
-            "format": "kdcache-image-store", "version": STORE_VERSION, "root": str(root.resolve()),
-            "store_size": store_size, "classes": classes, **record,
+            "format": "kdcache-image-store",
+            "version": STORE_VERSION,
+            "root": str(root.resolve()),
+            "store_size": store_size,
+            "classes": classes,
+            **record,
             **{f"{name}_{k}": v for name, d in info.items() for k, v in d.items()},
-        }  # fmt: skip
+        }
         train = _open(tmp, meta)[0]  # the store as its readers will open it
         if isinstance(train.images, JpegImages):  # what this decoder makes of it, checked at every opening
             stored, pixels = train.images.sample_digests()
@@ -599,8 +682,9 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _store_write_failed(root: Path, folder: Path, splits: dict[str, Split], store_size: int, e: OSError,
-                        jpeg: bool = False) -> KDCacheError:  # fmt: skip
+def _store_write_failed(
+    root: Path, folder: Path, splits: dict[str, Split], store_size: int, e: OSError, jpeg: bool = False
+) -> KDCacheError:
     where = folder.parent
     if reason := no_room(e):
         need = sum(len(split.files) for split in splits.values()) * 3 * store_size**2
@@ -669,8 +753,15 @@ def _open(folder: Path, meta: dict) -> tuple[Store, Store]:
     return train, one("val")
 
 
-def write_image_folder(root: str | Path, classes: int = 3, per_class: int = 8, val_per_class: int = 3,
-                       seed: int = 0, with_val: bool = True, sizes: tuple[int, int] = (24, 90)) -> Path:  # fmt: skip
+def write_image_folder(
+    root: str | Path,
+    classes: int = 3,
+    per_class: int = 8,
+    val_per_class: int = 3,
+    seed: int = 0,
+    with_val: bool = True,
+    sizes: tuple[int, int] = (24, 90),
+) -> Path:
     """Write a small generated image folder in the real layout (tests, benchmarks): JPEG and PNG files of
     several sizes (each side drawn from `sizes`), some greyscale, one palette image; each class has its
     own colour and stripe pattern."""

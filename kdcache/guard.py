@@ -3,8 +3,10 @@ clearly ahead of the student, so kdcache says so plainly wherever it knows both 
 
 from __future__ import annotations
 
-REMEDIES = ("train the teacher longer, distil from an ensemble (dump-logits --teacher A --teacher B, or "
-            "pipeline --teachers N), or start from `kdcache teacher --preset cifar10-fast`")  # fmt: skip
+REMEDIES = (
+    "train the teacher longer, distil from an ensemble (dump-logits --teacher A --teacher B, or "
+    "pipeline --teachers N), or start from `kdcache teacher --preset cifar10-fast`"
+)
 
 
 def weak_teacher(teacher_acc: float | None, student_acc: float | None, student: str) -> str | None:

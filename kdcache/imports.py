@@ -35,7 +35,6 @@ def _is_torch_file(path: Path) -> bool:
     return head[:1] == b"\x80" and head[2:] == _LEGACY_MAGIC
 
 
-
 def read_weights(path: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """A state dict from a file: a plain state dict, or one nested under "state_dict"/"model"/"model_state_dict"
     (training checkpoints); always loaded with weights_only=True, which runs no code from the file. A whole
@@ -46,11 +45,13 @@ def read_weights(path: Path, trust_pickle: bool = False) -> dict[str, torch.Tens
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for files it cannot read
         if not _is_torch_file(path):
-            raise KDCacheError(f"{path} cannot be read as PyTorch weights (not a PyTorch file, or only part of one): "
-                               f"{EXPORT_HINT}") from None  # fmt: skip
+            raise KDCacheError(
+                f"{path} cannot be read as PyTorch weights (not a PyTorch file, or only part of one): {EXPORT_HINT}"
+            ) from None
         if not isinstance(e, pickle.UnpicklingError):
-            raise KDCacheError(f"{path} cannot be read as PyTorch weights ({_reason(e)}): it may be truncated; "
-                               "pass an intact file") from None  # fmt: skip
+            raise KDCacheError(
+                f"{path} cannot be read as PyTorch weights ({_reason(e)}): it may be truncated; pass an intact file"
+            ) from None
         if not trust_pickle:
             raise KDCacheError(
                 f"{path} holds pickled Python objects beyond tensors (a whole saved model?), and loading those runs "
@@ -84,8 +85,10 @@ def _load_pickled(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - the file's own code may raise anything
-        raise KDCacheError(f"{path} cannot be loaded even as a trusted pickle ({_reason(e)}): "
-                           f"put the model's code on PYTHONPATH, or {EXPORT_HINT}") from None
+        raise KDCacheError(
+            f"{path} cannot be loaded even as a trusted pickle ({_reason(e)}): "
+            f"put the model's code on PYTHONPATH, or {EXPORT_HINT}"
+        ) from None
 
 
 def fit_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path, spec: str, num_classes: int) -> None:
@@ -94,8 +97,12 @@ def fit_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path, sp
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
-        parts = ([f"missing {_keys(missing)}"] if missing else []) + ([f"unexpected {_keys(unexpected)}"] if unexpected else [])
-        raise KDCacheError(f"{path} does not fit {spec}: {'; '.join(parts)}: pass the --arch these weights were trained as")
+        parts = ([f"missing {_keys(missing)}"] if missing else []) + (
+            [f"unexpected {_keys(unexpected)}"] if unexpected else []
+        )
+        raise KDCacheError(
+            f"{path} does not fit {spec}: {'; '.join(parts)}: pass the --arch these weights were trained as"
+        )
     shapes = [k for k in own if own[k].shape != state[k].shape]
     if shapes:
         first = shapes[0]
@@ -113,9 +120,22 @@ def fit_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path, sp
 
 
 def import_teacher(
-    weights: str | Path, *, arch: str, dataset: str, data_dir, data_options: dict, out: str | Path, rt: Runtime,
-    mean=None, std=None, small_stem: bool | None = None, batch_size: int = 512, force: bool = False, progress=None, trust_pickle: bool = False,
-) -> dict:  # fmt: skip
+    weights: str | Path,
+    *,
+    arch: str,
+    dataset: str,
+    data_dir,
+    data_options: dict,
+    out: str | Path,
+    rt: Runtime,
+    mean=None,
+    std=None,
+    small_stem: bool | None = None,
+    batch_size: int = 512,
+    force: bool = False,
+    progress=None,
+    trust_pickle: bool = False,
+) -> dict:
     """Write a kdcache teacher checkpoint for weights trained elsewhere; returns its metadata.
     `trust_pickle`: a whole pickled model may be loaded (see `read_weights`)."""
     check_spec(arch)
@@ -136,14 +156,22 @@ def import_teacher(
         logits = predict(model, data.test_x, tuple(mean), tuple(std), rt, batch_size=batch_size)
         acc = accuracy(logits, data.test_y)
         meta = {
-            "role": "teacher", "num_classes": data.num_classes, "dataset": data.name,
-            "dataset_fingerprint": data.fingerprint, "num_train": len(data.train_y),
-            "normalize_mean": list(mean), "normalize_std": list(std), "classes": data.classes,
-            "params": num_params(model), "image_size": image_size, "small_stem": _stem_of(small_stem, image_size),
-            "data_options": data.options, "imported_from": str(weights),
+            "role": "teacher",
+            "num_classes": data.num_classes,
+            "dataset": data.name,
+            "dataset_fingerprint": data.fingerprint,
+            "num_train": len(data.train_y),
+            "normalize_mean": list(mean),
+            "normalize_std": list(std),
+            "classes": data.classes,
+            "params": num_params(model),
+            "image_size": image_size,
+            "small_stem": _stem_of(small_stem, image_size),
+            "data_options": data.options,
+            "imported_from": str(weights),
             "metrics": {"test_acc": acc, "epochs": 0, "train_time_s": 0.0},
             "recipe": {"teacher_arch": arch, "dataset": data.name},
-        }  # fmt: skip
+        }
         save_checkpoint(out, model, arch=arch, meta=meta)
         return meta
 
@@ -167,13 +195,15 @@ class Ensemble(nn.Module):
     def __init__(self, members: list[nn.Module], means: list, stds: list):
         super().__init__()
         self.members = nn.ModuleList(members)
-        for i, (m, s) in enumerate(zip(means, stds)):
+        for i, (m, s) in enumerate(zip(means, stds, strict=False)):
             self.register_buffer(f"mean{i}", torch.tensor(m, dtype=torch.float32).view(1, 3, 1, 1))
             self.register_buffer(f"std{i}", torch.tensor(s, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logp = [torch.log_softmax(member((x - getattr(self, f"mean{i}")) / getattr(self, f"std{i}")).float(), dim=1)
-                for i, member in enumerate(self.members)]  # fmt: skip
+        logp = [
+            torch.log_softmax(member((x - getattr(self, f"mean{i}")) / getattr(self, f"std{i}")).float(), dim=1)
+            for i, member in enumerate(self.members)
+        ]
         return torch.logsumexp(torch.stack(logp), dim=0) - torch.log(torch.tensor(float(len(logp)), device=x.device))
 
 
@@ -202,18 +232,30 @@ def load_teachers(paths, *, rt: Runtime, arch: str | None = None, trust_arch: bo
     if len(paths) == 1:
         attrs = {"teacher_arch": meta["arch"], "teacher_sha256": shas[0], "teacher_path": str(paths[0])}
         return rt.prepare(model), meta, tuple(meta["normalize_mean"]), tuple(meta["normalize_std"]), attrs
-    for p, (_, m) in zip(paths[1:], loaded[1:]):
+    for p, (_, m) in zip(paths[1:], loaded[1:], strict=False):
         for key in ("dataset", "num_classes", "image_size", "classes"):
             if m.get(key) != meta.get(key):
                 raise KDCacheError(
                     f"ensemble members differ in {key}: {paths[0]} has {meta.get(key)!r}, {p} has {m.get(key)!r}: "
                     "ensemble teachers of the same data, classes and image size"
                 )
-    members = [{"path": str(p), "sha256": s, "arch": m["arch"], "test_acc": m.get("metrics", {}).get("test_acc")}
-               for p, s, (_, m) in zip(paths, shas, loaded)]  # fmt: skip
-    ens = Ensemble([mdl for mdl, _ in loaded], [m["normalize_mean"] for _, m in loaded],
-                   [m["normalize_std"] for _, m in loaded]).to(rt.device).eval()  # fmt: skip
-    attrs = {"teacher_arch": "ensemble(" + ", ".join(m["arch"] for m in members) + ")",
-             "teacher_sha256": ensemble_sha256(shas), "teacher_path": ";".join(map(str, paths)),
-             "ensemble_members": json.dumps(members)}  # fmt: skip
+    members = [
+        {"path": str(p), "sha256": s, "arch": m["arch"], "test_acc": m.get("metrics", {}).get("test_acc")}
+        for p, s, (_, m) in zip(paths, shas, loaded, strict=False)
+    ]
+    ens = (
+        Ensemble(
+            [mdl for mdl, _ in loaded],
+            [m["normalize_mean"] for _, m in loaded],
+            [m["normalize_std"] for _, m in loaded],
+        )
+        .to(rt.device)
+        .eval()
+    )
+    attrs = {
+        "teacher_arch": "ensemble(" + ", ".join(m["arch"] for m in members) + ")",
+        "teacher_sha256": ensemble_sha256(shas),
+        "teacher_path": ";".join(map(str, paths)),
+        "ensemble_members": json.dumps(members),
+    }
     return rt.prepare(ens), meta, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), attrs

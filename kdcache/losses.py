@@ -213,9 +213,7 @@ def soft_loss(
     dist: inter + intra Pearson relation loss on softmax(./T) (Huang et al. 2022).
     ls: kd on row-standardised logits (Sun et al. 2024).
     """
-    div = _divergence(
-        kind, student_logits, teacher_logits, T=T, labels=labels, dkd_alpha=dkd_alpha, dkd_beta=dkd_beta
-    )
+    div = _divergence(kind, student_logits, teacher_logits, T=T, labels=labels, dkd_alpha=dkd_alpha, dkd_beta=dkd_beta)
     return (T * T) * div
 
 
@@ -255,9 +253,7 @@ def student_loss(
         if kind != "kd":
             raise ValueError(f"--loss {kind} needs every logit; a top-k cache serves kd only")
         return alpha * (T * T) * kl_div(student_logits, teacher_logits, T) + (1.0 - alpha) * ce
-    div = _divergence(
-        kind, student_logits, teacher_logits, T=T, labels=labels, dkd_alpha=dkd_alpha, dkd_beta=dkd_beta
-    )
+    div = _divergence(kind, student_logits, teacher_logits, T=T, labels=labels, dkd_alpha=dkd_alpha, dkd_beta=dkd_beta)
     # alpha * (T * T) first, as kd_loss always did.
     return alpha * (T * T) * div + (1.0 - alpha) * ce
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -54,13 +55,17 @@ class SeedCNNTeacher(nn.Module):
     def __init__(self, num_classes: int = 10):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 128, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(128, 64, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(3, 128, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(128, 64, 3, padding=1),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(2, 2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(64, 32, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(64, 32, 3, padding=1),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(2, 2),
-        )  # fmt: skip
+        )
         self.classifier = nn.Sequential(
             nn.Linear(32 * 8 * 8, 512), nn.ReLU(inplace=True), nn.Dropout(), nn.Linear(512, num_classes)
         )
@@ -75,9 +80,13 @@ class SeedCNNStudent(nn.Module):
     def __init__(self, num_classes: int = 10):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
-            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
-        )  # fmt: skip
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2, 2),
+            nn.Conv2d(16, 16, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2, 2),
+        )
         self.classifier = nn.Sequential(
             nn.Linear(16 * 8 * 8, 256), nn.ReLU(inplace=True), nn.Dropout(), nn.Linear(256, num_classes)
         )
@@ -107,11 +116,19 @@ class ResNet9S(nn.Sequential):
     def __init__(self, num_classes: int = 10, widths: tuple[int, int, int, int] = (16, 32, 64, 128)):
         a, b, c, d = widths
         super().__init__(
-            _conv_bn(3, a), _conv_bn(a, b), nn.MaxPool2d(2), _Residual(b),
-            _conv_bn(b, c), nn.MaxPool2d(2),
-            _conv_bn(c, d), nn.MaxPool2d(2), _Residual(d),
-            nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(d, num_classes),
-        )  # fmt: skip
+            _conv_bn(3, a),
+            _conv_bn(a, b),
+            nn.MaxPool2d(2),
+            _Residual(b),
+            _conv_bn(b, c),
+            nn.MaxPool2d(2),
+            _conv_bn(c, d),
+            nn.MaxPool2d(2),
+            _Residual(d),
+            nn.AdaptiveMaxPool2d(1),
+            nn.Flatten(),
+            nn.Linear(d, num_classes),
+        )
 
 
 class _AirBatchNorm(nn.BatchNorm2d):
@@ -139,8 +156,15 @@ class _AirGroup(nn.Sequential):
     """conv -> 2x2 max-pool -> BN -> GELU -> conv -> BN -> GELU."""
 
     def __init__(self, c_in: int, c_out: int):
-        super().__init__(_AirConv(c_in, c_out), nn.MaxPool2d(2), _AirBatchNorm(c_out), nn.GELU(),
-                         _AirConv(c_out, c_out), _AirBatchNorm(c_out), nn.GELU())  # fmt: skip
+        super().__init__(
+            _AirConv(c_in, c_out),
+            nn.MaxPool2d(2),
+            _AirBatchNorm(c_out),
+            nn.GELU(),
+            _AirConv(c_out, c_out),
+            _AirBatchNorm(c_out),
+            nn.GELU(),
+        )
 
 
 class AirNet(nn.Sequential):
@@ -159,9 +183,15 @@ class AirNet(nn.Sequential):
         whiten.weight.requires_grad_(False)
         a, b, c = widths
         super().__init__(
-            whiten, nn.GELU(), _AirGroup(24, a), _AirGroup(a, b), _AirGroup(b, c),
-            nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c, num_classes, bias=False),
-        )  # fmt: skip
+            whiten,
+            nn.GELU(),
+            _AirGroup(24, a),
+            _AirGroup(a, b),
+            _AirGroup(b, c),
+            nn.AdaptiveMaxPool2d(1),
+            nn.Flatten(),
+            nn.Linear(c, num_classes, bias=False),
+        )
         self.scale = 1 / 9
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,10 +236,20 @@ def _registry() -> dict[str, Callable[..., nn.Module]]:
     }
 
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "seed-cnn-teacher", "seed-cnn-student", "resnet9s", "airbench94",
-         "airbench95")
-SPEC_HELP = ("a name (" + ", ".join(ARCHS) + "), torchvision:NAME (e.g. torchvision:convnext_tiny), "
-             "timm:NAME (pip install 'kdcache[timm]'), or module.path:factory (called with num_classes)")  # fmt: skip
+ARCHS = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "seed-cnn-teacher",
+    "seed-cnn-student",
+    "resnet9s",
+    "airbench94",
+    "airbench95",
+)
+SPEC_HELP = (
+    "a name (" + ", ".join(ARCHS) + "), torchvision:NAME (e.g. torchvision:convnext_tiny), "
+    "timm:NAME (pip install 'kdcache[timm]'), or module.path:factory (called with num_classes)"
+)
 
 
 def _small_stem(model: nn.Module) -> nn.Module:
@@ -228,13 +268,17 @@ def _from_spec(spec: str, num_classes: int) -> nn.Module:
         from torchvision import models as tv
 
         if name not in tv.list_models(module=tv):
-            raise KDCacheError(f"torchvision has no classification model {name!r}: see torchvision.models.list_models()")
+            raise KDCacheError(
+                f"torchvision has no classification model {name!r}: see torchvision.models.list_models()"
+            )
         return tv.get_model(name, weights=None, num_classes=num_classes)
     if source == "timm":
         try:
             import timm
         except ImportError:
-            raise KDCacheError(f"--arch {spec} needs timm, which is not installed: pip install 'kdcache[timm]'") from None
+            raise KDCacheError(
+                f"--arch {spec} needs timm, which is not installed: pip install 'kdcache[timm]'"
+            ) from None
         if not timm.is_model(name):
             raise KDCacheError(f"timm has no model {name!r}: see timm.list_models()")
         return timm.create_model(name, pretrained=False, num_classes=num_classes)
@@ -251,7 +295,9 @@ def _from_spec(spec: str, num_classes: int) -> nn.Module:
     except Exception as e:  # noqa: BLE001 - a user's code may raise anything
         raise KDCacheError(f"--arch {spec}: {name}(num_classes={num_classes}) raised {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
-        raise KDCacheError(f"--arch {spec}: {name}(num_classes=...) returned a {type(model).__name__}, not a torch nn.Module")
+        raise KDCacheError(
+            f"--arch {spec}: {name}(num_classes=...) returned a {type(model).__name__}, not a torch nn.Module"
+        )
     return model
 
 
@@ -272,7 +318,9 @@ def is_code(spec: str) -> bool:
 def refuse_code(spec: str, where: str, fix: str) -> None:
     """A spec that a file names (not the user) must not import code: refuse it with `fix` as the way out."""
     if is_code(spec):
-        raise KDCacheError(f"{where} names the architecture {spec}: building it imports and runs that module's code; {fix}")
+        raise KDCacheError(
+            f"{where} names the architecture {spec}: building it imports and runs that module's code; {fix}"
+        )
 
 
 def build(name: str, num_classes: int, image_size: int = 32, small_stem: bool | None = None) -> nn.Module:
@@ -344,7 +392,11 @@ def read_checkpoint(path: str | Path) -> dict:
         raise KDCacheError(
             f"{path} is not a readable kdcache checkpoint ({reason}): it may be truncated; retrain or pass another file"
         ) from None
-    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT or not isinstance(record.get("arch"), str):
+    if (
+        not isinstance(record, dict)
+        or record.get("format") != CHECKPOINT_FORMAT
+        or not isinstance(record.get("arch"), str)
+    ):
         raise KDCacheError(f"{path} is not a kdcache checkpoint: pass a file written by `kdcache teacher` or `student`")
     if record.get("format_version") != CHECKPOINT_VERSION:
         raise KDCacheError(
@@ -365,13 +417,17 @@ def check_arch(path: str | Path, recorded: str, arch: str | None = None, trust_a
 
 def load_checkpoint(
     path: str | Path, *, arch: str | None = None, device: str | torch.device = "cpu", trust_arch: bool = False
-):  # fmt: skip
+):
     """(model in eval mode, metadata) rebuilt from the file alone. `arch`: refuse any other. A module:factory
     architecture is built only when the user named it: as `arch`, or by `trust_arch` (--trust-arch)."""
     record = read_checkpoint(path)
     check_arch(path, record["arch"], arch, trust_arch)
-    model = build(record["arch"], record["num_classes"], image_size=record.get("image_size", 32),
-                  small_stem=record.get("small_stem"))
+    model = build(
+        record["arch"],
+        record["num_classes"],
+        image_size=record.get("image_size", 32),
+        small_stem=record.get("small_stem"),
+    )
     try:
         model.load_state_dict(record["state_dict"])
     except RuntimeError as e:
@@ -402,7 +458,9 @@ def first_nonfinite(model: nn.Module) -> str | None:
 def check_classes(path: str | Path, meta: dict, dataset: str, num_classes: int) -> None:
     """Refuse to run a checkpoint on data with another class count."""
     if meta["num_classes"] != num_classes:
-        raise KDCacheError(f"{path} predicts {meta['num_classes']} classes, {dataset} has {num_classes}: use a checkpoint of this dataset")
+        raise KDCacheError(
+            f"{path} predicts {meta['num_classes']} classes, {dataset} has {num_classes}: use a checkpoint of this dataset"
+        )
 
 
 def file_sha256(path: str | Path) -> str:

@@ -10,8 +10,8 @@ import dataclasses
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from kdcache import cache as cache_io
 from kdcache import tblog
@@ -59,8 +59,14 @@ def _done(path: Path, expect: dict) -> bool:
         # a teacher records the whole recipe: what it trained with is the teacher stage's own settings
         recorded = dataclasses.asdict(recorded.for_teacher() if record.get("role") == "teacher" else recorded)
         got = {**recorded, **record, "epochs": record["metrics"]["epochs"]}
-    refuse_different(path, got, expect, made="was made with", asked="this run asks for",
-                     fix="pass --force to redo the run, or choose another --out")  # fmt: skip
+    refuse_different(
+        path,
+        got,
+        expect,
+        made="was made with",
+        asked="this run asks for",
+        fix="pass --force to redo the run, or choose another --out",
+    )
     return True
 
 
@@ -98,7 +104,17 @@ def _image_size(data_options: dict | None) -> dict:
 
 def _training(recipe: Recipe) -> dict:
     """The optimisation settings a finished stage must share with this run to be kept."""
-    keys = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "batch_size", "seed")
+    keys = (
+        "optimizer",
+        "lr",
+        "momentum",
+        "nesterov",
+        "weight_decay",
+        "schedule",
+        "warmup_epochs",
+        "batch_size",
+        "seed",
+    )
     return {k: getattr(recipe, k) for k in keys}
 
 
@@ -189,12 +205,23 @@ def run_pipeline(
         for i, name in enumerate(members):
             own = dataclasses.replace(recipe, seed=recipe.seed + i)  # members differ by their seed alone
             taught = own.for_teacher()
-            stage(name, "teacher" if teachers == 1 else f"teacher {i + 1} of {teachers} (seed {own.seed})",
-                  lambda out, kw, own=own: train_teacher(own, data_dir=data_dir, out=out, rt=rt, progress=progress,
-                                                         data_options=data_options, **kw),
-                  expect={"arch": taught.teacher_arch, "epochs": taught.epochs, "augment": taught.augment,
-                          "dataset": recipe.dataset, **_image_size(data_options), "mix": taught.mix,
-                          "mix_prob": taught.mix_prob, **_training(taught)})  # fmt: skip
+            stage(
+                name,
+                "teacher" if teachers == 1 else f"teacher {i + 1} of {teachers} (seed {own.seed})",
+                lambda out, kw, own=own: train_teacher(
+                    own, data_dir=data_dir, out=out, rt=rt, progress=progress, data_options=data_options, **kw
+                ),
+                expect={
+                    "arch": taught.teacher_arch,
+                    "epochs": taught.epochs,
+                    "augment": taught.augment,
+                    "dataset": recipe.dataset,
+                    **_image_size(data_options),
+                    "mix": taught.mix,
+                    "mix_prob": taught.mix_prob,
+                    **_training(taught),
+                },
+            )
 
     def teacher_sha() -> str:  # the teacher may only exist later
         shas = [file_sha256(paths[name]) for name in members]
@@ -202,35 +229,97 @@ def run_pipeline(
 
     dump = dump or DumpSettings(batch_size=dump_batch_size(recipe))
     own = dump.dump_args()
-    stage(CACHE, "dump-logits" if teachers == 1 else f"dump-logits (ensemble of {teachers})", lambda out, kw: dump_logits(
-        teacher_path=paths[TEACHER] if teachers == 1 else [paths[name] for name in members], data_dir=data_dir, out=out, views=recipe.views, seed=recipe.seed,
-        rt=rt, subset=recipe.subset, augment=recipe.augment, mix=recipe.mix, mix_prob=recipe.mix_prob,
-        progress=progress, trust_arch=trusted, **own, **kw),
-        expect={"teacher_sha256": teacher_sha(), "num_views": recipe.views, "seed": recipe.seed,
-                "augment": recipe.augment, "mix": recipe.mix, "mix_prob": recipe.mix_prob,
-                "tta": dump.tta, "topk": dump.topk,
-                # an explicit grid is compared; the default one follows from the teacher, compared above
-                **({"lse_temperatures": sorted(set(dump.topk_temperatures))} if dump.topk_temperatures else {})})  # fmt: skip
+    stage(
+        CACHE,
+        "dump-logits" if teachers == 1 else f"dump-logits (ensemble of {teachers})",
+        lambda out, kw: dump_logits(
+            teacher_path=paths[TEACHER] if teachers == 1 else [paths[name] for name in members],
+            data_dir=data_dir,
+            out=out,
+            views=recipe.views,
+            seed=recipe.seed,
+            rt=rt,
+            subset=recipe.subset,
+            augment=recipe.augment,
+            mix=recipe.mix,
+            mix_prob=recipe.mix_prob,
+            progress=progress,
+            trust_arch=trusted,
+            **own,
+            **kw,
+        ),
+        expect={
+            "teacher_sha256": teacher_sha(),
+            "num_views": recipe.views,
+            "seed": recipe.seed,
+            "augment": recipe.augment,
+            "mix": recipe.mix,
+            "mix_prob": recipe.mix_prob,
+            "tta": dump.tta,
+            "topk": dump.topk,
+            # an explicit grid is compared; the default one follows from the teacher, compared above
+            **({"lse_temperatures": sorted(set(dump.topk_temperatures))} if dump.topk_temperatures else {}),
+        },
+    )
     for name, title, student in (
         (STUDENT_KD, f"student with KD (T={recipe.T:g}, alpha={recipe.alpha:g})", recipe),
         (STUDENT_ALONE, "student alone (alpha=0, same views, seed and budget)", dataclasses.replace(recipe, alpha=0.0)),
     ):
-        stage(name, title, lambda out, kw, student=student: train_student(
-            student, cache_file=paths[CACHE], data_dir=data_dir, out=out, rt=rt, progress=progress, **kw),
-            expect={"arch": student.student_arch, "epochs": student.epochs, "T": student.T, "alpha": student.alpha,
-                    "loss": student.loss, "cache_teacher_sha256": teacher_sha(), **_training(student)})  # fmt: skip
-    online_expect = {"arch": recipe.student_arch, "epochs": recipe.epochs, "T": recipe.T, "alpha": recipe.alpha,
-                     "loss": recipe.loss, "online_teacher_sha256": teacher_sha(), **_training(recipe)}  # fmt: skip
+        stage(
+            name,
+            title,
+            lambda out, kw, student=student: train_student(
+                student, cache_file=paths[CACHE], data_dir=data_dir, out=out, rt=rt, progress=progress, **kw
+            ),
+            expect={
+                "arch": student.student_arch,
+                "epochs": student.epochs,
+                "T": student.T,
+                "alpha": student.alpha,
+                "loss": student.loss,
+                "cache_teacher_sha256": teacher_sha(),
+                **_training(student),
+            },
+        )
+    online_expect = {
+        "arch": recipe.student_arch,
+        "epochs": recipe.epochs,
+        "T": recipe.T,
+        "alpha": recipe.alpha,
+        "loss": recipe.loss,
+        "online_teacher_sha256": teacher_sha(),
+        **_training(recipe),
+    }
     if with_online:
-        stage(STUDENT_ONLINE, f"student with online KD (teacher in the loop, T={recipe.T:g}, alpha={recipe.alpha:g})",
-              lambda out, kw: train_student(recipe, cache_file=None, online_teacher=paths[TEACHER], data_dir=data_dir,
-                                            out=out, rt=rt, progress=progress, trust_arch=trusted, **kw),
-              expect=online_expect)  # fmt: skip
+        stage(
+            STUDENT_ONLINE,
+            f"student with online KD (teacher in the loop, T={recipe.T:g}, alpha={recipe.alpha:g})",
+            lambda out, kw: train_student(
+                recipe,
+                cache_file=None,
+                online_teacher=paths[TEACHER],
+                data_dir=data_dir,
+                out=out,
+                rt=rt,
+                progress=progress,
+                trust_arch=trusted,
+                **kw,
+            ),
+            expect=online_expect,
+        )
     elif paths[STUDENT_ONLINE].exists():  # from an earlier --with-online run: never report it stale
         if force:
             for stale in (paths[STUDENT_ONLINE], metrics_of(paths[STUDENT_ONLINE])):
                 stale.unlink(missing_ok=True)
         else:
             _done(paths[STUDENT_ONLINE], online_expect)  # refuses one made with other settings
-    return write_report(run_dir, extra={"preset": preset, "recipe": dataclasses.asdict(recipe), "dump": dataclasses.asdict(dump),
-                                        "runtime": rt.describe(), "pipeline_wall_s": time.perf_counter() - t0})  # fmt: skip
+    return write_report(
+        run_dir,
+        extra={
+            "preset": preset,
+            "recipe": dataclasses.asdict(recipe),
+            "dump": dataclasses.asdict(dump),
+            "runtime": rt.describe(),
+            "pipeline_wall_s": time.perf_counter() - t0,
+        },
+    )

@@ -32,7 +32,7 @@ class RichProgress:
         )
         self.task = None
 
-    def __enter__(self) -> "RichProgress":
+    def __enter__(self) -> RichProgress:
         self.bar.start()
         return self
 
@@ -56,7 +56,11 @@ def print_epoch(m: dict) -> None:
     err_console.print(
         f"epoch {m['epoch']:>3}  loss {m['train_loss']:.4f}  train {100 * m['train_acc']:5.2f}%  "
         f"test {100 * m['test_acc']:5.2f}%  lr {m['lr']:.4g}  {m['train_img_s']:,.0f} img/s  {m['train_time_s']:.1f} s"
-        + (f"  agrees with teacher {100 * m['teacher_agreement']:5.2f}%  KL {m['teacher_kl']:.3f}" if "teacher_kl" in m else ""),
+        + (
+            f"  agrees with teacher {100 * m['teacher_agreement']:5.2f}%  KL {m['teacher_kl']:.3f}"
+            if "teacher_kl" in m
+            else ""
+        ),
         highlight=False,
     )
 
@@ -77,8 +81,11 @@ def stage_summary(title: str, result) -> None:
             [
                 ("architecture", f"{result.arch} ({result.params:,} parameters)"),
                 ("test accuracy", f"{100 * result.test_acc:.2f}%"),
-                *[(f"  with tta {k.removeprefix('test_acc_tta_')}", f"{100 * v:.2f}%")
-                  for k, v in result.history[-1].items() if k.startswith("test_acc_tta_")],
+                *[
+                    (f"  with tta {k.removeprefix('test_acc_tta_')}", f"{100 * v:.2f}%")
+                    for k, v in result.history[-1].items()
+                    if k.startswith("test_acc_tta_")
+                ],
                 ("epochs", str(len(result.history))),
                 ("training time", f"{result.train_time_s:.1f} s"),
                 ("checkpoint", str(result.out)),
@@ -109,25 +116,37 @@ def report_table(records: list[dict]) -> Table:
     several = len(records) > 1
     table = Table(title="teacher vs student alone vs student with KD", title_justify="left", box=box.SIMPLE_HEAD)
     for col in (["run"] if several else []) + ["model", "arch", "params", "test acc", "time", "img/s"]:
-        table.add_column(col, justify="left" if col in ("run", "model", "arch") else "right",
-                         min_width=16 if col == "arch" else None)  # fmt: skip
+        table.add_column(
+            col, justify="left" if col in ("run", "model", "arch") else "right", min_width=16 if col == "arch" else None
+        )
     for rec in records:
         for r in rec["rows"]:
-            cells = [r["model"], r["arch"], f"{r['params']:,}", f"{100 * r['test_acc']:.2f}%",
-                     f"{r['train_time_s']:.1f} s", f"{r['img_s']:,.0f}"]  # fmt: skip
+            cells = [
+                r["model"],
+                r["arch"],
+                f"{r['params']:,}",
+                f"{100 * r['test_acc']:.2f}%",
+                f"{r['train_time_s']:.1f} s",
+                f"{r['img_s']:,.0f}",
+            ]
             table.add_row(*([Path(rec["run_dir"]).name] if several else []) + cells)
         table.add_section()
     return table
 
 
 def print_imported(meta: dict, arch: str, out: Path) -> None:
-    out_console.print(results_table(f"imported teacher {out}", [
-        ("architecture", f"{meta['arch']} ({meta['params']:,} parameters)" if "arch" in meta else arch),
-        ("data", f"{meta['dataset']} · {meta['num_classes']} classes · {meta['image_size']} px"),
-        ("validation accuracy", f"{100 * meta['metrics']['test_acc']:.2f}%"),
-        ("normalisation", f"mean {tuple(meta['normalize_mean'])} std {tuple(meta['normalize_std'])}"),
-        ("checkpoint", str(out)),
-    ]))  # fmt: skip
+    out_console.print(
+        results_table(
+            f"imported teacher {out}",
+            [
+                ("architecture", f"{meta['arch']} ({meta['params']:,} parameters)" if "arch" in meta else arch),
+                ("data", f"{meta['dataset']} · {meta['num_classes']} classes · {meta['image_size']} px"),
+                ("validation accuracy", f"{100 * meta['metrics']['test_acc']:.2f}%"),
+                ("normalisation", f"mean {tuple(meta['normalize_mean'])} std {tuple(meta['normalize_std'])}"),
+                ("checkpoint", str(out)),
+            ],
+        )
+    )
 
 
 def print_eval(checkpoint, arch: str, params: int, data, tta: str, acc: float) -> None:
@@ -178,28 +197,43 @@ def print_bench(record: dict) -> None:
         v = record[f"{loop}_img_s"]
         rounds = record["rounds_img_s"][loop]
         spread = f"±{50 * (max(rounds) - min(rounds)) / v:.0f}%"  # half the range, relative to the median
-        ratio = "" if loop in ("cached", "cached_mixed", "cached_mixed_alone", "plain_mixed", "dump") else f"{record['cached_img_s'] / v:.2f}x"
+        ratio = (
+            ""
+            if loop in ("cached", "cached_mixed", "cached_mixed_alone", "plain_mixed", "dump")
+            else f"{record['cached_img_s'] / v:.2f}x"
+        )
         table.add_row(loop, f"{v:,.0f}", spread, ratio, *([f"{peaks[loop]:,.0f}"] if show_mem else []), what)
     out_console.print(table)
-    sizes = " · ".join(f"C={int(c):,}: {b['dense']:,} B dense, {b['top10']} B top-10"
-                       for c, b in record["cache_bytes_per_view"].items())  # fmt: skip
+    sizes = " · ".join(
+        f"C={int(c):,}: {b['dense']:,} B dense, {b['top10']} B top-10"
+        for c, b in record["cache_bytes_per_view"].items()
+    )
     out_console.print(f"cached targets per view: {sizes}", highlight=False)
     r = record["ratios"]
-    out_console.print(f"cached_mixed/plain {r['cached_mixed_over_plain']:.2f} · cached_mixed_alone/plain_mixed "
-                      f"{r['cached_mixed_alone_over_plain_mixed']:.2f} (the cache's own cost) · the KD loss adds "
-                      f"{100 * r['kd_loss_overhead']:+.1f}% to a step (cached_mixed_alone/cached_mixed - 1)",
-                      highlight=False)  # fmt: skip
+    out_console.print(
+        f"cached_mixed/plain {r['cached_mixed_over_plain']:.2f} · cached_mixed_alone/plain_mixed "
+        f"{r['cached_mixed_alone_over_plain_mixed']:.2f} (the cache's own cost) · the KD loss adds "
+        f"{100 * r['kd_loss_overhead']:+.1f}% to a step (cached_mixed_alone/cached_mixed - 1)",
+        highlight=False,
+    )
 
 
 def print_procs_bench(record: dict, cfg, procs: int) -> None:
     from kdcache.bench import PROCS_LOOPS
 
     table = Table(title=f"kdcache bench --procs {procs} · {record['device']} · {record['data']}", title_justify="left")
-    for col, justify in (("loop", "left"), ("1 process img/s", "right"), (f"{procs} processes img/s", "right"),
-                         (f"{procs} / 1", "right"), ("what", "left")):  # fmt: skip
+    for col, justify in (
+        ("loop", "left"),
+        ("1 process img/s", "right"),
+        (f"{procs} processes img/s", "right"),
+        (f"{procs} / 1", "right"),
+        ("what", "left"),
+    ):
         table.add_column(col, justify=justify)
-    notes = {"cached": f"student from the cache, DDP, global batch {cfg.batch_size}",
-             "dump": f"teacher inference, each process its own rows, batch {cfg.batch_size}"}  # fmt: skip
+    notes = {
+        "cached": f"student from the cache, DDP, global batch {cfg.batch_size}",
+        "dump": f"teacher inference, each process its own rows, batch {cfg.batch_size}",
+    }
     for loop in PROCS_LOOPS:
         one, many = record[f"{loop}_img_s"]["1"], record[f"{loop}_img_s"][str(procs)]
         table.add_row(loop, f"{one:,.0f}", f"{many:,.0f}", f"{many / one:.2f}x", notes[loop])
@@ -207,15 +241,20 @@ def print_procs_bench(record: dict, cfg, procs: int) -> None:
 
 
 def print_folder_bench(record: dict) -> None:
-    table = Table(title=f"kdcache bench · {record['device']} · {record['data']} · store {record['store']}", title_justify="left")
+    table = Table(
+        title=f"kdcache bench · {record['device']} · {record['data']} · store {record['store']}", title_justify="left"
+    )
     for col in ("loop", "img/s", "spread", "what"):
         table.add_column(col, justify="right" if col in ("img/s", "spread") else "left")
-    notes = {"imagefolder_online": f"ImageFolder + DataLoader workers, {record['teacher_arch']} teacher every step",
-             "imagefolder_plain": "ImageFolder + DataLoader workers, no teacher",
-             "plain": "raw store on the device, no teacher", "cached": "raw store on the device, logits from the cache",
-             "plain_streamed": "raw store streamed from host memory, no teacher",
-             "cached_streamed": "raw store streamed from host memory, logits from the cache",
-             "cached_jpeg": "jpeg store decoded per batch, logits from the cache"}  # fmt: skip
+    notes = {
+        "imagefolder_online": f"ImageFolder + DataLoader workers, {record['teacher_arch']} teacher every step",
+        "imagefolder_plain": "ImageFolder + DataLoader workers, no teacher",
+        "plain": "raw store on the device, no teacher",
+        "cached": "raw store on the device, logits from the cache",
+        "plain_streamed": "raw store streamed from host memory, no teacher",
+        "cached_streamed": "raw store streamed from host memory, logits from the cache",
+        "cached_jpeg": "jpeg store decoded per batch, logits from the cache",
+    }
     for loop, what in notes.items():
         v, rounds = record[f"{loop}_img_s"], record["rounds_img_s"][loop]
         table.add_row(loop, f"{v:,.0f}", f"±{50 * (max(rounds) - min(rounds)) / v:.0f}%", what)
@@ -225,11 +264,15 @@ def print_folder_bench(record: dict) -> None:
         f"cached over the ImageFolder online-KD loop: {r['cached_jpeg_over_imagefolder_online']:.2f}x (jpeg store), "
         f"{r['cached_over_imagefolder_online']:.2f}x (raw, resident) · cached/plain {r['cached_over_plain']:.2f} (resident), "
         f"{r['cached_streamed_over_plain_streamed']:.2f} (streamed) · streamed/resident {r['streamed_over_resident']:.2f} · "
-        f"jpeg/resident {r['jpeg_over_resident']:.2f}", highlight=False)  # fmt: skip
+        f"jpeg/resident {r['jpeg_over_resident']:.2f}",
+        highlight=False,
+    )
     out_console.print(
         f"bytes: folder {b['folder'] / 1e6:,.1f} MB · raw store {b['raw'] / 1e6:,.1f} MB · jpeg store {b['jpeg'] / 1e6:,.1f} MB · "
         f"prepared at {record['prepare_img_s']:,.0f} (raw), {record['prepare_jpeg_img_s']:,.0f} (jpeg) images/s "
-        f"({record['prepare_images']:,} images)", highlight=False)  # fmt: skip
+        f"({record['prepare_images']:,} images)",
+        highlight=False,
+    )
 
 
 def print_pipeline(record: dict, out: Path) -> None:
@@ -243,6 +286,10 @@ def print_pipeline(record: dict, out: Path) -> None:
         out_console.print(
             f"cached vs online KD: {100 * (cached['test_acc'] - online['test_acc']):+.2f} points, "
             f"{online['train_time_s'] / cached['train_time_s']:.1f}x less training time (the one-off dump aside)",
-            highlight=False)  # fmt: skip
-    out_console.print(f"KD gain over the student alone: {100 * record['kd_gain']:+.2f} points · report: {out / 'report.md'} · plot: {out / 'accuracy.png'}", highlight=False)
+            highlight=False,
+        )
+    out_console.print(
+        f"KD gain over the student alone: {100 * record['kd_gain']:+.2f} points · report: {out / 'report.md'} · plot: {out / 'accuracy.png'}",
+        highlight=False,
+    )
     print_warnings(record)

@@ -32,13 +32,17 @@ def load_run(run_dir: str | Path) -> dict:
     if not run_dir.is_dir():
         raise KDCacheError(f"{run_dir} is not a run directory: pass the --out of a `kdcache pipeline` run")
     rows, curves, times = [], {}, {}
-    numbers = sorted(int(p.stem[len("teacher_"):]) for p in run_dir.glob("teacher_*.pt") if p.stem[len("teacher_"):].isdigit())
+    numbers = sorted(
+        int(p.stem[len("teacher_") :]) for p in run_dir.glob("teacher_*.pt") if p.stem[len("teacher_") :].isdigit()
+    )
     members = tuple((f"teacher {i}", f"teacher_{i}.pt") for i in numbers)  # pipeline --teachers N: the others
     models = MODELS[:1] + members + MODELS[1:] + ((ONLINE,) if (run_dir / ONLINE[1]).exists() else ())
     for label, name in models:
         ckpt = run_dir / name
         if not ckpt.exists():
-            raise KDCacheError(f"{run_dir} has no {name}: finish the run with `kdcache pipeline --resume --out {run_dir}`")
+            raise KDCacheError(
+                f"{run_dir} has no {name}: finish the run with `kdcache pipeline --resume --out {run_dir}`"
+            )
         meta = {k: v for k, v in read_checkpoint(ckpt).items() if k != "state_dict"}
         if metrics_of(ckpt).is_file() or label != "teacher":
             history = read_metrics(metrics_of(ckpt))
@@ -46,13 +50,20 @@ def load_run(run_dir: str | Path) -> dict:
             history = [{"test_acc": meta["metrics"]["test_acc"], "train_time_s": 0.0, "train_img_s": 0.0}]
         curves[label] = [m["test_acc"] for m in history]
         times[label] = list(itertools.accumulate(m["train_time_s"] for m in history))  # training seconds so far
-        rows.append({
-            "model": label, "arch": meta["arch"], "params": meta["params"],
-            "test_acc": history[-1]["test_acc"], "best_test_acc": max(curves[label]),
-            "epochs": meta["metrics"].get("epochs", len(history)), "train_time_s": sum(m["train_time_s"] for m in history),
-            "img_s": _img_s(history), **({"T": meta["T"], "alpha": meta["alpha"]} if "alpha" in meta else {}),
-            **{k: history[-1][k] for k in ("teacher_agreement", "teacher_kl") if k in history[-1]},
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": label,
+                "arch": meta["arch"],
+                "params": meta["params"],
+                "test_acc": history[-1]["test_acc"],
+                "best_test_acc": max(curves[label]),
+                "epochs": meta["metrics"].get("epochs", len(history)),
+                "train_time_s": sum(m["train_time_s"] for m in history),
+                "img_s": _img_s(history),
+                **({"T": meta["T"], "alpha": meta["alpha"]} if "alpha" in meta else {}),
+                **{k: history[-1][k] for k in ("teacher_agreement", "teacher_kl") if k in history[-1]},
+            }
+        )
     record = {"run_dir": str(run_dir), "rows": rows, "curves": curves, "times": times}
     cache = run_dir / CACHE_NAME
     if cache.exists():
@@ -61,28 +72,50 @@ def load_run(run_dir: str | Path) -> dict:
         with open_cache(cache) as c:  # a damaged cache is one line, as everywhere
             n, k = c.file["view_params"].shape[:2]
             t = float(c.attrs.get("dump_time_s", 0.0))
-            record["dump"] = {"images": n, "views": k, "time_s": t, "img_s": n * k / t if t else None,
-                              "size_mb": cache.stat().st_size / 1e6}  # fmt: skip
+            record["dump"] = {
+                "images": n,
+                "views": k,
+                "time_s": t,
+                "img_s": n * k / t if t else None,
+                "size_mb": cache.stat().st_size / 1e6,
+            }
             if "ensemble_members" in c.attrs and "teacher_test_acc" in c.attrs:  # pipeline --teachers N
                 record["ensemble_test_acc"] = float(c.attrs["teacher_test_acc"])
                 teachers = [r for r in rows if r["model"].startswith("teacher")]
-                rows.insert(len(teachers), {
-                    "model": f"teacher ensemble ({len(teachers)})", "arch": c.attrs["teacher_arch"],
-                    "params": sum(r["params"] for r in teachers), "test_acc": record["ensemble_test_acc"],
-                    "best_test_acc": record["ensemble_test_acc"], "epochs": max(r["epochs"] for r in teachers),
-                    "train_time_s": sum(r["train_time_s"] for r in teachers),
-                    "img_s": sum(r["img_s"] for r in teachers) / len(teachers),
-                })  # fmt: skip
+                rows.insert(
+                    len(teachers),
+                    {
+                        "model": f"teacher ensemble ({len(teachers)})",
+                        "arch": c.attrs["teacher_arch"],
+                        "params": sum(r["params"] for r in teachers),
+                        "test_acc": record["ensemble_test_acc"],
+                        "best_test_acc": record["ensemble_test_acc"],
+                        "epochs": max(r["epochs"] for r in teachers),
+                        "train_time_s": sum(r["train_time_s"] for r in teachers),
+                        "img_s": sum(r["img_s"] for r in teachers) / len(teachers),
+                    },
+                )
     by = {r["model"]: r for r in rows}
     record["kd_gain"] = by["student with KD"]["test_acc"] - by["student alone"]["test_acc"]
-    record["warnings"] = [w for w in [weak_teacher(record.get("ensemble_test_acc", by["teacher"]["test_acc"]),
-                                                   by["student alone"]["test_acc"], "the student alone")] if w]  # fmt: skip
+    record["warnings"] = [
+        w
+        for w in [
+            weak_teacher(
+                record.get("ensemble_test_acc", by["teacher"]["test_acc"]),
+                by["student alone"]["test_acc"],
+                "the student alone",
+            )
+        ]
+        if w
+    ]
     previous = run_dir / "report.json"
     if previous.exists():
         try:
             record["run"] = json.loads(previous.read_text()).get("run", {})
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            raise KDCacheError(f"{previous} is not a kdcache report: remove it and run `kdcache report {run_dir}` again") from None
+            raise KDCacheError(
+                f"{previous} is not a kdcache report: remove it and run `kdcache report {run_dir}` again"
+            ) from None
     return record
 
 
@@ -105,10 +138,14 @@ def markdown(record: dict) -> str:
     if "dump" in record:
         d = record["dump"]
         rate = f", {d['img_s']:,.0f} img/s" if d["img_s"] else ""
-        lines.append(f"Cache: {d['images']:,} images x {d['views']} views, {d['size_mb']:.1f} MB, dumped in {d['time_s']:.0f} s{rate}.")
+        lines.append(
+            f"Cache: {d['images']:,} images x {d['views']} views, {d['size_mb']:.1f} MB, dumped in {d['time_s']:.0f} s{rate}."
+        )
     run = record.get("run", {})
     if run:
-        lines.append(f"Preset `{run.get('preset')}` on {run.get('runtime')}; pipeline wall time {run.get('pipeline_wall_s', 0):.0f} s.")
+        lines.append(
+            f"Preset `{run.get('preset')}` on {run.get('runtime')}; pipeline wall time {run.get('pipeline_wall_s', 0):.0f} s."
+        )
     lines += ["", "![test accuracy per epoch and per second of training](accuracy.png)", ""]
     return "\n".join(lines)
 
@@ -131,9 +168,17 @@ def plot_curves(records: list[dict]) -> list[dict]:
     for i, record in enumerate(records):
         suffix = f" ({Path(record['run_dir']).name})" if len(records) > 1 else ""
         for label, accs in record["curves"].items():
-            out.append({"label": label + suffix, "epochs": list(range(1, len(accs) + 1)),
-                        "acc": [100 * a for a in accs], "time_s": record["times"][label], "color": colors[label],
-                        "marker": markers[label], "linestyle": styles[i % len(styles)]})  # fmt: skip
+            out.append(
+                {
+                    "label": label + suffix,
+                    "epochs": list(range(1, len(accs) + 1)),
+                    "acc": [100 * a for a in accs],
+                    "time_s": record["times"][label],
+                    "color": colors[label],
+                    "marker": markers[label],
+                    "linestyle": styles[i % len(styles)],
+                }
+            )
     return out
 
 

@@ -15,14 +15,23 @@ from kdcache.config import DumpSettings, Recipe
 from kdcache.data import IMAGENET_MEAN, IMAGENET_STD, Dataset, load_dataset, recorded_options
 from kdcache.errors import KDCacheError
 from kdcache.losses import label_loss, student_loss
+from kdcache.models import (
+    InitFromData,
+    build,
+    check_classes,
+    file_sha256,
+    load_checkpoint,
+    num_params,
+    read_checkpoint,
+    save_checkpoint,
+)
 from kdcache.topk import TopK
-from kdcache.models import InitFromData, build, check_classes, file_sha256, load_checkpoint, num_params, read_checkpoint, save_checkpoint
 from kdcache.train import (
-    Plan,
-    Progress,
-    NoProgress,
     Diverged,
     EpochViews,
+    NoProgress,
+    Plan,
+    Progress,
     Runtime,
     TTAModel,
     ViewBatches,
@@ -82,26 +91,44 @@ def _train_and_save(
         raw.init_from_data(normalize(torch.as_tensor(np.asarray(data.train_x[:5000])), batches.mean, batches.std))
     model = rt.prepare(raw)
     optimizer, scheduler = build_optimizer(
-        raw, optimizer=recipe.optimizer, lr=recipe.lr, momentum=recipe.momentum,
-        weight_decay=recipe.weight_decay, epochs=epochs, schedule=recipe.schedule, steps_per_epoch=len(batches),
-        warmup_epochs=recipe.warmup_epochs, nesterov=recipe.nesterov, bn_bias_lr=recipe.bn_bias_lr,
-    )  # fmt: skip
+        raw,
+        optimizer=recipe.optimizer,
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
+        epochs=epochs,
+        schedule=recipe.schedule,
+        steps_per_epoch=len(batches),
+        warmup_epochs=recipe.warmup_epochs,
+        nesterov=recipe.nesterov,
+        bn_bias_lr=recipe.bn_bias_lr,
+    )
     ema = WeightAverage(model, recipe.ema) if recipe.ema > 0 else None
-    identity = {"role": role, "arch": arch, "fingerprint": data.fingerprint, "epochs": epochs,
-                "recipe": {k: repr(v) for k, v in dataclasses.asdict(dataclasses.replace(recipe, subset=None)).items()},
-                **{k: str(v) for k, v in extra_meta.items()}}  # fmt: skip
+    identity = {
+        "role": role,
+        "arch": arch,
+        "fingerprint": data.fingerprint,
+        "epochs": epochs,
+        "recipe": {k: repr(v) for k, v in dataclasses.asdict(dataclasses.replace(recipe, subset=None)).items()},
+        **{k: str(v) for k, v in extra_meta.items()},
+    }
     state_file, log_file = resume_path(out), metrics_path(out)
     start, history = 0, []
     if resume:
-        start, history = load_resume(state_file, model=raw, optimizer=optimizer, scheduler=scheduler, identity=identity,
-                                     ema=ema)  # fmt: skip
+        start, history = load_resume(
+            state_file, model=raw, optimizer=optimizer, scheduler=scheduler, identity=identity, ema=ema
+        )
     extra = f" · T={extra_meta['T']:g} alpha={extra_meta['alpha']:g}" if "alpha" in extra_meta else ""
     extra += f" · views: {_view_family(recipe, data)}"
     progress.note(
         f"{role} {arch} ({num_params(raw):,} parameters) on {len(data.train_y):,} {data.name} images{extra} · "
-        f"{rt.describe()}" + (f" · resuming after epoch {start}" if resume else "")
-        + ("" if isinstance(batches.images, torch.Tensor) else
-           f" · {batches.images.nbytes / 1e6:,.0f} MB store streamed from host memory (over the resident budget)")
+        f"{rt.describe()}"
+        + (f" · resuming after epoch {start}" if resume else "")
+        + (
+            ""
+            if isinstance(batches.images, torch.Tensor)
+            else f" · {batches.images.nbytes / 1e6:,.0f} MB store streamed from host memory (over the resident budget)"
+        )
     )
 
     def after_epoch(epoch: int, metrics: dict) -> None:
@@ -109,16 +136,37 @@ def _train_and_save(
         history.append(metrics)
         if not rt.main:
             return
-        save_resume(state_file, model=raw, optimizer=optimizer, scheduler=scheduler,
-                    epochs_done=epoch + 1, history=history, identity=identity, ema=ema)  # fmt: skip
+        save_resume(
+            state_file,
+            model=raw,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            epochs_done=epoch + 1,
+            history=history,
+            identity=identity,
+            ema=ema,
+        )
         write_metrics(log_file, history)  # after the state: a logged epoch is always resumable
         if on_epoch:
             on_epoch(metrics)
 
     try:
-        fit(model, batches, loss_fn, optimizer, scheduler, rt, epochs=epochs, start_epoch=start,
-            test=(data.test_x, data.test_y), on_epoch=after_epoch, progress=progress, teacher=teacher,
-            teacher_test_logits=teacher_test_logits, ema=ema)  # fmt: skip
+        fit(
+            model,
+            batches,
+            loss_fn,
+            optimizer,
+            scheduler,
+            rt,
+            epochs=epochs,
+            start_epoch=start,
+            test=(data.test_x, data.test_y),
+            on_epoch=after_epoch,
+            progress=progress,
+            teacher=teacher,
+            teacher_test_logits=teacher_test_logits,
+            ema=ema,
+        )
     except Diverged as e:
         kept = f"the state after epoch {e.epoch - 1} is kept in {state_file}" if e.epoch > 1 else "nothing was kept"
         raise KDCacheError(f"{e}; {kept}: try a lower --lr, then run again with --force") from None
@@ -129,27 +177,39 @@ def _train_and_save(
     metrics = {"test_acc": history[-1]["test_acc"], "epochs": epochs, "train_time_s": train_time}
     if role == "teacher":  # what test-time augmentation would add (a dump can use --tta flip)
         prepared = rt.prepare(final).eval()
-        progress.note(f"evaluating with test-time augmentation ({', '.join(TTAModel.LEVELS[1:])}: 8 passes over the "
-                      f"{len(data.test_y):,} test images)")  # fmt: skip
+        progress.note(
+            f"evaluating with test-time augmentation ({', '.join(TTAModel.LEVELS[1:])}: 8 passes over the "
+            f"{len(data.test_y):,} test images)"
+        )
         for level in TTAModel.LEVELS[1:]:
             tta = TTAModel(prepared, level)
-            metrics[f"test_acc_tta_{level}"] = accuracy(predict(tta, data.test_x, batches.mean, batches.std, rt,
-                                                                batch_size=batches.batch_size),
-                                                        data.test_y)  # fmt: skip
+            metrics[f"test_acc_tta_{level}"] = accuracy(
+                predict(tta, data.test_x, batches.mean, batches.std, rt, batch_size=batches.batch_size), data.test_y
+            )
         # into the very record on_epoch was handed last: --tensorboard writes these when it closes
         history[-1].update({k: v for k, v in metrics.items() if k.startswith("test_acc_tta")})
         write_metrics(log_file, history)
     save_checkpoint(
-        out, final, arch=arch,
+        out,
+        final,
+        arch=arch,
         meta={
-            "role": role, "num_classes": data.num_classes, "dataset": data.name,
-            "dataset_fingerprint": data.fingerprint, "num_train": len(data.train_y),
-            "normalize_mean": list(batches.mean), "normalize_std": list(batches.std),
-            "classes": data.classes, "params": num_params(raw), "image_size": data.geometry.size[0],
+            "role": role,
+            "num_classes": data.num_classes,
+            "dataset": data.name,
+            "dataset_fingerprint": data.fingerprint,
+            "num_train": len(data.train_y),
+            "normalize_mean": list(batches.mean),
+            "normalize_std": list(batches.std),
+            "classes": data.classes,
+            "params": num_params(raw),
+            "image_size": data.geometry.size[0],
             "data_options": data.options,
-            "metrics": metrics, "recipe": dataclasses.asdict(recorded or recipe), **extra_meta,
+            "metrics": metrics,
+            "recipe": dataclasses.asdict(recorded or recipe),
+            **extra_meta,
         },
-    )  # fmt: skip
+    )
     state_file.unlink(missing_ok=True)
     return StageResult(out, arch, num_params(raw), history, train_time)
 
@@ -162,15 +222,25 @@ def _view_family(recipe: Recipe, data: Dataset) -> str:
     return shape + ("" if recipe.mix == "none" else f", {recipe.mix} on {recipe.mix_prob:.0%} of them")
 
 
-def fresh_views_plan(geometry: Geometry, n: int, seed: int, augment: bool, device, *, mix: str = "none",
-                     mix_prob: float = 1.0, stream: int = STREAM_TRAIN) -> Plan:  # fmt: skip
+def fresh_views_plan(
+    geometry: Geometry,
+    n: int,
+    seed: int,
+    augment: bool,
+    device,
+    *,
+    mix: str = "none",
+    mix_prob: float = 1.0,
+    stream: int = STREAM_TRAIN,
+) -> Plan:
     """A new deterministic view of every image each epoch (view index = epoch in `stream`):
     a crop of `geometry`, mixed with a partner when `mix` is set. Teacher training and online students."""
     idx = np.arange(n)
 
     def plan(epoch: int) -> EpochViews:
-        views = draw_views(geometry, seed, idx, [epoch], augment=augment, mix=mix, prob=mix_prob, num_rows=n,
-                           stream=stream)  # fmt: skip
+        views = draw_views(
+            geometry, seed, idx, [epoch], augment=augment, mix=mix, prob=mix_prob, num_rows=n, stream=stream
+        )
         return EpochViews(views[:, 0].to(device), None)
 
     return plan
@@ -214,8 +284,16 @@ def _prefetched(read, views_of):
 def view_batches(data: Dataset, plan: Plan, batch_size: int, seed: int, mean, std, rt: Runtime) -> ViewBatches:
     """Every stage's batches (and the library's `CachedBatches`): the training images placed where the loop
     reads them, this process's share under torchrun, the last partial batch dropped when compiled."""
-    batches = ViewBatches(rt.place(data.train_x), data.train_y.to(rt.device), plan, batch_size, seed,
-                          tuple(mean), tuple(std), drop_last=rt.compile)  # fmt: skip
+    batches = ViewBatches(
+        rt.place(data.train_x),
+        data.train_y.to(rt.device),
+        plan,
+        batch_size,
+        seed,
+        tuple(mean),
+        tuple(std),
+        drop_last=rt.compile,
+    )
     batches.rank, batches.world = rt.rank, rt.world
     return batches
 
@@ -233,24 +311,40 @@ class CachedData:
     num_views: int  # K
 
 
-def load_cached(cache_file: str | Path, *, data_dir: str | Path | None, rt: Runtime, batch_size: int, seed: int,
-                subset: int | None = None, progress: Progress | None = None,
-                rebuild_store: bool = False) -> CachedData:  # fmt: skip
+def load_cached(
+    cache_file: str | Path,
+    *,
+    data_dir: str | Path | None,
+    rt: Runtime,
+    batch_size: int,
+    seed: int,
+    subset: int | None = None,
+    progress: Progress | None = None,
+    rebuild_store: bool = False,
+) -> CachedData:
     """Open a cache, load the data it records (`subset`: None for the cache's rows), refuse any mismatch, and
     plan its views: each epoch every sample shows one of its K cached views (`cached_plan`). Targets over the
     host budget stay in the file and are read one epoch ahead."""
     with cache_io.open_cache(cache_file) as cache:
         attrs = cache.attrs
         subset = subset if subset is not None else attrs.get("subset")
-        data = load_dataset(attrs["dataset"], data_dir, subset, progress=progress, rebuild_store=rebuild_store,
-                            **recorded_options(attrs))  # fmt: skip
+        data = load_dataset(
+            attrs["dataset"],
+            data_dir,
+            subset,
+            progress=progress,
+            rebuild_store=rebuild_store,
+            **recorded_options(attrs),
+        )
         cache_io.check_matches(cache, data.fingerprint, data.num_classes, data.classes)
         streamed = cache.target_bytes > rt.host_budget()  # larger than memory: read per epoch
         logits, views, labels = cache.tensors(targets=not streamed)
         if streamed:
-            (progress or NoProgress()).note(f"{cache.target_bytes / 1e6:,.0f} MB of cached targets are over the "
-                                            "memory budget: each epoch's views are read from the file in blocks, "
-                                            "one epoch ahead")  # fmt: skip
+            (progress or NoProgress()).note(
+                f"{cache.target_bytes / 1e6:,.0f} MB of cached targets are over the "
+                "memory budget: each epoch's views are read from the file in blocks, "
+                "one epoch ahead"
+            )
             logits = _cache_reader(cache_file)
         test_logits = torch.from_numpy(cache.file["test_logits"][...]) if "test_logits" in cache.file else None
         digest, cache_mix = cache_io.content_digest(cache), cache.mix
@@ -277,21 +371,40 @@ def train_teacher(
     on a fresh view of every image each epoch, of the family the cache will hold.
     `data_options`: an image folder's (image size, store size, ...; see `data.load_folder`)."""
     recorded, recipe = recipe, recipe.for_teacher()
-    with claim_output(out, force=force, resume=resume, interrupted=resume_path(out), sides=(metrics_path(out),),
-                      lock=rt.main) as out:
+    with claim_output(
+        out, force=force, resume=resume, interrupted=resume_path(out), sides=(metrics_path(out),), lock=rt.main
+    ) as out:
         data = load_dataset(recipe.dataset, data_dir, recipe.subset, progress=progress, **(data_options or {}))
         _check_mixable(recipe, len(data.train_y))
         if data.name == "imagefolder":  # photographs: ImageNet's statistics, as pretrained models expect
             recipe = dataclasses.replace(recipe, mean=IMAGENET_MEAN, std=IMAGENET_STD)
             recorded = dataclasses.replace(recorded, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-        plan = fresh_views_plan(data.geometry, len(data.train_y), recipe.seed, recipe.augment, rt.device,
-                                mix=recipe.mix, mix_prob=recipe.mix_prob)  # fmt: skip
+        plan = fresh_views_plan(
+            data.geometry,
+            len(data.train_y),
+            recipe.seed,
+            recipe.augment,
+            rt.device,
+            mix=recipe.mix,
+            mix_prob=recipe.mix_prob,
+        )
         batches = view_batches(data, plan, recipe.batch_size, recipe.seed, recipe.mean, recipe.std, rt)
         return _train_and_save(
-            role="teacher", arch=recipe.teacher_arch, data=data, recipe=recipe, epochs=recipe.teacher_recipe_epochs,
-            batches=batches, loss_fn=lambda s, b: label_loss(s, b.y, b.y2, b.lam, recipe.label_smoothing), rt=rt,
-            out=out, resume=resume, extra_meta={}, progress=progress, on_epoch=on_epoch, recorded=recorded,
-        )  # fmt: skip
+            role="teacher",
+            arch=recipe.teacher_arch,
+            data=data,
+            recipe=recipe,
+            epochs=recipe.teacher_recipe_epochs,
+            batches=batches,
+            loss_fn=lambda s, b: label_loss(s, b.y, b.y2, b.lam, recipe.label_smoothing),
+            rt=rt,
+            out=out,
+            resume=resume,
+            extra_meta={},
+            progress=progress,
+            on_epoch=on_epoch,
+            recorded=recorded,
+        )
 
 
 def _cache_reader(path):
@@ -335,53 +448,102 @@ def train_student(
     alpha = 0 ignores the teacher. `trust_arch`: the online teacher may be a module:factory
     architecture (see `load_checkpoint`).
     """
-    with claim_output(out, force=force, resume=resume, interrupted=resume_path(out), sides=(metrics_path(out),),
-                      lock=rt.main) as out:
+    with claim_output(
+        out, force=force, resume=resume, interrupted=resume_path(out), sides=(metrics_path(out),), lock=rt.main
+    ) as out:
         teacher = None
         if online_teacher is not None:
             teacher, meta = load_checkpoint(online_teacher, device=rt.device, trust_arch=trust_arch)
             subset = recipe.subset if recipe.subset is not None else meta.get("num_train")
-            data = load_dataset(meta["dataset"], data_dir, subset, progress=progress, rebuild_store=rebuild_store,
-                                **recorded_options(meta))  # fmt: skip
+            data = load_dataset(
+                meta["dataset"],
+                data_dir,
+                subset,
+                progress=progress,
+                rebuild_store=rebuild_store,
+                **recorded_options(meta),
+            )
             check_classes(online_teacher, meta, data.name, data.num_classes)
             _check_mixable(recipe, len(data.train_y))
             mean, std = tuple(meta["normalize_mean"]), tuple(meta["normalize_std"])
-            plan = fresh_views_plan(data.geometry, len(data.train_y), recipe.seed, recipe.augment, rt.device,
-                                    mix=recipe.mix, mix_prob=recipe.mix_prob, stream=STREAM_ONLINE)  # fmt: skip
+            plan = fresh_views_plan(
+                data.geometry,
+                len(data.train_y),
+                recipe.seed,
+                recipe.augment,
+                rt.device,
+                mix=recipe.mix,
+                mix_prob=recipe.mix_prob,
+                stream=STREAM_ONLINE,
+            )
             teacher = rt.prepare(teacher)
             test_logits = predict(teacher, data.test_x.to(rt.device), mean, std, rt, batch_size=recipe.batch_size)
             source = {"online_teacher_sha256": file_sha256(online_teacher), "teacher_arch": meta["arch"]}
             teacher_acc = meta.get("metrics", {}).get("test_acc")
             batches = view_batches(data, plan, recipe.batch_size, recipe.seed, mean, std, rt)
         else:
-            cached = load_cached(cache_file, data_dir=data_dir, rt=rt, batch_size=recipe.batch_size, seed=recipe.seed,
-                                 subset=recipe.subset, progress=progress, rebuild_store=rebuild_store)  # fmt: skip
+            cached = load_cached(
+                cache_file,
+                data_dir=data_dir,
+                rt=rt,
+                batch_size=recipe.batch_size,
+                seed=recipe.seed,
+                subset=recipe.subset,
+                progress=progress,
+                rebuild_store=rebuild_store,
+            )
             data, batches, attrs, test_logits = cached.data, cached.batches, cached.attrs, cached.test_logits
             teacher_acc = attrs.get("teacher_test_acc")
             if attrs.get("topk") and recipe.alpha > 0:  # a top-k cache: kd at a temperature it serves
                 if recipe.loss != "kd":
-                    raise KDCacheError(f"--loss {recipe.loss} needs every logit, {cache_file} keeps the top "
-                                       f"{attrs['topk']}: use --loss kd, or a dense cache")  # fmt: skip
+                    raise KDCacheError(
+                        f"--loss {recipe.loss} needs every logit, {cache_file} keeps the top "
+                        f"{attrs['topk']}: use --loss kd, or a dense cache"
+                    )
                 TopK(*(torch.zeros(0),) * 3, tuple(attrs["lse_temperatures"]), data.num_classes).column(recipe.T)
             # The views and normalisation are the cache's, whatever the preset said: record those.
-            recipe = dataclasses.replace(recipe, views=cached.num_views, augment=bool(attrs["augment"]),
-                                         mean=batches.mean, std=batches.std, mix=cached.mix,
-                                         mix_prob=float(attrs.get("mix_prob", 1.0)))  # fmt: skip
-            source = {"cache_teacher_sha256": attrs["teacher_sha256"], "cache_num_views": cached.num_views,
-                      "cache_blocks_sha256": cached.digest, "cache_precision": attrs.get("precision"),
-                      "cache_seed": attrs["seed"], "cache_augment": attrs["augment"], "teacher_arch": attrs["teacher_arch"]}  # fmt: skip
+            recipe = dataclasses.replace(
+                recipe,
+                views=cached.num_views,
+                augment=bool(attrs["augment"]),
+                mean=batches.mean,
+                std=batches.std,
+                mix=cached.mix,
+                mix_prob=float(attrs.get("mix_prob", 1.0)),
+            )
+            source = {
+                "cache_teacher_sha256": attrs["teacher_sha256"],
+                "cache_num_views": cached.num_views,
+                "cache_blocks_sha256": cached.digest,
+                "cache_precision": attrs.get("precision"),
+                "cache_seed": attrs["seed"],
+                "cache_augment": attrs["augment"],
+                "teacher_arch": attrs["teacher_arch"],
+            }
         T, alpha, kind, smoothing = recipe.T, recipe.alpha, recipe.loss, recipe.label_smoothing
 
         def loss_fn(s, b):
-            return student_loss(s, b.y, b.t, kind=kind, T=T, alpha=alpha, partner_labels=b.y2, lam=b.lam,
-                                smoothing=smoothing)  # fmt: skip
+            return student_loss(
+                s, b.y, b.t, kind=kind, T=T, alpha=alpha, partner_labels=b.y2, lam=b.lam, smoothing=smoothing
+            )
 
         result = _train_and_save(
-            role="student", arch=recipe.student_arch, data=data, recipe=recipe, epochs=recipe.epochs,
-            batches=batches, loss_fn=loss_fn, rt=rt, out=out, resume=resume, progress=progress, on_epoch=on_epoch,
+            role="student",
+            arch=recipe.student_arch,
+            data=data,
+            recipe=recipe,
+            epochs=recipe.epochs,
+            batches=batches,
+            loss_fn=loss_fn,
+            rt=rt,
+            out=out,
+            resume=resume,
+            progress=progress,
+            on_epoch=on_epoch,
             extra_meta={"T": T, "alpha": alpha, "loss": kind, **source},
-            teacher=teacher if alpha > 0 else None, teacher_test_logits=test_logits,
-        )  # fmt: skip
+            teacher=teacher if alpha > 0 else None,
+            teacher_test_logits=test_logits,
+        )
         result.teacher_test_acc = None if teacher_acc is None else float(teacher_acc)
         return result
 
@@ -403,15 +565,18 @@ def recorded_recipe(path: Path) -> tuple[dict, str, DumpSettings | None]:
             dump = DumpSettings.recorded(attrs)
         members = json.loads(attrs.get("ensemble_members") or "[]")
         teachers = " ".join(f"--teacher {m['path']}" for m in members) or "--teacher TEACHER.pt"  # checked when opened
-        note = (f"the recipe recorded in {path}\nrepeat: kdcache dump-logits --config FILE {teachers}"
-                f" --precision {attrs.get('precision', 'fp32')}"
-                "\n(a student from this cache: kdcache student --config FILE --cache CACHE)")
+        note = (
+            f"the recipe recorded in {path}\nrepeat: kdcache dump-logits --config FILE {teachers}"
+            f" --precision {attrs.get('precision', 'fp32')}"
+            "\n(a student from this cache: kdcache student --config FILE --cache CACHE)"
+        )
     else:
         meta = read_checkpoint(path)
         recipe, dump = meta.get("recipe"), None
         command = "teacher" if meta.get("role") == "teacher" else "student --cache CACHE"
         note = f"the recipe recorded in {path}\nrepeat: kdcache {command} --config FILE"
     if not recipe:
-        raise KDCacheError(f"{path} records no recipe (an imported teacher, or a file from an older kdcache): "
-                           "nothing to repeat")  # fmt: skip
+        raise KDCacheError(
+            f"{path} records no recipe (an imported teacher, or a file from an older kdcache): nothing to repeat"
+        )
     return recipe, note, dump

@@ -61,7 +61,7 @@ class EpochScalars:
         self.last: dict | None = None  # the last record handed over, and the keys written from it
         self.written: set[str] = set()
 
-    def __enter__(self) -> "EpochScalars":
+    def __enter__(self) -> EpochScalars:
         return self
 
     def __exit__(self, *exc) -> None:

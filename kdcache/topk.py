@@ -39,17 +39,17 @@ class TopK:
     temperatures: tuple[float, ...]
     num_classes: int
 
-    def map(self, fn) -> "TopK":
+    def map(self, fn) -> TopK:
         return TopK(fn(self.values), fn(self.indices), fn(self.lse), self.temperatures, self.num_classes)
 
-    def __getitem__(self, idx) -> "TopK":
+    def __getitem__(self, idx) -> TopK:
         return self.map(lambda t: t[idx])
 
-    def index_select(self, dim: int, rows: torch.Tensor) -> "TopK":
+    def index_select(self, dim: int, rows: torch.Tensor) -> TopK:
         """As a tensor's: the batch code takes rows of targets whatever they are."""
         return self.map(lambda t: t.index_select(dim, rows))
 
-    def to(self, device) -> "TopK":
+    def to(self, device) -> TopK:
         return self.map(lambda t: t.to(device, non_blocking=True))
 
     @property

@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -63,8 +64,9 @@ class Runtime:
         return self.rank == 0
 
     @classmethod
-    def create(cls, device: str = "auto", precision: str = "auto", compile: bool = False,
-               resident_mb: float | None = None) -> "Runtime":  # fmt: skip
+    def create(
+        cls, device: str = "auto", precision: str = "auto", compile: bool = False, resident_mb: float | None = None
+    ) -> Runtime:
         """auto: CUDA when present; bf16 autocast there, fp32 on CPU (bf16 runs on CPU too, slowly).
 
         channels_last everywhere: cuDNN and oneDNN convolutions both run faster in it
@@ -91,8 +93,15 @@ class Runtime:
         where = torch.device(device)
         if device == "cuda" and world > 1:  # one GPU per process
             where = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return cls(where, torch.bfloat16 if bf16 else None, channels_last=True, compile=compile,
-                   resident_bytes=budget, rank=rank, world=world)  # fmt: skip
+        return cls(
+            where,
+            torch.bfloat16 if bf16 else None,
+            channels_last=True,
+            compile=compile,
+            resident_bytes=budget,
+            rank=rank,
+            world=world,
+        )
 
     def budget(self) -> int:
         """Bytes of training images that may stay resident: --resident-mb, else half of the device's
@@ -125,7 +134,9 @@ class Runtime:
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Move to the device (channels_last if set); compile if asked. Keep `unwrap()` for saving."""
-        model = model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        model = model.to(
+            self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format
+        )
         return torch.compile(model) if self.compile else model
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,9 +144,12 @@ class Runtime:
 
     def describe(self) -> str:
         prec = "bf16 autocast" if self.amp_dtype is not None else "fp32"
-        return f"{self.device.type} · {prec}" + (" · channels_last" if self.channels_last else "") + (
-            " · compiled" if self.compile else ""
-        ) + (f" · {self.world} processes (torchrun, DDP)" if self.world > 1 else "")
+        return (
+            f"{self.device.type} · {prec}"
+            + (" · channels_last" if self.channels_last else "")
+            + (" · compiled" if self.compile else "")
+            + (f" · {self.world} processes (torchrun, DDP)" if self.world > 1 else "")
+        )
 
     def distribute(self, model: nn.Module) -> nn.Module:
         """Under torchrun, wrap for DistributedDataParallel (gradients averaged over the processes in
@@ -240,8 +254,15 @@ class ViewBatches:
                 images, rows, local_partner = next(streamed)
                 v = v.with_partners(local_partner)
             x = render_views(images, rows, v, self.mean, self.std)
-            yield Batch(x, labels[lo:hi], None if targets is None else targets[lo:hi], None if y2 is None else y2[lo:hi],
-                        None if v.mix is None else v.mix.lam, scale, idx)  # fmt: skip
+            yield Batch(
+                x,
+                labels[lo:hi],
+                None if targets is None else targets[lo:hi],
+                None if y2 is None else y2[lo:hi],
+                None if v.mix is None else v.mix.lam,
+                scale,
+                idx,
+            )
 
 
 def gather_rows(store, rows: torch.Tensor, partner: torch.Tensor | None = None, device=None):
@@ -269,7 +290,9 @@ def gather_rows(store, rows: torch.Tensor, partner: torch.Tensor | None = None, 
     return block.to(device, non_blocking=True), inverse[: len(own)].to(device, non_blocking=True), local_partner
 
 
-PREFETCH_WORKERS = 3  # batches gathered at once from a host store (threads: numpy's copy and the JPEG decoder release the GIL)
+PREFETCH_WORKERS = (
+    3  # batches gathered at once from a host store (threads: numpy's copy and the JPEG decoder release the GIL)
+)
 
 
 def prefetch(store, batches: list[torch.Tensor], partner: torch.Tensor | None, device, workers: int = PREFETCH_WORKERS):
@@ -350,8 +373,15 @@ class NoProgress:
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, images: torch.Tensor, mean, std, rt: Runtime, *, rows: torch.Tensor | None = None,
-    views: Views | None = None, batch_size: int = 1024,
+    model: nn.Module,
+    images: torch.Tensor,
+    mean,
+    std,
+    rt: Runtime,
+    *,
+    rows: torch.Tensor | None = None,
+    views: Views | None = None,
+    batch_size: int = 1024,
 ) -> torch.Tensor:
     """float32 logits for uint8 images: [N, C] for the plain images, or, with `rows` [M] and
     their `views` [M], [M, C] for those views of images[rows].
@@ -373,7 +403,9 @@ def predict(
                 block, local = images, rows[part].to(images.device)
                 v = v.to(images.device)
             else:  # a host store: gather this batch's rows (and partners) first
-                block, local, partner = gather_rows(images, rows[part], None if v.mix is None else v.mix.partner, rt.device)
+                block, local, partner = gather_rows(
+                    images, rows[part], None if v.mix is None else v.mix.partner, rt.device
+                )
                 v = v.to(rt.device).with_partners(partner)
             x = render_views(block, local, v, mean, std)
         n = len(x)
@@ -431,20 +463,37 @@ def lr_factor(schedule: str, epoch: float, epochs: int, warmup_epochs: int = 0) 
 
 
 def build_optimizer(
-    model: nn.Module, *, optimizer: str, lr: float, momentum: float, weight_decay: float, epochs: int,
-    schedule: str, steps_per_epoch: int, warmup_epochs: int = 0, nesterov: bool = False, bn_bias_lr: float = 1.0,
-):  # fmt: skip
+    model: nn.Module,
+    *,
+    optimizer: str,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    epochs: int,
+    schedule: str,
+    steps_per_epoch: int,
+    warmup_epochs: int = 0,
+    nesterov: bool = False,
+    bn_bias_lr: float = 1.0,
+):
     """The optimiser and its schedule, stepped after every batch (`lr_factor`; at the start of each
     epoch it equals the epoch-wise schedule). Frozen parameters are left out. `bn_bias_lr`:
     BatchNorm biases learn at that multiple of lr with weight decay divided by it, so their decay
     per step stays lr x weight decay (airbench's bias scaling)."""
     model = unwrap(model)
-    bn_bias = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None}
+    bn_bias = {
+        id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None
+    }
     trained = [p for p in model.parameters() if p.requires_grad]
     scaled = {id(p) for p in trained if id(p) in bn_bias} if bn_bias_lr != 1.0 else set()
-    groups = [{"params": [p for p in trained if id(p) not in scaled]},
-              {"params": [p for p in trained if id(p) in scaled], "lr": lr * bn_bias_lr,
-               "weight_decay": weight_decay / bn_bias_lr}]  # fmt: skip
+    groups = [
+        {"params": [p for p in trained if id(p) not in scaled]},
+        {
+            "params": [p for p in trained if id(p) in scaled],
+            "lr": lr * bn_bias_lr,
+            "weight_decay": weight_decay / bn_bias_lr,
+        },
+    ]
     groups = [g for g in groups if g["params"]]
     if optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
@@ -469,10 +518,10 @@ class WeightAverage:
 
         def ema(averaged: list, current: list, _n) -> None:  # counted here: reading _n would sync with the GPU
             d = min(decay, (1 + self.steps) / (10 + self.steps))
-            floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+            floats = [(a, c) for a, c in zip(averaged, current, strict=False) if a.is_floating_point()]
             if floats:  # torch calls this once per (device, dtype) group
                 torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - d)
-            for a, c in zip(averaged, current):
+            for a, c in zip(averaged, current, strict=False):
                 if not a.is_floating_point():  # BatchNorm's batch counter
                     a.copy_(c)
 
@@ -562,8 +611,9 @@ def fit(
             "train_img_s": seen / train_time,
         }
         if ema is not None:
-            metrics["test_acc_raw"] = accuracy(predict(unwrap(model), test_x, batches.mean, batches.std, rt,
-                                                             batch_size=batches.batch_size), test_y)  # fmt: skip
+            metrics["test_acc_raw"] = accuracy(
+                predict(unwrap(model), test_x, batches.mean, batches.std, rt, batch_size=batches.batch_size), test_y
+            )
         if teacher_test_logits is not None:
             metrics.update(fidelity(test_logits, teacher_test_logits))
         on_epoch(epoch, metrics)
@@ -585,8 +635,17 @@ def resume_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".resume")
 
 
-def save_resume(path: Path, *, model, optimizer, scheduler, epochs_done: int, history: list[dict], identity: dict,
-                ema: WeightAverage | None = None) -> None:  # fmt: skip
+def save_resume(
+    path: Path,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    epochs_done: int,
+    history: list[dict],
+    identity: dict,
+    ema: WeightAverage | None = None,
+) -> None:
     """Everything needed to continue bit-for-bit on CPU: weights (and their average), optimiser, schedule, RNG."""
     atomic_torch_save(
         {
@@ -604,8 +663,9 @@ def save_resume(path: Path, *, model, optimizer, scheduler, epochs_done: int, hi
     )
 
 
-def load_resume(path: Path, *, model, optimizer, scheduler, identity: dict,
-                ema: WeightAverage | None = None) -> tuple[int, list[dict]]:  # fmt: skip
+def load_resume(
+    path: Path, *, model, optimizer, scheduler, identity: dict, ema: WeightAverage | None = None
+) -> tuple[int, list[dict]]:
     """Restore a state saved by `save_resume`; returns (epochs done, metric history)."""
     if not path.exists():
         raise KDCacheError(f"no resume state at {path}: start the run without --resume")

@@ -11,8 +11,8 @@ import torch
 
 from kdcache import cache as cache_io
 from kdcache.data import load_dataset, recorded_options
-from kdcache.imports import load_teachers
 from kdcache.errors import KDCacheError
+from kdcache.imports import load_teachers
 from kdcache.train import Runtime, TTAModel, predict
 from kdcache.views import Mix, Views, draw_views
 
@@ -61,25 +61,52 @@ def cache_summary(path: str | Path, T: float = 1.0) -> list[tuple[str, str]]:
         rows = [
             ("format", f"{a['format']} v{a['format_version']} · view recipe {a['view_recipe']}"),
             ("complete", "yes" if complete else f"no: {a.get('rows_done', 0):,} of {n:,} rows written"),
-            ("dataset", f"{a['dataset']}" + (f" {recorded_options(a)['data_path']}" if a["dataset"] == "imagefolder" else "")
-             + f" · fingerprint {a['dataset_fingerprint'][:16]}"),
+            (
+                "dataset",
+                f"{a['dataset']}"
+                + (f" {recorded_options(a)['data_path']}" if a["dataset"] == "imagefolder" else "")
+                + f" · fingerprint {a['dataset_fingerprint'][:16]}",
+            ),
             ("N x K x C", f"{n:,} images x {k} views x {c} classes"),
             _targets_row(cache, T),
             ("size on disk", f"{Path(path).stat().st_size / 1e6:.1f} MB"),
             ("teacher", f"{a['teacher_arch']} · sha256 {a['teacher_sha256'][:16]}"),
-            *([("ensemble members", "; ".join(f"{m['arch']} {_pct(m.get('test_acc'))} · sha256 {m['sha256'][:12]}"
-                                             for m in json.loads(a["ensemble_members"])))]
-              if "ensemble_members" in a else []),
+            *(
+                [
+                    (
+                        "ensemble members",
+                        "; ".join(
+                            f"{m['arch']} {_pct(m.get('test_acc'))} · sha256 {m['sha256'][:12]}"
+                            for m in json.loads(a["ensemble_members"])
+                        ),
+                    )
+                ]
+                if "ensemble_members" in a
+                else []
+            ),
             ("teacher test accuracy", pct("teacher_test_acc")),
             ("teacher accuracy on cached views", pct("teacher_view_acc")),
             *_entropy_rows(cache, T, c),
-            ("views", f"seed {a['seed']} · {_view_words(a)}"
-                      + (f" · mixed: {a['mix']}, p={a['mix_prob']:g}" if cache.mix != "none" else " · unmixed")),
-            ("view schedule", f"each view once every {k} epochs" + (
-                f": {k} epochs before a student sees any view twice" if cache.mix != "none" and a["mix_prob"] == 1
-                else " (crop/flip draws can coincide: 162 distinct ones exist)" if a.get("view_recipe", cache_io.VIEW_RECIPE)
-                == cache_io.VIEW_RECIPE else "")),
-            ("normalisation", f"mean {tuple(round(x, 4) for x in a['normalize_mean'])} std {tuple(round(x, 4) for x in a['normalize_std'])}"),
+            (
+                "views",
+                f"seed {a['seed']} · {_view_words(a)}"
+                + (f" · mixed: {a['mix']}, p={a['mix_prob']:g}" if cache.mix != "none" else " · unmixed"),
+            ),
+            (
+                "view schedule",
+                f"each view once every {k} epochs"
+                + (
+                    f": {k} epochs before a student sees any view twice"
+                    if cache.mix != "none" and a["mix_prob"] == 1
+                    else " (crop/flip draws can coincide: 162 distinct ones exist)"
+                    if a.get("view_recipe", cache_io.VIEW_RECIPE) == cache_io.VIEW_RECIPE
+                    else ""
+                ),
+            ),
+            (
+                "normalisation",
+                f"mean {tuple(round(x, 4) for x in a['normalize_mean'])} std {tuple(round(x, 4) for x in a['normalize_std'])}",
+            ),
             ("created", f"{a['created_utc']} by kdcache {a['kdcache_version']}"),
         ]
     return rows
@@ -117,18 +144,28 @@ def _targets_row(cache: cache_io.Cache, T: float) -> tuple[str, str]:
         return ("logits", f"{cache.file['logits'].dtype} raw logits, all {c} classes")
     grid = cache.attrs["lse_temperatures"]
     dense, ours = bytes_per_view(c, None), bytes_per_view(c, cache.topk, len(grid))
-    return ("logits", f"top {cache.topk} of {c} per view (fp16 values + classes) + log-sum-exp at T = "
-            f"{', '.join(f'{t:g}' for t in grid)}: {ours} bytes a view, dense {dense} ({dense / ours:.1f}x)")
+    return (
+        "logits",
+        f"top {cache.topk} of {c} per view (fp16 values + classes) + log-sum-exp at T = "
+        f"{', '.join(f'{t:g}' for t in grid)}: {ours} bytes a view, dense {dense} ({dense / ours:.1f}x)",
+    )
 
 
 def _entropy_rows(cache: cache_io.Cache, T: float, c: int) -> list[tuple[str, str]]:
     if cache.topk and not any(abs(t - T) < 1e-6 for t in cache.attrs["lse_temperatures"]):
         return [(f"soft targets at T={T:g}", "not served by this top-k cache: see its temperatures above")]
     entropy, tail = soft_target_entropy(cache, T)
-    rows = [(f"mean soft-target entropy at T={T:g}", f"{entropy:.3f} nats (max {np.log(c):.3f})"
-             + (" (top k + the tail as one class)" if cache.topk else ""))]  # fmt: skip
-    return rows + ([(f"mean tail mass at T={T:g}", f"{tail:.4f} of the teacher's probability outside its top {cache.topk}")]
-                   if cache.topk else [])  # fmt: skip
+    rows = [
+        (
+            f"mean soft-target entropy at T={T:g}",
+            f"{entropy:.3f} nats (max {np.log(c):.3f})" + (" (top k + the tail as one class)" if cache.topk else ""),
+        )
+    ]
+    return rows + (
+        [(f"mean tail mass at T={T:g}", f"{tail:.4f} of the teacher's probability outside its top {cache.topk}")]
+        if cache.topk
+        else []
+    )
 
 
 def _pct(acc) -> str:
@@ -146,9 +183,16 @@ def _view_words(a: dict) -> str:
 
 
 def verify_cache(
-    path: str | Path, *, teacher: str | Path, data_dir: str | Path, samples: int, rt: Runtime, seed: int = 0,
-    arch: str | None = None, trust_arch: bool = False,
-) -> Report:  # fmt: skip
+    path: str | Path,
+    *,
+    teacher: str | Path,
+    data_dir: str | Path,
+    samples: int,
+    rt: Runtime,
+    seed: int = 0,
+    arch: str | None = None,
+    trust_arch: bool = False,
+) -> Report:
     """Check metadata, shapes, values, view params, block hashes; re-run the teacher on views.
     `arch`, `trust_arch`: see `load_checkpoint`."""
     if samples < 0:
@@ -157,31 +201,57 @@ def verify_cache(
     with cache_io.open_cache(path, require_complete=False) as cache:
         a, f = cache.attrs, cache.file
         n, k = cache.num_rows, int(a["num_views"])
-        report.add("complete", a.get("complete"), "every row written" if a.get("complete") else
-                   f"only {a.get('rows_done', 0):,} of {n:,} rows written: finish it with dump-logits --resume")  # fmt: skip
+        report.add(
+            "complete",
+            a.get("complete"),
+            "every row written"
+            if a.get("complete")
+            else f"only {a.get('rows_done', 0):,} of {n:,} rows written: finish it with dump-logits --resume",
+        )
         geometry = cache.geometry()  # open_cache has checked the shapes against the attributes
 
         done = rows_written(cache)  # an interrupted dump's later rows are empty, not wrong
-        bad = [start + np.nonzero(~np.isfinite(b).all(axis=(1, 2)))[0] for name in cache_io.target_names(a)
-               for start, b in _scan(cache, name, done) if name != "topk_indices"]  # fmt: skip
+        bad = [
+            start + np.nonzero(~np.isfinite(b).all(axis=(1, 2)))[0]
+            for name in cache_io.target_names(a)
+            for start, b in _scan(cache, name, done)
+            if name != "topk_indices"
+        ]
         bad = np.unique(np.concatenate(bad)) if bad else np.zeros(0, np.int64)
-        report.add("finite logits", len(bad) == 0, "all finite" if len(bad) == 0 else f"non-finite logits in rows {_rows_list(bad)}")
+        report.add(
+            "finite logits",
+            len(bad) == 0,
+            "all finite" if len(bad) == 0 else f"non-finite logits in rows {_rows_list(bad)}",
+        )
 
         indices = f["indices"][:done]
         differs = np.zeros(done, bool)
         for start in range(0, done, SCAN_ROWS):  # in blocks: bounded memory for any N x K
             stop = min(start + SCAN_ROWS, done)
             rows = indices[start:stop]
-            drawn = draw_views(geometry, a["seed"], rows, range(k), augment=a["augment"], mix=cache.mix,
-                               prob=float(a.get("mix_prob", 1.0)), num_rows=n)  # fmt: skip
+            drawn = draw_views(
+                geometry,
+                a["seed"],
+                rows,
+                range(k),
+                augment=a["augment"],
+                mix=cache.mix,
+                prob=float(a.get("mix_prob", 1.0)),
+                num_rows=n,
+            )
             expected = {"view_params": drawn.crop.numpy()}
             if drawn.mix is not None:  # the mix record too: partner, partner crop, box and weight
                 expected |= cache_io.mix_arrays(drawn.mix)
             for name, want in expected.items():
                 differs[start:stop] |= (f[name][start:stop] != want).reshape(stop - start, -1).any(axis=1)
         wrong = np.nonzero(differs)[0]
-        report.add("view params", len(wrong) == 0, f"all {done:,} x {k} match seed {a['seed']}" if len(wrong) == 0
-                   else f"rows {_rows_list(wrong)} differ from the views of seed {a['seed']}")  # fmt: skip
+        report.add(
+            "view params",
+            len(wrong) == 0,
+            f"all {done:,} x {k} match seed {a['seed']}"
+            if len(wrong) == 0
+            else f"rows {_rows_list(wrong)} differ from the views of seed {a['seed']}",
+        )
 
         changed = []
         block = int(a["block_rows"])
@@ -193,15 +263,25 @@ def verify_cache(
             digest = cache_io.block_digest(targets, f["view_params"][start:stop], mix)
             if digest != bytes(f["block_sha256"][b]):
                 changed.append((start, stop))
-        report.add("block checksums", not changed, f"{-(-done // block)} blocks intact" if not changed
-                   else f"rows {', '.join(f'{s}-{e - 1}' for s, e in changed[:5])} changed after the dump")  # fmt: skip
+        report.add(
+            "block checksums",
+            not changed,
+            f"{-(-done // block)} blocks intact"
+            if not changed
+            else f"rows {', '.join(f'{s}-{e - 1}' for s, e in changed[:5])} changed after the dump",
+        )
 
         try:
             data = load_dataset(a["dataset"], data_dir, a.get("subset"), **recorded_options(a))
             fp_ok = data.fingerprint == a["dataset_fingerprint"]
             where = data_dir if data_dir is not None else recorded_options(a).get("data_path", "data")
-            report.add("dataset fingerprint", fp_ok, f"{a['dataset']} in {where} matches" if fp_ok else
-                       f"{a['dataset']} in {where} (first {a.get('subset')}) is {data.fingerprint[:12]}, the cache says {a['dataset_fingerprint'][:12]}")  # fmt: skip
+            report.add(
+                "dataset fingerprint",
+                fp_ok,
+                f"{a['dataset']} in {where} matches"
+                if fp_ok
+                else f"{a['dataset']} in {where} (first {a.get('subset')}) is {data.fingerprint[:12]}, the cache says {a['dataset_fingerprint'][:12]}",
+            )
             labels_ok = np.array_equal(f["labels"][:done], data.train_y[indices].numpy())
             report.add("labels", labels_ok, "match the dataset" if labels_ok else "differ from the dataset's")
         except KDCacheError as e:
@@ -211,16 +291,25 @@ def verify_cache(
         teachers = [teacher] if isinstance(teacher, (str, Path)) else list(teacher)
         members = json.loads(a["ensemble_members"]) if "ensemble_members" in a else None
         if members is not None and len(teachers) != len(members):
-            report.add("teacher", False, f"the cache is an ensemble of {len(members)} teachers "
-                       f"({', '.join(m['path'] for m in members)}): pass each with --teacher, in that order")  # fmt: skip
+            report.add(
+                "teacher",
+                False,
+                f"the cache is an ensemble of {len(members)} teachers "
+                f"({', '.join(m['path'] for m in members)}): pass each with --teacher, in that order",
+            )
             return report
         model, meta, mean, std, who = load_teachers(teachers, rt=rt, arch=arch, trust_arch=trust_arch)
         if a.get("tta", "none") != "none":  # the dump's test-time augmentation, replayed
             model = TTAModel(model, a["tta"])
         sha_ok = who["teacher_sha256"] == a["teacher_sha256"]
         named = " and ".join(map(str, teachers))
-        report.add("teacher", sha_ok, f"{who['teacher_arch']} matches the cache's sha256" if sha_ok
-                   else f"{named} is not the teacher this cache was made with (sha256 differs)")  # fmt: skip
+        report.add(
+            "teacher",
+            sha_ok,
+            f"{who['teacher_arch']} matches the cache's sha256"
+            if sha_ok
+            else f"{named} is not the teacher this cache was made with (sha256 differs)",
+        )
 
         # Random (row, view) pairs, plus every view of every row in a changed block.
         g = np.random.default_rng(seed)
@@ -239,8 +328,16 @@ def verify_cache(
             if cache.mix != "none":
                 mixed = Mix(*(torch.from_numpy(f[name][uniq][inv, vs]) for name in cache_io.MIX_DATASETS))
                 mixed.partner = mixed.partner.long()
-            fresh = predict(model, rt.place(data.train_x), mean, std, rt, rows=torch.from_numpy(indices[rows]),
-                            views=Views(geometry, params, mixed), batch_size=512).cpu()  # fmt: skip
+            fresh = predict(
+                model,
+                rt.place(data.train_x),
+                mean,
+                std,
+                rt,
+                rows=torch.from_numpy(indices[rows]),
+                views=Views(geometry, params, mixed),
+                batch_size=512,
+            ).cpu()
             fresh_top1 = fresh.argmax(1)
             if cache.topk:  # the fresh logits at the cached classes, and the fresh log-sum-exp on the grid
                 from kdcache.topk import from_dense
@@ -257,7 +354,10 @@ def verify_cache(
             tol = (0.15 + 0.03 * fresh.abs()) if bf16 else (0.01 + 2e-3 * fresh.abs())
             off = np.unique(rows[(err > tol).any(dim=1).numpy()])
             agree = (fresh_top1 == cached_top1).float().mean().item()
-            report.add("teacher replay", len(off) == 0,
-                       f"{len(rows):,} views re-rendered: max |error| {err.max().item():.4f}, argmax agreement {100 * agree:.2f}%"
-                       + (f"; rows {_rows_list(off)} disagree with the teacher" if len(off) else ""))  # fmt: skip
+            report.add(
+                "teacher replay",
+                len(off) == 0,
+                f"{len(rows):,} views re-rendered: max |error| {err.max().item():.4f}, argmax agreement {100 * agree:.2f}%"
+                + (f"; rows {_rows_list(off)} disagree with the teacher" if len(off) else ""),
+            )
     return report

@@ -89,8 +89,9 @@ class Geometry(Protocol):
     size: tuple[int, int]  # the view's (h, w) in pixels
     hw: torch.Tensor | None  # each stored image's (h, w) when they differ in size, else None
 
-    def params(self, seed: int, indices, views, *, augment: bool = True, stream: int = ...,
-               of_rows: np.ndarray | None = None) -> torch.Tensor: ...  # fmt: skip
+    def params(
+        self, seed: int, indices, views, *, augment: bool = True, stream: int = ..., of_rows: np.ndarray | None = None
+    ) -> torch.Tensor: ...
 
     def pixels(self, images: torch.Tensor, rows: torch.Tensor, params: torch.Tensor) -> torch.Tensor: ...
 
@@ -109,8 +110,16 @@ class CropFlip:
     def __init__(self, size: tuple[int, int] = SIZE):
         self.size = tuple(int(v) for v in size)
 
-    def params(self, seed: int, indices, views, *, augment: bool = True, stream: int = STREAM_DUMP,
-               of_rows: np.ndarray | None = None) -> torch.Tensor:  # fmt: skip
+    def params(
+        self,
+        seed: int,
+        indices,
+        views,
+        *,
+        augment: bool = True,
+        stream: int = STREAM_DUMP,
+        of_rows: np.ndarray | None = None,
+    ) -> torch.Tensor:
         """[len(indices), len(views), 3] for every (sample, view); `of_rows` plays no part (equal sizes)."""
         return view_params(seed, indices, views, augment=augment, stream=stream)
 
@@ -149,8 +158,16 @@ class ResizedCrop:
         self.size = (int(size), int(size))
         self.scale, self.ratio = tuple(float(v) for v in scale), tuple(float(v) for v in ratio)
 
-    def params(self, seed: int, indices, views, *, augment: bool = True, stream: int = STREAM_DUMP,
-               of_rows: np.ndarray | None = None) -> torch.Tensor:  # fmt: skip
+    def params(
+        self,
+        seed: int,
+        indices,
+        views,
+        *,
+        augment: bool = True,
+        stream: int = STREAM_DUMP,
+        of_rows: np.ndarray | None = None,
+    ) -> torch.Tensor:
         """[len(indices), len(views), 5] for every (sample, view), a pure function of (seed, stream, i, v).
         The boxes fit the images `of_rows` ([len(indices), len(views)], default the samples themselves):
         a mix partner's crop is drawn with the sample's counters but fits the partner."""
@@ -172,7 +189,10 @@ class ResizedCrop:
                 u = [draw(_RRC + 4 * attempt + j) for j in range(4)]
                 target = H * W * (self.scale[0] + u[0] * (self.scale[1] - self.scale[0]))
                 aspect = np.exp(lo + u[1] * (hi - lo))
-                cw, chh = np.round(np.sqrt(target * aspect)).astype(np.int64), np.round(np.sqrt(target / aspect)).astype(np.int64)
+                cw, chh = (
+                    np.round(np.sqrt(target * aspect)).astype(np.int64),
+                    np.round(np.sqrt(target / aspect)).astype(np.int64),
+                )
                 ok = ~found & (cw > 0) & (cw <= W) & (chh > 0) & (chh <= H)
                 i = np.floor(u[2] * (H - chh + 1)).astype(np.int64)
                 j = np.floor(u[3] * (W - cw + 1)).astype(np.int64)
@@ -181,7 +201,9 @@ class ResizedCrop:
                 found |= ok
             # torchvision's fallback: the whole image, its aspect ratio clamped to the range
             in_ratio = W / H
-            fw = np.where(in_ratio < self.ratio[0], W, np.where(in_ratio > self.ratio[1], np.round(H * self.ratio[1]), W))
+            fw = np.where(
+                in_ratio < self.ratio[0], W, np.where(in_ratio > self.ratio[1], np.round(H * self.ratio[1]), W)
+            )
             fh = np.where(in_ratio < self.ratio[0], np.round(W / self.ratio[0]), H)
             fw, fh = fw.astype(np.int64), fh.astype(np.int64)
             for arr, val in ((h, fh), (w, fw), (y0, (H - fh) // 2), (x0, (W - fw) // 2)):
@@ -205,7 +227,9 @@ class ResizedCrop:
     def valid(self, params: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         p, hw = params.to(torch.int64), self.hw[rows.clamp(min=0).to(torch.int64)]
         y0, x0, h, w, flip = p.unbind(-1)
-        return (y0 >= 0) & (x0 >= 0) & (h >= 1) & (w >= 1) & (y0 + h <= hw[..., 0]) & (x0 + w <= hw[..., 1]) & (flip <= 1)
+        return (
+            (y0 >= 0) & (x0 >= 0) & (h >= 1) & (w >= 1) & (y0 + h <= hw[..., 0]) & (x0 + w <= hw[..., 1]) & (flip <= 1)
+        )
 
     def attrs(self) -> dict:
         return {"image_size": self.size[0], "rrc_scale": list(self.scale), "rrc_ratio": list(self.ratio)}
@@ -228,23 +252,31 @@ class Mix:
     box: torch.Tensor
     lam: torch.Tensor
 
-    def map(self, fn) -> "Mix":
+    def map(self, fn) -> Mix:
         return Mix(*(fn(t) for t in (self.partner, self.crop, self.box, self.lam)))
 
-    def __getitem__(self, idx) -> "Mix":
+    def __getitem__(self, idx) -> Mix:
         return self.map(lambda t: t[idx])
 
-    def take(self, rows: torch.Tensor) -> "Mix":
+    def take(self, rows: torch.Tensor) -> Mix:
         """Entries `rows` (int64 [B]) of a 1-D record, by index_select (fast on CPU)."""
         return self.map(lambda t: t.index_select(0, rows))
 
-    def to(self, device) -> "Mix":
+    def to(self, device) -> Mix:
         return self.map(lambda t: t.to(device, non_blocking=True))
 
 
 def mix_params(
-    seed: int, indices, views, *, num_rows: int, mix: str, prob: float, geometry: Geometry,
-    augment: bool = True, stream: int = STREAM_DUMP,
+    seed: int,
+    indices,
+    views,
+    *,
+    num_rows: int,
+    mix: str,
+    prob: float,
+    geometry: Geometry,
+    augment: bool = True,
+    stream: int = STREAM_DUMP,
 ) -> Mix:
     """Mix [len(indices), len(views)] for every (sample, view): a pure function of (seed, stream, i, v).
 
@@ -276,11 +308,16 @@ def mix_params(
     boxed = apply & cut
     box = np.where(boxed[..., None], np.stack([y0, x0, y1 - y0, x1 - x0], axis=-1), 0).astype(np.uint8)
     lam = np.where(boxed, 1.0 - (y1 - y0) * (x1 - x0) / (h_out * w_out), np.where(apply, lam0, 1.0))
-    crop = geometry.params(seed, indices, views, augment=augment, stream=stream + MIX_CROP_STREAM,
-                           of_rows=np.where(apply, partner, idx))  # the partner's crop fits the partner's image
+    crop = geometry.params(
+        seed, indices, views, augment=augment, stream=stream + MIX_CROP_STREAM, of_rows=np.where(apply, partner, idx)
+    )  # the partner's crop fits the partner's image
     crop[~torch.from_numpy(apply)] = 0
-    return Mix(torch.from_numpy(np.where(apply, partner, -1)), crop, torch.from_numpy(box),
-               torch.from_numpy(lam.astype(np.float32)))  # fmt: skip
+    return Mix(
+        torch.from_numpy(np.where(apply, partner, -1)),
+        crop,
+        torch.from_numpy(box),
+        torch.from_numpy(lam.astype(np.float32)),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,32 +334,42 @@ class Views:
     def __len__(self) -> int:
         return len(self.crop)
 
-    def map(self, fn) -> "Views":
+    def map(self, fn) -> Views:
         """The same views with `fn` applied to every record tensor (crop, and the mix's)."""
         return Views(self.geometry, fn(self.crop), None if self.mix is None else self.mix.map(fn))
 
-    def __getitem__(self, idx) -> "Views":
+    def __getitem__(self, idx) -> Views:
         return self.map(lambda t: t[idx])
 
-    def take(self, rows: torch.Tensor) -> "Views":
+    def take(self, rows: torch.Tensor) -> Views:
         """Entries `rows` (int64 [B]) of a 1-D set of views, by index_select (fast on CPU)."""
         return self.map(lambda t: t.index_select(0, rows))
 
-    def to(self, device) -> "Views":
+    def to(self, device) -> Views:
         return self.map(lambda t: t.to(device, non_blocking=True))
 
-    def flatten(self) -> "Views":
+    def flatten(self) -> Views:
         """[N, K] views -> [N*K], row-major (sample i's K views together)."""
         return self.map(lambda t: t.flatten(0, 1))
 
-    def with_partners(self, partner: torch.Tensor) -> "Views":
+    def with_partners(self, partner: torch.Tensor) -> Views:
         """The same views with the mix partners renumbered (rows of a gathered block, not of the store)."""
-        return self if self.mix is None else dataclasses.replace(self, mix=dataclasses.replace(self.mix, partner=partner))
+        return (
+            self if self.mix is None else dataclasses.replace(self, mix=dataclasses.replace(self.mix, partner=partner))
+        )
 
 
 def draw_views(
-    geometry: Geometry, seed: int, indices, views, *, augment: bool = True, mix: str = "none", prob: float = 1.0,
-    num_rows: int = 0, stream: int = STREAM_DUMP,
+    geometry: Geometry,
+    seed: int,
+    indices,
+    views,
+    *,
+    augment: bool = True,
+    mix: str = "none",
+    prob: float = 1.0,
+    num_rows: int = 0,
+    stream: int = STREAM_DUMP,
 ) -> Views:
     """THE draw: the views [len(indices), len(views)] of (seed, stream) in `geometry`, each a pure
     function of (seed, stream, sample, view): the dump, verify, teacher training and online students
@@ -333,8 +380,9 @@ def draw_views(
         return Views(geometry, crop)
     if num_rows < 1:
         raise ValueError(f"draw_views: mixing ({mix}) draws partners among num_rows rows (got {num_rows})")
-    m = mix_params(seed, indices, views, num_rows=num_rows, mix=mix, prob=prob, geometry=geometry, augment=augment,
-                   stream=stream)  # fmt: skip
+    m = mix_params(
+        seed, indices, views, num_rows=num_rows, mix=mix, prob=prob, geometry=geometry, augment=augment, stream=stream
+    )
     return Views(geometry, crop, m)
 
 
@@ -413,7 +461,9 @@ def _crop_index(h: int, w: int, device: torch.device) -> torch.Tensor:
     where each output pixel reads in the zero-padded image flattened to (H+2P)*(W+2P). Made once:
     a batch then looks its crops up (one small gather) instead of computing [B,H,W] indices."""
     n = 2 * PAD + 1
-    dy, dx, flip = (t.reshape(-1, 1) for t in torch.meshgrid(torch.arange(n), torch.arange(n), torch.arange(2), indexing="ij"))
+    dy, dx, flip = (
+        t.reshape(-1, 1) for t in torch.meshgrid(torch.arange(n), torch.arange(n), torch.arange(2), indexing="ij")
+    )
     ar = torch.arange(w)
     cols = dx + torch.where(flip.bool(), w - 1 - ar, ar)  # [K, W]
     rows = dy + torch.arange(h)  # [K, H]

@@ -23,16 +23,40 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The full scale (one H100/H200) and the tiny scale (a CPU, to keep the script from rotting).
 SCALES = {
-    "full": dict(teacher=["--arch", "airbench95", "--epochs", "20"], subset=[], views="40", student="resnet18",
-                 student_epochs="40", student_flags=["--preset", "cifar10-fast"], alone=["--batch-size", "512", "--warmup-epochs", "2"],
-                 bench=["--batch-size", "512"]),
-    "tiny": dict(teacher=["--arch", "airbench94", "--epochs", "1", "--batch-size", "64", "--warmup-epochs", "0"], subset=["--subset", "256"],
-                 views="2", student="seed-cnn-student", student_epochs="1",
-                 student_flags=["--preset", "cifar10-fast", "--batch-size", "64", "--warmup-epochs", "0"],
-                 alone=["--batch-size", "64"],
-                 bench=["--teacher-arch", "seed-cnn-teacher", "--student-arch", "seed-cnn-student", "--batch-size", "32",
-                        "--steps", "2", "--warmup", "1", "--repeats", "1"]),
-}  # fmt: skip
+    "full": dict(
+        teacher=["--arch", "airbench95", "--epochs", "20"],
+        subset=[],
+        views="40",
+        student="resnet18",
+        student_epochs="40",
+        student_flags=["--preset", "cifar10-fast"],
+        alone=["--batch-size", "512", "--warmup-epochs", "2"],
+        bench=["--batch-size", "512"],
+    ),
+    "tiny": dict(
+        teacher=["--arch", "airbench94", "--epochs", "1", "--batch-size", "64", "--warmup-epochs", "0"],
+        subset=["--subset", "256"],
+        views="2",
+        student="seed-cnn-student",
+        student_epochs="1",
+        student_flags=["--preset", "cifar10-fast", "--batch-size", "64", "--warmup-epochs", "0"],
+        alone=["--batch-size", "64"],
+        bench=[
+            "--teacher-arch",
+            "seed-cnn-teacher",
+            "--student-arch",
+            "seed-cnn-student",
+            "--batch-size",
+            "32",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--repeats",
+            "1",
+        ],
+    ),
+}
 
 
 def main() -> int:
@@ -59,8 +83,9 @@ def main() -> int:
             start = time.monotonic()
             env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
             try:
-                done = subprocess.run([sys.executable, "-m", "kdcache", *argv], env=env, capture_output=True, text=True,
-                                      timeout=left)  # fmt: skip
+                done = subprocess.run(
+                    [sys.executable, "-m", "kdcache", *argv], env=env, capture_output=True, text=True, timeout=left
+                )
                 row["status"] = "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
                 log = "".join(c if c.isalnum() else "_" for c in name).strip("_") + ".log"
                 (out / log).write_text(done.stdout + done.stderr)
@@ -76,24 +101,99 @@ def main() -> int:
         return row
 
     teachers = [out / "teacher.pt", out / "teacher_2.pt"]
-    stage("teacher", ["teacher", "--preset", "cifar10-fast", *scale["teacher"], *scale["subset"], *common,
-                      "--out", str(teachers[0]), "--force"], teachers[0])  # fmt: skip
-    stage("teacher_2 (seed 1)", ["teacher", "--preset", "cifar10-fast", *scale["teacher"], *scale["subset"], *common,
-                                  "--seed", "1", "--out", str(teachers[1]), "--force"], teachers[1])  # fmt: skip
+    stage(
+        "teacher",
+        [
+            "teacher",
+            "--preset",
+            "cifar10-fast",
+            *scale["teacher"],
+            *scale["subset"],
+            *common,
+            "--out",
+            str(teachers[0]),
+            "--force",
+        ],
+        teachers[0],
+    )
+    stage(
+        "teacher_2 (seed 1)",
+        [
+            "teacher",
+            "--preset",
+            "cifar10-fast",
+            *scale["teacher"],
+            *scale["subset"],
+            *common,
+            "--seed",
+            "1",
+            "--out",
+            str(teachers[1]),
+            "--force",
+        ],
+        teachers[1],
+    )
     members = [t for t in teachers if t.exists()]
     cache = out / "fm.h5"
-    dumped = stage("dump (mixed, ensemble)" if len(members) > 1 else "dump (mixed)",
-                   ["dump-logits", *sum((["--teacher", str(t)] for t in members), []), "--views", scale["views"],
-                    "--augment", "--mix", "cutmix", "--mix-prob", "0.5", "--batch-size", "1024", *common,
-                    "--out", str(cache), "--force"])  # fmt: skip
+    dumped = stage(
+        "dump (mixed, ensemble)" if len(members) > 1 else "dump (mixed)",
+        [
+            "dump-logits",
+            *sum((["--teacher", str(t)] for t in members), []),
+            "--views",
+            scale["views"],
+            "--augment",
+            "--mix",
+            "cutmix",
+            "--mix-prob",
+            "0.5",
+            "--batch-size",
+            "1024",
+            *common,
+            "--out",
+            str(cache),
+            "--force",
+        ],
+    )
     if dumped["status"] == "ok":
         dumped.update(_cache_facts(cache))
-    student = ["--arch", scale["student"], "--epochs", scale["student_epochs"], *scale["student_flags"], *common, "--force"]
+    student = [
+        "--arch",
+        scale["student"],
+        "--epochs",
+        scale["student_epochs"],
+        *scale["student_flags"],
+        *common,
+        "--force",
+    ]
     # the baseline everyone runs: ResNet18 alone on fresh crop/flip views (notebook 1's recipe at this budget)
-    stage("alone, crop/flip", ["teacher", "--preset", "seed-resnet", "--arch", scale["student"], "--epochs",
-                               scale["student_epochs"], *scale["alone"], "--lr", "0.2", "--nesterov", "--schedule",
-                               "cosine", "--augment", "--mix", "none", *scale["subset"], *common,
-                               "--out", str(out / "alone_cf.pt"), "--force"], out / "alone_cf.pt")  # fmt: skip
+    stage(
+        "alone, crop/flip",
+        [
+            "teacher",
+            "--preset",
+            "seed-resnet",
+            "--arch",
+            scale["student"],
+            "--epochs",
+            scale["student_epochs"],
+            *scale["alone"],
+            "--lr",
+            "0.2",
+            "--nesterov",
+            "--schedule",
+            "cosine",
+            "--augment",
+            "--mix",
+            "none",
+            *scale["subset"],
+            *common,
+            "--out",
+            str(out / "alone_cf.pt"),
+            "--force",
+        ],
+        out / "alone_cf.pt",
+    )
     for name, flags, file in (
         ("alone, mixed views", ["--alpha", "0"], "alone_fm.pt"),
         ("FM KD T=3 alpha=0.5", ["--T", "3", "--alpha", "0.5"], "kd_fm.pt"),
@@ -101,9 +201,28 @@ def main() -> int:
     ):
         stage(name, ["student", "--cache", str(cache), *flags, *student, "--out", str(out / file)], out / file)
     if members:
-        stage("online FM KD T=3 alpha=0.5", ["student", "--online-teacher", str(members[0]), "--augment", "--mix", "cutmix",
-                                              "--mix-prob", "0.5", "--T", "3", "--alpha", "0.5", *scale["subset"],
-                                              *student, "--out", str(out / "online_fm.pt")], out / "online_fm.pt")  # fmt: skip
+        stage(
+            "online FM KD T=3 alpha=0.5",
+            [
+                "student",
+                "--online-teacher",
+                str(members[0]),
+                "--augment",
+                "--mix",
+                "cutmix",
+                "--mix-prob",
+                "0.5",
+                "--T",
+                "3",
+                "--alpha",
+                "0.5",
+                *scale["subset"],
+                *student,
+                "--out",
+                str(out / "online_fm.pt"),
+            ],
+            out / "online_fm.pt",
+        )
     bench = stage("bench", ["bench", *scale["bench"], "--device", args.device, "--json", str(out / "bench.json")])
     if bench["status"] == "ok" and (out / "bench.json").exists():
         record["bench"] = json.loads((out / "bench.json").read_text())
@@ -123,8 +242,11 @@ def _cache_facts(cache: Path) -> dict:
     import h5py
 
     with h5py.File(cache, "r") as f:
-        return {"teacher_test_acc": float(f.attrs["teacher_test_acc"]), "dump_time_s": float(f.attrs["dump_time_s"]),
-                "cache_mb": round(cache.stat().st_size / 1e6, 1)}  # fmt: skip
+        return {
+            "teacher_test_acc": float(f.attrs["teacher_test_acc"]),
+            "dump_time_s": float(f.attrs["dump_time_s"]),
+            "cache_mb": round(cache.stat().st_size / 1e6, 1),
+        }
 
 
 def _fmt(row: dict) -> str:

@@ -60,8 +60,18 @@ def teacher_ckpt(tmp_path_factory, data_dir, cpu) -> Path:
 @pytest.fixture(scope="session")
 def cache_file(tmp_path_factory, data_dir, teacher_ckpt, cpu) -> Path:
     out = tmp_path_factory.mktemp("cache") / "cache.h5"
-    dump_logits(teacher_path=teacher_ckpt, data_dir=data_dir, out=out, views=4, seed=0, batch_size=128,
-                rt=cpu, subset=400, augment=True, block_rows=128)  # fmt: skip
+    dump_logits(
+        teacher_path=teacher_ckpt,
+        data_dir=data_dir,
+        out=out,
+        views=4,
+        seed=0,
+        batch_size=128,
+        rt=cpu,
+        subset=400,
+        augment=True,
+        block_rows=128,
+    )
     return out
 
 

@@ -32,10 +32,17 @@ def _cached(path, *names):
 
 
 def test_import_kdcache_loads_no_torch_until_a_name_is_used():
-    code = ("import sys, kdcache; before = 'torch' in sys.modules; kdcache.CachedBatches; "
-            "print(before, 'torch' in sys.modules, kdcache.__version__, 'student_loss' in dir(kdcache))")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
-                         capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    code = (
+        "import sys, kdcache; before = 'torch' in sys.modules; kdcache.CachedBatches; "
+        "print(before, 'torch' in sys.modules, kdcache.__version__, 'student_loss' in dir(kdcache))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert out == ["False", "True", kdcache.__version__, "True"]
     assert sorted(kdcache.__all__) == sorted(["__version__", *kdcache._EXPORTS])
     assert all(getattr(kdcache, name) is not None for name in kdcache.__all__)
@@ -44,8 +51,9 @@ def test_import_kdcache_loads_no_torch_until_a_name_is_used():
         kdcache.nope  # noqa: B018
 
 
-def test_cached_batches_cover_every_row_once_with_the_logits_of_the_scheduled_view(cache_file, data_dir, cpu,
-                                                                                     teacher_ckpt):  # fmt: skip
+def test_cached_batches_cover_every_row_once_with_the_logits_of_the_scheduled_view(
+    cache_file, data_dir, cpu, teacher_ckpt
+):
     views = kdcache.CachedBatches(cache_file, data_dir=data_dir, batch_size=64, seed=3, runtime=cpu)
     (logits,) = _cached(cache_file, "logits")
     data = load_dataset("cifar10", data_dir, 400)
@@ -70,8 +78,7 @@ def test_cached_batches_cover_every_row_once_with_the_logits_of_the_scheduled_vi
     assert torch.equal(torch.cat([y for _, y in tests]), data.test_y) and tests[0][0].shape == (64, 3, 32, 32)
 
 
-def test_a_mixed_cache_gives_partner_labels_and_weights_for_the_scheduled_view(tmp_path, teacher_ckpt, data_dir,
-                                                                                cpu):  # fmt: skip
+def test_a_mixed_cache_gives_partner_labels_and_weights_for_the_scheduled_view(tmp_path, teacher_ckpt, data_dir, cpu):
     recipe = TINY.override(subset=96, views=3, mix="both", mix_prob=0.6, seed=2)
     cache = kdcache.dump_logits(recipe, teacher=teacher_ckpt, out=tmp_path / "mixed.h5", data_dir=data_dir, runtime=cpu)
     views = kdcache.CachedBatches(cache, data_dir=data_dir, batch_size=40, seed=1, runtime=cpu)
@@ -93,14 +100,22 @@ def test_a_mixed_cache_gives_partner_labels_and_weights_for_the_scheduled_view(t
 
 def test_the_stage_functions_chain_as_the_commands_do(tmp_path, teacher_ckpt, cache_file, data_dir, cpu):
     recipe = TINY.override(views=4, seed=0)
-    cache = kdcache.dump_logits(recipe, teacher=teacher_ckpt, out=tmp_path / "c.h5", data_dir=data_dir,
-                                runtime=cpu, batch_size=128, block_rows=128)  # fmt: skip
+    cache = kdcache.dump_logits(
+        recipe,
+        teacher=teacher_ckpt,
+        out=tmp_path / "c.h5",
+        data_dir=data_dir,
+        runtime=cpu,
+        batch_size=128,
+        block_rows=128,
+    )
     assert torch.equal(_cached(cache, "logits")[0], _cached(cache_file, "logits")[0])  # = the fixture's dump_logits
     result = kdcache.train_student(None, cache=cache, out=tmp_path / "s.pt", data_dir=data_dir, runtime=cpu)
     meta = load_checkpoint(tmp_path / "s.pt")[1]
     assert len(result.history) == TINY.epochs and meta["arch"] == TINY.student_arch and meta["alpha"] == TINY.alpha
-    teacher = kdcache.train_teacher(TINY.override(subset=64, teacher_epochs=1), out=tmp_path / "t.pt",
-                                    data_dir=data_dir, runtime=cpu)  # fmt: skip
+    teacher = kdcache.train_teacher(
+        TINY.override(subset=64, teacher_epochs=1), out=tmp_path / "t.pt", data_dir=data_dir, runtime=cpu
+    )
     assert teacher.arch == TINY.teacher_arch and (tmp_path / "t.pt").exists()
 
 
@@ -134,17 +149,62 @@ def test_own_loop_example_reaches_the_same_weights_as_kdcache_student(tmp_path):
     cpu = kdcache.Runtime.create("cpu", "fp32")
     teacher_recipe = kdcache.get_preset("seed-cnn").override(subset=64, epochs=1, batch_size=32)
     kdcache.train_teacher(teacher_recipe, out=tmp_path / "t.pt", data_dir=data, runtime=cpu)
-    cache = kdcache.dump_logits(teacher_recipe.override(views=2, mix="cutmix", mix_prob=0.5), teacher=tmp_path / "t.pt",
-                                out=tmp_path / "c.h5", data_dir=data, runtime=cpu)  # fmt: skip
-    same = ["--cache", str(cache), "--data-dir", str(data), "--epochs", "2", "--batch-size", "32", "--lr", "0.05",
-            "--seed", "7", "--T", "2", "--alpha", "0.6", "--device", "cpu"]  # fmt: skip
-    r = run_cli("student", "--preset", "seed-resnet", "--arch", "resnet18", "--optimizer", "sgd", "--schedule",
-                "constant", "--warmup-epochs", "0", "--momentum", "0.9", "--weight-decay", "5e-4", *same,
-                "--out", str(tmp_path / "cli.pt"))  # fmt: skip
+    cache = kdcache.dump_logits(
+        teacher_recipe.override(views=2, mix="cutmix", mix_prob=0.5),
+        teacher=tmp_path / "t.pt",
+        out=tmp_path / "c.h5",
+        data_dir=data,
+        runtime=cpu,
+    )
+    same = [
+        "--cache",
+        str(cache),
+        "--data-dir",
+        str(data),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.05",
+        "--seed",
+        "7",
+        "--T",
+        "2",
+        "--alpha",
+        "0.6",
+        "--device",
+        "cpu",
+    ]
+    r = run_cli(
+        "student",
+        "--preset",
+        "seed-resnet",
+        "--arch",
+        "resnet18",
+        "--optimizer",
+        "sgd",
+        "--schedule",
+        "constant",
+        "--warmup-epochs",
+        "0",
+        "--momentum",
+        "0.9",
+        "--weight-decay",
+        "5e-4",
+        *same,
+        "--out",
+        str(tmp_path / "cli.pt"),
+    )
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, str(EXAMPLE), *same, "--out", str(tmp_path / "own.pt")],
-                       env={**os.environ, **THREAD_ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                       timeout=600, check=False)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, str(EXAMPLE), *same, "--out", str(tmp_path / "own.pt")],
+        env={**os.environ, **THREAD_ENV, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     assert "epoch 2  loss" in r.stdout and "test acc" in r.stdout and "2 views" in r.stdout
     cli = torch.load(tmp_path / "cli.pt", weights_only=True)["state_dict"]

@@ -13,10 +13,27 @@ def test_bench_smoke_prints_table_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     r = CliRunner().invoke(
         app,
-        ["bench", "--teacher-arch", "seed-cnn-student", "--student-arch", "seed-cnn-student", "--batch-size", "8",
-         "--steps", "2", "--warmup", "1", "--repeats", "2", "--device", "cpu", "--json", str(out)],
+        [
+            "bench",
+            "--teacher-arch",
+            "seed-cnn-student",
+            "--student-arch",
+            "seed-cnn-student",
+            "--batch-size",
+            "8",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--repeats",
+            "2",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ],
         env={"COLUMNS": "200"},
-    )  # fmt: skip
+    )
     assert r.exit_code == 0, r.output
     for loop in ("seed_loop", "online", "cached", "plain", "dump"):
         assert loop in r.output
@@ -37,7 +54,10 @@ def test_bench_smoke_prints_table_and_writes_json(tmp_path):
     assert "the KD loss adds" in r.output and "cached_mixed_alone" in r.output
     # what mixing costs without a cache: fresh mixed views, no teacher, against the cached ones at alpha 0
     assert record["plain_mixed_img_s"] > 0 and len(record["rounds_img_s"]["plain_mixed"]) == 2
-    assert ratios["cached_mixed_alone_over_plain_mixed"] == record["cached_mixed_alone_img_s"] / record["plain_mixed_img_s"]
+    assert (
+        ratios["cached_mixed_alone_over_plain_mixed"]
+        == record["cached_mixed_alone_img_s"] / record["plain_mixed_img_s"]
+    )
     assert "fresh mixed views (what mixing costs)" in r.output and "the cache's own cost" in r.output
 
 
@@ -48,19 +68,49 @@ def test_folder_bench_measures_the_imagefolder_loop_and_every_store(tmp_path):
     out = tmp_path / "bench.json"
     r = CliRunner().invoke(
         app,
-        ["bench", "--data", str(folder), "--teacher-arch", "seed-cnn-teacher", "--student-arch", "seed-cnn-student",
-         "--image-size", "24", "--batch-size", "8",
-         "--steps", "2", "--warmup", "1", "--repeats", "1", "--device", "cpu", "--json", str(out)],
+        [
+            "bench",
+            "--data",
+            str(folder),
+            "--teacher-arch",
+            "seed-cnn-teacher",
+            "--student-arch",
+            "seed-cnn-student",
+            "--image-size",
+            "24",
+            "--batch-size",
+            "8",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--repeats",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ],
         env={"COLUMNS": "200", "KDCACHE_STORE_DIR": str(tmp_path / "user-stores")},
-    )  # fmt: skip
+    )
     assert r.exit_code == 0, r.output
     record = json.loads(out.read_text())
-    for loop in ("imagefolder_online", "imagefolder_plain", "plain", "cached", "plain_streamed", "cached_streamed",
-                 "cached_jpeg"):  # fmt: skip
+    for loop in (
+        "imagefolder_online",
+        "imagefolder_plain",
+        "plain",
+        "cached",
+        "plain_streamed",
+        "cached_streamed",
+        "cached_jpeg",
+    ):
         assert record[f"{loop}_img_s"] > 0 and loop in r.output
     ratios = record["ratios"]
     assert ratios["streamed_over_resident"] == record["cached_streamed_img_s"] / record["cached_img_s"]
-    assert ratios["cached_jpeg_over_imagefolder_online"] == record["cached_jpeg_img_s"] / record["imagefolder_online_img_s"]
+    assert (
+        ratios["cached_jpeg_over_imagefolder_online"]
+        == record["cached_jpeg_img_s"] / record["imagefolder_online_img_s"]
+    )
     assert record["prepare_images"] == 45 and record["prepare_img_s"] > 0 and record["prepare_jpeg_img_s"] > 0
     sizes = record["store_bytes"]
     assert sizes["jpeg"] < sizes["raw"] and sizes["folder"] > 0 and record["teacher_arch"] == "seed-cnn-teacher"
@@ -72,10 +122,29 @@ def test_procs_bench_runs_two_torchrun_processes_against_one(tmp_path):
     out = tmp_path / "procs.json"
     r = CliRunner().invoke(
         app,
-        ["bench", "--procs", "2", "--teacher-arch", "seed-cnn-student", "--student-arch", "seed-cnn-student",
-         "--batch-size", "8", "--steps", "2", "--warmup", "1", "--repeats", "1", "--device", "cpu", "--json", str(out)],
+        [
+            "bench",
+            "--procs",
+            "2",
+            "--teacher-arch",
+            "seed-cnn-student",
+            "--student-arch",
+            "seed-cnn-student",
+            "--batch-size",
+            "8",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--repeats",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ],
         env={"COLUMNS": "200"},
-    )  # fmt: skip
+    )
     assert r.exit_code == 0, r.output
     record = json.loads(out.read_text())
     assert [x["world"] for x in record["rounds_img_s"]["1"]] == [1]  # really one process, then really two
@@ -96,4 +165,6 @@ def test_bench_record_states_top_k_bytes_per_view_against_dense():
 
     sizes = _cache_bytes()
     assert sizes["1000"] == {"dense": 2000, "top10": 64}  # 10 x (fp16 + int16) + 6 fp32 log-sum-exps
-    assert sizes["10"]["dense"] == 20 and sizes["10"]["top10"] > sizes["10"]["dense"]  # dense stays the default for few classes
+    assert (
+        sizes["10"]["dense"] == 20 and sizes["10"]["top10"] > sizes["10"]["dense"]
+    )  # dense stays the default for few classes

@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-
 from conftest import run_cli
 
 
@@ -15,7 +14,9 @@ def workdir(tmp_path, data_dir):
 
 
 def test_teacher_dump_student_eval_chain_with_default_paths(workdir):
-    r = run_cli("teacher", "--arch", "seed-cnn-teacher", "--subset", "300", "--epochs", "1", "--device", "cpu", cwd=workdir)
+    r = run_cli(
+        "teacher", "--arch", "seed-cnn-teacher", "--subset", "300", "--epochs", "1", "--device", "cpu", cwd=workdir
+    )
     assert r.returncode == 0, r.stderr
     assert "test accuracy" in r.stdout and (workdir / "saved_models/teacher.pt").exists()
     assert "epoch   1" in r.stderr
@@ -25,8 +26,20 @@ def test_teacher_dump_student_eval_chain_with_default_paths(workdir):
     assert (workdir / "saved_models/teacher_logits.h5").exists()
     assert "300 images x 2 views x 10 classes" in r.stdout
 
-    r = run_cli("student", "--arch", "seed-cnn-student", "--T", "3", "--alpha", "0.5", "--epochs", "2",
-                "--schedule", "constant", cwd=workdir)  # fmt: skip
+    r = run_cli(
+        "student",
+        "--arch",
+        "seed-cnn-student",
+        "--T",
+        "3",
+        "--alpha",
+        "0.5",
+        "--epochs",
+        "2",
+        "--schedule",
+        "constant",
+        cwd=workdir,
+    )
     assert r.returncode == 0, r.stderr
     lines = (workdir / "saved_models/student.pt.metrics.jsonl").read_text().splitlines()
     epochs = [json.loads(line) for line in lines]
@@ -40,7 +53,9 @@ def test_teacher_dump_student_eval_chain_with_default_paths(workdir):
     assert acc in r.stdout  # eval reproduces the accuracy measured at the end of training
 
 
-@pytest.mark.parametrize("cmd", ["teacher", "dump-logits", "student", "eval", "bench", "verify", "inspect", "pipeline", "report"])
+@pytest.mark.parametrize(
+    "cmd", ["teacher", "dump-logits", "student", "eval", "bench", "verify", "inspect", "pipeline", "report"]
+)
 def test_every_command_has_help(cmd):
     from typer.testing import CliRunner
 

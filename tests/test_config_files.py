@@ -9,11 +9,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 from kdcache.config import PRESETS, DumpSettings, Recipe, dump_settings, read_config, resolve, to_toml
 from kdcache.errors import KDCacheError
 from kdcache.models import read_checkpoint
-from conftest import run_cli
 
 
 def _file(tmp_path, text: str, name: str = "run.toml"):
@@ -107,14 +107,18 @@ def test_dump_settings_flag_over_file_over_default_and_round_trip(tmp_path):
     with pytest.raises(KDCacheError, match="^--topk must be >= 1"):  # a bad flag is named as the flag
         dump_settings(cfg, topk=-2)
     printed = to_toml(Recipe(), dump=DumpSettings("flip-translate", 10, (1.0, 4.0), 256, 64))
-    assert dump_settings(read_config(_file(tmp_path, printed, "p.toml"))) == DumpSettings("flip-translate", 10, (1.0, 4.0), 256, 64)
+    assert dump_settings(read_config(_file(tmp_path, printed, "p.toml"))) == DumpSettings(
+        "flip-translate", 10, (1.0, 4.0), 256, 64
+    )
 
 
 def test_dump_settings_combine_file_and_flags_before_checking_topk_and_its_grid(tmp_path):
     path = _file(tmp_path, "[dump]\ntopk = 10\ntopk_temperatures = [1.0, 2.0]\n")  # as inspect --config writes
     assert dump_settings(read_config(path), path, topk=0) == DumpSettings()  # every logit: the grid goes too
     grid_only = _file(tmp_path, "[dump]\ntopk_temperatures = [1.0, 2.0]\n", "grid.toml")
-    assert dump_settings(read_config(grid_only), grid_only, topk=4) == DumpSettings(topk=4, topk_temperatures=(1.0, 2.0))
+    assert dump_settings(read_config(grid_only), grid_only, topk=4) == DumpSettings(
+        topk=4, topk_temperatures=(1.0, 2.0)
+    )
     with pytest.raises(KDCacheError, match=r"grid.toml: dump.topk_temperatures goes with dump.topk K"):
         dump_settings(read_config(grid_only), grid_only)
     with pytest.raises(KDCacheError, match="^--topk-temperatures goes with --topk K"):  # typed: named as the flag
@@ -123,14 +127,20 @@ def test_dump_settings_combine_file_and_flags_before_checking_topk_and_its_grid(
 
 @pytest.mark.parametrize(
     "fields, message",
-    [({"topk": "3"}, "--topk must be a whole number"), ({"batch_size": 2.5}, "--batch-size must be a whole number"),
-     ({"tta": 1}, "--tta must be one of"), ({"topk": 2, "topk_temperatures": "2"}, "must be a list of numbers"),
-     ({"block_rows": True}, "--block-rows must be a whole number")],
+    [
+        ({"topk": "3"}, "--topk must be a whole number"),
+        ({"batch_size": 2.5}, "--batch-size must be a whole number"),
+        ({"tta": 1}, "--tta must be one of"),
+        ({"topk": 2, "topk_temperatures": "2"}, "must be a list of numbers"),
+        ({"block_rows": True}, "--block-rows must be a whole number"),
+    ],
 )
 def test_dump_settings_from_python_check_types(fields, message):
     with pytest.raises(KDCacheError, match=message):
         DumpSettings(**fields)
-    assert DumpSettings(topk=np.int64(3), topk_temperatures=[2, 1.5]) == DumpSettings(topk=3, topk_temperatures=(2.0, 1.5))
+    assert DumpSettings(topk=np.int64(3), topk_temperatures=[2, 1.5]) == DumpSettings(
+        topk=3, topk_temperatures=(2.0, 1.5)
+    )
 
 
 def test_api_dump_logits_refuses_settings_given_twice(tmp_path):
@@ -138,7 +148,9 @@ def test_api_dump_logits_refuses_settings_given_twice(tmp_path):
 
     for extra in ({"tta": "flip"}, {"batch_size": 64}):
         with pytest.raises(KDCacheError, match="came twice"):
-            kdcache.dump_logits(Recipe(), teacher=tmp_path / "t.pt", out=tmp_path / "c.h5", dump=DumpSettings(), **extra)
+            kdcache.dump_logits(
+                Recipe(), teacher=tmp_path / "t.pt", out=tmp_path / "c.h5", dump=DumpSettings(), **extra
+            )
     assert not (tmp_path / "c.h5").exists()
 
 
@@ -163,8 +175,17 @@ def test_cli_config_errors_and_print_config(tmp_path):
 
 def test_a_student_config_cannot_change_the_caches_views(tmp_path, cache_file, data_dir):
     wrong = _file(tmp_path, "views = 9\n")
-    r = run_cli("student", "--cache", str(cache_file), "--data", str(data_dir), "--config", str(wrong),
-                "--print-config", cwd=tmp_path)  # fmt: skip
+    r = run_cli(
+        "student",
+        "--cache",
+        str(cache_file),
+        "--data",
+        str(data_dir),
+        "--config",
+        str(wrong),
+        "--print-config",
+        cwd=tmp_path,
+    )
     assert r.returncode == 2 and "views = 9" in r.stderr and "views = 4" in r.stderr
 
 
@@ -181,9 +202,30 @@ def test_runs_repeated_from_their_recorded_config_give_the_same_artifacts(tmp_pa
     first.mkdir()
     steps = [
         ("teacher", "t.pt", ["--preset", "seed-cnn", "--subset", "200", "--epochs", "1", "--augment", "--lr", "0.002"]),
-        ("dump-logits", "c.h5", ["--teacher", "t.pt", "--views", "2", "--mix", "cutmix", "--mix-prob", "0.5",
-                                 "--tta", "flip", "--topk", "3", "--topk-temperatures", "2.5", "--block-rows", "64",
-                                 "--batch-size", "100"]),  # fmt: skip
+        (
+            "dump-logits",
+            "c.h5",
+            [
+                "--teacher",
+                "t.pt",
+                "--views",
+                "2",
+                "--mix",
+                "cutmix",
+                "--mix-prob",
+                "0.5",
+                "--tta",
+                "flip",
+                "--topk",
+                "3",
+                "--topk-temperatures",
+                "2.5",
+                "--block-rows",
+                "64",
+                "--batch-size",
+                "100",
+            ],
+        ),
         ("student", "s.pt", ["--cache", "c.h5", "--epochs", "1", "--T", "2.5", "--batch-size", "32", "--seed", "3"]),
     ]
     for command, out, args in steps:
@@ -191,7 +233,7 @@ def test_runs_repeated_from_their_recorded_config_give_the_same_artifacts(tmp_pa
         assert r.returncode == 0, r.stderr
     again = tmp_path / "again"
     again.mkdir()
-    for command, out, args in steps:
+    for command, out, _args in steps:
         r = run_cli("inspect", str(first / out), "--config", cwd=first)
         assert r.returncode == 0, r.stderr
         config = _file(again, r.stdout, out + ".toml")

@@ -4,11 +4,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_CIFAR
 
 from kdcache.data import load_dataset
 from kdcache.errors import KDCacheError
-
-from conftest import SHARED_CIFAR
 
 
 def test_generated_dataset_reads_like_cifar10(data_dir):
@@ -53,12 +52,14 @@ def test_real_cifar10_from_shared_copy():
 def test_real_cifar10_teacher_cache_student(tmp_path, cpu):
     """The whole flow on 1,000 real images: learns above chance, replays the real views."""
     import h5py
-
     from conftest import TINY
+
     from kdcache.pipeline import run_pipeline
 
     # The small CNN as teacher too: this checks the flow on real data, not the teacher.
-    recipe = TINY.override(subset=1000, teacher_arch="seed-cnn-student", teacher_epochs=2, epochs=2, views=2, augment=True)
+    recipe = TINY.override(
+        subset=1000, teacher_arch="seed-cnn-student", teacher_epochs=2, epochs=2, views=2, augment=True
+    )
     record = run_pipeline(recipe, preset="test", run_dir=tmp_path / "real", data_dir=SHARED_CIFAR, rt=cpu)
     by = {r["model"]: r for r in record["rows"]}
     assert by["teacher"]["test_acc"] > 0.15  # 10 classes: chance is 0.10, on all 10,000 test images
@@ -86,9 +87,22 @@ def test_real_caltech101_store_and_flow(tmp_path, cpu):
     assert 0 < sum(grey) < 800  # the greyscale photographs became RGB, the colour ones stayed colour
     from conftest import TINY
 
-    recipe = TINY.override(dataset="imagefolder", subset=600, teacher_epochs=1, epochs=1, views=2, mix="cutmix", augment=True)
-    run_pipeline(recipe, preset="test", run_dir=tmp_path / "caltech", data_dir=SHARED_CALTECH, rt=cpu,
-                 data_options={"image_size": 32})  # fmt: skip
-    report = verify_cache(tmp_path / "caltech" / "teacher_logits.h5", teacher=tmp_path / "caltech" / "teacher.pt",
-                          data_dir=None, samples=32, rt=cpu)  # fmt: skip
+    recipe = TINY.override(
+        dataset="imagefolder", subset=600, teacher_epochs=1, epochs=1, views=2, mix="cutmix", augment=True
+    )
+    run_pipeline(
+        recipe,
+        preset="test",
+        run_dir=tmp_path / "caltech",
+        data_dir=SHARED_CALTECH,
+        rt=cpu,
+        data_options={"image_size": 32},
+    )
+    report = verify_cache(
+        tmp_path / "caltech" / "teacher_logits.h5",
+        teacher=tmp_path / "caltech" / "teacher.pt",
+        data_dir=None,
+        samples=32,
+        rt=cpu,
+    )
     assert report.ok, [(c.name, c.detail) for c in report.checks if not c.ok]

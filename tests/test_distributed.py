@@ -14,7 +14,6 @@ import torch
 from conftest import ROOT, THREAD_ENV
 
 from kdcache.stages import train_student
-from kdcache.train import Runtime
 
 ARCH = "byo_models:make_net"  # no BatchNorm, no dropout: the processes' shares add up exactly
 
@@ -34,8 +33,17 @@ def recipe_of(cache_file):
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, **THREAD_ENV, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "COLUMNS": "200"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "kdcache", *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "kdcache",
+        *args,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -48,8 +56,28 @@ def close(a: dict, b: dict) -> bool:
 
 
 def student_args(cache_file, data_dir, out, *extra):
-    return ("student", "--cache", str(cache_file), "--data-dir", str(data_dir), "--arch", ARCH, "--epochs", "3",
-            "--batch-size", "32", "--T", "2", "--alpha", "0.5", "--out", str(out), "--device", "cpu", *extra)  # fmt: skip
+    return (
+        "student",
+        "--cache",
+        str(cache_file),
+        "--data-dir",
+        str(data_dir),
+        "--arch",
+        ARCH,
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--T",
+        "2",
+        "--alpha",
+        "0.5",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *extra,
+    )
 
 
 def test_two_processes_train_the_same_student_as_one(tmp_path, cache_file, data_dir, cpu):
@@ -71,7 +99,9 @@ def test_a_run_interrupted_in_one_process_resumes_under_two(tmp_path, cache_file
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_student(recipe_of(cache_file), cache_file=cache_file, data_dir=data_dir, out=out, rt=cpu, on_epoch=stop_after_first)
+        train_student(
+            recipe_of(cache_file), cache_file=cache_file, data_dir=data_dir, out=out, rt=cpu, on_epoch=stop_after_first
+        )
     assert (tmp_path / "s.pt.resume").exists() and not out.exists()
     r = torchrun(*student_args(cache_file, data_dir, out, "--resume"))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -101,8 +131,28 @@ def _same_cache(a: Path, b: Path) -> None:
 
 
 def dump_args(teacher, data_dir, out, *extra):
-    return ("dump-logits", "--teacher", str(teacher), "--data-dir", str(data_dir), "--views", "4", "--mix", "cutmix",
-            "--block-rows", "8", "--batch-size", "4", "--subset", "400", "--out", str(out), "--device", "cpu", *extra)  # fmt: skip
+    return (
+        "dump-logits",
+        "--teacher",
+        str(teacher),
+        "--data-dir",
+        str(data_dir),
+        "--views",
+        "4",
+        "--mix",
+        "cutmix",
+        "--block-rows",
+        "8",
+        "--batch-size",
+        "4",
+        "--subset",
+        "400",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *extra,
+    )
 
 
 def test_a_two_process_dump_is_the_one_process_dump(tmp_path, teacher_ckpt, data_dir):
@@ -126,8 +176,17 @@ def test_a_killed_two_process_dump_resumes_in_one_process_without_redoing_blocks
     ref, out = tmp_path / "ref.h5", tmp_path / "c.h5"
     assert run_cli(*dump_args(teacher_ckpt, data_dir, ref)).returncode == 0
     env = {**os.environ, **THREAD_ENV, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdcache",
-           *dump_args(teacher_ckpt, data_dir, out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "kdcache",
+        *dump_args(teacher_ckpt, data_dir, out),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     try:  # the shards appear when the processes start dumping; a second later some blocks are done

@@ -2,7 +2,6 @@
 
 import h5py
 import numpy as np
-import pytest
 import torch
 
 from kdcache.cache import MIX_DATASETS, open_cache, partial_path
@@ -22,7 +21,9 @@ def test_cache_follows_format_v2(cache_file, teacher_ckpt, data_dir):
         assert np.array_equal(f["indices"][...], np.arange(400))
         assert f["test_logits"].shape == (len(data.test_y), 10)
         a = f.attrs
-        assert a["format"] == "kdcache-logits" and a["format_version"] == 2 and a["mix"] == "none" and bool(a["complete"])
+        assert (
+            a["format"] == "kdcache-logits" and a["format_version"] == 2 and a["mix"] == "none" and bool(a["complete"])
+        )
         assert a["num_views"] == 4 and a["num_classes"] == 10 and a["dataset"] == "cifar10" and a["seed"] == 0
         assert a["dataset_fingerprint"] == data.fingerprint
         assert a["teacher_arch"] == "seed-cnn-teacher" and a["teacher_sha256"] == file_sha256(teacher_ckpt)
@@ -52,8 +53,18 @@ def test_replay_fidelity(cache_file, teacher_ckpt, data_dir, cpu):
 
 def test_two_dumps_with_the_same_seed_are_identical(tmp_path, cache_file, teacher_ckpt, data_dir, cpu):
     again = tmp_path / "again.h5"
-    dump_logits(teacher_path=teacher_ckpt, data_dir=data_dir, out=again, views=4, seed=0, batch_size=128,
-                rt=cpu, subset=400, augment=True, block_rows=128)  # fmt: skip
+    dump_logits(
+        teacher_path=teacher_ckpt,
+        data_dir=data_dir,
+        out=again,
+        views=4,
+        seed=0,
+        batch_size=128,
+        rt=cpu,
+        subset=400,
+        augment=True,
+        block_rows=128,
+    )
     with h5py.File(cache_file, "r") as a, h5py.File(again, "r") as b:
         assert a["view_params"][...].tobytes() == b["view_params"][...].tobytes()
         assert a["logits"][...].tobytes() == b["logits"][...].tobytes()
@@ -61,8 +72,17 @@ def test_two_dumps_with_the_same_seed_are_identical(tmp_path, cache_file, teache
 
 def test_another_seed_gives_other_views(tmp_path, teacher_ckpt, data_dir, cpu):
     out = tmp_path / "seed1.h5"
-    dump_logits(teacher_path=teacher_ckpt, data_dir=data_dir, out=out, views=2, seed=1, batch_size=128,
-                rt=cpu, subset=100, augment=True)  # fmt: skip
+    dump_logits(
+        teacher_path=teacher_ckpt,
+        data_dir=data_dir,
+        out=out,
+        views=2,
+        seed=1,
+        batch_size=128,
+        rt=cpu,
+        subset=100,
+        augment=True,
+    )
     with h5py.File(out, "r") as f:
         assert not np.array_equal(f["view_params"][...], view_params(0, range(100), range(2)).numpy())
 
@@ -72,8 +92,18 @@ def test_dump_in_bf16_autocast_channels_last_stays_close(tmp_path, teacher_ckpt,
     from kdcache.train import Runtime
 
     out = tmp_path / "bf16.h5"
-    dump_logits(teacher_path=teacher_ckpt, data_dir=data_dir, out=out, views=4, seed=0, batch_size=128,
-                rt=Runtime.create("cpu", "bf16"), subset=400, augment=True, block_rows=128)  # fmt: skip
+    dump_logits(
+        teacher_path=teacher_ckpt,
+        data_dir=data_dir,
+        out=out,
+        views=4,
+        seed=0,
+        batch_size=128,
+        rt=Runtime.create("cpu", "bf16"),
+        subset=400,
+        augment=True,
+        block_rows=128,
+    )
     with h5py.File(cache_file, "r") as a, h5py.File(out, "r") as b:
         assert np.array_equal(a["view_params"][...], b["view_params"][...])
         fp32, bf16 = a["logits"][...].astype(np.float32), b["logits"][...].astype(np.float32)
@@ -86,8 +116,16 @@ def test_predict_on_views_equals_rendering_then_forward(teacher_ckpt, data_dir, 
     teacher, meta = load_checkpoint(teacher_ckpt)
     data = load_dataset("cifar10", data_dir, 50)
     params = view_params(0, range(50), [1])[:, 0]
-    got = predict(teacher, data.train_x, meta["normalize_mean"], meta["normalize_std"], cpu, rows=torch.arange(50),
-                  views=Views(CropFlip(), params), batch_size=16)  # fmt: skip
+    got = predict(
+        teacher,
+        data.train_x,
+        meta["normalize_mean"],
+        meta["normalize_std"],
+        cpu,
+        rows=torch.arange(50),
+        views=Views(CropFlip(), params),
+        batch_size=16,
+    )
     with torch.no_grad():
         expected = teacher(render(data.train_x, params, meta["normalize_mean"], meta["normalize_std"]))
     assert torch.allclose(got, expected, atol=1e-5)

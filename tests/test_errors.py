@@ -134,16 +134,37 @@ def test_bad_teacher_checkpoint(command, name, needles, bad, cache_file, data_di
     if command == "dump-logits":
         args = ["dump-logits", "--teacher", bad[name], "--data-dir", data_dir, "--out", out / "c.h5", "--device", "cpu"]
     else:
-        args = ["verify", cache_file, "--teacher", bad[name], "--data-dir", data_dir, "--samples", "8",
-                "--device", "cpu"]  # fmt: skip
+        args = [
+            "verify",
+            cache_file,
+            "--teacher",
+            bad[name],
+            "--data-dir",
+            data_dir,
+            "--samples",
+            "8",
+            "--device",
+            "cpu",
+        ]
     code, err, _ = cli(*args)
     assert_one_line_error(code, err, str(bad[name]), *needles)
     assert written(out) == []
 
 
 def test_teacher_of_another_architecture(teacher_ckpt, data_dir, tmp_path):
-    code, err, _ = cli("dump-logits", "--teacher", teacher_ckpt, "--arch", "resnet18", "--data-dir", data_dir,
-                       "--out", tmp_path / "out" / "c.h5", "--device", "cpu")  # fmt: skip
+    code, err, _ = cli(
+        "dump-logits",
+        "--teacher",
+        teacher_ckpt,
+        "--arch",
+        "resnet18",
+        "--data-dir",
+        data_dir,
+        "--out",
+        tmp_path / "out" / "c.h5",
+        "--device",
+        "cpu",
+    )
     assert_one_line_error(code, err, "seed-cnn-teacher", "not resnet18", "--arch seed-cnn-teacher")
     assert written(tmp_path / "out") == []
 
@@ -162,11 +183,22 @@ CACHE_FILES = [
 def test_bad_cache(command, name, needles, bad, teacher_ckpt, data_dir, tmp_path):
     out = tmp_path / "out"
     args = {
-        "student": ["student", "--preset", "seed-cnn", "--cache", bad[name], "--data-dir", data_dir,
-                    "--out", out / "s.pt", "--device", "cpu"],
+        "student": [
+            "student",
+            "--preset",
+            "seed-cnn",
+            "--cache",
+            bad[name],
+            "--data-dir",
+            data_dir,
+            "--out",
+            out / "s.pt",
+            "--device",
+            "cpu",
+        ],
         "inspect": ["inspect", bad[name]],
         "verify": ["verify", bad[name], "--teacher", teacher_ckpt, "--data-dir", data_dir, "--device", "cpu"],
-    }[command]  # fmt: skip
+    }[command]
     code, err, _ = cli(*args)
     assert_one_line_error(code, err, str(bad[name]), *needles)
     assert written(out) == []
@@ -182,12 +214,25 @@ STUDENT_MISMATCHES = [
 
 
 @pytest.mark.parametrize("case, name, extra, needles", STUDENT_MISMATCHES, ids=[c[0] for c in STUDENT_MISMATCHES])
-def test_student_refuses_a_cache_it_cannot_trust(case, name, extra, needles, bad, cache_file, data_dir, other_data,
-                                                  tmp_path):  # fmt: skip
+def test_student_refuses_a_cache_it_cannot_trust(
+    case, name, extra, needles, bad, cache_file, data_dir, other_data, tmp_path
+):
     cache = bad[name] if name else cache_file
     extra = [str(other_data) if a == "OTHER" else a for a in extra]
-    args = ["student", "--preset", "seed-cnn", "--cache", cache, "--data-dir", data_dir,
-            "--out", tmp_path / "out" / "s.pt", "--device", "cpu", *extra]  # fmt: skip
+    args = [
+        "student",
+        "--preset",
+        "seed-cnn",
+        "--cache",
+        cache,
+        "--data-dir",
+        data_dir,
+        "--out",
+        tmp_path / "out" / "s.pt",
+        "--device",
+        "cpu",
+        *extra,
+    ]
     code, err, _ = cli(*args)
     assert_one_line_error(code, err, *needles)
     assert written(tmp_path / "out") == []
@@ -224,15 +269,44 @@ FLAGS = [
 def command_args(command: str, *, teacher: Path, cache: Path, data_dir: Path, out: Path) -> list:
     """A valid invocation of `command` writing into `out` (a folder), to add one bad flag to."""
     return {
-        "teacher": ["teacher", "--preset", "seed-cnn", "--data-dir", data_dir, "--out", out / "t.pt",
-                    "--device", "cpu"],
-        "student": ["student", "--preset", "seed-cnn", "--cache", cache, "--data-dir", data_dir, "--out", out / "s.pt",
-                    "--device", "cpu"],
-        "dump-logits": ["dump-logits", "--teacher", teacher, "--data-dir", data_dir, "--out", out / "c.h5",
-                        "--device", "cpu"],
+        "teacher": [
+            "teacher",
+            "--preset",
+            "seed-cnn",
+            "--data-dir",
+            data_dir,
+            "--out",
+            out / "t.pt",
+            "--device",
+            "cpu",
+        ],
+        "student": [
+            "student",
+            "--preset",
+            "seed-cnn",
+            "--cache",
+            cache,
+            "--data-dir",
+            data_dir,
+            "--out",
+            out / "s.pt",
+            "--device",
+            "cpu",
+        ],
+        "dump-logits": [
+            "dump-logits",
+            "--teacher",
+            teacher,
+            "--data-dir",
+            data_dir,
+            "--out",
+            out / "c.h5",
+            "--device",
+            "cpu",
+        ],
         "inspect": ["inspect", cache],
         "verify": ["verify", cache, "--teacher", teacher, "--data-dir", data_dir, "--device", "cpu"],
-    }[command]  # fmt: skip
+    }[command]
 
 
 @pytest.mark.parametrize("command, flags, needle", FLAGS, ids=[f"{c} {' '.join(f)}" for c, f, _ in FLAGS])
@@ -272,8 +346,22 @@ def test_existing_output_is_refused_and_left_untouched(command, teacher_ckpt, ca
 def test_force_overwrites_an_existing_cache(teacher_ckpt, data_dir, tmp_path):
     target = tmp_path / "c.h5"
     target.write_bytes(b"old\n")
-    code, err, out = cli("dump-logits", "--teacher", teacher_ckpt, "--data-dir", data_dir, "--out", target,
-                         "--subset", "20", "--views", "1", "--device", "cpu", "--force")  # fmt: skip
+    code, err, out = cli(
+        "dump-logits",
+        "--teacher",
+        teacher_ckpt,
+        "--data-dir",
+        data_dir,
+        "--out",
+        target,
+        "--subset",
+        "20",
+        "--views",
+        "1",
+        "--device",
+        "cpu",
+        "--force",
+    )
     assert code == 0, err
     with h5py.File(target, "r") as f:
         assert f.attrs["complete"] and f["logits"].shape == (20, 1, 10)
@@ -299,13 +387,19 @@ def test_real_processes_exit_2_with_one_line(bad, teacher_ckpt, cache_file, data
     out = tmp_path / "out"
     cpu = ["--device", "cpu"]
     cases = [
-        (["dump-logits", "--teacher", bad["truncated.pt"], "--data-dir", data_dir, "--out", out / "c.h5", *cpu],
-         "truncated"),
-        (["student", "--cache", cache_file, "--data-dir", data_dir, "--alpha", "1.5", "--out", out / "s.pt", *cpu],
-         "--alpha"),
-        (["teacher", "--preset", "seed-cnn", "--data-dir", tmp_path / "nothing", "--out", out / "t.pt", *cpu],
-         "not found"),
-    ]  # fmt: skip
+        (
+            ["dump-logits", "--teacher", bad["truncated.pt"], "--data-dir", data_dir, "--out", out / "c.h5", *cpu],
+            "truncated",
+        ),
+        (
+            ["student", "--cache", cache_file, "--data-dir", data_dir, "--alpha", "1.5", "--out", out / "s.pt", *cpu],
+            "--alpha",
+        ),
+        (
+            ["teacher", "--preset", "seed-cnn", "--data-dir", tmp_path / "nothing", "--out", out / "t.pt", *cpu],
+            "not found",
+        ),
+    ]
     for args, needle in cases:
         r = run_cli(*[str(a) for a in args], env=ONE)
         assert_one_line_error(r.returncode, r.stderr, needle)
@@ -325,9 +419,27 @@ def test_disk_full_during_dump(limit, teacher_ckpt, data_dir, tmp_path):
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    r = run_cli("dump-logits", "--teacher", str(teacher_ckpt), "--data-dir", str(data_dir), "--out", str(out),
-                "--subset", "100", "--views", "4", "--block-rows", "10", "--batch-size", "100", "--device", "cpu",
-                env=ONE, preexec_fn=small_files)  # fmt: skip
+    r = run_cli(
+        "dump-logits",
+        "--teacher",
+        str(teacher_ckpt),
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--subset",
+        "100",
+        "--views",
+        "4",
+        "--block-rows",
+        "10",
+        "--batch-size",
+        "100",
+        "--device",
+        "cpu",
+        env=ONE,
+        preexec_fn=small_files,
+    )
     assert_one_line_error(r.returncode, r.stderr, "disk", str(out), "removed", "free", started=True)
     assert not out.exists()
     partial = tmp_path / "c.h5.partial"

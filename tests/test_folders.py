@@ -102,7 +102,9 @@ def test_rrc_rendering_is_close_to_torchvision_on_pil(tmp_path):
     for i in range(12):
         h, w = int(rng.integers(30, 65)), int(rng.integers(30, 65))
         yy, xx = np.mgrid[0:h, 0:w]
-        img = np.clip(128 + 100 * np.sin(xx / 3 + i)[..., None] * np.cos(yy / 5)[..., None] + rng.normal(0, 10, (h, w, 3)), 0, 255)
+        img = np.clip(
+            128 + 100 * np.sin(xx / 3 + i)[..., None] * np.cos(yy / 5)[..., None] + rng.normal(0, 10, (h, w, 3)), 0, 255
+        )
         a = img.astype(np.uint8)
         pils.append(Image.fromarray(a))
         canvas[i, :, :h, :w] = a.transpose(2, 0, 1)
@@ -114,7 +116,7 @@ def test_rrc_rendering_is_close_to_torchvision_on_pil(tmp_path):
     rows = torch.arange(12).repeat_interleave(4)
     ours = g.pixels(torch.from_numpy(canvas), rows, params).numpy().astype(int)
     ref = []
-    for r, (y0, x0, h, w, fl) in zip(rows.tolist(), params.tolist()):
+    for r, (y0, x0, h, w, fl) in zip(rows.tolist(), params.tolist(), strict=False):
         im = F.resized_crop(pils[r], y0, x0, h, w, [24, 24], antialias=True)
         ref.append(np.asarray(F.hflip(im) if fl else im).transpose(2, 0, 1))
     err = np.abs(ours - np.stack(ref).astype(int))
@@ -143,16 +145,34 @@ def test_mixed_rrc_views_fit_the_partner_and_render(folder):
         (lambda r: (r / "train").mkdir(parents=True), "has no class folders"),
         (lambda r: (folders.write_image_folder(r), (r / "train" / "zz_empty").mkdir()), "zz_empty has no images"),
         (lambda r: (folders.write_image_folder(r), (r / "val" / "extra").mkdir()), "val has other classes"),
-        (lambda r: (folders.write_image_folder(r), (r / "train" / "class_00" / "x.jpg").write_text("no image")),
-         "x.jpg does not decode as an image"),
+        (
+            lambda r: (folders.write_image_folder(r), (r / "train" / "class_00" / "x.jpg").write_text("no image")),
+            "x.jpg does not decode as an image",
+        ),
         (lambda r: folders.write_image_folder(r, with_val=False), "no val/ folder"),
     ],
 )
 def test_bad_folders_are_one_line_errors(tmp_path, make, needle):
     root = tmp_path / "d"
     make(root)
-    res = CliRunner().invoke(app, ["teacher", "--preset", "seed-cnn", "--data", str(root), "--dataset", "imagefolder",
-                                   "--image-size", "16", "--epochs", "1", "--out", str(tmp_path / "t.pt")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "teacher",
+            "--preset",
+            "seed-cnn",
+            "--data",
+            str(root),
+            "--dataset",
+            "imagefolder",
+            "--image-size",
+            "16",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "t.pt"),
+        ],
+    )
     assert res.exit_code == 2, res.output
     assert needle in res.output and "Traceback" not in res.output
     assert not (tmp_path / "t.pt").exists()
@@ -178,24 +198,42 @@ def test_a_changed_folder_is_noticed_and_rebuilt_on_request(tmp_path):
     assert len(train.labels) == 25
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--image-size", "4"], "--image-size must be in 8..255"),
-    (["--image-size", "64", "--store-size", "48"], "above the store size 48"),
-    (["--arch", "torchvision:no_such_net"], "torchvision has no classification model"),
-    (["--arch", "no_such_module_xyz:make"], "cannot import no_such_module_xyz"),
-    (["--arch", "os:getcwd"], "raised TypeError"),
-    (["--arch", "byo_models:not_a_module"], "returned a dict, not a torch nn.Module"),
-    (["--arch", "byo_models:nothing"], "byo_models has no 'nothing'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--image-size", "4"], "--image-size must be in 8..255"),
+        (["--image-size", "64", "--store-size", "48"], "above the store size 48"),
+        (["--arch", "torchvision:no_such_net"], "torchvision has no classification model"),
+        (["--arch", "no_such_module_xyz:make"], "cannot import no_such_module_xyz"),
+        (["--arch", "os:getcwd"], "raised TypeError"),
+        (["--arch", "byo_models:not_a_module"], "returned a dict, not a torch nn.Module"),
+        (["--arch", "byo_models:nothing"], "byo_models has no 'nothing'"),
+    ],
+)
 def test_bad_sizes_and_model_specs(folder, tmp_path, args, needle):
-    res = CliRunner().invoke(app, ["teacher", "--preset", "seed-cnn", "--data", str(folder), "--epochs", "1",
-                                   "--out", str(tmp_path / "t.pt"), *args])  # fmt: skip
+    res = CliRunner().invoke(
+        app,
+        [
+            "teacher",
+            "--preset",
+            "seed-cnn",
+            "--data",
+            str(folder),
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "t.pt"),
+            *args,
+        ],
+    )
     assert res.exit_code == 2 and needle in res.output, res.output
     assert not (tmp_path / "t.pt").exists()
 
 
 def test_image_size_flags_need_an_image_folder(data_dir, tmp_path):
-    res = CliRunner().invoke(app, ["teacher", "--data-dir", str(data_dir), "--image-size", "64", "--out", str(tmp_path / "t.pt")])
+    res = CliRunner().invoke(
+        app, ["teacher", "--data-dir", str(data_dir), "--image-size", "64", "--out", str(tmp_path / "t.pt")]
+    )
     assert res.exit_code == 2 and "--image-size applies to image folders" in res.output
 
 
@@ -203,7 +241,9 @@ def test_whole_flow_on_an_image_folder(folder, tmp_path):
     """teacher -> dump (mixed RRC views) -> verify -> student -> eval, as a user runs them."""
     t, c, s = tmp_path / "t.pt", tmp_path / "c.h5", tmp_path / "s.pt"
     common = ["--epochs", "1", "--batch-size", "16"]
-    r = run_cli("teacher", "--preset", "seed-cnn", "--data", str(folder), "--image-size", "24", "--out", str(t), *common)
+    r = run_cli(
+        "teacher", "--preset", "seed-cnn", "--data", str(folder), "--image-size", "24", "--out", str(t), *common
+    )
     assert r.returncode == 0, r.stderr
     r = run_cli("dump-logits", "--teacher", str(t), "--views", "3", "--mix", "cutmix", "--out", str(c))
     assert r.returncode == 0, r.stderr
@@ -226,16 +266,18 @@ def test_a_streamed_store_trains_and_dumps_exactly_as_a_resident_one(folder, tmp
     from kdcache.stages import train_student, train_teacher
     from kdcache.train import Runtime
 
-    recipe = get_preset("seed-cnn").override(dataset="imagefolder", teacher_epochs=2, epochs=2, batch_size=8, mix="both",
-                                             augment=True)  # fmt: skip
+    recipe = get_preset("seed-cnn").override(
+        dataset="imagefolder", teacher_epochs=2, epochs=2, batch_size=8, mix="both", augment=True
+    )
     opts = {"image_size": 24, "store_size": 48}
     results = []
     for mb in (None, 0.0):
         rt = Runtime.create("cpu", "fp32", resident_mb=mb)
         d = tmp_path / str(mb)
         train_teacher(recipe, data_dir=folder, out=d / "t.pt", rt=rt, data_options=opts)
-        dump_logits(teacher_path=d / "t.pt", data_dir=None, out=d / "c.h5", views=3, seed=0, batch_size=16, rt=rt,
-                    mix="both")  # fmt: skip
+        dump_logits(
+            teacher_path=d / "t.pt", data_dir=None, out=d / "c.h5", views=3, seed=0, batch_size=16, rt=rt, mix="both"
+        )
         train_student(recipe, cache_file=d / "c.h5", data_dir=None, out=d / "s.pt", rt=rt)
         with h5py.File(d / "c.h5") as f:
             logits = f["logits"][...]
@@ -271,8 +313,12 @@ def _reference_view(img: np.ndarray, box, size: int) -> np.ndarray:
         yl, xl = int(y), int(x)
         yh, xh = min(yl + 1, H - 1), min(xl + 1, W - 1)
         ly, lx = y - yl, x - xl
-        return ((1 - ly) * (1 - lx) * img[:, yl, xl] + (1 - ly) * lx * img[:, yl, xh]
-                + ly * (1 - lx) * img[:, yh, xl] + ly * lx * img[:, yh, xh])  # fmt: skip
+        return (
+            (1 - ly) * (1 - lx) * img[:, yl, xl]
+            + (1 - ly) * lx * img[:, yl, xh]
+            + ly * (1 - lx) * img[:, yh, xl]
+            + ly * lx * img[:, yh, xh]
+        )
 
     for oy in range(size):
         for ox in range(size):
@@ -302,7 +348,7 @@ def test_rrc_renderer_matches_a_numpy_reference_of_the_documented_box_meaning():
     params = g.params(1, range(3), range(6)).reshape(-1, 5)
     rows = torch.arange(3).repeat_interleave(6)
     ours = g.pixels(torch.from_numpy(canvas), rows, params).numpy().astype(int)
-    ref = np.stack([_reference_view(images[r], p, 8) for r, p in zip(rows.tolist(), params.tolist())]).astype(int)
+    ref = np.stack([_reference_view(images[r], p, 8) for r, p in zip(rows.tolist(), params.tolist(), strict=False)]).astype(int)
     diff = np.abs(ours - ref)
     assert diff.max() <= 1 and diff.mean() < 0.01  # float rounding at .5 only
 
@@ -316,5 +362,12 @@ def test_pipeline_resume_refuses_a_teacher_of_another_image_size(folder, tmp_pat
     recipe = get_preset("seed-cnn").override(dataset="imagefolder", teacher_epochs=1, epochs=1, batch_size=16)
     run_pipeline(recipe, preset="t", run_dir=tmp_path / "p", data_dir=folder, rt=rt, data_options={"image_size": 16})
     with pytest.raises(KDCacheError, match="image_size=16, this run asks for 24"):
-        run_pipeline(recipe, preset="t", run_dir=tmp_path / "p", data_dir=folder, rt=rt, resume=True,
-                     data_options={"image_size": 24})  # fmt: skip
+        run_pipeline(
+            recipe,
+            preset="t",
+            run_dir=tmp_path / "p",
+            data_dir=folder,
+            rt=rt,
+            resume=True,
+            data_options={"image_size": 24},
+        )

@@ -62,8 +62,9 @@ def test_two_dumps_with_the_same_seed_are_identical_whatever_the_batch_and_block
     a, b = datasets(mixed_cache), datasets(again)
     assert all(a[k].tobytes() == b[k].tobytes() for k in a), "same seed, same bytes"
     other = tmp_path / "other.h5"
-    dump_logits(teacher_path=teacher_ckpt, data_dir=data_dir, out=other, rt=cpu, block_rows=64,
-                **{**MIXED, "batch_size": 50})  # fmt: skip
+    dump_logits(
+        teacher_path=teacher_ckpt, data_dir=data_dir, out=other, rt=cpu, block_rows=64, **{**MIXED, "batch_size": 50}
+    )
     c = datasets(other)
     for name in ("view_params", *cache_io.MIX_DATASETS):  # views never depend on batch or block size
         assert np.array_equal(a[name], c[name]), name
@@ -78,8 +79,16 @@ def test_teacher_rerun_on_rerendered_mixed_views_gives_the_cached_logits(mixed_c
     with cache_io.open_cache(mixed_cache) as c:
         logits, views, _ = c.tensors()
     rows = torch.arange(300).repeat_interleave(6)
-    fresh = predict(teacher, data.train_x, meta["normalize_mean"], meta["normalize_std"], cpu, rows=rows,
-                    views=views.flatten(), batch_size=77)  # fmt: skip
+    fresh = predict(
+        teacher,
+        data.train_x,
+        meta["normalize_mean"],
+        meta["normalize_std"],
+        cpu,
+        rows=rows,
+        views=views.flatten(),
+        batch_size=77,
+    )
     cached = logits.flatten(0, 1).float()
     assert torch.allclose(fresh, cached, atol=1e-2, rtol=1e-3)  # fp16 storage
 
@@ -117,8 +126,13 @@ def test_k_at_least_epochs_shows_a_new_view_every_epoch(mixed_cache):
 
 
 def test_student_trains_on_a_mixed_cache_and_logs_fidelity(tmp_path, mixed_cache, data_dir, cpu):
-    result = train_student(TINY.override(epochs=2, loss="dkd", subset=300), cache_file=mixed_cache, data_dir=data_dir,
-                           out=tmp_path / "s.pt", rt=cpu)  # fmt: skip
+    result = train_student(
+        TINY.override(epochs=2, loss="dkd", subset=300),
+        cache_file=mixed_cache,
+        data_dir=data_dir,
+        out=tmp_path / "s.pt",
+        rt=cpu,
+    )
     last = result.history[-1]
     assert 0.0 <= last["teacher_agreement"] <= 1.0 and last["teacher_kl"] >= 0.0
     assert load_checkpoint(tmp_path / "s.pt")[1]["recipe"]["mix"] == "both"
@@ -126,8 +140,9 @@ def test_student_trains_on_a_mixed_cache_and_logs_fidelity(tmp_path, mixed_cache
 
 def test_online_student_runs_the_teacher_on_fresh_mixed_views(tmp_path, teacher_ckpt, data_dir, cpu):
     recipe = TINY.override(epochs=2, subset=300, mix="cutmix", views=1)
-    result = train_student(recipe, cache_file=None, online_teacher=teacher_ckpt, data_dir=data_dir,
-                           out=tmp_path / "online.pt", rt=cpu)  # fmt: skip
+    result = train_student(
+        recipe, cache_file=None, online_teacher=teacher_ckpt, data_dir=data_dir, out=tmp_path / "online.pt", rt=cpu
+    )
     meta = load_checkpoint(tmp_path / "online.pt")[1]
     assert meta["online_teacher_sha256"] and "teacher_agreement" in result.history[-1]
 
@@ -157,13 +172,29 @@ def test_dump_cli_mixes_as_the_teacher_was_trained_whatever_the_preset(tmp_path,
 def test_online_student_cli_takes_the_teachers_view_family_whatever_the_preset(tmp_path, mixed_teacher, data_dir):
     """The online row must see the views the teacher trained on, as a cache student sees the dump's:
     a --preset (here seed-resnet: crop/flip, no mixing) does not change them; --mix does."""
-    common = ("--arch", "seed-cnn-student", "--online-teacher", mixed_teacher, "--data", data_dir, "--subset", "300",
-              "--epochs", "1", "--batch-size", "100", "--device", "cpu")  # fmt: skip
+    common = (
+        "--arch",
+        "seed-cnn-student",
+        "--online-teacher",
+        mixed_teacher,
+        "--data",
+        data_dir,
+        "--subset",
+        "300",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "100",
+        "--device",
+        "cpu",
+    )
     code, err, _ = cli("student", "--preset", "seed-resnet", *common, "--out", tmp_path / "a.pt")
     assert code == 0, err
     views = {k: load_checkpoint(tmp_path / "a.pt")[1]["recipe"][k] for k in ("augment", "mix", "mix_prob")}
     assert views == {"augment": False, "mix": "cutmix", "mix_prob": 0.5}
-    code, err, _ = cli("student", "--preset", "seed-resnet", *common, "--augment", "--mix", "none", "--out", tmp_path / "b.pt")
+    code, err, _ = cli(
+        "student", "--preset", "seed-resnet", *common, "--augment", "--mix", "none", "--out", tmp_path / "b.pt"
+    )
     assert code == 0, err
     recipe = load_checkpoint(tmp_path / "b.pt")[1]["recipe"]
     assert (recipe["augment"], recipe["mix"]) == (True, "none")
@@ -184,11 +215,14 @@ def test_v1_caches_still_train(tmp_path, cache_file, data_dir):
     assert code == 0, err
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--mix-prob", "1.5"], "--mix-prob must be in [0, 1]"),
-    (["--mix-prob", "nan"], "--mix-prob"),
-    (["--mix", "blend"], "--mix must be one of"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--mix-prob", "1.5"], "--mix-prob must be in [0, 1]"),
+        (["--mix-prob", "nan"], "--mix-prob"),
+        (["--mix", "blend"], "--mix must be one of"),
+    ],
+)
 def test_bad_mix_flags_are_one_line_errors(tmp_path, teacher_ckpt, data_dir, args, needle):
     for command in (["teacher", "--preset", "seed-cnn"], ["dump-logits", "--teacher", teacher_ckpt]):
         code, err, _ = cli(*command, "--data-dir", data_dir, "--out", tmp_path / "o" / "x", *args)
@@ -198,14 +232,17 @@ def test_bad_mix_flags_are_one_line_errors(tmp_path, teacher_ckpt, data_dir, arg
 
 @pytest.mark.parametrize("flag", [["--augment"], ["--no-augment"], ["--mix", "cutmix"], ["--mix-prob", "0.5"]])
 def test_view_flags_on_a_cache_student_are_one_line_errors(tmp_path, cache_file, data_dir, flag):
-    code, err, _ = cli("student", "--cache", cache_file, "--data-dir", data_dir, "--out", tmp_path / "o" / "s.pt", *flag)
+    code, err, _ = cli(
+        "student", "--cache", cache_file, "--data-dir", data_dir, "--out", tmp_path / "o" / "s.pt", *flag
+    )
     assert_one_line_error(code, err, flag[0].split("/")[0].replace("--no-", "--"), "goes with --online-teacher")
     assert written(tmp_path / "o") == []
 
 
 def test_unknown_loss_is_a_one_line_error(tmp_path, cache_file, data_dir):
-    code, err, _ = cli("student", "--cache", cache_file, "--data-dir", data_dir, "--out", tmp_path / "s.pt",
-                       "--loss", "mse")  # fmt: skip
+    code, err, _ = cli(
+        "student", "--cache", cache_file, "--data-dir", data_dir, "--out", tmp_path / "s.pt", "--loss", "mse"
+    )
     assert_one_line_error(code, err, "--loss must be one of")
 
 
@@ -231,12 +268,16 @@ def test_mix_record_partner_out_of_range_is_refused(tmp_path, mixed_cache, data_
     assert written(tmp_path / "s") == []
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (lambda f: f.attrs.__setitem__("mix", "foo"), "mix='foo'"),
-    (lambda f: f.attrs.__delitem__("mix_prob"), "mix_prob"),
-    (lambda f: f["mix_lam"].__setitem__((4, 1), 2.0), "out of range"),
-    (lambda f: f["mix_box"].__setitem__((4, 1), [30, 0, 8, 8]), "out of range"),
-], ids=["unknown-mix", "no-mix-prob", "lam-2", "box-outside"])  # fmt: skip
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda f: f.attrs.__setitem__("mix", "foo"), "mix='foo'"),
+        (lambda f: f.attrs.__delitem__("mix_prob"), "mix_prob"),
+        (lambda f: f["mix_lam"].__setitem__((4, 1), 2.0), "out of range"),
+        (lambda f: f["mix_box"].__setitem__((4, 1), [30, 0, 8, 8]), "out of range"),
+    ],
+    ids=["unknown-mix", "no-mix-prob", "lam-2", "box-outside"],
+)
 def test_edited_mix_attributes_and_records_are_refused(tmp_path, mixed_cache, data_dir, edit, needle):
     bad = tmp_path / "bad.h5"
     bad.write_bytes(mixed_cache.read_bytes())

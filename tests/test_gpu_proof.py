@@ -9,18 +9,41 @@ from conftest import ROOT, THREAD_ENV
 
 from kdcache.data import write_fake_cifar10
 
-ROWS = ["teacher", "teacher_2 (seed 1)", "dump (mixed, ensemble)", "alone, crop/flip", "alone, mixed views",
-        "FM KD T=3 alpha=0.5", "FM KD T=1 alpha=1", "online FM KD T=3 alpha=0.5", "bench"]  # fmt: skip
+ROWS = [
+    "teacher",
+    "teacher_2 (seed 1)",
+    "dump (mixed, ensemble)",
+    "alone, crop/flip",
+    "alone, mixed views",
+    "FM KD T=3 alpha=0.5",
+    "FM KD T=1 alpha=1",
+    "online FM KD T=3 alpha=0.5",
+    "bench",
+]
 
 
 def test_the_gpu_proof_runs_end_to_end_at_a_tiny_scale(tmp_path):
     write_fake_cifar10(tmp_path / "data", num_train=300)
     out = tmp_path / "proof"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gpu_proof.py"), "--tiny", "--device", "cpu", "--budget-s", "1500",
-         "--data-dir", str(tmp_path / "data"), "--out", str(out)],
-        capture_output=True, text=True, timeout=1800, env={**__import__("os").environ, **THREAD_ENV},
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "gpu_proof.py"),
+            "--tiny",
+            "--device",
+            "cpu",
+            "--budget-s",
+            "1500",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**__import__("os").environ, **THREAD_ENV},
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     record = json.loads((out / "proof.json").read_text())
     assert [r["stage"] for r in record["rows"]] == ROWS
@@ -34,9 +57,22 @@ def test_the_gpu_proof_runs_end_to_end_at_a_tiny_scale(tmp_path):
 def test_the_gpu_proof_stops_at_its_budget(tmp_path):
     out = tmp_path / "proof"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gpu_proof.py"), "--tiny", "--device", "cpu", "--budget-s", "0",
-         "--data-dir", str(tmp_path), "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "gpu_proof.py"),
+            "--tiny",
+            "--device",
+            "cpu",
+            "--budget-s",
+            "0",
+            "--data-dir",
+            str(tmp_path),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     record = json.loads((out / "proof.json").read_text())
     assert done.returncode == 1 and all(r["status"] == "skipped (budget spent)" for r in record["rows"])

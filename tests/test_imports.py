@@ -33,8 +33,21 @@ def test_imported_weights_score_what_they_scored_before(tmp_path, weights, teach
     meta0 = read_checkpoint(teacher_ckpt)
     mean, std = (",".join(map(str, meta0[k])) for k in ("normalize_mean", "normalize_std"))
     out = tmp_path / "imported.pt"
-    res = invoke("import-teacher", weights, "--arch", "seed-cnn-teacher", "--data-dir", data_dir, "--mean", mean,
-                 "--std", std, "--out", out, *ONE)  # fmt: skip
+    res = invoke(
+        "import-teacher",
+        weights,
+        "--arch",
+        "seed-cnn-teacher",
+        "--data-dir",
+        data_dir,
+        "--mean",
+        mean,
+        "--std",
+        std,
+        "--out",
+        out,
+        *ONE,
+    )
     assert res.exit_code == 0, res.output
     model, meta = load_checkpoint(out)
     assert meta["imported_from"] == str(weights) and meta["dataset_fingerprint"]
@@ -43,14 +56,30 @@ def test_imported_weights_score_what_they_scored_before(tmp_path, weights, teach
     # whole saved models import too, when the user says the file may run code
     whole = tmp_path / "whole.pt"
     torch.save(model, whole)
-    assert invoke("import-teacher", whole, "--arch", "seed-cnn-teacher", "--data-dir", data_dir, "--out",
-                  tmp_path / "w.pt", "--trust-pickle", *ONE).exit_code == 0  # fmt: skip
+    assert (
+        invoke(
+            "import-teacher",
+            whole,
+            "--arch",
+            "seed-cnn-teacher",
+            "--data-dir",
+            data_dir,
+            "--out",
+            tmp_path / "w.pt",
+            "--trust-pickle",
+            *ONE,
+        ).exit_code
+        == 0
+    )
 
 
-@pytest.mark.parametrize("arch, needle", [
-    ("seed-cnn-student", "does not fit seed-cnn-student: missing"),
-    ("resnet18", "does not fit resnet18: missing conv1.weight"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "arch, needle",
+    [
+        ("seed-cnn-student", "does not fit seed-cnn-student: missing"),
+        ("resnet18", "does not fit resnet18: missing conv1.weight"),
+    ],
+)
 def test_weights_of_another_model_name_the_keys(tmp_path, weights, data_dir, arch, needle):
     res = invoke("import-teacher", weights, "--arch", arch, "--data-dir", data_dir, "--out", tmp_path / "x.pt", *ONE)
     assert res.exit_code == 2 and needle in res.output, res.output
@@ -61,24 +90,46 @@ def test_weights_for_another_class_count(tmp_path, data_dir):
     from kdcache.models import build
 
     torch.save(build("seed-cnn-teacher", 100).state_dict(), tmp_path / "c100.pt")
-    res = invoke("import-teacher", tmp_path / "c100.pt", "--arch", "seed-cnn-teacher", "--data-dir", data_dir,
-                 "--out", tmp_path / "x.pt", *ONE)  # fmt: skip
+    res = invoke(
+        "import-teacher",
+        tmp_path / "c100.pt",
+        "--arch",
+        "seed-cnn-teacher",
+        "--data-dir",
+        data_dir,
+        "--out",
+        tmp_path / "x.pt",
+        *ONE,
+    )
     assert res.exit_code == 2 and "is for 100 classes" in res.output and "data has 10" in res.output
 
 
-@pytest.mark.parametrize("content, args, needle", [
-    (b"not a torch file", [], "cannot be read as PyTorch weights (not a PyTorch file"),
-    (None, ["--batch-size", "0"], "--batch-size must be >= 1"),
-    (None, ["--mean", "0.5,0.5,0.5"], "--mean and --std go together"),
-    (None, ["--mean", "0.5,0.5", "--std", "1,1,1"], "--mean takes three numbers"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "content, args, needle",
+    [
+        (b"not a torch file", [], "cannot be read as PyTorch weights (not a PyTorch file"),
+        (None, ["--batch-size", "0"], "--batch-size must be >= 1"),
+        (None, ["--mean", "0.5,0.5,0.5"], "--mean and --std go together"),
+        (None, ["--mean", "0.5,0.5", "--std", "1,1,1"], "--mean takes three numbers"),
+    ],
+)
 def test_bad_import_input(tmp_path, weights, data_dir, content, args, needle):
     path = weights
     if content is not None:
         path = tmp_path / "bad.pt"
         path.write_bytes(content)
-    res = invoke("import-teacher", path, "--arch", "seed-cnn-teacher", "--data-dir", data_dir, "--out",
-                 tmp_path / "x.pt", *args, *ONE)  # fmt: skip
+    res = invoke(
+        "import-teacher",
+        path,
+        "--arch",
+        "seed-cnn-teacher",
+        "--data-dir",
+        data_dir,
+        "--out",
+        tmp_path / "x.pt",
+        *args,
+        *ONE,
+    )
     assert res.exit_code == 2 and needle in res.output, res.output
 
 
@@ -90,11 +141,29 @@ def test_an_ensemble_cache_holds_the_log_mean_softmax_and_verifies(tmp_path, tea
 
     rt = Runtime.create("cpu", "fp32")
     second = tmp_path / "t2.pt"
-    train_teacher(get_preset("seed-cnn").override(teacher_epochs=1, batch_size=64, subset=400, seed=5),
-                  data_dir=data_dir, out=second, rt=rt)  # fmt: skip
+    train_teacher(
+        get_preset("seed-cnn").override(teacher_epochs=1, batch_size=64, subset=400, seed=5),
+        data_dir=data_dir,
+        out=second,
+        rt=rt,
+    )
     cache = tmp_path / "ens.h5"
-    res = invoke("dump-logits", "--teacher", teacher_ckpt, "--teacher", second, "--views", 2, "--subset", 64,
-                 "--data-dir", data_dir, "--out", cache, *ONE)  # fmt: skip
+    res = invoke(
+        "dump-logits",
+        "--teacher",
+        teacher_ckpt,
+        "--teacher",
+        second,
+        "--views",
+        2,
+        "--subset",
+        64,
+        "--data-dir",
+        data_dir,
+        "--out",
+        cache,
+        *ONE,
+    )
     assert res.exit_code == 0, res.output
     with h5py.File(cache) as f:
         members = json.loads(f.attrs["ensemble_members"])
@@ -109,16 +178,27 @@ def test_an_ensemble_cache_holds_the_log_mean_softmax_and_verifies(tmp_path, tea
     probs = []
     for path in (teacher_ckpt, second):
         model, meta = load_checkpoint(path)
-        logits = predict(model, data.train_x, meta["normalize_mean"], meta["normalize_std"], rt,
-                         rows=torch.arange(4), views=Views(CropFlip(), params))  # fmt: skip
+        logits = predict(
+            model,
+            data.train_x,
+            meta["normalize_mean"],
+            meta["normalize_std"],
+            rt,
+            rows=torch.arange(4),
+            views=Views(CropFlip(), params),
+        )
         probs.append(logits.softmax(1))
     expected = torch.stack(probs).mean(0).log()
     assert torch.allclose(cached, expected, atol=0.02), (cached, expected)
-    ok = invoke("verify", cache, "--teacher", teacher_ckpt, "--teacher", second, "--data-dir", data_dir, "--samples", 16)
+    ok = invoke(
+        "verify", cache, "--teacher", teacher_ckpt, "--teacher", second, "--data-dir", data_dir, "--samples", 16
+    )
     assert ok.exit_code == 0, ok.output
     one = invoke("verify", cache, "--teacher", teacher_ckpt, "--data-dir", data_dir, "--samples", 16)
     assert one.exit_code == 1 and "ensemble of 2 teachers" in one.output
-    swapped = invoke("verify", cache, "--teacher", second, "--teacher", teacher_ckpt, "--data-dir", data_dir, "--samples", 4)
+    swapped = invoke(
+        "verify", cache, "--teacher", second, "--teacher", teacher_ckpt, "--data-dir", data_dir, "--samples", 4
+    )
     assert swapped.exit_code == 1
 
 
@@ -126,7 +206,20 @@ def test_ensemble_members_must_share_classes(tmp_path, teacher_ckpt, data_dir):
     record = read_checkpoint(teacher_ckpt)
     record["classes"] = [f"other{i}" for i in range(10)]
     torch.save(record, tmp_path / "other.pt")
-    res = invoke("dump-logits", "--teacher", teacher_ckpt, "--teacher", tmp_path / "other.pt", "--views", 1,
-                 "--no-augment", "--data-dir", data_dir, "--out", tmp_path / "e.h5", *ONE)  # fmt: skip
+    res = invoke(
+        "dump-logits",
+        "--teacher",
+        teacher_ckpt,
+        "--teacher",
+        tmp_path / "other.pt",
+        "--views",
+        1,
+        "--no-augment",
+        "--data-dir",
+        data_dir,
+        "--out",
+        tmp_path / "e.h5",
+        *ONE,
+    )
     assert res.exit_code == 2 and "ensemble members differ in classes" in res.output, res.output
     assert not (tmp_path / "e.h5").exists()

@@ -81,8 +81,8 @@ def test_more_prefetch_workers_give_the_same_batches(folder):
     partner = torch.randint(-1, 30, (30,), generator=torch.Generator().manual_seed(1))
     got = [list(prefetch(data.train_x, batches, partner, "cpu", workers=w)) for w in (1, 3)]
     assert len(got[0]) == len(got[1]) == len(batches)
-    for a, b in zip(*got):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for a, b in zip(*got, strict=False):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=False))
 
 
 def test_jpeg_store_whole_flow_replays_exactly_streamed_or_resident(folder, tmp_path):
@@ -95,11 +95,35 @@ def test_jpeg_store_whole_flow_replays_exactly_streamed_or_resident(folder, tmp_
         d = tmp_path / f"r{mb}"
         extra = [] if mb is None else ["--resident-mb", mb]
         common = ["--epochs", "1", "--batch-size", "8", "--device", "cpu", *extra]
-        r = run_cli("teacher", "--preset", "seed-cnn", "--data", str(folder), "--image-size", "24", "--store-format",
-                    "jpeg", "--out", str(d / "t.pt"), *common)  # fmt: skip
+        r = run_cli(
+            "teacher",
+            "--preset",
+            "seed-cnn",
+            "--data",
+            str(folder),
+            "--image-size",
+            "24",
+            "--store-format",
+            "jpeg",
+            "--out",
+            str(d / "t.pt"),
+            *common,
+        )
         assert r.returncode == 0, r.stderr
-        r = run_cli("dump-logits", "--teacher", str(d / "t.pt"), "--views", "2", "--mix", "cutmix", "--device", "cpu",
-                    "--out", str(d / "c.h5"), *extra)  # fmt: skip
+        r = run_cli(
+            "dump-logits",
+            "--teacher",
+            str(d / "t.pt"),
+            "--views",
+            "2",
+            "--mix",
+            "cutmix",
+            "--device",
+            "cpu",
+            "--out",
+            str(d / "c.h5"),
+            *extra,
+        )
         assert r.returncode == 0, r.stderr
         r = run_cli("verify", str(d / "c.h5"), "--teacher", str(d / "t.pt"), "--samples", "16", "--device", "cpu")
         assert r.returncode == 0, r.stdout + r.stderr
@@ -152,7 +176,10 @@ def test_a_decoder_that_gives_other_pixels_is_refused_and_changes_the_fingerprin
     train, _, _, where = folders.prepare(folder, 48, store_format="jpeg")
     meta = json.loads((where / "meta.json").read_text())
     check = meta["decode_check"]
-    assert check["decoder"].startswith("Pillow ") and (check["bytes_sha256"], check["pixels_sha256"]) == train.images.sample_digests()
+    assert (
+        check["decoder"].startswith("Pillow ")
+        and (check["bytes_sha256"], check["pixels_sha256"]) == train.images.sample_digests()
+    )
     subset_fp = folders.content_fingerprint(train.images, train.hw, train.labels, 20)
     real = folders.JpegImages._decode
 
@@ -163,7 +190,9 @@ def test_a_decoder_that_gives_other_pixels_is_refused_and_changes_the_fingerprin
         return images
 
     monkeypatch.setattr(folders.JpegImages, "_decode", rounds_otherwise)
-    with pytest.raises(KDCacheError, match="JPEG decoder that gives other pixels.*Pillow .* there.*--rebuild-store") as e:
+    with pytest.raises(
+        KDCacheError, match="JPEG decoder that gives other pixels.*Pillow .* there.*--rebuild-store"
+    ) as e:
         folders.prepare(folder, 48, store_format="jpeg")
     assert "\n" not in str(e.value)
     # the same bytes decoded otherwise are other data: a subset's fingerprint (computed when used) differs
@@ -187,7 +216,10 @@ def test_a_decoder_that_gives_other_pixels_is_refused_and_changes_the_fingerprin
     (where / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(KDCacheError, match="damaged.*decode_check is not a record"):
         folders.prepare(folder, 48, store_format="jpeg")
-    assert folders.prepare(folder, 48, store_format="jpeg", rebuild=True)[0].meta["train_fingerprint"] == meta["train_fingerprint"]
+    assert (
+        folders.prepare(folder, 48, store_format="jpeg", rebuild=True)[0].meta["train_fingerprint"]
+        == meta["train_fingerprint"]
+    )
 
 
 def test_store_format_auto_picks_by_size_and_bad_values_are_one_line(folder, tmp_path, monkeypatch):
@@ -196,13 +228,29 @@ def test_store_format_auto_picks_by_size_and_bad_values_are_one_line(folder, tmp
     assert folders.choose_format("auto", 10, 48) == "jpeg" and folders.choose_format("raw", 10, 48) == "raw"
     data = load_dataset("imagefolder", folder, image_size=24, store_size=48)  # auto, over the (patched) limit
     assert data.options["store_format"] == "jpeg" and isinstance(data.train_x, folders.JpegImages)
-    for args, needle in ((["--store-format", "png"], "--store-format must be one of auto, raw, jpeg"),
-                         (["--store-format", "jpeg", "--jpeg-quality", "0"], "--jpeg-quality must be in 1..100")):  # fmt: skip
-        r = run_cli("teacher", "--preset", "seed-cnn", "--data", str(folder), "--image-size", "24", "--epochs", "1",
-                    "--out", str(tmp_path / "t.pt"), *args)  # fmt: skip
+    for args, needle in (
+        (["--store-format", "png"], "--store-format must be one of auto, raw, jpeg"),
+        (["--store-format", "jpeg", "--jpeg-quality", "0"], "--jpeg-quality must be in 1..100"),
+    ):
+        r = run_cli(
+            "teacher",
+            "--preset",
+            "seed-cnn",
+            "--data",
+            str(folder),
+            "--image-size",
+            "24",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "t.pt"),
+            *args,
+        )
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert not (tmp_path / "t.pt").exists()
-    meta = json.loads(next(p for p in folders.store_root().iterdir() if "jpeg90" in p.name).joinpath("meta.json").read_text())
+    meta = json.loads(
+        next(p for p in folders.store_root().iterdir() if "jpeg90" in p.name).joinpath("meta.json").read_text()
+    )
     assert meta["store_format"] == "jpeg"
 
 
@@ -214,8 +262,22 @@ def test_a_thousand_class_folder_end_to_end_from_a_jpeg_store_with_a_topk_cache(
     root = folders.write_image_folder(tmp_path / "many", classes=1000, per_class=2, val_per_class=1)
     t, c, s = tmp_path / "t.pt", tmp_path / "c.h5", tmp_path / "s.pt"
     common = ["--epochs", "1", "--batch-size", "64", "--device", "cpu"]
-    r = run_cli("teacher", "--preset", "seed-cnn", "--arch", "seed-cnn-student", "--data", str(root), "--image-size", "16",
-                "--store-format", "jpeg", "--out", str(t), *common)  # fmt: skip
+    r = run_cli(
+        "teacher",
+        "--preset",
+        "seed-cnn",
+        "--arch",
+        "seed-cnn-student",
+        "--data",
+        str(root),
+        "--image-size",
+        "16",
+        "--store-format",
+        "jpeg",
+        "--out",
+        str(t),
+        *common,
+    )
     assert r.returncode == 0, r.stderr
     r = run_cli("dump-logits", "--teacher", str(t), "--views", "2", "--topk", "10", "--device", "cpu", "--out", str(c))
     assert r.returncode == 0, r.stderr

@@ -16,7 +16,7 @@ def by_hand(s, y, t, T, alpha):
         p_t = [math.exp(v / T) for v in t[i]]
         p_s = [math.exp(v / T) for v in s[i]]
         zt, zs = sum(p_t), sum(p_s)
-        kl = sum((a / zt) * (math.log(a / zt) - math.log(b / zs)) for a, b in zip(p_t, p_s))
+        kl = sum((a / zt) * (math.log(a / zt) - math.log(b / zs)) for a, b in zip(p_t, p_s, strict=False))
         ce = -math.log(math.exp(s[i][y[i]]) / sum(math.exp(v) for v in s[i]))
         total += alpha * T * T * kl + (1 - alpha) * ce
     return total / len(y)
@@ -84,7 +84,7 @@ def np_kl(p, q):
 
 
 def hand_kd(s, t, T):
-    return T * T * np.mean([np_kl(np_softmax(np.array(b) / T), np_softmax(np.array(a) / T)) for a, b in zip(s, t)])
+    return T * T * np.mean([np_kl(np_softmax(np.array(b) / T), np_softmax(np.array(a) / T)) for a, b in zip(s, t, strict=False)])
 
 
 def hand_tckd_nckd(s_row, t_row, y, T):
@@ -97,7 +97,7 @@ def hand_tckd_nckd(s_row, t_row, y, T):
 
 
 def hand_dkd(s, t, y, T, a, b):
-    per = [hand_tckd_nckd(sr, tr, yi, T) for sr, tr, yi in zip(s, t, y)]
+    per = [hand_tckd_nckd(sr, tr, yi, T) for sr, tr, yi in zip(s, t, y, strict=False)]
     return T * T * np.mean([a * tckd + b * nckd for tckd, nckd, _ in per])
 
 
@@ -122,8 +122,8 @@ def hand_label(s, y, partner=None, lam=None):
         return -np.log(np_softmax(np.array(row))[c])
 
     if lam is None:
-        return np.mean([ce(r, c) for r, c in zip(s, y)])
-    return np.mean([m * ce(r, a) + (1 - m) * ce(r, b) for r, a, b, m in zip(s, y, partner, lam)])
+        return np.mean([ce(r, c) for r, c in zip(s, y, strict=False)])
+    return np.mean([m * ce(r, a) + (1 - m) * ce(r, b) for r, a, b, m in zip(s, y, partner, lam, strict=False)])
 
 
 def hand_soft(kind, s, t, y, T, a=1.0, b=8.0):
@@ -301,15 +301,24 @@ def test_the_one_node_kd_loss_has_the_textbook_gradient():
         return alpha * T * T * kl + (1 - alpha) * ce
 
     g = torch.Generator().manual_seed(5)
-    for T, alpha, mixed, eps in [(1.0, 0.5, False, 0.0), (3.0, 0.5, True, 0.0), (2.0, 0.9, True, 0.2),
-                                 (4.0, 1.0, False, 0.1), (3.0, 0.0, True, 0.0), (0.7, 0.3, True, 0.0)]:  # fmt: skip
+    for T, alpha, mixed, eps in [
+        (1.0, 0.5, False, 0.0),
+        (3.0, 0.5, True, 0.0),
+        (2.0, 0.9, True, 0.2),
+        (4.0, 1.0, False, 0.1),
+        (3.0, 0.0, True, 0.0),
+        (0.7, 0.3, True, 0.0),
+    ]:
         s0, t = torch.randn(12, 7, generator=g) * 3, torch.randn(12, 7, generator=g) * 3
         y, y2 = torch.randint(0, 7, (12,), generator=g), torch.randint(0, 7, (12,), generator=g)
         lam = torch.rand(12, generator=g) if mixed else None
         grads = []
-        for fn in (lambda s: student_loss(s, y, t, T=T, alpha=alpha, partner_labels=y2 if mixed else None, lam=lam,
-                                          smoothing=eps),
-                   lambda s: textbook(s, y, t, T, alpha, y2, lam, eps)):  # fmt: skip
+        for fn in (
+            lambda s, y=y, t=t, T=T, alpha=alpha, y2=y2, lam=lam, eps=eps, mixed=mixed: student_loss(
+                s, y, t, T=T, alpha=alpha, partner_labels=y2 if mixed else None, lam=lam, smoothing=eps
+            ),
+            lambda s, y=y, t=t, T=T, alpha=alpha, y2=y2, lam=lam, eps=eps: textbook(s, y, t, T, alpha, y2, lam, eps),
+        ):
             s = s0.clone().requires_grad_()
             (fn(s) * 2.5).backward()  # an upstream factor reaches the gradient
             grads.append(s.grad)

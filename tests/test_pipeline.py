@@ -7,6 +7,7 @@ import shutil
 import h5py
 import pytest
 import torch
+from conftest import TINY
 from typer.testing import CliRunner
 
 from kdcache.cli import app
@@ -15,21 +16,39 @@ from kdcache.errors import KDCacheError
 from kdcache.models import file_sha256, load_checkpoint
 from kdcache.pipeline import run_pipeline
 
-from conftest import TINY
-
 
 def test_seed_resnet_preset_is_notebook_one():
     p = get_preset("seed-resnet")
     assert (p.teacher_arch, p.student_arch, p.optimizer, p.lr, p.momentum, p.weight_decay) == (
-        "resnet50", "resnet18", "sgd", 0.1, 0.9, 5e-4)  # fmt: skip
-    assert (p.schedule, p.epochs, p.batch_size, p.augment, p.T, p.alpha, p.views) == ("cosine", 200, 128, True, 3.0, 0.5, 8)
+        "resnet50",
+        "resnet18",
+        "sgd",
+        0.1,
+        0.9,
+        5e-4,
+    )
+    assert (p.schedule, p.epochs, p.batch_size, p.augment, p.T, p.alpha, p.views) == (
+        "cosine",
+        200,
+        128,
+        True,
+        3.0,
+        0.5,
+        8,
+    )
     assert p.mean == (0.4914, 0.4822, 0.4465) and p.std == (0.2023, 0.1994, 0.2010)
 
 
 def test_seed_cnn_preset_is_notebook_two():
     p = get_preset("seed-cnn")
     assert (p.teacher_arch, p.student_arch, p.optimizer, p.lr, p.epochs, p.batch_size) == (
-        "seed-cnn-teacher", "seed-cnn-student", "adam", 1e-3, 10, 64)  # fmt: skip
+        "seed-cnn-teacher",
+        "seed-cnn-student",
+        "adam",
+        1e-3,
+        10,
+        64,
+    )
     assert (p.augment, p.views, p.T, p.alpha, p.schedule) == (False, 1, 2.0, 0.25, "constant")
     assert p.mean == (0.456, 0.456, 0.406) and p.std == (0.229, 0.224, 0.225)
 
@@ -37,7 +56,9 @@ def test_seed_cnn_preset_is_notebook_two():
 def test_demo_preset_uses_a_subset_and_small_models():
     p = PRESETS["demo"]
     assert p.subset and p.subset <= 10000 and p.teacher_arch == "resnet9s" and p.student_arch == "seed-cnn-student"
-    assert p.teacher_recipe_augment and not p.augment and p.views == 1  # the teacher trains on crops, labels plain images
+    assert (
+        p.teacher_recipe_augment and not p.augment and p.views == 1
+    )  # the teacher trains on crops, labels plain images
 
 
 def test_flags_override_the_preset_field_by_field():
@@ -64,8 +85,15 @@ def run_dir(tmp_path_factory, data_dir, cpu):
 
 
 def test_pipeline_writes_every_artifact_and_report(run_dir):
-    for name in ("teacher.pt", "teacher_logits.h5", "student_kd.pt", "student_alone.pt",
-                 "report.json", "report.md", "accuracy.png"):  # fmt: skip
+    for name in (
+        "teacher.pt",
+        "teacher_logits.h5",
+        "student_kd.pt",
+        "student_alone.pt",
+        "report.json",
+        "report.md",
+        "accuracy.png",
+    ):
         assert (run_dir / name).exists(), name
     record = json.loads((run_dir / "report.json").read_text())
     assert [r["model"] for r in record["rows"]] == ["teacher", "student alone", "student with KD"]
@@ -98,8 +126,11 @@ def test_plot_has_accuracy_per_epoch_and_per_second_each_row_in_its_own_colour(r
     record = load_run(run_dir)
     history = [json.loads(line) for line in (run_dir / "student_kd.pt.metrics.jsonl").read_text().splitlines()]
     assert record["times"]["student with KD"] == list(itertools.accumulate(m["train_time_s"] for m in history))
-    online = {**record, "curves": {**record["curves"], "student, online KD": [0.3, 0.4]},
-              "times": {**record["times"], "student, online KD": [7.0, 14.0]}}  # fmt: skip
+    online = {
+        **record,
+        "curves": {**record["curves"], "student, online KD": [0.3, 0.4]},
+        "times": {**record["times"], "student, online KD": [7.0, 14.0]},
+    }
     curves = plot_curves([online])
     assert [c["label"] for c in curves] == ["teacher", "student alone", "student with KD", "student, online KD"]
     assert len({c["color"] for c in curves}) == 4  # the teacher's blue is not the online student's any more
@@ -124,8 +155,9 @@ def test_plot_has_accuracy_per_epoch_and_per_second_each_row_in_its_own_colour(r
 def test_report_rerenders_from_saved_metrics(run_dir, tmp_path):
     for name in ("report.md", "accuracy.png"):
         (run_dir / name).unlink()
-    r = CliRunner().invoke(app, ["report", str(run_dir), str(run_dir), "--plot", str(tmp_path / "both.png")],
-                           env={"COLUMNS": "200"})  # fmt: skip
+    r = CliRunner().invoke(
+        app, ["report", str(run_dir), str(run_dir), "--plot", str(tmp_path / "both.png")], env={"COLUMNS": "200"}
+    )
     assert r.exit_code == 0, r.output
     assert (run_dir / "report.md").exists() and (run_dir / "accuracy.png").exists()
     assert (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG"
@@ -147,17 +179,38 @@ def test_resume_refuses_finished_stages_made_with_other_settings(run_dir, data_d
     with pytest.raises(KDCacheError, match=r"student_kd.pt was made with alpha=0.25, this run asks for 0.9"):
         run_pipeline(changed, preset="test", run_dir=run_dir, data_dir=data_dir, rt=cpu, resume=True)
     with pytest.raises(KDCacheError, match=r"teacher.pt was made with schedule='constant', this run asks for 'cosine'"):
-        run_pipeline(TINY.override(views=2, augment=True, schedule="cosine"), preset="test", run_dir=run_dir,
-                     data_dir=data_dir, rt=cpu, resume=True)  # fmt: skip
+        run_pipeline(
+            TINY.override(views=2, augment=True, schedule="cosine"),
+            preset="test",
+            run_dir=run_dir,
+            data_dir=data_dir,
+            rt=cpu,
+            resume=True,
+        )
     with pytest.raises(KDCacheError, match=r"student_kd.pt was made with lr=0.001, this run asks for 0.002"):
-        run_pipeline(TINY.override(views=2, augment=True, lr=0.002), preset="test", run_dir=run_dir,
-                     data_dir=data_dir, rt=cpu, teacher=run_dir / "teacher.pt", resume=True)  # fmt: skip
+        run_pipeline(
+            TINY.override(views=2, augment=True, lr=0.002),
+            preset="test",
+            run_dir=run_dir,
+            data_dir=data_dir,
+            rt=cpu,
+            teacher=run_dir / "teacher.pt",
+            resume=True,
+        )
     with pytest.raises(KDCacheError, match="num_views"):
-        run_pipeline(TINY.override(views=3, augment=True), preset="test", run_dir=run_dir, data_dir=data_dir,
-                     rt=cpu, resume=True)  # fmt: skip
+        run_pipeline(
+            TINY.override(views=3, augment=True), preset="test", run_dir=run_dir, data_dir=data_dir, rt=cpu, resume=True
+        )
     with pytest.raises(KDCacheError, match=r"was made with tta='none', this run asks for 'flip'"):  # a [dump] table
-        run_pipeline(TINY.override(views=2, augment=True), preset="test", run_dir=run_dir, data_dir=data_dir,
-                     rt=cpu, resume=True, dump=DumpSettings(tta="flip"))  # fmt: skip
+        run_pipeline(
+            TINY.override(views=2, augment=True),
+            preset="test",
+            run_dir=run_dir,
+            data_dir=data_dir,
+            rt=cpu,
+            resume=True,
+            dump=DumpSettings(tta="flip"),
+        )
 
 
 def test_resume_keeps_stages_whose_recipe_predates_newer_fields(run_dir, data_dir, cpu, tmp_path):
@@ -169,10 +222,10 @@ def test_resume_keeps_stages_whose_recipe_predates_newer_fields(run_dir, data_di
         del record["recipe"]["warmup_epochs"], record["recipe"]["nesterov"]
         torch.save(record, old_run / name)
     stamps = {p.name: os.stat(p).st_mtime_ns for p in old_run.glob("*.pt")}
-    run_pipeline(TINY.override(views=2, augment=True), preset="test", run_dir=old_run, data_dir=data_dir, rt=cpu,
-                 resume=True)  # fmt: skip
+    run_pipeline(
+        TINY.override(views=2, augment=True), preset="test", run_dir=old_run, data_dir=data_dir, rt=cpu, resume=True
+    )
     assert stamps == {p.name: os.stat(p).st_mtime_ns for p in old_run.glob("*.pt")}
-
 
 
 def test_with_online_adds_the_online_kd_row_beside_the_cached_one(tmp_path, data_dir, cpu):
@@ -190,8 +243,14 @@ def test_with_online_adds_the_online_kd_row_beside_the_cached_one(tmp_path, data
 
 def test_resume_refuses_students_made_with_another_loss(run_dir, data_dir, cpu):
     with pytest.raises(KDCacheError, match=r"student_kd.pt was made with loss='kd', this run asks for 'dkd'"):
-        run_pipeline(TINY.override(views=2, augment=True, loss="dkd"), preset="test", run_dir=run_dir,
-                     data_dir=data_dir, rt=cpu, resume=True)  # fmt: skip
+        run_pipeline(
+            TINY.override(views=2, augment=True, loss="dkd"),
+            preset="test",
+            run_dir=run_dir,
+            data_dir=data_dir,
+            rt=cpu,
+            resume=True,
+        )
 
 
 def test_teacher_can_train_on_crops_while_cache_and_students_see_plain_views(tmp_path, data_dir, cpu):
@@ -209,8 +268,9 @@ def test_teacher_can_train_on_crops_while_cache_and_students_see_plain_views(tmp
     run_pipeline(recipe, preset="test", run_dir=out, data_dir=data_dir, rt=cpu, resume=True)  # all kept
     assert (out / "teacher.pt").stat().st_mtime_ns == stamp
     with pytest.raises(KDCacheError, match="teacher.pt was made with augment=True, this run asks for False"):
-        run_pipeline(recipe.override(teacher_augment=False), preset="test", run_dir=out, data_dir=data_dir, rt=cpu,
-                     resume=True)  # fmt: skip
+        run_pipeline(
+            recipe.override(teacher_augment=False), preset="test", run_dir=out, data_dir=data_dir, rt=cpu, resume=True
+        )
 
 
 # ---- nothing overwritten unasked --------------------------------------------------------------------
@@ -230,8 +290,19 @@ def test_pipeline_never_replaces_a_runs_teacher_unasked(run_dir, data_dir, tmp_p
     record["metrics"]["test_acc"] = 0.5
     torch.save(record, other)
     before = _snapshot(run)
-    args = ["pipeline", "--preset", "seed-cnn", "--data-dir", data_dir, "--out", run, "--teacher", other,
-            "--device", "cpu"]  # fmt: skip
+    args = [
+        "pipeline",
+        "--preset",
+        "seed-cnn",
+        "--data-dir",
+        data_dir,
+        "--out",
+        run,
+        "--teacher",
+        other,
+        "--device",
+        "cpu",
+    ]
     code, err, _ = cli(*args)
     assert_one_line_error(code, err, "teacher.pt is another teacher than", "--force", "choose another --out")
     code, err, _ = cli(*args, "--resume")  # refused up front, before the teacher is copied in

@@ -38,8 +38,9 @@ def edited_copy(src: Path, dst: Path, edit) -> Path:
 
 
 def student(cache: Path, data_dir: Path, out: Path, *extra: str):
-    return cli("student", "--cache", cache, "--data-dir", data_dir, "--out", out, "--epochs", "1", "--device", "cpu",
-               *extra)  # fmt: skip
+    return cli(
+        "student", "--cache", cache, "--data-dir", data_dir, "--out", out, "--epochs", "1", "--device", "cpu", *extra
+    )
 
 
 # ---- 1. non-finite values in a cache are refused where they are read ----------------------------
@@ -71,8 +72,27 @@ def _refused_resume(tmp_path, teacher_ckpt, data_dir, edit, *resume_flags) -> tu
     """Dump 400 rows, turn the cache into an interrupted partial with `edit`, resume with `resume_flags`:
     its exit code and stderr (the partial untouched, nothing published)."""
     out, partial = tmp_path / "c.h5", tmp_path / "c.h5.partial"
-    args = ["dump-logits", "--teacher", teacher_ckpt, "--data-dir", data_dir, "--out", out, "--subset", "400",
-            "--views", "4", "--seed", "0", "--batch-size", "128", "--block-rows", "128", "--device", "cpu"]  # fmt: skip
+    args = [
+        "dump-logits",
+        "--teacher",
+        teacher_ckpt,
+        "--data-dir",
+        data_dir,
+        "--out",
+        out,
+        "--subset",
+        "400",
+        "--views",
+        "4",
+        "--seed",
+        "0",
+        "--batch-size",
+        "128",
+        "--block-rows",
+        "128",
+        "--device",
+        "cpu",
+    ]
     code, err, _ = cli(*args)
     assert code == 0, err
 
@@ -90,7 +110,9 @@ def _refused_resume(tmp_path, teacher_ckpt, data_dir, edit, *resume_flags) -> tu
 
 
 def test_resumed_dump_refuses_a_partial_with_a_nonfinite_logit(tmp_path, teacher_ckpt, data_dir):
-    code, err = _refused_resume(tmp_path, teacher_ckpt, data_dir, lambda f: f["logits"].__setitem__((130, 2, 0), np.nan))
+    code, err = _refused_resume(
+        tmp_path, teacher_ckpt, data_dir, lambda f: f["logits"].__setitem__((130, 2, 0), np.nan)
+    )
     assert_one_line_error(code, err, "non-finite", "row 130 view 2", "--force", started=True)
 
 
@@ -110,8 +132,21 @@ def test_dump_stops_when_the_teacher_gives_nonfinite_logits(tmp_path, teacher_ck
     loud = tmp_path / "loud.pt"
     torch.save(record, loud)
     out_dir = tmp_path / "out"
-    code, err, _ = cli("dump-logits", "--teacher", loud, "--data-dir", data_dir, "--out", out_dir / "c.h5",
-                       "--subset", "200", "--views", "2", "--device", "cpu")  # fmt: skip
+    code, err, _ = cli(
+        "dump-logits",
+        "--teacher",
+        loud,
+        "--data-dir",
+        data_dir,
+        "--out",
+        out_dir / "c.h5",
+        "--subset",
+        "200",
+        "--views",
+        "2",
+        "--device",
+        "cpu",
+    )
     line = assert_one_line_error(code, err, "non-finite logits", "first 0", "partial cache was removed", started=True)
     assert "200 row(s)" in line
     assert written(out_dir) == []
@@ -122,8 +157,23 @@ def test_dump_stops_when_the_teacher_gives_nonfinite_logits(tmp_path, teacher_ck
 
 def test_teacher_with_a_huge_lr_stops_at_the_diverged_epoch(tmp_path, data_dir):
     out = tmp_path / "t" / "teacher.pt"
-    code, err, _ = cli("teacher", "--preset", "seed-cnn", "--data-dir", data_dir, "--subset", "200",
-                       "--epochs", "2", "--lr", "1e6", "--out", out, "--device", "cpu")  # fmt: skip
+    code, err, _ = cli(
+        "teacher",
+        "--preset",
+        "seed-cnn",
+        "--data-dir",
+        data_dir,
+        "--subset",
+        "200",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e6",
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    )
     assert_one_line_error(code, err, "diverged in epoch 1", "lower --lr", "nothing was kept", started=True)
     assert written(out.parent) == []
 
@@ -157,8 +207,10 @@ def test_checkpoint_with_nonfinite_weights_is_refused(tmp_path, teacher_ckpt, da
     record["state_dict"][name][0] = float("nan")
     nan_ckpt = tmp_path / "nan.pt"
     torch.save(record, nan_ckpt)
-    for args in (["dump-logits", "--teacher", nan_ckpt, "--data-dir", data_dir, "--out", tmp_path / "o" / "c.h5"],
-                 ["eval", nan_ckpt, "--data-dir", data_dir]):  # fmt: skip
+    for args in (
+        ["dump-logits", "--teacher", nan_ckpt, "--data-dir", data_dir, "--out", tmp_path / "o" / "c.h5"],
+        ["eval", nan_ckpt, "--data-dir", data_dir],
+    ):
         code, err, _ = cli(*args)
         assert_one_line_error(code, err, "non-finite weights", name)
     assert written(tmp_path / "o") == []
@@ -167,8 +219,9 @@ def test_checkpoint_with_nonfinite_weights_is_refused(tmp_path, teacher_ckpt, da
 # ---- 4. flags that are not finite numbers --------------------------------------------------------
 
 
-@pytest.mark.parametrize("flag, value", [("--T", "nan"), ("--T", "inf"), ("--lr", "inf"), ("--lr", "nan"),
-                                         ("--alpha", "nan")])  # fmt: skip
+@pytest.mark.parametrize(
+    "flag, value", [("--T", "nan"), ("--T", "inf"), ("--lr", "inf"), ("--lr", "nan"), ("--alpha", "nan")]
+)
 def test_nonfinite_flags_are_refused(tmp_path, cache_file, data_dir, flag, value):
     code, err, _ = student(cache_file, data_dir, tmp_path / "s" / "s.pt", flag, value)
     assert_one_line_error(code, err, flag)
@@ -195,8 +248,19 @@ def test_a_second_dump_to_the_same_out_is_refused_and_the_first_finishes(tmp_pat
 
 def test_a_second_student_to_the_same_out_is_refused(tmp_path, cache_file, data_dir):
     out = tmp_path / "student.pt"
-    args = ["student", "--cache", str(cache_file), "--data-dir", str(data_dir), "--out", str(out),
-            "--epochs", "5000", "--device", "cpu"]  # fmt: skip: still running when the second starts
+    args = [
+        "student",
+        "--cache",
+        str(cache_file),
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--epochs",
+        "5000",
+        "--device",
+        "cpu",
+    ]
     first = start_cli(*args)
     wait_for(first, lambda: resume_path(out).exists(), "the first student finished an epoch")
     second = run_cli(*args, "--force")
@@ -223,7 +287,9 @@ def test_a_cache_missing_an_attribute_is_refused(tmp_path, cache_file, data_dir)
         del f.attrs["num_classes"]
 
     bad = edited_copy(cache_file, tmp_path / "bad.h5", drop)
-    for args in (["student", "--cache", bad, "--data-dir", data_dir, "--out", tmp_path / "s" / "s.pt"],
-                 ["inspect", bad]):  # fmt: skip
+    for args in (
+        ["student", "--cache", bad, "--data-dir", data_dir, "--out", tmp_path / "s" / "s.pt"],
+        ["inspect", bad],
+    ):
         code, err, _ = cli(*args)
         assert_one_line_error(code, err, "num_classes", "recreate")

@@ -125,10 +125,27 @@ def assert_refused(args: list[str], *needles: str) -> str:
 
 def dump_args(teacher: Path, data_dir: Path, out: Path) -> list[str]:
     return [
-        "dump-logits", "--teacher", str(teacher), "--data-dir", str(data_dir), "--out", str(out),
-        "--subset", str(DUMP_ROWS), "--views", str(DUMP_VIEWS), "--block-rows", str(DUMP_BLOCK),
-        "--batch-size", str(DUMP_BATCH), "--seed", str(DUMP_SEED), "--augment", "--device", "cpu",
-    ]  # fmt: skip
+        "dump-logits",
+        "--teacher",
+        str(teacher),
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--subset",
+        str(DUMP_ROWS),
+        "--views",
+        str(DUMP_VIEWS),
+        "--block-rows",
+        str(DUMP_BLOCK),
+        "--batch-size",
+        str(DUMP_BATCH),
+        "--seed",
+        str(DUMP_SEED),
+        "--augment",
+        "--device",
+        "cpu",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +155,18 @@ def reference_dump(tmp_path_factory, teacher_ckpt, data_dir, cpu) -> Path:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        dump_logits(teacher_path=teacher_ckpt, data_dir=data_dir, out=out, views=DUMP_VIEWS, seed=DUMP_SEED,
-                    batch_size=DUMP_BATCH, rt=cpu, subset=DUMP_ROWS, augment=True, block_rows=DUMP_BLOCK)  # fmt: skip
+        dump_logits(
+            teacher_path=teacher_ckpt,
+            data_dir=data_dir,
+            out=out,
+            views=DUMP_VIEWS,
+            seed=DUMP_SEED,
+            batch_size=DUMP_BATCH,
+            rt=cpu,
+            subset=DUMP_ROWS,
+            augment=True,
+            block_rows=DUMP_BLOCK,
+        )
     finally:
         torch.set_num_threads(before)
     return out
@@ -158,8 +185,14 @@ def assert_same_cache(a: Path, b: Path) -> None:
             x, y = fa[name][...], fb[name][...]
             assert x.shape == y.shape and x.dtype == y.dtype, name
             assert x.tobytes() == y.tobytes(), f"{name} differs after resume"
-        for key in ("dataset_fingerprint", "teacher_sha256", "num_views", "seed", "teacher_test_acc",
-                    "teacher_view_acc"):  # fmt: skip
+        for key in (
+            "dataset_fingerprint",
+            "teacher_sha256",
+            "num_views",
+            "seed",
+            "teacher_test_acc",
+            "teacher_view_acc",
+        ):
             assert fa.attrs[key] == fb.attrs[key], key
 
 
@@ -192,8 +225,9 @@ def test_dump_sigkill_then_resume_equals_uninterrupted(tmp_path, teacher_ckpt, d
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
-def test_dump_ctrl_c_keeps_a_resumable_partial(tmp_path, teacher_ckpt, data_dir, reference_dump, cpu, one_thread,
-                                               sig, code):  # fmt: skip
+def test_dump_ctrl_c_keeps_a_resumable_partial(
+    tmp_path, teacher_ckpt, data_dir, reference_dump, cpu, one_thread, sig, code
+):
     out = tmp_path / "cache.h5"
     partial = tmp_path / "cache.h5.partial"
 
@@ -212,16 +246,32 @@ def test_dump_ctrl_c_keeps_a_resumable_partial(tmp_path, teacher_ckpt, data_dir,
     assert 0 < done < DUMP_ROWS and done % DUMP_BLOCK == 0
 
     # A student refuses the missing cache and points at the interrupted dump.
-    assert_refused(["student", "--cache", str(out), "--data-dir", str(data_dir), "--out", str(tmp_path / "s.pt")],
-                   str(partial), "--resume")  # fmt: skip
+    assert_refused(
+        ["student", "--cache", str(out), "--data-dir", str(data_dir), "--out", str(tmp_path / "s.pt")],
+        str(partial),
+        "--resume",
+    )
     # Even pointed at the partial file itself, a student refuses it as incomplete.
-    assert_refused(["student", "--cache", str(partial), "--data-dir", str(data_dir), "--out", str(tmp_path / "s.pt")],
-                   "incomplete", "--resume")  # fmt: skip
+    assert_refused(
+        ["student", "--cache", str(partial), "--data-dir", str(data_dir), "--out", str(tmp_path / "s.pt")],
+        "incomplete",
+        "--resume",
+    )
     assert not (tmp_path / "s.pt").exists()
 
-    dump_logits(teacher_path=teacher_ckpt, data_dir=data_dir, out=out, views=DUMP_VIEWS, seed=DUMP_SEED,
-                batch_size=DUMP_BATCH, rt=cpu, subset=DUMP_ROWS, augment=True, block_rows=DUMP_BLOCK,
-                resume=True)  # fmt: skip
+    dump_logits(
+        teacher_path=teacher_ckpt,
+        data_dir=data_dir,
+        out=out,
+        views=DUMP_VIEWS,
+        seed=DUMP_SEED,
+        batch_size=DUMP_BATCH,
+        rt=cpu,
+        subset=DUMP_ROWS,
+        augment=True,
+        block_rows=DUMP_BLOCK,
+        resume=True,
+    )
     assert not partial.exists()
     assert_same_cache(out, reference_dump)
 
@@ -241,7 +291,7 @@ def assert_same_run(out: Path, ref: Path, epochs: int) -> None:
     history = [json.loads(line) for line in out.with_name(out.name + ".metrics.jsonl").read_text().splitlines()]
     reference = [json.loads(line) for line in ref.with_name(ref.name + ".metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in history] == list(range(1, epochs + 1))
-    for m, r in zip(history, reference):
+    for m, r in zip(history, reference, strict=False):
         for key in ("lr", "train_loss", "train_acc", "test_acc"):
             assert m[key] == r[key], f"epoch {m['epoch']}: {key} {m[key]} != {r[key]}"
     assert not out.with_name(out.name + ".resume").exists(), "the resume state outlived the finished run"
@@ -257,11 +307,29 @@ def small_data(tmp_path_factory) -> Path:
 def test_teacher_sigkill_then_resume_equals_uninterrupted(tmp_path, small_data, cpu, one_thread):
     out = tmp_path / "teacher.pt"
     args = [
-        "teacher", "--preset", "seed-resnet", "--arch", "seed-cnn-teacher", "--data-dir", str(small_data),
-        "--subset", str(TEACHER["subset"]), "--epochs", str(TEACHER["epochs"]),
-        "--batch-size", str(TEACHER["batch_size"]), "--lr", str(TEACHER["lr"]), "--seed", str(TEACHER["seed"]),
-        "--augment", "--device", "cpu", "--out", str(out),
-    ]  # fmt: skip
+        "teacher",
+        "--preset",
+        "seed-resnet",
+        "--arch",
+        "seed-cnn-teacher",
+        "--data-dir",
+        str(small_data),
+        "--subset",
+        str(TEACHER["subset"]),
+        "--epochs",
+        str(TEACHER["epochs"]),
+        "--batch-size",
+        str(TEACHER["batch_size"]),
+        "--lr",
+        str(TEACHER["lr"]),
+        "--seed",
+        str(TEACHER["seed"]),
+        "--augment",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     log, state = tmp_path / "teacher.pt.metrics.jsonl", tmp_path / "teacher.pt.resume"
 
     proc = start_cli(*args)
@@ -282,9 +350,14 @@ def test_teacher_sigkill_then_resume_equals_uninterrupted(tmp_path, small_data, 
 
     ref = tmp_path / "ref" / "teacher.pt"
     recipe = get_preset("seed-resnet").override(
-        teacher_arch="seed-cnn-teacher", subset=TEACHER["subset"], teacher_epochs=TEACHER["epochs"],
-        batch_size=TEACHER["batch_size"], lr=TEACHER["lr"], seed=TEACHER["seed"], augment=True,
-    )  # fmt: skip
+        teacher_arch="seed-cnn-teacher",
+        subset=TEACHER["subset"],
+        teacher_epochs=TEACHER["epochs"],
+        batch_size=TEACHER["batch_size"],
+        lr=TEACHER["lr"],
+        seed=TEACHER["seed"],
+        augment=True,
+    )
     train_teacher(recipe, data_dir=small_data, out=ref, rt=cpu)
     assert_same_run(out, ref, TEACHER["epochs"])
     lrs = [json.loads(line)["lr"] for line in log.read_text().splitlines()]
@@ -294,10 +367,28 @@ def test_teacher_sigkill_then_resume_equals_uninterrupted(tmp_path, small_data, 
 def test_student_sigkill_then_resume_equals_uninterrupted(tmp_path, cache_file, data_dir, cpu, one_thread):
     out = tmp_path / "student.pt"
     args = [
-        "student", "--preset", "seed-cnn", "--cache", str(cache_file), "--data-dir", str(data_dir),
-        "--epochs", str(STUDENT["epochs"]), "--batch-size", str(STUDENT["batch_size"]), "--T", str(STUDENT["T"]),
-        "--alpha", str(STUDENT["alpha"]), "--seed", str(STUDENT["seed"]), "--device", "cpu", "--out", str(out),
-    ]  # fmt: skip
+        "student",
+        "--preset",
+        "seed-cnn",
+        "--cache",
+        str(cache_file),
+        "--data-dir",
+        str(data_dir),
+        "--epochs",
+        str(STUDENT["epochs"]),
+        "--batch-size",
+        str(STUDENT["batch_size"]),
+        "--T",
+        str(STUDENT["T"]),
+        "--alpha",
+        str(STUDENT["alpha"]),
+        "--seed",
+        str(STUDENT["seed"]),
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     log, state = tmp_path / "student.pt.metrics.jsonl", tmp_path / "student.pt.resume"
 
     proc = start_cli(*args)

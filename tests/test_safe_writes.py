@@ -52,7 +52,9 @@ def assert_last_line_error(code: int, stderr: str, *needles: str) -> str:
 def _mount(*args: str) -> None:
     r = subprocess.run(["mount", *args], capture_output=True, text=True) if shutil.which("mount") else None
     if r is None or r.returncode:
-        pytest.skip(f"cannot mount here ({r.stderr.strip() if r else 'no mount command'}); the simulated cases still run")
+        pytest.skip(
+            f"cannot mount here ({r.stderr.strip() if r else 'no mount command'}); the simulated cases still run"
+        )
 
 
 @contextlib.contextmanager
@@ -78,14 +80,42 @@ def read_only(path: Path):
 
 
 def teacher_args(data_dir: Path, out: Path, *extra) -> list:
-    return ["teacher", "--preset", "seed-cnn", "--data-dir", data_dir, "--subset", "100", "--epochs", "1",
-            "--device", "cpu", "--out", out, *extra]  # fmt: skip
+    return [
+        "teacher",
+        "--preset",
+        "seed-cnn",
+        "--data-dir",
+        data_dir,
+        "--subset",
+        "100",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        *extra,
+    ]
 
 
 def folder_teacher_args(root: Path, out: Path, *extra) -> list:
     """An image folder at --image-size 16: the store size is 32."""
-    return ["teacher", "--preset", "seed-cnn", "--data", root, "--image-size", "16", "--epochs", "1", "--device", "cpu",
-            "--out", out, *extra]  # fmt: skip
+    return [
+        "teacher",
+        "--preset",
+        "seed-cnn",
+        "--data",
+        root,
+        "--image-size",
+        "16",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        *extra,
+    ]
 
 
 # ---- links ----------------------------------------------------------------------------------------
@@ -132,17 +162,37 @@ def test_links_at_every_name_a_run_writes_are_replaced_never_written_through(tmp
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp") and not p.is_symlink()]
 
 
-def test_links_at_the_partial_and_the_final_cache_are_never_written_through(tmp_path, teacher_ckpt, data_dir,
-                                                                           cache_file):  # fmt: skip
+def test_links_at_the_partial_and_the_final_cache_are_never_written_through(
+    tmp_path, teacher_ckpt, data_dir, cache_file
+):
     """The victim is a cache made with the same arguments: resumed through the link, it would be written."""
     victim = tmp_path / "victim.h5"
     shutil.copy(cache_file, victim)
     before = victim.read_bytes()
     out, partial = tmp_path / "c.h5", tmp_path / "c.h5.partial"
     partial.symlink_to(victim)
-    args = ["dump-logits", "--teacher", teacher_ckpt, "--data-dir", data_dir, "--out", out, "--views", "4",
-            "--seed", "0", "--batch-size", "128", "--subset", "400", "--augment", "--block-rows", "128",
-            "--device", "cpu"]  # fmt: skip: the fixture cache's arguments
+    args = [
+        "dump-logits",
+        "--teacher",
+        teacher_ckpt,
+        "--data-dir",
+        data_dir,
+        "--out",
+        out,
+        "--views",
+        "4",
+        "--seed",
+        "0",
+        "--batch-size",
+        "128",
+        "--subset",
+        "400",
+        "--augment",
+        "--block-rows",
+        "128",
+        "--device",
+        "cpu",
+    ]
     code, err, _ = cli(*args, "--resume")
     assert_one_line_error(code, err, "c.h5.partial is a symbolic link", "--force")
     out.symlink_to(victim)
@@ -177,8 +227,22 @@ def test_a_side_file_without_its_output_is_not_overwritten_unasked(tmp_path, dat
 @pytest.mark.parametrize("name", ["c.h5", "c.h5.partial"])
 def test_a_directory_where_a_file_is_written_is_refused_up_front(tmp_path, teacher_ckpt, data_dir, name):
     (tmp_path / name).mkdir()
-    code, err, _ = cli("dump-logits", "--teacher", teacher_ckpt, "--data-dir", data_dir, "--out", tmp_path / "c.h5",
-                       "--subset", "20", "--views", "1", "--device", "cpu", "--force")  # fmt: skip
+    code, err, _ = cli(
+        "dump-logits",
+        "--teacher",
+        teacher_ckpt,
+        "--data-dir",
+        data_dir,
+        "--out",
+        tmp_path / "c.h5",
+        "--subset",
+        "20",
+        "--views",
+        "1",
+        "--device",
+        "cpu",
+        "--force",
+    )
     assert_one_line_error(code, err, f"{name} is a directory where kdcache writes a file", "remove it")
     assert os.listdir(tmp_path) == [name]
 
@@ -197,8 +261,8 @@ def _full_torch_save(obj, f) -> None:
     f.write(b"PK\x03\x04 half a checkpoint")
     try:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    except OSError:
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    except OSError as e:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534") from e
 
 
 def test_a_simulated_full_disk_on_a_checkpoint_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
@@ -305,13 +369,17 @@ def _drop_key(folder: Path) -> None:
     (folder / "meta.json").write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize("damage, needle", [
-    (lambda d: os.truncate(d / "train_images.npy", 500), "train_images.npy is short"),
-    (lambda d: (d / "meta.json").unlink(), "it has no meta.json"),
-    (lambda d: (d / "meta.json").write_text((d / "meta.json").read_text()[:40]), "meta.json does not read as JSON"),
-    (_drop_key, "meta.json lacks 'listing_sha256'"),
-    (lambda d: np.save(d / "val_labels.npy", np.zeros(2, np.int64)), "its val arrays do not match meta.json"),
-], ids=["short-images", "no-meta", "truncated-meta", "incomplete-meta", "wrong-labels"])  # fmt: skip
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        (lambda d: os.truncate(d / "train_images.npy", 500), "train_images.npy is short"),
+        (lambda d: (d / "meta.json").unlink(), "it has no meta.json"),
+        (lambda d: (d / "meta.json").write_text((d / "meta.json").read_text()[:40]), "meta.json does not read as JSON"),
+        (_drop_key, "meta.json lacks 'listing_sha256'"),
+        (lambda d: np.save(d / "val_labels.npy", np.zeros(2, np.int64)), "its val arrays do not match meta.json"),
+    ],
+    ids=["short-images", "no-meta", "truncated-meta", "incomplete-meta", "wrong-labels"],
+)
 def test_a_damaged_store_is_one_line_and_rebuild_store_rebuilds_it(tmp_path, damage, needle):
     root = folders.write_image_folder(tmp_path / "d")
     train, _, _, where = folders.prepare(root, 32)
@@ -365,8 +433,13 @@ print(json.dumps({"where": str(where), "recorded": train.meta["train_fingerprint
 
 
 def start_prepare(root: Path, size: int, stdout) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", PREPARE, str(root), str(size)], stdout=stdout, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, **THREAD_ENV, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-c", PREPARE, str(root), str(size)],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **THREAD_ENV, "PYTHONPATH": str(ROOT)},
+    )
 
 
 def test_two_first_preparations_at_once_both_end_well_with_one_store(tmp_path, monkeypatch):
@@ -374,7 +447,7 @@ def test_two_first_preparations_at_once_both_end_well_with_one_store(tmp_path, m
     monkeypatch.setenv("KDCACHE_STORE_DIR", str(tmp_path / "stores"))
     procs = [start_prepare(root, 128, subprocess.PIPE) for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
+    for p, (_out, err) in zip(procs, outputs, strict=False):
         assert p.returncode == 0 and "Traceback" not in err, err
     results = [json.loads(out.splitlines()[-1]) for out, _ in outputs]
     assert results[0] == results[1] and results[0]["recorded"] == results[0]["pixels"]
@@ -411,8 +484,9 @@ def huge_png(path: Path, width: int, height: int) -> Path:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))  # fmt: skip
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -428,10 +502,13 @@ class Notes:
     def end(self) -> None: ...
 
 
-@pytest.mark.parametrize("width, needle", [
-    (8_000, "declares 8000x8000 pixels, over --max-image-pixels 40,000,000"),  # under PIL's own limit
-    (30_000, "declares more pixels than PIL decodes"),  # over it
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "width, needle",
+    [
+        (8_000, "declares 8000x8000 pixels, over --max-image-pixels 40,000,000"),  # under PIL's own limit
+        (30_000, "declares more pixels than PIL decodes"),  # over it
+    ],
+)
 def test_an_image_declaring_a_huge_canvas_is_refused_before_decoding_or_skipped(tmp_path, width, needle):
     root = folders.write_image_folder(tmp_path / "d")
     huge_png(root / "train" / "class_01" / "huge.png", width, width)
@@ -441,7 +518,9 @@ def test_an_image_declaring_a_huge_canvas_is_refused_before_decoding_or_skipped(
     notes = Notes()
     train, _, _, where = folders.prepare(root, 32, skip_bad=True, progress=notes)
     assert len(train.labels) == 24  # the 24 generated training images, without huge.png
-    assert json.loads((where / "meta.json").read_text())["train_skipped"][0].startswith("train/class_01/huge.png: declares")
+    assert json.loads((where / "meta.json").read_text())["train_skipped"][0].startswith(
+        "train/class_01/huge.png: declares"
+    )
     assert any("left out 1 bad image" in line and "huge.png" in line for line in notes.lines)
 
 

@@ -22,9 +22,21 @@ from kdcache.stages import train_teacher
 from kdcache.train import TTAModel, WeightAverage, build_optimizer, lr_factor, predict
 from kdcache.views import CropFlip, Views, render_views
 
-AIR = TINY.override_teacher(teacher_arch="airbench94", epochs=2, batch_size=50, optimizer="sgd", lr=0.4,
-                            momentum=0.85, nesterov=True, weight_decay=1e-3, schedule="linear", warmup_epochs=1,
-                            label_smoothing=0.2, bn_bias_lr=8.0, augment=True)  # fmt: skip
+AIR = TINY.override_teacher(
+    teacher_arch="airbench94",
+    epochs=2,
+    batch_size=50,
+    optimizer="sgd",
+    lr=0.4,
+    momentum=0.85,
+    nesterov=True,
+    weight_decay=1e-3,
+    schedule="linear",
+    warmup_epochs=1,
+    label_smoothing=0.2,
+    bn_bias_lr=8.0,
+    augment=True,
+)
 
 
 @pytest.mark.parametrize("arch", ["airbench94", "airbench95"])
@@ -38,8 +50,9 @@ def test_airbench_networks_build_train_a_step_and_whiten_their_input(arch):
     out = F.conv2d(images, model[0].weight[:12])
     flat = out.permute(1, 0, 2, 3).reshape(12, -1)
     assert torch.allclose(flat @ flat.T / flat.shape[1], torch.eye(12), atol=0.05)
-    opt, _ = build_optimizer(model, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.0, epochs=1,
-                             schedule="linear", steps_per_epoch=1)  # fmt: skip
+    opt, _ = build_optimizer(
+        model, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.0, epochs=1, schedule="linear", steps_per_epoch=1
+    )
     before = model[0].weight.clone()
     loss = F.cross_entropy(model(images), torch.randint(0, 10, (64,)))
     loss.backward()
@@ -50,7 +63,12 @@ def test_airbench_networks_build_train_a_step_and_whiten_their_input(arch):
 
 def test_label_smoothing_matches_a_hand_computation():
     g = torch.Generator().manual_seed(0)
-    s, y, y2, lam = torch.randn(8, 5, generator=g), torch.arange(8) % 5, (torch.arange(8) + 2) % 5, torch.rand(8, generator=g)
+    s, y, y2, lam = (
+        torch.randn(8, 5, generator=g),
+        torch.arange(8) % 5,
+        (torch.arange(8) + 2) % 5,
+        torch.rand(8, generator=g),
+    )
     logp = s.log_softmax(1)
 
     def smoothed(labels):
@@ -59,15 +77,26 @@ def test_label_smoothing_matches_a_hand_computation():
     assert label_loss(s, y, smoothing=0.2) == pytest.approx(smoothed(y).mean().item(), rel=1e-6)
     mixed = (lam * smoothed(y) + (1 - lam) * smoothed(y2)).mean().item()
     assert label_loss(s, y, y2, lam, smoothing=0.2) == pytest.approx(mixed, rel=1e-6)
-    assert student_loss(s, y, None, T=2.0, alpha=0.0, smoothing=0.2) == pytest.approx(smoothed(y).mean().item(), rel=1e-6)
+    assert student_loss(s, y, None, T=2.0, alpha=0.0, smoothing=0.2) == pytest.approx(
+        smoothed(y).mean().item(), rel=1e-6
+    )
 
 
 def test_schedules_step_per_batch_and_meet_the_epoch_wise_values_at_each_epoch_start():
     assert [lr_factor("linear", e, 4, 1) for e in (0, 0.5, 1, 2.5, 4)] == pytest.approx([0.5, 0.75, 1.0, 0.5, 0.0])
     assert lr_factor("cosine", 2.0, 4) == pytest.approx(0.5)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
-    opt, sched = build_optimizer(net, optimizer="sgd", lr=0.2, momentum=0.9, weight_decay=1e-3, epochs=2,
-                                 schedule="linear", steps_per_epoch=4, bn_bias_lr=64.0)  # fmt: skip
+    opt, sched = build_optimizer(
+        net,
+        optimizer="sgd",
+        lr=0.2,
+        momentum=0.9,
+        weight_decay=1e-3,
+        epochs=2,
+        schedule="linear",
+        steps_per_epoch=4,
+        bn_bias_lr=64.0,
+    )
     bias_group = next(g for g in opt.param_groups if any(p is net[1].bias for p in g["params"]))
     assert bias_group["lr"] == pytest.approx(0.2 * 64) and bias_group["weight_decay"] == pytest.approx(1e-3 / 64)
     assert all(p is not net[1].bias for g in opt.param_groups if g is not bias_group for p in g["params"])
@@ -115,9 +144,11 @@ def test_the_checkpoint_holds_the_average_and_records_tta_accuracies(air_teacher
     from kdcache.train import accuracy
 
     data = load_dataset("cifar10", data_dir, 400)
-    acc = lambda m, meta: accuracy(predict(m, data.test_x, meta["normalize_mean"], meta["normalize_std"], cpu), data.test_y)  # noqa: E731
+    acc = lambda m, meta: accuracy(
+        predict(m, data.test_x, meta["normalize_mean"], meta["normalize_std"], cpu), data.test_y
+    )  # noqa: E731
     assert acc(avg_model, avg_meta) == pytest.approx(avg_meta["metrics"]["test_acc"])
-    from kdcache.artifacts import read_metrics, metrics_path
+    from kdcache.artifacts import metrics_path, read_metrics
 
     last = read_metrics(metrics_path(avg))[-1]
     assert last["test_acc_raw"] == pytest.approx(acc(raw_model, raw_meta))  # the raw weights are the no-EMA run's
@@ -128,8 +159,18 @@ def test_the_checkpoint_holds_the_average_and_records_tta_accuracies(air_teacher
 def test_tta_flip_cache_holds_the_mean_of_the_view_and_its_mirror(air_teachers, data_dir, cpu, tmp_path):
     _, teacher = air_teachers
     out = tmp_path / "tta.h5"
-    dump_logits(teacher_path=teacher, data_dir=data_dir, out=out, views=2, seed=3, batch_size=64, rt=cpu,
-                subset=100, augment=True, tta="flip")  # fmt: skip
+    dump_logits(
+        teacher_path=teacher,
+        data_dir=data_dir,
+        out=out,
+        views=2,
+        seed=3,
+        batch_size=64,
+        rt=cpu,
+        subset=100,
+        augment=True,
+        tta="flip",
+    )
     with h5py.File(out, "r") as f:
         cached, params = torch.from_numpy(f["logits"][...]).float(), torch.from_numpy(f["view_params"][...])
         assert f.attrs["tta"] == "flip"
@@ -138,7 +179,9 @@ def test_tta_flip_cache_holds_the_mean_of_the_view_and_its_mirror(air_teachers, 
 
     data = load_dataset("cifar10", data_dir, 100)
     rows = torch.arange(100).repeat_interleave(2)
-    x = render_views(data.train_x, rows, Views(CropFlip(), params.flatten(0, 1)), meta["normalize_mean"], meta["normalize_std"])
+    x = render_views(
+        data.train_x, rows, Views(CropFlip(), params.flatten(0, 1)), meta["normalize_mean"], meta["normalize_std"]
+    )
     with torch.no_grad():
         want = 0.5 * (model(x) + model(x.flip(-1)))
     assert torch.allclose(cached.flatten(0, 1), want.half().float(), atol=2e-3)
@@ -178,8 +221,18 @@ def test_a_student_after_a_fast_teacher_keeps_the_student_recipe(air_teachers, d
     recorded = read_checkpoint(raw)["recipe"]
     assert recorded["lr"] == TINY.lr and recorded["teacher"]["lr"] == 0.4  # students' lr, and the teacher's own
     out = tmp_path / "cache.h5"
-    dumped = run_cli("dump-logits", "--teacher", str(raw), "--data-dir", str(data_dir), "--out", str(out), "--views", "1",
-                     "--no-augment")  # fmt: skip
+    dumped = run_cli(
+        "dump-logits",
+        "--teacher",
+        str(raw),
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--views",
+        "1",
+        "--no-augment",
+    )
     assert dumped.returncode == 0, dumped.stderr
     with h5py.File(out, "r") as f:
         import json
@@ -198,21 +251,59 @@ def test_the_guard_speaks_when_the_teacher_is_no_better_than_the_student(cache_f
     weak.write_bytes(cache_file.read_bytes())
     with h5py.File(weak, "a") as f:  # a teacher that gets nothing right
         f.attrs["teacher_test_acc"] = 0.0
-    out = run_cli("student", "--preset", "seed-cnn", "--cache", str(weak), "--data-dir", str(data_dir), "--epochs", "1",
-                  "--out", str(tmp_path / "s.pt"))  # fmt: skip
+    out = run_cli(
+        "student",
+        "--preset",
+        "seed-cnn",
+        "--cache",
+        str(weak),
+        "--data-dir",
+        str(data_dir),
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "s.pt"),
+    )
     assert out.returncode == 0, out.stderr
     assert "warning: the teacher (0.00% test accuracy) is not better than this student" in out.stderr
-    fine = run_cli("student", "--preset", "seed-cnn", "--cache", str(cache_file), "--data-dir", str(data_dir),
-                   "--epochs", "1", "--out", str(tmp_path / "s2.pt"))  # fmt: skip
+    fine = run_cli(
+        "student",
+        "--preset",
+        "seed-cnn",
+        "--cache",
+        str(cache_file),
+        "--data-dir",
+        str(data_dir),
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "s2.pt"),
+    )
     assert fine.returncode == 0 and ("warning: the teacher" in fine.stderr) == (
-        h5py.File(cache_file, "r").attrs["teacher_test_acc"] <= torch.load(tmp_path / "s2.pt", weights_only=True)["metrics"]["test_acc"]
+        h5py.File(cache_file, "r").attrs["teacher_test_acc"]
+        <= torch.load(tmp_path / "s2.pt", weights_only=True)["metrics"]["test_acc"]
     )
 
 
 def test_pipeline_trains_an_ensemble_of_teachers_and_reports_each(data_dir, tmp_path):
     out = tmp_path / "run"
-    args = ["pipeline", "--preset", "seed-cnn", "--subset", "200", "--epochs", "1", "--teacher-epochs", "1",
-            "--teachers", "2", "--data-dir", str(data_dir), "--out", str(out)]  # fmt: skip
+    args = [
+        "pipeline",
+        "--preset",
+        "seed-cnn",
+        "--subset",
+        "200",
+        "--epochs",
+        "1",
+        "--teacher-epochs",
+        "1",
+        "--teachers",
+        "2",
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+    ]
     done = run_cli(*args)
     assert done.returncode == 0, done.stderr
     a, b = read_checkpoint(out / "teacher.pt"), read_checkpoint(out / "teacher_2.pt")
@@ -225,11 +316,15 @@ def test_pipeline_trains_an_ensemble_of_teachers_and_reports_each(data_dir, tmp_
         ensemble_acc = float(f.attrs["teacher_test_acc"])
     report = json.loads((out / "report.json").read_text())
     models = [r["model"] for r in report["rows"]]
-    assert models[:3] == ["teacher", "teacher 2", "teacher ensemble (2)"] and report["ensemble_test_acc"] == ensemble_acc
+    assert (
+        models[:3] == ["teacher", "teacher 2", "teacher ensemble (2)"] and report["ensemble_test_acc"] == ensemble_acc
+    )
     assert "teacher ensemble (2)" in done.stdout
     again = run_cli(*args, "--resume")  # every stage kept
     assert again.returncode == 0 and again.stderr.count("kept") >= 5, again.stderr
-    bad = run_cli("pipeline", "--teachers", "2", "--with-online", "--data-dir", str(data_dir), "--out", str(tmp_path / "x"))
+    bad = run_cli(
+        "pipeline", "--teachers", "2", "--with-online", "--data-dir", str(data_dir), "--out", str(tmp_path / "x")
+    )
     assert bad.returncode == 2 and "--with-online takes one teacher" in bad.stderr
 
 
@@ -237,11 +332,35 @@ def test_pipeline_reports_a_reused_imported_teacher_that_has_no_metrics(teacher_
     weights = tmp_path / "sd.pt"
     torch.save(torch.load(teacher_ckpt, weights_only=True)["state_dict"], weights)
     imported = tmp_path / "imported.pt"
-    done = run_cli("import-teacher", str(weights), "--arch", "seed-cnn-teacher", "--data-dir", str(data_dir),
-                   "--out", str(imported))  # fmt: skip
+    done = run_cli(
+        "import-teacher",
+        str(weights),
+        "--arch",
+        "seed-cnn-teacher",
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(imported),
+    )
     assert done.returncode == 0, done.stderr
-    run = run_cli("pipeline", "--preset", "seed-cnn", "--teacher", str(imported), "--subset", "200", "--epochs", "1",
-                  "--views", "1", "--no-augment", "--data-dir", str(data_dir), "--out", str(tmp_path / "run"))  # fmt: skip
+    run = run_cli(
+        "pipeline",
+        "--preset",
+        "seed-cnn",
+        "--teacher",
+        str(imported),
+        "--subset",
+        "200",
+        "--epochs",
+        "1",
+        "--views",
+        "1",
+        "--no-augment",
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert run.returncode == 0, run.stderr
     import json
 

@@ -4,14 +4,13 @@ import json
 import sys
 
 import pytest
+from conftest import TINY
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_errors import assert_one_line_error, cli, written
 
 from kdcache.errors import KDCacheError
 from kdcache.pipeline import run_pipeline
 from kdcache.tblog import EpochScalars
-
-from conftest import TINY
-from test_errors import assert_one_line_error, cli, written
 
 
 def scalars(log_dir) -> dict[str, dict[int, float]]:
@@ -47,22 +46,57 @@ def events(folder) -> list[str]:
 
 def test_teacher_writes_its_metrics_log_as_scalars_with_the_tta_accuracies(tmp_path, data_dir):
     tb = tmp_path / "tb"
-    args = ["teacher", "--preset", "seed-cnn", "--data-dir", data_dir, "--subset", "300", "--epochs", "2",
-            "--ema", "0.9", "--device", "cpu", "--out", tmp_path / "t.pt"]  # fmt: skip
+    args = [
+        "teacher",
+        "--preset",
+        "seed-cnn",
+        "--data-dir",
+        data_dir,
+        "--subset",
+        "300",
+        "--epochs",
+        "2",
+        "--ema",
+        "0.9",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "t.pt",
+    ]
     code, err, _ = cli(*args, "--tensorboard", tb)
     assert code == 0, err
     assert len(events(tb)) == 1 and events(tb)[0].startswith("events.out.tfevents.")  # in DIR itself
-    assert_same(tb, tmp_path / "t.pt.metrics.jsonl", "accuracy/test_acc", "accuracy/train_acc", "training/train_loss",
-                "training/lr", "training/train_img_s", "accuracy/test_acc_raw", "accuracy/test_acc_tta_flip",
-                "accuracy/test_acc_tta_flip-translate")  # fmt: skip
+    assert_same(
+        tb,
+        tmp_path / "t.pt.metrics.jsonl",
+        "accuracy/test_acc",
+        "accuracy/train_acc",
+        "training/train_loss",
+        "training/lr",
+        "training/train_img_s",
+        "accuracy/test_acc_raw",
+        "accuracy/test_acc_tta_flip",
+        "accuracy/test_acc_tta_flip-translate",
+    )
     assert set(scalars(tb)["accuracy/test_acc"]) == {1, 2}  # the epoch is the step
     assert set(scalars(tb)["accuracy/test_acc_tta_flip"]) == {2}  # measured once, after the last epoch
 
 
 def test_student_writes_agreement_and_kl_and_nothing_without_the_flag(tmp_path, data_dir, cache_file, monkeypatch):
     monkeypatch.chdir(tmp_path)  # SummaryWriter's own default folder would be ./runs
-    args = ["student", "--preset", "seed-cnn", "--cache", cache_file, "--data-dir", data_dir, "--epochs", "1",
-            "--device", "cpu"]  # fmt: skip
+    args = [
+        "student",
+        "--preset",
+        "seed-cnn",
+        "--cache",
+        cache_file,
+        "--data-dir",
+        data_dir,
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+    ]
     code, err, _ = cli(*args, "--out", tmp_path / "plain" / "s.pt")
     assert code == 0, err
     assert events(tmp_path) == []
@@ -76,22 +110,42 @@ def test_pipeline_gives_each_row_its_own_subfolder(tmp_path, data_dir, cpu):
     out, tb = tmp_path / "run", tmp_path / "tb"
     recipe = TINY.override(views=2, teacher_epochs=1, epochs=1)
     run_pipeline(recipe, preset="test", run_dir=out, data_dir=data_dir, rt=cpu, with_online=True, tensorboard=tb)
-    rows = {"teacher": "teacher.pt", "student_alone": "student_alone.pt", "student_with_kd": "student_kd.pt",
-            "student_online_kd": "student_online.pt"}  # fmt: skip
+    rows = {
+        "teacher": "teacher.pt",
+        "student_alone": "student_alone.pt",
+        "student_with_kd": "student_kd.pt",
+        "student_online_kd": "student_online.pt",
+    }
     assert sorted(p.name for p in tb.iterdir()) == sorted(rows)
     for row, ckpt in rows.items():
         assert len(events(tb / row)) == 1, row
         assert_same(tb / row, out / f"{ckpt}.metrics.jsonl", *(["teacher/teacher_kl"] if row != "teacher" else []))
-    run_pipeline(recipe, preset="test", run_dir=out, data_dir=data_dir, rt=cpu, with_online=True, resume=True,
-                 tensorboard=tb)  # fmt: skip
+    run_pipeline(
+        recipe, preset="test", run_dir=out, data_dir=data_dir, rt=cpu, with_online=True, resume=True, tensorboard=tb
+    )
     assert len(events(tb)) == 4  # kept stages train no epochs: no new event files
 
 
 def test_missing_tensorboard_is_one_line_before_training(tmp_path, data_dir, cpu, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # the import fails as if not installed
     out = tmp_path / "out"
-    code, err, _ = cli("teacher", "--preset", "seed-cnn", "--data-dir", data_dir, "--subset", "300", "--epochs", "1",
-                       "--device", "cpu", "--out", out / "t.pt", "--tensorboard", out / "tb")  # fmt: skip
+    code, err, _ = cli(
+        "teacher",
+        "--preset",
+        "seed-cnn",
+        "--data-dir",
+        data_dir,
+        "--subset",
+        "300",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        out / "t.pt",
+        "--tensorboard",
+        out / "tb",
+    )
     assert_one_line_error(code, err, "--tensorboard", "pip install 'kdcache[tensorboard]'")
     assert written(out) == []
     with pytest.raises(KDCacheError, match=r"pip install 'kdcache\[tensorboard\]'"):

@@ -71,8 +71,25 @@ def test_bytes_per_view_for_many_classes():
 def test_topk_dump_verifies_and_trains(tmp_path, teacher_ckpt, data_dir):
     cache, student = tmp_path / "top.h5", tmp_path / "s.pt"
     invoke = lambda *a: CliRunner().invoke(app, [str(x) for x in a], env={"COLUMNS": "200"})  # noqa: E731
-    r = invoke("dump-logits", "--teacher", teacher_ckpt, "--views", 2, "--subset", 64, "--topk", 3,
-               "--topk-temperatures", "1,2", "--data-dir", data_dir, "--out", cache, "--device", "cpu")  # fmt: skip
+    r = invoke(
+        "dump-logits",
+        "--teacher",
+        teacher_ckpt,
+        "--views",
+        2,
+        "--subset",
+        64,
+        "--topk",
+        3,
+        "--topk-temperatures",
+        "1,2",
+        "--data-dir",
+        data_dir,
+        "--out",
+        cache,
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 0, r.output
     assert "top 3 of 10 per view" in r.output and "mean tail mass at T=2" in r.output
     with h5py.File(cache) as f:
@@ -83,13 +100,32 @@ def test_topk_dump_verifies_and_trains(tmp_path, teacher_ckpt, data_dir):
     assert (lse[..., 0] >= values[..., 0] - 1e-2).all()  # a log-sum-exp is at least its largest term
     r = invoke("verify", cache, "--teacher", teacher_ckpt, "--data-dir", data_dir, "--samples", 16)
     assert r.exit_code == 0, r.output
-    r = invoke("student", "--cache", cache, "--data-dir", data_dir, "--epochs", 1, "--T", 2, "--out", student, "--device", "cpu")
+    r = invoke(
+        "student",
+        "--cache",
+        cache,
+        "--data-dir",
+        data_dir,
+        "--epochs",
+        1,
+        "--T",
+        2,
+        "--out",
+        student,
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 0, r.output
     for args, needle in ((["--T", 3], "not at --T 3"), (["--loss", "dist", "--T", 2], "--loss dist needs every logit")):
-        r = invoke("student", "--cache", cache, "--data-dir", data_dir, "--epochs", 1, "--out", tmp_path / "x.pt", *args)
+        r = invoke(
+            "student", "--cache", cache, "--data-dir", data_dir, "--epochs", 1, "--out", tmp_path / "x.pt", *args
+        )
         assert r.exit_code == 2 and needle in r.output, r.output
-    for args, needle in ((["--topk", 11], "[dump] topk) must be in 1..10"), (["--topk-temperatures", "2"], "goes with --topk"),
-                         (["--topk", 2, "--topk-temperatures", "0,1"], "finite numbers > 0")):  # fmt: skip
+    for args, needle in (
+        (["--topk", 11], "[dump] topk) must be in 1..10"),
+        (["--topk-temperatures", "2"], "goes with --topk"),
+        (["--topk", 2, "--topk-temperatures", "0,1"], "finite numbers > 0"),
+    ):
         r = invoke("dump-logits", "--teacher", teacher_ckpt, "--data-dir", data_dir, "--out", tmp_path / "y.h5", *args)
         assert r.exit_code == 2 and needle in r.output, r.output
 
@@ -103,12 +139,24 @@ def test_a_cache_over_the_memory_budget_is_read_per_epoch_with_the_same_result(t
     from kdcache.train import Runtime
 
     cache = tmp_path / "c.h5"
-    dump_logits(teacher_path=teacher_ckpt, data_dir=data_dir, out=cache, views=3, seed=0, batch_size=64,
-                rt=Runtime.create("cpu", "fp32"), subset=96, block_rows=32, topk=topk)  # fmt: skip
+    dump_logits(
+        teacher_path=teacher_ckpt,
+        data_dir=data_dir,
+        out=cache,
+        views=3,
+        seed=0,
+        batch_size=64,
+        rt=Runtime.create("cpu", "fp32"),
+        subset=96,
+        block_rows=32,
+        topk=topk,
+    )
     recipe = get_preset("seed-cnn").override(epochs=4, batch_size=32, T=2.0, alpha=0.5)
     states = []
     for mb in (None, 0.0):
         out = tmp_path / f"s{mb}.pt"
-        train_student(recipe, cache_file=cache, data_dir=data_dir, out=out, rt=Runtime.create("cpu", "fp32", resident_mb=mb))
+        train_student(
+            recipe, cache_file=cache, data_dir=data_dir, out=out, rt=Runtime.create("cpu", "fp32", resident_mb=mb)
+        )
         states.append(torch.load(out)["state_dict"])
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -13,9 +13,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, SHARED_CIFAR, run_cli
 from typer.testing import CliRunner
 
-from conftest import ROOT, SHARED_CIFAR, run_cli
 from kdcache.cli import app
 from kdcache.data import _unpickle, load_dataset, write_fake_cifar10
 from kdcache.errors import KDCacheError
@@ -45,8 +45,18 @@ def refused(res, marker, *needles: str) -> str:
 
 
 def import_teacher(path, data_dir, out, *extra):
-    return run_cli("import-teacher", str(path), "--arch", "seed-cnn-teacher", "--data-dir", str(data_dir),
-                   "--out", str(out), *extra, *ONE)  # fmt: skip
+    return run_cli(
+        "import-teacher",
+        str(path),
+        "--arch",
+        "seed-cnn-teacher",
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+        *extra,
+        *ONE,
+    )
 
 
 def test_import_teacher_loads_no_pickled_code_without_the_flag(tmp_path, teacher_ckpt, data_dir):
@@ -75,8 +85,11 @@ def test_import_teacher_one_line_errors(tmp_path, data_dir):
     notes = tmp_path / "notes.pt"
     notes.write_text("not weights\n")
     refused(import_teacher(notes, data_dir, tmp_path / "a.pt"), tmp_path / "unused", "not a PyTorch file")
-    refused(import_teacher(weights, data_dir, tmp_path / "b.pt", "--batch-size", "0"), tmp_path / "unused",
-            "--batch-size must be >= 1")  # fmt: skip
+    refused(
+        import_teacher(weights, data_dir, tmp_path / "b.pt", "--batch-size", "0"),
+        tmp_path / "unused",
+        "--batch-size must be >= 1",
+    )
     assert not (tmp_path / "a.pt").exists() and not (tmp_path / "b.pt").exists()
 
 
@@ -99,7 +112,9 @@ def planted(tmp_path, teacher_ckpt):
     return path, marker, {"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
 
 
-def test_a_checkpoint_naming_code_is_refused_wherever_it_is_loaded(tmp_path, planted, teacher_ckpt, cache_file, data_dir):
+def test_a_checkpoint_naming_code_is_refused_wherever_it_is_loaded(
+    tmp_path, planted, teacher_ckpt, cache_file, data_dir
+):
     ckpt, marker, env = planted
     out, d = tmp_path / "out", str(data_dir)
     commands = [
@@ -123,8 +138,24 @@ def test_naming_the_spec_or_trust_arch_builds_it(tmp_path, planted, data_dir):
         assert marker.exists()  # the user named it: the module was imported
         marker.unlink()
     out = tmp_path / "online.pt"
-    res = run_cli("student", "--online-teacher", str(ckpt), "--arch", "seed-cnn-student", "--trust-arch", "--data-dir",
-                  str(data_dir), "--epochs", "1", "--subset", "128", "--out", str(out), *ONE, env=env)  # fmt: skip
+    res = run_cli(
+        "student",
+        "--online-teacher",
+        str(ckpt),
+        "--arch",
+        "seed-cnn-student",
+        "--trust-arch",
+        "--data-dir",
+        str(data_dir),
+        "--epochs",
+        "1",
+        "--subset",
+        "128",
+        "--out",
+        str(out),
+        *ONE,
+        env=env,
+    )
     assert res.returncode == 0 and out.exists() and marker.exists(), res.stderr
     marker.unlink()
     with pytest.raises(KDCacheError, match="pass --trust-arch"):  # the library refuses it too
@@ -146,8 +177,10 @@ def test_a_recorded_student_arch_naming_code_is_refused(tmp_path, planted, cache
     assert res.returncode == 0 and out.exists() and not marker.exists(), res.stderr
 
 
-@pytest.mark.parametrize("key, value", [("classes", "not json ["), ("recipe", "[1, 2]"),
-                                        ("ensemble_members", '[{"path": 1}]'), ("data_options", "nan?")])  # fmt: skip
+@pytest.mark.parametrize(
+    "key, value",
+    [("classes", "not json ["), ("recipe", "[1, 2]"), ("ensemble_members", '[{"path": 1}]'), ("data_options", "nan?")],
+)
 def test_cache_attributes_that_are_not_json_are_one_line(tmp_path, cache_file, key, value):
     crafted = tmp_path / "cache.h5"
     shutil.copy(cache_file, crafted)
@@ -175,32 +208,68 @@ def _write(folder: Path, name: str, obj, protocol: int = 4) -> None:
 def test_a_cifar_pickle_that_names_code_is_refused(tmp_path, name):
     marker = tmp_path / "ran"
     root = _cifar(tmp_path / "data", lambda f: _write(f, name, {**_batch(f, name), "batch_label": Payload(marker)}))
-    res = run_cli("teacher", "--preset", "seed-cnn", "--data-dir", str(root), "--epochs", "1", "--out",
-                  str(tmp_path / "t.pt"), *ONE)  # fmt: skip
+    res = run_cli(
+        "teacher",
+        "--preset",
+        "seed-cnn",
+        "--data-dir",
+        str(root),
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "t.pt"),
+        *ONE,
+    )
     refused(res, marker, f"cannot read {root / 'cifar-10-batches-py' / name}", "code a CIFAR batch never holds")
     assert not (tmp_path / "t.pt").exists()
 
 
 def _retyped(key, value):
-    return lambda f: _write(f, "data_batch_2", {**_batch(f, "data_batch_2"), key: value(_batch(f, "data_batch_2")[key])})
+    return lambda f: _write(
+        f, "data_batch_2", {**_batch(f, "data_batch_2"), key: value(_batch(f, "data_batch_2")[key])}
+    )
 
 
-@pytest.mark.parametrize("mutate, needle", [
-    (_retyped("data", lambda x: x.astype(np.float32)), "data_batch_2 holds its pixels as a float32 array, not uint8"),
-    (_retyped("data", lambda x: x.tolist()), "data_batch_2 holds its pixels as a list, not uint8"),
-    (_retyped("data", lambda x: x.reshape(-1, 3, 32, 32)), "holds pixels of shape [20, 3, 32, 32], not [N, 3072]"),
-    (_retyped("labels", lambda y: [str(v) for v in y]), "data_batch_2 holds 'labels' that are not a list of whole numbers"),
-    (_retyped("labels", lambda y: y[:-1]), "data_batch_2 holds 20 images but 19 labels"),
-    (_retyped("labels", lambda y: [10] * len(y)), "data_batch_2 has labels outside 0..9"),
-    (lambda f: _write(f, "test_batch", [1, 2]), "test_batch holds a list, not the dict of a CIFAR batch"),
-    (lambda f: _write(f, "batches.meta", {"label_names": ["a", "b"]}), "batches.meta does not name 10 classes"),
-    (lambda f: _write(f, "batches.meta", {**_batch(f, "batches.meta"), "num_cases_per_batch": "20"}),
-     "batches.meta states '20' images per batch"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (
+            _retyped("data", lambda x: x.astype(np.float32)),
+            "data_batch_2 holds its pixels as a float32 array, not uint8",
+        ),
+        (_retyped("data", lambda x: x.tolist()), "data_batch_2 holds its pixels as a list, not uint8"),
+        (_retyped("data", lambda x: x.reshape(-1, 3, 32, 32)), "holds pixels of shape [20, 3, 32, 32], not [N, 3072]"),
+        (
+            _retyped("labels", lambda y: [str(v) for v in y]),
+            "data_batch_2 holds 'labels' that are not a list of whole numbers",
+        ),
+        (_retyped("labels", lambda y: y[:-1]), "data_batch_2 holds 20 images but 19 labels"),
+        (_retyped("labels", lambda y: [10] * len(y)), "data_batch_2 has labels outside 0..9"),
+        (lambda f: _write(f, "test_batch", [1, 2]), "test_batch holds a list, not the dict of a CIFAR batch"),
+        (lambda f: _write(f, "batches.meta", {"label_names": ["a", "b"]}), "batches.meta does not name 10 classes"),
+        (
+            lambda f: _write(f, "batches.meta", {**_batch(f, "batches.meta"), "num_cases_per_batch": "20"}),
+            "batches.meta states '20' images per batch",
+        ),
+    ],
+)
 def test_cifar_batches_of_the_wrong_types_and_shapes_are_one_line(tmp_path, mutate, needle):
     root = _cifar(tmp_path / "data", mutate)
-    res = CliRunner().invoke(app, ["teacher", "--preset", "seed-cnn", "--data-dir", str(root), "--epochs", "1",
-                                   "--out", str(tmp_path / "t.pt"), *ONE])  # fmt: skip
+    res = CliRunner().invoke(
+        app,
+        [
+            "teacher",
+            "--preset",
+            "seed-cnn",
+            "--data-dir",
+            str(root),
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "t.pt"),
+            *ONE,
+        ],
+    )
     assert res.exit_code == 2 and needle in res.output and "replace it with an intact copy" in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "t.pt").exists()
 

@@ -73,12 +73,31 @@ def copy(tmp_path, cache_file):
 
 
 def test_verify_passes_a_clean_cache(cache_file, teacher_ckpt, data_dir):
-    r = run_cli("verify", str(cache_file), "--teacher", str(teacher_ckpt), "--data-dir", str(data_dir),
-                "--samples", "64", "--device", "cpu", env=ONE)  # fmt: skip
+    r = run_cli(
+        "verify",
+        str(cache_file),
+        "--teacher",
+        str(teacher_ckpt),
+        "--data-dir",
+        str(data_dir),
+        "--samples",
+        "64",
+        "--device",
+        "cpu",
+        env=ONE,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "FAIL" not in r.stdout and "verify failed" not in r.stderr
-    for name in ("complete", "finite logits", "view params", "block checksums", "dataset fingerprint",
-                 "labels", "teacher", "teacher replay"):  # fmt: skip
+    for name in (
+        "complete",
+        "finite logits",
+        "view params",
+        "block checksums",
+        "dataset fingerprint",
+        "labels",
+        "teacher",
+        "teacher replay",
+    ):
         assert " ok " in check_line(r.stdout, name), name
     replay = check_line(r.stdout, "teacher replay")
     assert re.search(r"64 views re-rendered: max \|error\| 0\.0\d+, argmax agreement \d+\.\d\d%", replay), replay
@@ -100,11 +119,16 @@ def other_view(f):
 
 # (id, damage, the checks that must fail, the check whose detail names the row, that detail)
 CORRUPTIONS = [
-    ("one-row-of-logits", add_to_logits, {"block checksums", "teacher replay"}, "teacher replay",
-     f"rows {ROW} disagree"),
+    (
+        "one-row-of-logits",
+        add_to_logits,
+        {"block checksums", "teacher replay"},
+        "teacher replay",
+        f"rows {ROW} disagree",
+    ),
     ("a-nan", nan_logit, {"finite logits", "block checksums"}, "finite logits", f"non-finite logits in rows {ROW}"),
     ("a-view", other_view, {"view params", "block checksums", "teacher replay"}, "view params", f"rows {ROW} differ"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("edit, failing, check, detail", [c[1:] for c in CORRUPTIONS], ids=[c[0] for c in CORRUPTIONS])
