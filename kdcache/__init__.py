@@ -4,7 +4,7 @@ The command line is `kdcache --help`; the library is this package's names, impor
 (`import kdcache` alone loads no torch): see docs/python-api.md.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -18,15 +18,15 @@ _EXPORTS = {
     "DumpSettings": "kdcache.config",
     "Views": "kdcache.views",
     "render_views": "kdcache.views",
-    "Runtime": "kdcache.train",
-    "Batch": "kdcache.train",
+    "Runtime": "kdcache.runtime",
+    "Batch": "kdcache.batches",
     "open_cache": "kdcache.cache",
     "student_loss": "kdcache.losses",
     "kd_loss": "kdcache.losses",
     "soft_loss": "kdcache.losses",
     "label_loss": "kdcache.losses",
     "build_model": "kdcache.models",
-    "load_checkpoint": "kdcache.models",
+    "load_checkpoint": "kdcache.checkpoints",
     "KDCacheError": "kdcache.errors",
 }
 _RENAMED = {"build_model": "build"}  # public name -> its name in the module

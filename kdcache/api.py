@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
+from kdcache.batches import Batch
 from kdcache.config import DEFAULT_DUMP_BATCH, DumpSettings, Recipe, validate
 from kdcache.errors import KDCacheError
-from kdcache.train import Batch, Progress, Runtime
+from kdcache.runtime import Progress, Runtime
 
 
 def _integer(name: str, value, low: int | None = None) -> int:
@@ -36,7 +37,7 @@ def _runtime(runtime: Runtime | None) -> Runtime:
 class CachedBatches:
     """A logit cache and the training data it was dumped from, as batches on the runtime's device.
 
-    `epoch(e)` yields `kdcache.train.Batch`es covering every training row once, in an order fixed by
+    `epoch(e)` yields `kdcache.batches.Batch`es covering every training row once, in an order fixed by
     (seed, e): `x` the normalised views [B, 3, H, W] (channels_last where the runtime uses it), `y` the
     labels, `t` the teacher's logits for exactly those views [B, C] (float16; for a top-k cache a
     `kdcache.topk.TopK`, which `student_loss` takes with kind "kd"), `index` the rows; for a mixed cache
@@ -199,8 +200,8 @@ def dump_logits(
     ensemble). The dump's own settings (tta, topk, topk_temperatures, batch_size, block_rows: a config file's
     [dump] table) come as `dump`, a `DumpSettings`, or as keywords, not both. `options`: `dump.dump_logits`'s
     others (arch, ...). Returns the cache's path."""
+    from kdcache.checkpoints import read_checkpoint
     from kdcache.dump import dump_logits as dump_stage
-    from kdcache.models import read_checkpoint
 
     first = teacher[0] if isinstance(teacher, (list, tuple)) else teacher
     if recipe is None:

@@ -28,13 +28,16 @@ import numpy as np
 import torch
 
 from kdcache import __version__
+from kdcache.batches import Batch, ViewBatches
 from kdcache.config import SEED_RESNET_MEAN, SEED_RESNET_STD
 from kdcache.data import load_dataset
 from kdcache.errors import KDCacheError
+from kdcache.inference import predict
 from kdcache.losses import student_loss
 from kdcache.models import ARCHS, build
+from kdcache.runtime import Runtime
 from kdcache.stages import cached_plan, fresh_views_plan
-from kdcache.train import Batch, Runtime, ViewBatches, make_step, predict
+from kdcache.train import make_step
 from kdcache.views import CropFlip, draw_views
 
 LOOPS = ("seed_loop", "online", "cached", "plain", "dump")

@@ -244,7 +244,9 @@ class CacheWriter:
             from kdcache.topk import index_dtype
 
             grid = len(attrs["lse_temperatures"])
-            for name, dt, tail in zip(TOPK_DATASETS, ("float16", index_dtype(c), "float32"), (topk, topk, grid), strict=False):
+            for name, dt, tail in zip(
+                TOPK_DATASETS, ("float16", index_dtype(c), "float32"), (topk, topk, grid), strict=False
+            ):
                 f.create_dataset(name, (num_rows, k, tail), dtype=dt, chunks=(rows, k, tail))
         else:
             f.create_dataset("logits", (num_rows, k, c), dtype="float16", chunks=(rows, k, c))
@@ -252,7 +254,9 @@ class CacheWriter:
         if store_hw is not None:  # random-resized crops: each stored image's (h, w), so views can be checked
             f.create_dataset("store_hw", data=np.asarray(store_hw, dtype=np.int16))
         if attrs["mix"] != "none":
-            for name, dt, tail in zip(MIX_DATASETS, ("int32", dtype, "uint8", "float32"), ((), (fields,), (4,), ()), strict=False):
+            for name, dt, tail in zip(
+                MIX_DATASETS, ("int32", dtype, "uint8", "float32"), ((), (fields,), (4,), ()), strict=False
+            ):
                 f.create_dataset(name, (num_rows, k, *tail), dtype=dt, chunks=(rows, k, *tail))
         f.create_dataset("labels", (num_rows,), dtype="int64")
         f.create_dataset("indices", (num_rows,), dtype="int64")

@@ -333,7 +333,7 @@ def _runtime(device: str, precision: str, compile: bool, resident_mb: float | No
     """The runtime; `distributed`: the command may run under torchrun (teacher and student train with DDP)."""
     import os
 
-    from kdcache.train import Runtime
+    from kdcache.runtime import Runtime
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed:
         raise KDCacheError(
@@ -599,9 +599,7 @@ def dump_cmd(
         help="Use only the first N training images. \\[default: the images the teacher was trained on]",
     ),
     seed: int | None = SeedOpt,
-    batch_size: int | None = typer.Option(
-        None, "--batch-size", help="Teacher inference batch size. \\[default: 512]"
-    ),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Teacher inference batch size. \\[default: 512]"),
     block_rows: int | None = typer.Option(
         None, "--block-rows", help="Images per written block (the resume and checksum unit). \\[default: 1024]"
     ),
@@ -634,8 +632,8 @@ def dump_cmd(
     ),
 ):
     """Cache the teacher's raw logits for K deterministic augmented views of every training image."""
+    from kdcache.checkpoints import read_checkpoint
     from kdcache.dump import dump_logits
-    from kdcache.models import read_checkpoint
 
     cfg = read_config(config)
     meta = read_checkpoint(teacher[0])
@@ -771,7 +769,8 @@ def student_cmd(
     """
     from kdcache import tblog
     from kdcache.cache import open_cache
-    from kdcache.models import check_spec, read_checkpoint, refuse_code
+    from kdcache.checkpoints import read_checkpoint
+    from kdcache.models import check_spec, refuse_code
     from kdcache.stages import train_student
 
     check_spec(arch) if arch else None
@@ -897,9 +896,10 @@ def eval_cmd(
     precision: str = PrecisionOpt,
 ):
     """Print a checkpoint's test accuracy on its dataset."""
+    from kdcache.checkpoints import check_classes, load_checkpoint
     from kdcache.data import load_dataset, recorded_options
-    from kdcache.models import check_classes, load_checkpoint, num_params
-    from kdcache.train import TTAModel, accuracy, predict
+    from kdcache.inference import TTAModel, accuracy, predict
+    from kdcache.models import num_params
 
     if batch_size < 1:
         raise KDCacheError(f"--batch-size must be >= 1 (got {batch_size})")

@@ -266,7 +266,7 @@ def get_preset(name: str | None) -> Recipe:
     return PRESETS[name]
 
 
-TTA_LEVELS = ("none", "flip", "flip-translate")  # test-time augmentation of a model's logits (train.TTAModel)
+TTA_LEVELS = ("none", "flip", "flip-translate")  # test-time augmentation of a model's logits (inference.TTAModel)
 DEFAULT_DUMP_BATCH, DEFAULT_BLOCK_ROWS = 512, 1024
 
 

@@ -12,13 +12,14 @@ import torch
 
 from kdcache import cache as cache_io
 from kdcache.artifacts import claim_output, no_room
+from kdcache.checkpoints import check_classes
 from kdcache.config import DumpSettings
 from kdcache.data import load_dataset, recorded_options
 from kdcache.errors import KDCacheError
 from kdcache.imports import load_teachers
-from kdcache.models import check_classes
+from kdcache.inference import TTAModel, accuracy, predict
+from kdcache.runtime import NoProgress, Progress, Runtime
 from kdcache.topk import DEFAULT_TEMPERATURES, from_dense
-from kdcache.train import NoProgress, Progress, Runtime, TTAModel, accuracy, predict
 from kdcache.views import MIXES, draw_views
 
 

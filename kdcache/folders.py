@@ -524,7 +524,7 @@ def prepare(
 
     The store is checked, opened and prepared under its lock; `rebuild` prepares it again
     whatever state it is in. A store root that cannot be written still serves a ready store."""
-    from kdcache.train import NoProgress
+    from kdcache.runtime import NoProgress
 
     progress = progress or NoProgress()
     root = Path(root)

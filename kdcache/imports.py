@@ -10,10 +10,12 @@ import torch
 from torch import nn
 
 from kdcache.artifacts import claim_output
+from kdcache.checkpoints import save_checkpoint
 from kdcache.data import IMAGENET_MEAN, IMAGENET_STD, load_dataset
 from kdcache.errors import KDCacheError
-from kdcache.models import build, check_spec, first_nonfinite, num_params, save_checkpoint
-from kdcache.train import Runtime, accuracy, predict
+from kdcache.inference import accuracy, predict
+from kdcache.models import build, check_spec, first_nonfinite, num_params
+from kdcache.runtime import Runtime
 
 
 def _keys(keys, limit: int = 3) -> str:
@@ -221,7 +223,7 @@ def load_teachers(paths, *, rt: Runtime, arch: str | None = None, trust_arch: bo
     `arch`, `trust_arch`: as `load_checkpoint`'s, for every member."""
     import json
 
-    from kdcache.models import file_sha256, load_checkpoint
+    from kdcache.checkpoints import file_sha256, load_checkpoint
 
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     if len(set(map(str, paths))) != len(paths):

@@ -16,14 +16,15 @@ from pathlib import Path
 from kdcache import cache as cache_io
 from kdcache import tblog
 from kdcache.artifacts import atomic_write, check_writable, metrics_of, metrics_path, output_lock, refuse_different
+from kdcache.checkpoints import check_arch, file_sha256, read_checkpoint
 from kdcache.config import DumpSettings, Recipe
 from kdcache.dump import dump_logits
 from kdcache.errors import KDCacheError
 from kdcache.imports import ensemble_sha256
-from kdcache.models import check_arch, file_sha256, read_checkpoint
 from kdcache.report import MODELS, ONLINE, REPORT_FILES, write_report
+from kdcache.runtime import Progress, Runtime
 from kdcache.stages import train_student, train_teacher
-from kdcache.train import Progress, Runtime, resume_path
+from kdcache.train import resume_path
 
 TEACHER, CACHE, STUDENT_KD, STUDENT_ALONE = "teacher.pt", "teacher_logits.h5", "student_kd.pt", "student_alone.pt"
 

@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 from kdcache.artifacts import atomic_write, atomic_write_text, metrics_of, read_metrics
+from kdcache.checkpoints import read_checkpoint
 from kdcache.errors import KDCacheError
 from kdcache.guard import weak_teacher
-from kdcache.models import read_checkpoint
 
 MODELS = (("teacher", "teacher.pt"), ("student alone", "student_alone.pt"), ("student with KD", "student_kd.pt"))
 ONLINE = ("student, online KD", "student_online.pt")  # only with pipeline --with-online

@@ -11,39 +11,17 @@ import torch
 
 from kdcache import cache as cache_io
 from kdcache.artifacts import claim_output, metrics_path, write_metrics
+from kdcache.batches import EpochViews, Plan, ViewBatches
+from kdcache.checkpoints import check_classes, file_sha256, load_checkpoint, read_checkpoint, save_checkpoint
 from kdcache.config import DumpSettings, Recipe
 from kdcache.data import IMAGENET_MEAN, IMAGENET_STD, Dataset, load_dataset, recorded_options
 from kdcache.errors import KDCacheError
+from kdcache.inference import TTAModel, accuracy, predict
 from kdcache.losses import label_loss, student_loss
-from kdcache.models import (
-    InitFromData,
-    build,
-    check_classes,
-    file_sha256,
-    load_checkpoint,
-    num_params,
-    read_checkpoint,
-    save_checkpoint,
-)
+from kdcache.models import InitFromData, build, num_params
+from kdcache.runtime import NoProgress, Progress, Runtime
 from kdcache.topk import TopK
-from kdcache.train import (
-    Diverged,
-    EpochViews,
-    NoProgress,
-    Plan,
-    Progress,
-    Runtime,
-    TTAModel,
-    ViewBatches,
-    WeightAverage,
-    accuracy,
-    build_optimizer,
-    fit,
-    load_resume,
-    predict,
-    resume_path,
-    save_resume,
-)
+from kdcache.train import Diverged, WeightAverage, build_optimizer, fit, load_resume, resume_path, save_resume
 from kdcache.views import STREAM_ONLINE, STREAM_TRAIN, CropFlip, Geometry, Views, draw_views, normalize, view_schedule
 
 

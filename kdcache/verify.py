@@ -13,7 +13,8 @@ from kdcache import cache as cache_io
 from kdcache.data import load_dataset, recorded_options
 from kdcache.errors import KDCacheError
 from kdcache.imports import load_teachers
-from kdcache.train import Runtime, TTAModel, predict
+from kdcache.inference import TTAModel, predict
+from kdcache.runtime import Runtime
 from kdcache.views import Mix, Views, draw_views
 
 SCAN_ROWS = 4096

@@ -16,8 +16,8 @@ import torch
 from kdcache.config import get_preset
 from kdcache.data import write_fake_cifar10
 from kdcache.dump import dump_logits
+from kdcache.runtime import Runtime
 from kdcache.stages import train_teacher
-from kdcache.train import Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "cifar10"

@@ -12,8 +12,8 @@ from conftest import ROOT, THREAD_ENV, TINY, run_cli
 
 import kdcache
 from kdcache.cache import MIX_DATASETS
+from kdcache.checkpoints import load_checkpoint
 from kdcache.data import load_dataset, write_fake_cifar10
-from kdcache.models import load_checkpoint
 from kdcache.views import view_schedule
 
 EXAMPLE = ROOT / "examples" / "own_loop.py"

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import run_cli
 
+from kdcache.checkpoints import read_checkpoint
 from kdcache.config import PRESETS, DumpSettings, Recipe, dump_settings, read_config, resolve, to_toml
 from kdcache.errors import KDCacheError
-from kdcache.models import read_checkpoint
 
 
 def _file(tmp_path, text: str, name: str = "run.toml"):

@@ -5,10 +5,10 @@ import numpy as np
 import torch
 
 from kdcache.cache import MIX_DATASETS, open_cache, partial_path
+from kdcache.checkpoints import file_sha256, load_checkpoint
 from kdcache.data import load_dataset
 from kdcache.dump import dump_logits
-from kdcache.models import file_sha256, load_checkpoint
-from kdcache.train import predict
+from kdcache.inference import predict
 from kdcache.views import CropFlip, Views, render, view_params
 
 
@@ -89,7 +89,7 @@ def test_another_seed_gives_other_views(tmp_path, teacher_ckpt, data_dir, cpu):
 
 def test_dump_in_bf16_autocast_channels_last_stays_close(tmp_path, teacher_ckpt, data_dir, cache_file):
     """The CUDA settings (bf16 autocast, channels_last) exercised on CPU: same views, close logits."""
-    from kdcache.train import Runtime
+    from kdcache.runtime import Runtime
 
     out = tmp_path / "bf16.h5"
     dump_logits(

@@ -263,8 +263,8 @@ def test_a_streamed_store_trains_and_dumps_exactly_as_a_resident_one(folder, tmp
 
     from kdcache.config import get_preset
     from kdcache.dump import dump_logits
+    from kdcache.runtime import Runtime
     from kdcache.stages import train_student, train_teacher
-    from kdcache.train import Runtime
 
     recipe = get_preset("seed-cnn").override(
         dataset="imagefolder", teacher_epochs=2, epochs=2, batch_size=8, mix="both", augment=True
@@ -289,7 +289,7 @@ def test_a_streamed_store_trains_and_dumps_exactly_as_a_resident_one(folder, tmp
 
 
 def test_gather_rows_renumbers_own_and_partner_rows():
-    from kdcache.train import gather_rows
+    from kdcache.batches import gather_rows
 
     store = np.arange(10 * 3 * 2 * 2, dtype=np.uint8).reshape(10, 3, 2, 2)
     rows, partner = torch.tensor([7, 2, 7, 5]), torch.tensor([2, -1, 9, 5])
@@ -348,7 +348,9 @@ def test_rrc_renderer_matches_a_numpy_reference_of_the_documented_box_meaning():
     params = g.params(1, range(3), range(6)).reshape(-1, 5)
     rows = torch.arange(3).repeat_interleave(6)
     ours = g.pixels(torch.from_numpy(canvas), rows, params).numpy().astype(int)
-    ref = np.stack([_reference_view(images[r], p, 8) for r, p in zip(rows.tolist(), params.tolist(), strict=False)]).astype(int)
+    ref = np.stack(
+        [_reference_view(images[r], p, 8) for r, p in zip(rows.tolist(), params.tolist(), strict=False)]
+    ).astype(int)
     diff = np.abs(ours - ref)
     assert diff.max() <= 1 and diff.mean() < 0.01  # float rounding at .5 only
 
@@ -356,7 +358,7 @@ def test_rrc_renderer_matches_a_numpy_reference_of_the_documented_box_meaning():
 def test_pipeline_resume_refuses_a_teacher_of_another_image_size(folder, tmp_path):
     from kdcache.config import get_preset
     from kdcache.pipeline import run_pipeline
-    from kdcache.train import Runtime
+    from kdcache.runtime import Runtime
 
     rt = Runtime.create("cpu", "fp32")
     recipe = get_preset("seed-cnn").override(dataset="imagefolder", teacher_epochs=1, epochs=1, batch_size=16)

@@ -12,11 +12,12 @@ from conftest import TINY
 from test_errors import assert_one_line_error, cli, written
 
 from kdcache import cache as cache_io
+from kdcache.batches import ViewBatches
+from kdcache.checkpoints import load_checkpoint
 from kdcache.cli import err_console, out_console
 from kdcache.dump import dump_logits
-from kdcache.models import load_checkpoint
+from kdcache.inference import predict
 from kdcache.stages import cached_plan, train_student
-from kdcache.train import ViewBatches, predict
 from kdcache.views import shuffle_order
 
 MIXED = dict(views=6, seed=5, batch_size=128, subset=300, augment=True, mix="both", mix_prob=0.7)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from kdcache.checkpoints import load_checkpoint, read_checkpoint
 from kdcache.cli import app
-from kdcache.models import load_checkpoint, read_checkpoint
 
 ONE = ["--device", "cpu"]
 
@@ -135,8 +135,9 @@ def test_bad_import_input(tmp_path, weights, data_dir, content, args, needle):
 
 def test_an_ensemble_cache_holds_the_log_mean_softmax_and_verifies(tmp_path, teacher_ckpt, data_dir):
     from kdcache.config import get_preset
+    from kdcache.inference import predict
+    from kdcache.runtime import Runtime
     from kdcache.stages import train_teacher
-    from kdcache.train import Runtime, predict
     from kdcache.views import CropFlip, Views, view_params
 
     rt = Runtime.create("cpu", "fp32")

@@ -14,9 +14,9 @@ from conftest import run_cli
 from PIL import Image
 
 from kdcache import folders
+from kdcache.batches import gather_rows, prefetch
 from kdcache.data import load_dataset
 from kdcache.errors import KDCacheError
-from kdcache.train import gather_rows, prefetch
 from kdcache.views import Views, mix_params, render_views
 
 

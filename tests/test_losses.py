@@ -84,7 +84,11 @@ def np_kl(p, q):
 
 
 def hand_kd(s, t, T):
-    return T * T * np.mean([np_kl(np_softmax(np.array(b) / T), np_softmax(np.array(a) / T)) for a, b in zip(s, t, strict=False)])
+    return (
+        T
+        * T
+        * np.mean([np_kl(np_softmax(np.array(b) / T), np_softmax(np.array(a) / T)) for a, b in zip(s, t, strict=False)])
+    )
 
 
 def hand_tckd_nckd(s_row, t_row, y, T):

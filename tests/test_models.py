@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from kdcache.checkpoints import load_checkpoint, save_checkpoint
 from kdcache.errors import KDCacheError
-from kdcache.models import ARCHS, build, load_checkpoint, num_params, save_checkpoint
+from kdcache.models import ARCHS, build, num_params
 
 
 @pytest.mark.parametrize(
@@ -66,7 +67,8 @@ def test_checkpoint_of_another_arch_is_refused(tmp_path):
 def test_model_specs_build_with_the_stem_their_image_size_needs(tmp_path):
     from torch import nn
 
-    from kdcache.models import build, load_checkpoint, save_checkpoint
+    from kdcache.checkpoints import load_checkpoint, save_checkpoint
+    from kdcache.models import build
 
     small = build("torchvision:resnet18", 7, image_size=32)
     assert small.conv1.stride == (1, 1) and isinstance(small.maxpool, nn.Identity) and small.fc.out_features == 7

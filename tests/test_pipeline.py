@@ -10,10 +10,10 @@ import torch
 from conftest import TINY
 from typer.testing import CliRunner
 
+from kdcache.checkpoints import file_sha256, load_checkpoint
 from kdcache.cli import app
 from kdcache.config import PRESETS, DumpSettings, get_preset
 from kdcache.errors import KDCacheError
-from kdcache.models import file_sha256, load_checkpoint
 from kdcache.pipeline import run_pipeline
 
 
@@ -254,8 +254,8 @@ def test_resume_refuses_students_made_with_another_loss(run_dir, data_dir, cpu):
 
 
 def test_teacher_can_train_on_crops_while_cache_and_students_see_plain_views(tmp_path, data_dir, cpu):
+    from kdcache.checkpoints import read_checkpoint
     from kdcache.config import Recipe
-    from kdcache.models import read_checkpoint
 
     out = tmp_path / "teacher-augment"
     recipe = TINY.override(augment=False, teacher_augment=True, teacher_epochs=1, epochs=1)

@@ -23,11 +23,11 @@ import torch
 from conftest import ROOT, run_cli
 from typer.testing import CliRunner
 
+from kdcache.checkpoints import read_checkpoint
 from kdcache.cli import app
 from kdcache.config import get_preset
 from kdcache.data import write_fake_cifar10
 from kdcache.dump import dump_logits
-from kdcache.models import read_checkpoint
 from kdcache.stages import train_student, train_teacher
 
 ONE = {"OMP_NUM_THREADS": "1", "KDCACHE_OFFLINE": "1"}

@@ -27,8 +27,8 @@ from test_errors import assert_one_line_error, cli
 
 from kdcache import folders
 from kdcache.artifacts import lock_path, output_lock, write_metrics
+from kdcache.checkpoints import atomic_torch_save, read_checkpoint
 from kdcache.errors import KDCacheError
-from kdcache.models import atomic_torch_save, read_checkpoint
 
 
 @pytest.fixture(autouse=True)

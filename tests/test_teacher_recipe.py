@@ -13,13 +13,15 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY, run_cli
 
+from kdcache.checkpoints import load_checkpoint, read_checkpoint
 from kdcache.config import Recipe, get_preset, validate
 from kdcache.dump import dump_logits
 from kdcache.errors import KDCacheError
+from kdcache.inference import TTAModel, predict
 from kdcache.losses import label_loss, student_loss
-from kdcache.models import AirNet, build, load_checkpoint, read_checkpoint
+from kdcache.models import AirNet, build
 from kdcache.stages import train_teacher
-from kdcache.train import TTAModel, WeightAverage, build_optimizer, lr_factor, predict
+from kdcache.train import WeightAverage, build_optimizer, lr_factor
 from kdcache.views import CropFlip, Views, render_views
 
 AIR = TINY.override_teacher(
@@ -141,7 +143,7 @@ def test_the_checkpoint_holds_the_average_and_records_tta_accuracies(air_teacher
     raw_w, avg_w = raw_model.state_dict(), avg_model.state_dict()
     assert any(not torch.equal(raw_w[k], avg_w[k]) for k in raw_w if raw_w[k].is_floating_point())
     from kdcache.data import load_dataset
-    from kdcache.train import accuracy
+    from kdcache.inference import accuracy
 
     data = load_dataset("cifar10", data_dir, 400)
     acc = lambda m, meta: accuracy(

@@ -135,8 +135,8 @@ def test_a_cache_over_the_memory_budget_is_read_per_epoch_with_the_same_result(t
     """--resident-mb 0: the student reads each epoch's views from the file in blocks, one epoch ahead."""
     from kdcache.config import get_preset
     from kdcache.dump import dump_logits
+    from kdcache.runtime import Runtime
     from kdcache.stages import train_student
-    from kdcache.train import Runtime
 
     cache = tmp_path / "c.h5"
     dump_logits(

@@ -3,8 +3,11 @@
 import pytest
 import torch
 
+from kdcache.batches import ViewBatches
+from kdcache.inference import predict
+from kdcache.runtime import Runtime
 from kdcache.stages import fresh_views_plan
-from kdcache.train import Runtime, ViewBatches, build_optimizer, predict
+from kdcache.train import build_optimizer
 from kdcache.views import CropFlip, Views, view_params
 
 

@@ -16,10 +16,11 @@ import torch
 from conftest import ROOT, SHARED_CIFAR, run_cli
 from typer.testing import CliRunner
 
+from kdcache.checkpoints import load_checkpoint, read_checkpoint, save_checkpoint
 from kdcache.cli import app
 from kdcache.data import _unpickle, load_dataset, write_fake_cifar10
 from kdcache.errors import KDCacheError
-from kdcache.models import build, load_checkpoint, read_checkpoint, save_checkpoint
+from kdcache.models import build
 
 ONE = ["--device", "cpu"]
 
