@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED_CIFAR := ../shared/cifar10/cifar-10-batches-py
 
-.PHONY: demo test data setup bench gpu-proof clean
+.PHONY: demo test lint data setup bench gpu-proof clean
 
 # Create the virtual environment and install kdcache (editable) with its test extras.
 $(VENV)/.installed: pyproject.toml
@@ -24,7 +24,12 @@ data:
 demo: setup data
 	$(PY) -m kdcache pipeline --preset demo --with-online --out runs/demo --force
 
-test: setup data
+# Lint (formatting and ruff's checks, configured in pyproject.toml), then every test tier.
+lint: setup
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+test: setup data lint
 	$(PY) -m pytest -q
 
 bench: setup data

@@ -157,7 +157,8 @@ def output_lock(out: str | Path, wait: Callable[[str], None] | None = None) -> I
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
                 if wait is None:
                     raise KDCacheError(
-                        f"another kdcache run (pid {holder}) is writing {out}: wait for it to finish, or choose another --out"
+                        f"another kdcache run (pid {holder}) is writing {out}: "
+                        "wait for it to finish, or choose another --out"
                     ) from None
                 wait(holder)
                 fcntl.flock(fd, fcntl.LOCK_EX)

@@ -474,9 +474,9 @@ class Cache:
 
     def tensors(self, targets: bool = True) -> tuple[torch.Tensor | TopK | None, Views, torch.Tensor]:
         """(targets: logits fp16 [N,K,C] or a `TopK` [N,K] (None when not `targets`), the `Views` [N,K]
-        (view_params, the mix record when mixed, the geometry), labels int64 [N]) in host memory, checked: finite targets, view parameters, partners, classes
-        and labels in range (a hand-edited cache is refused here). The student moves one epoch's slice
-        to the device at a time."""
+        (view_params, the mix record when mixed, the geometry), labels int64 [N]) in host memory, checked:
+        finite targets, view parameters, partners, classes and labels in range (a hand-edited cache is
+        refused here). The student moves one epoch's slice to the device at a time."""
         f = self.file
         logits = self.targets() if targets else None  # targets=False: the caller streams them per epoch
         params, labels = (torch.from_numpy(f[name][...]) for name in ("view_params", "labels"))
@@ -537,14 +537,20 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> Cache:
     attrs = f.attrs
     problem = None
     if _plain(attrs.get("format")) != FORMAT:
-        problem = f"{path} is not a kdcache logit cache (format {_plain(attrs.get('format'))!r}): pass a file written by dump-logits"
+        problem = (
+            f"{path} is not a kdcache logit cache (format {_plain(attrs.get('format'))!r}): "
+            "pass a file written by dump-logits"
+        )
     elif _plain(attrs.get("format_version")) not in READABLE_VERSIONS:
         problem = (
             f"{path} is cache format v{_plain(attrs.get('format_version'))}, this kdcache reads v1 and v2: "
             "recreate it with this version's dump-logits"
         )
     elif _plain(attrs.get("view_recipe")) not in GEOMETRIES:
-        problem = f"{path} uses view recipe {_plain(attrs.get('view_recipe'))!r}, this kdcache knows {' and '.join(GEOMETRIES)}"
+        problem = (
+            f"{path} uses view recipe {_plain(attrs.get('view_recipe'))!r}, "
+            f"this kdcache knows {' and '.join(GEOMETRIES)}"
+        )
     elif require_complete and not _plain(attrs.get("complete")):
         problem = f"{path} is incomplete (an interrupted dump): finish it with `kdcache dump-logits --resume`"
     elif not all(name in f for name in (*target_names(attrs), "view_params", "labels", "indices")):
@@ -554,7 +560,10 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> Cache:
         for key in REQUIRED_ATTRS + (tuple(V1_DEFAULTS) if _plain(attrs.get("format_version")) >= 2 else ())
         if key not in attrs
     ]:
-        problem = f"{path} lacks the attribute {missing[0]!r}: it was edited or damaged; recreate it with `kdcache dump-logits`"
+        problem = (
+            f"{path} lacks the attribute {missing[0]!r}: it was edited or damaged; "
+            "recreate it with `kdcache dump-logits`"
+        )
     elif damage := _layout_problem(f) or _json_problem(attrs):
         problem = f"{path} {damage}: it was edited or damaged; recreate it with `kdcache dump-logits`"
     if problem:

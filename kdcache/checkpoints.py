@@ -110,7 +110,8 @@ def check_classes(path: str | Path, meta: dict, dataset: str, num_classes: int) 
     """Refuse to run a checkpoint on data with another class count."""
     if meta["num_classes"] != num_classes:
         raise KDCacheError(
-            f"{path} predicts {meta['num_classes']} classes, {dataset} has {num_classes}: use a checkpoint of this dataset"
+            f"{path} predicts {meta['num_classes']} classes, {dataset} has {num_classes}: "
+            "use a checkpoint of this dataset"
         )
 
 

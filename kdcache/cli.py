@@ -96,13 +96,19 @@ def command(name: str | None = None, **kwargs):
 PresetOpt = typer.Option(
     None,
     "--preset",
-    help=f"Named recipe: {PRESET_NAMES}. Flags you pass override it. \\[default: {DEFAULT_PRESET} for teacher and pipeline; dump-logits and student start from the recipe the teacher/cache recorded]",
+    help=(
+        f"Named recipe: {PRESET_NAMES}. Flags you pass override it. \\[default: {DEFAULT_PRESET} for teacher and "
+        "pipeline; dump-logits and student start from the recipe the teacher/cache recorded]"
+    ),
 )
 DataDirOpt = typer.Option(
     None,
     "--data-dir",
     "--data",
-    help="Where the data is: CIFAR's python batches (\\[default: data/]) or an image folder (\\[default: the path the checkpoint or cache recorded]).",
+    help=(
+        "Where the data is: CIFAR's python batches (\\[default: data/]) or an image folder (\\[default: the path "
+        "the checkpoint or cache recorded])."
+    ),
 )
 DatasetOpt = typer.Option(
     None,
@@ -117,32 +123,51 @@ ImageSizeOpt = typer.Option(
 StoreSizeOpt = typer.Option(
     None,
     "--store-size",
-    help="Image folders: images are stored once, shrunk to fit this many pixels a side. \\[default: image size x 4/3 / 0.875, rounded up to 8: 104 for 64, 344 for 224]",
+    help=(
+        "Image folders: images are stored once, shrunk to fit this many pixels a side. "
+        "\\[default: image size x 4/3 / 0.875, rounded up to 8: 104 for 64, 344 for 224]"
+    ),
 )
 ValFractionOpt = typer.Option(
     None,
     "--val-fraction",
-    help="Image folders without val/: hold out this share of every class of train/ (chosen by a hash of the file path).",
+    help=(
+        "Image folders without val/: hold out this share of every class of train/ (chosen by a hash of the file path)."
+    ),
 )
 SkipBadOpt = typer.Option(
     False,
     "--skip-bad-images",
-    help="Image folders: leave out files that do not decode or are too large (named in a note and in the store's meta.json) instead of stopping.",
+    help=(
+        "Image folders: leave out files that do not decode or are too large (named in a note and in the store's "
+        "meta.json) instead of stopping."
+    ),
 )
 MaxPixelsOpt = typer.Option(
     None,
     "--max-image-pixels",
-    help="Image folders: refuse (or with --skip-bad-images leave out) an image whose header declares more pixels than this, before decoding it: a small file can declare a huge canvas. \\[default: 40000000, 40 megapixels]",
+    help=(
+        "Image folders: refuse (or with --skip-bad-images leave out) an image whose header declares more pixels "
+        "than this, before decoding it: a small file can declare a huge canvas. \\[default: 40000000, 40 megapixels]"
+    ),
 )
 ResidentOpt = typer.Option(
     None,
     "--resident-mb",
-    help="Image folders: training images up to this many MB stay on the device; a larger store is streamed from host memory per batch (same results). \\[default: half the GPU's free memory, or half the RAM]",
+    help=(
+        "Image folders: training images up to this many MB stay on the device; "
+        "a larger store is streamed from host memory per batch (same results). "
+        "\\[default: half the GPU's free memory, or half the RAM]"
+    ),
 )
 StoreFormatOpt = typer.Option(
     None,
     "--store-format",
-    help="Image folders: how the store keeps each image: raw (uint8 pixels, read by memory map: fastest, biggest), jpeg (JPEG bytes, about a tenth of raw, decoded per batch on all cores) or auto (raw while the raw store fits in half the RAM, jpeg beyond). \\[default: auto]",
+    help=(
+        "Image folders: how the store keeps each image: raw (uint8 pixels, read by memory map: fastest, biggest), "
+        "jpeg (JPEG bytes, about a tenth of raw, decoded per batch on all cores) "
+        "or auto (raw while the raw store fits in half the RAM, jpeg beyond). \\[default: auto]"
+    ),
 )
 JpegQualityOpt = typer.Option(
     None, "--jpeg-quality", help="Image folders, jpeg store: JPEG quality of the stored images. \\[default: 90]"
@@ -150,7 +175,10 @@ JpegQualityOpt = typer.Option(
 RebuildStoreOpt = typer.Option(
     False,
     "--rebuild-store",
-    help="Image folders: prepare the store again, whatever its state: after the folder changed (artifacts of the old store no longer match), or when it is damaged.",
+    help=(
+        "Image folders: prepare the store again, whatever its state: after the folder changed (artifacts of the old "
+        "store no longer match), or when it is damaged."
+    ),
 )
 SubsetOpt = typer.Option(
     None, "--subset", help="Use only the first N training images. \\[default: all, or the preset's]"
@@ -173,7 +201,10 @@ LrOpt = typer.Option(None, "--lr", help="Peak learning rate. \\[default: the pre
 OptimOpt = typer.Option(
     None,
     "--optimizer",
-    help="sgd | adam; momentum and weight decay stay the preset's. \\[default: the preset's: sgd for seed-resnet, adam for seed-cnn]",
+    help=(
+        "sgd | adam; momentum and weight decay stay the preset's. \\[default: the preset's: sgd for seed-resnet, "
+        "adam for seed-cnn]"
+    ),
 )
 WarmupOpt = typer.Option(
     None,
@@ -186,7 +217,10 @@ NesterovOpt = typer.Option(
 MixOpt = typer.Option(
     None,
     "--mix",
-    help="Mixed views (function matching): none | cutmix | mixup | both; the partner image and box or weight are a pure function of (seed, image, view). \\[default: the preset's, none]",
+    help=(
+        "Mixed views (function matching): none | cutmix | mixup | both; the partner image and box or weight are a "
+        "pure function of (seed, image, view). \\[default: the preset's, none]"
+    ),
 )
 MixProbOpt = typer.Option(
     None,
@@ -196,12 +230,18 @@ MixProbOpt = typer.Option(
 LossOpt = typer.Option(
     None,
     "--loss",
-    help="Soft-target loss from raw logits: kd (Hinton) | dkd (decoupled KD) | dist (DIST) | ls (logit standardisation). \\[default: kd]",
+    help=(
+        "Soft-target loss from raw logits: kd (Hinton) | dkd (decoupled KD) | dist (DIST) "
+        "| ls (logit standardisation). \\[default: kd]"
+    ),
 )
 ScheduleOpt = typer.Option(
     None,
     "--schedule",
-    help="Learning rate over the epochs, set every step: cosine (decays to 0) | linear (decays to 0) | constant. \\[default: the preset's: cosine for seed-resnet, constant for seed-cnn]",
+    help=(
+        "Learning rate over the epochs, set every step: cosine (decays to 0) | linear (decays to 0) | constant. "
+        "\\[default: the preset's: cosine for seed-resnet, constant for seed-cnn]"
+    ),
 )
 MomentumOpt = typer.Option(
     None, "--momentum", help="SGD momentum in [0, 1). \\[default: the preset's, 0.9 for seed-resnet]"
@@ -212,22 +252,36 @@ WeightDecayOpt = typer.Option(
 LabelSmoothingOpt = typer.Option(
     None,
     "--label-smoothing",
-    help="Label smoothing of the label term, in [0, 1): targets (1 - s) one-hot + s / classes. \\[default: the preset's, 0; cifar10-fast's teacher 0.2]",
+    help=(
+        "Label smoothing of the label term, in [0, 1): targets (1 - s) one-hot + s / classes. "
+        "\\[default: the preset's, 0; cifar10-fast's teacher 0.2]"
+    ),
 )
 EmaOpt = typer.Option(
     None,
     "--ema",
-    help="Keep an exponential moving average of the weights (this decay per step, e.g. 0.98; 0: off); evaluation, the checkpoint and so the dump use the average. \\[default: the preset's, 0]",
+    help=(
+        "Keep an exponential moving average of the weights (this decay per step, e.g. 0.98; 0: off); evaluation, "
+        "the checkpoint and so the dump use the average. \\[default: the preset's, 0]"
+    ),
 )
 BnBiasLrOpt = typer.Option(
     None,
     "--bn-bias-lr",
-    help="BatchNorm biases learn at this multiple of --lr (their weight decay divided by it, as airbench does). \\[default: the preset's, 1]",
+    help=(
+        "BatchNorm biases learn at this multiple of --lr (their weight decay divided by it, as airbench does). "
+        "\\[default: the preset's, 1]"
+    ),
 )
 ConfigOpt = typer.Option(
     None,
     "--config",
-    help="A TOML file of recipe fields, e.g. `lr = 0.05`, with a \\[teacher] table for the teacher stage's own (write one with --print-config, or from any checkpoint or cache with `kdcache inspect FILE --config`). Flags you type override it; it overrides the starting recipe (--preset, its own `preset = NAME`, or what the upstream artifact recorded).",
+    help=(
+        "A TOML file of recipe fields, e.g. `lr = 0.05`, with a \\[teacher] table for the teacher stage's own "
+        "(write one with --print-config, or from any checkpoint or cache with `kdcache inspect FILE --config`). "
+        "Flags you type override it; it overrides the starting recipe (--preset, its own `preset = NAME`, "
+        "or what the upstream artifact recorded)."
+    ),
 )
 PrintConfigOpt = typer.Option(
     False,
@@ -245,18 +299,28 @@ FixedImageSizeOpt = typer.Option(
 TensorBoardOpt = typer.Option(
     None,
     "--tensorboard",
-    help="Also write each epoch's metrics (the lines of OUT.metrics.jsonl: train loss, train and test accuracy, lr, img/s, a student's agreement and KL with the teacher, a teacher's TTA accuracies at the end) as TensorBoard scalars into this folder, the epoch as the step; view them with `tensorboard --logdir DIR`. Needs pip install 'kdcache\\[tensorboard]'.",
+    help=(
+        "Also write each epoch's metrics (the lines of OUT.metrics.jsonl: train loss, train and test accuracy, lr, "
+        "img/s, a student's agreement and KL with the teacher, a teacher's TTA accuracies at the end) "
+        "as TensorBoard scalars into this folder, the epoch as the step; view them with `tensorboard --logdir DIR`. "
+        "Needs pip install 'kdcache\\[tensorboard]'."
+    ),
     metavar="DIR",
 )
 TrustArchOpt = typer.Option(
     False,
     "--trust-arch",
-    help="Build a module.path:factory architecture that a checkpoint or cache names: that imports the module and runs its code, so only for files you trust. kdcache's own names and torchvision:/timm: specs need no flag.",
+    help=(
+        "Build a module.path:factory architecture that a checkpoint or cache names: "
+        "that imports the module and runs its code, so only for files you trust. "
+        "kdcache's own names and torchvision:/timm: specs need no flag."
+    ),
 )
 
 
 def _print_config(recipe, command: str, dump=None) -> None:
-    """--print-config: the resolved recipe (and the dump's own settings) as TOML on stdout, then exit 0 before any work."""
+    """--print-config: the resolved recipe (and the dump's own settings) as TOML on stdout, then exit 0
+    before any work."""
     from kdcache.config import to_toml
 
     typer.echo(
@@ -351,7 +415,10 @@ def teacher_cmd(
     arch: str | None = typer.Option(
         None,
         "--arch",
-        help="Teacher architecture: resnet18|34|50, seed-cnn-teacher, torchvision:NAME, timm:NAME or module.path:factory. \\[default: resnet50]",
+        help=(
+            "Teacher architecture: resnet18|34|50, seed-cnn-teacher, torchvision:NAME, "
+            "timm:NAME or module.path:factory. \\[default: resnet50]"
+        ),
     ),
     dataset: str | None = DatasetOpt,
     data_dir: Path | None = DataDirOpt,
@@ -467,7 +534,10 @@ def teacher_cmd(
 def import_teacher_cmd(
     weights: Path = typer.Argument(
         ...,
-        help="Weights trained elsewhere: a state dict (.pt/.pth, also nested under 'state_dict' or 'model'), loaded safely with no flag; a whole saved model needs --trust-pickle.",
+        help=(
+            "Weights trained elsewhere: a state dict (.pt/.pth, also nested under 'state_dict' or 'model'), "
+            "loaded safely with no flag; a whole saved model needs --trust-pickle."
+        ),
     ),
     arch: str = typer.Option(
         ...,
@@ -487,13 +557,19 @@ def import_teacher_cmd(
     mean: str | None = typer.Option(
         None,
         "--mean",
-        help="Normalisation the weights were trained with, as R,G,B in [0, 1]. \\[default: ImageNet's for image folders, CIFAR's for CIFAR]",
+        help=(
+            "Normalisation the weights were trained with, as R,G,B in [0, 1]. "
+            "\\[default: ImageNet's for image folders, CIFAR's for CIFAR]"
+        ),
     ),
     std: str | None = typer.Option(None, "--std", help="Its standard deviations, R,G,B. \\[default: with --mean's]"),
     small_stem: bool | None = typer.Option(
         None,
         "--small-stem/--no-small-stem",
-        help="ResNet-style models: the CIFAR stem (3x3 stride 1, no max-pool) or the ImageNet one. \\[default: the CIFAR stem for images of at most 64 pixels]",
+        help=(
+            "ResNet-style models: the CIFAR stem (3x3 stride 1, no max-pool) or the ImageNet one. "
+            "\\[default: the CIFAR stem for images of at most 64 pixels]"
+        ),
     ),
     batch_size: int = typer.Option(512, "--batch-size", help="Evaluation batch size."),
     device: str = DeviceOpt,
@@ -503,7 +579,10 @@ def import_teacher_cmd(
     trust_pickle: bool = typer.Option(
         False,
         "--trust-pickle",
-        help="Also load a whole pickled model (torch.save(model)): this runs code from the file, so only for files you trust. A state dict needs no flag.",
+        help=(
+            "Also load a whole pickled model (torch.save(model)): this runs code from the file, "
+            "so only for files you trust. A state dict needs no flag."
+        ),
     ),
 ):
     """Wrap a teacher trained elsewhere into a kdcache checkpoint, checked against the data's classes.
@@ -566,12 +645,18 @@ def dump_cmd(
     teacher: list[Path] = typer.Option(
         [TEACHER_OUT],
         "--teacher",
-        help="Teacher checkpoint written by `kdcache teacher` or `import-teacher`. Repeat it for an ensemble: the cache then holds log(mean of the members' softmax), valid logits at T=1.",
+        help=(
+            "Teacher checkpoint written by `kdcache teacher` or `import-teacher`. Repeat it for an ensemble: "
+            "the cache then holds log(mean of the members' softmax), valid logits at T=1."
+        ),
     ),
     arch: str | None = typer.Option(
         None,
         "--arch",
-        help="Refuse a teacher of any other architecture; naming a module.path:factory one here also lets it be built (as --trust-arch).",
+        help=(
+            "Refuse a teacher of any other architecture; naming a module.path:factory one here also lets it be "
+            "built (as --trust-arch)."
+        ),
     ),
     trust_arch: bool = TrustArchOpt,
     views: int | None = typer.Option(
@@ -580,12 +665,19 @@ def dump_cmd(
     augment: bool | None = typer.Option(
         None,
         "--augment/--no-augment",
-        help="Crop+flip views; --no-augment caches the plain image. \\[default: the preset's; without --preset, what the teacher was trained with]",
+        help=(
+            "Crop+flip views; --no-augment caches the plain image. \\[default: the preset's; without --preset, "
+            "what the teacher was trained with]"
+        ),
     ),
     mix: str | None = typer.Option(
         None,
         "--mix",
-        help="Mixed views: none | cutmix | mixup | both. The teacher runs on the mixed image itself, and the cache stores the partner and box/weight, so a student replays exactly that image. \\[default: what the teacher was trained with]",
+        help=(
+            "Mixed views: none | cutmix | mixup | both. The teacher runs on the mixed image itself, "
+            "and the cache stores the partner and box/weight, so a student replays exactly that image. "
+            "\\[default: what the teacher was trained with]"
+        ),
     ),
     mix_prob: float | None = MixProbOpt,
     data_dir: Path | None = DataDirOpt,
@@ -606,12 +698,22 @@ def dump_cmd(
     topk: int | None = typer.Option(
         None,
         "--topk",
-        help="Keep only the k largest logits per view (fp16) and their classes, plus the log-sum-exp of all logits at --topk-temperatures, so the tail's mass stays exact: for many classes (C=1000, k=10: 29x smaller per view). Students then use --loss kd at one of those temperatures. 0: every logit. \\[default: 0, dense logits]",
+        help=(
+            "Keep only the k largest logits per view (fp16) and their classes, "
+            "plus the log-sum-exp of all logits at --topk-temperatures, so the tail's mass stays exact: "
+            "for many classes (C=1000, k=10: 29x smaller per view). Students then use --loss kd at one of those "
+            "temperatures. 0: every logit. \\[default: 0, dense logits]"
+        ),
     ),
     tta: str | None = typer.Option(
         None,
         "--tta",
-        help="Test-time augmentation of the cached logits: none (the teacher's answer to exactly the view) | flip (the mean of its answers to the view and its mirror: a two-member ensemble, usually a little more accurate; recorded in the cache) | flip-translate (also shifted by a pixel: 6 passes). \\[default: none]",
+        help=(
+            "Test-time augmentation of the cached logits: none (the teacher's answer to exactly the view) "
+            "| flip (the mean of its answers to the view and its mirror: a two-member ensemble, "
+            "usually a little more accurate; recorded in the cache) | flip-translate (also shifted by a pixel: "
+            "6 passes). \\[default: none]"
+        ),
     ),
     topk_temperatures: str | None = typer.Option(
         None,
@@ -699,13 +801,21 @@ def student_cmd(
     arch: str | None = typer.Option(
         None,
         "--arch",
-        help="Student architecture: resnet18|34|50, seed-cnn-student, torchvision:NAME, timm:NAME or module.path:factory. \\[default: resnet18]",
+        help=(
+            "Student architecture: resnet18|34|50, seed-cnn-student, torchvision:NAME, "
+            "timm:NAME or module.path:factory. \\[default: resnet18]"
+        ),
     ),
     cache: Path = typer.Option(CACHE_OUT, "--cache", help="Logit cache written by `kdcache dump-logits`."),
     online_teacher: Path | None = typer.Option(
         None,
         "--online-teacher",
-        help="No cache: run this teacher checkpoint on a fresh view every step (online distillation, to compare with the cache at equal budget). The views are of the family the teacher trained on (crop/flip or not, its --mix and --mix-prob), whatever --preset says; --augment/--no-augment, --mix and --mix-prob change them.",
+        help=(
+            "No cache: run this teacher checkpoint on a fresh view every step (online distillation, "
+            "to compare with the cache at equal budget). The views are of the family the teacher trained on "
+            "(crop/flip or not, its --mix and --mix-prob), whatever --preset says; --augment/--no-augment, "
+            "--mix and --mix-prob change them."
+        ),
     ),
     trust_arch: bool = TrustArchOpt,
     loss: str | None = LossOpt,
@@ -746,7 +856,10 @@ def student_cmd(
     alpha: float | None = typer.Option(
         None,
         "--alpha",
-        help="Weight of the soft-target loss in [0, 1]; 0 trains the student alone. \\[default: the preset's, 0.5 for seed-resnet]",
+        help=(
+            "Weight of the soft-target loss in [0, 1]; 0 trains the student alone. \\[default: the preset's, "
+            "0.5 for seed-resnet]"
+        ),
     ),
     seed: int | None = SeedOpt,
     config: Path | None = ConfigOpt,
@@ -882,7 +995,10 @@ def eval_cmd(
     arch: str | None = typer.Option(
         None,
         "--arch",
-        help="Refuse a checkpoint of any other architecture; naming a module.path:factory one here also lets it be built (as --trust-arch).",
+        help=(
+            "Refuse a checkpoint of any other architecture; naming a module.path:factory one here also lets it be "
+            "built (as --trust-arch)."
+        ),
     ),
     trust_arch: bool = TrustArchOpt,
     data_dir: Path | None = DataDirOpt,
@@ -890,7 +1006,10 @@ def eval_cmd(
     tta: str = typer.Option(
         "none",
         "--tta",
-        help="Test-time augmentation: none | flip (mean of the image's and its mirror's logits) | flip-translate (also shifted one pixel each way, as airbench evaluates).",
+        help=(
+            "Test-time augmentation: none | flip (mean of the image's and its mirror's logits) "
+            "| flip-translate (also shifted one pixel each way, as airbench evaluates)."
+        ),
     ),
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
@@ -927,7 +1046,11 @@ def inspect_cmd(
     config: bool = typer.Option(
         False,
         "--config",
-        help="Print the recipe the cache or checkpoint recorded, as a TOML config file: `kdcache inspect student.pt --config > run.toml`, then `kdcache student --config run.toml ...` repeats the run.",
+        help=(
+            "Print the recipe the cache or checkpoint recorded, as a TOML config file: "
+            "`kdcache inspect student.pt --config > run.toml`, then `kdcache student --config run.toml ...` repeats "
+            "the run."
+        ),
     ),
 ):
     """Summarise a cache: format, dataset, N x K x C, size, teacher, accuracy, entropy, completeness."""
@@ -954,7 +1077,10 @@ def verify_cmd(
     arch: str | None = typer.Option(
         None,
         "--arch",
-        help="Refuse a teacher of any other architecture; naming a module.path:factory one here also lets it be built (as --trust-arch).",
+        help=(
+            "Refuse a teacher of any other architecture; naming a module.path:factory one here also lets it be "
+            "built (as --trust-arch)."
+        ),
     ),
     trust_arch: bool = TrustArchOpt,
     data_dir: Path | None = DataDirOpt,
@@ -1002,12 +1128,18 @@ def bench_cmd(
         None,
         "--data-dir",
         "--data",
-        help="Real CIFAR-10 here, or an image folder (with train/): its store-backed loops; without it, synthetic uint8 images of CIFAR's shape.",
+        help=(
+            "Real CIFAR-10 here, or an image folder (with train/): its store-backed loops; without it, "
+            "synthetic uint8 images of CIFAR's shape."
+        ),
     ),
     image_folder: bool = typer.Option(
         False,
         "--image-folder",
-        help="Measure the image-folder loops (resident and streamed store, random-resized crops) on a synthetic folder when --data is not one.",
+        help=(
+            "Measure the image-folder loops (resident and streamed store, random-resized crops) "
+            "on a synthetic folder when --data is not one."
+        ),
     ),
     image_size: int = typer.Option(64, "--image-size", help="Image-folder loops: view size in pixels."),
     device: str = DeviceOpt,
@@ -1016,7 +1148,10 @@ def bench_cmd(
     procs: int | None = typer.Option(
         None,
         "--procs",
-        help="Instead: the cached student and the dump in N processes under torchrun (DDP; CPU cores split evenly, or one GPU each) against 1 process, taking turns.",
+        help=(
+            "Instead: the cached student and the dump in N processes under torchrun (DDP; CPU cores split evenly, "
+            "or one GPU each) against 1 process, taking turns."
+        ),
     ),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the figures as JSON here."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --json file."),
@@ -1045,7 +1180,8 @@ def bench_cmd(
             return _write_bench_json(json_path, record)
         cfg = BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, repeats, data_dir).validate()
         err_console.print(
-            f"bench {teacher_arch} -> {student_arch} · batch {batch_size} · {repeats} rounds of {steps} steps · {rt.describe()}",
+            f"bench {teacher_arch} -> {student_arch} · batch {batch_size} · "
+            f"{repeats} rounds of {steps} steps · {rt.describe()}",
             highlight=False,
         )
         with err_console.status("measuring") as status:
@@ -1080,8 +1216,8 @@ def _folder_bench(teacher_arch, student_arch, batch_size, steps, warmup, repeats
 
     cfg = BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, repeats).validate()
     err_console.print(
-        f"bench image folder {folder or '(synthetic)'} · {teacher_arch} -> {student_arch} · {image_size} px · batch {batch_size} · "
-        f"{repeats} rounds of {steps} steps · {rt.describe()}",
+        f"bench image folder {folder or '(synthetic)'} · {teacher_arch} -> {student_arch} · "
+        f"{image_size} px · batch {batch_size} · {repeats} rounds of {steps} steps · {rt.describe()}",
         highlight=False,
     )
     with err_console.status("measuring") as status:
@@ -1126,7 +1262,10 @@ def pipeline_cmd(
     teacher_augment: bool | None = typer.Option(
         None,
         "--teacher-augment/--no-teacher-augment",
-        help="The teacher's own training views, when they differ from the cache's (a teacher trained on crops + flips labels plain views well). \\[default: the preset's, else as --augment]",
+        help=(
+            "The teacher's own training views, when they differ from the cache's (a teacher trained on crops + "
+            "flips labels plain views well). \\[default: the preset's, else as --augment]"
+        ),
     ),
     teacher: Path | None = typer.Option(
         None, "--teacher", help="Reuse this teacher checkpoint instead of training one."
@@ -1134,12 +1273,18 @@ def pipeline_cmd(
     teachers: int = typer.Option(
         1,
         "--teachers",
-        help="Train N teachers (seeds --seed, --seed + 1, ...) and cache their ensemble (the log of their mean softmax); the report lists each member and the ensemble.",
+        help=(
+            "Train N teachers (seeds --seed, --seed + 1, ...) and cache their ensemble (the log of their mean "
+            "softmax); the report lists each member and the ensemble."
+        ),
     ),
     trust_arch: bool = typer.Option(
         False,
         "--trust-arch",
-        help="The --teacher checkpoint may name a module.path:factory architecture: building it imports the module and runs its code, so only for files you trust.",
+        help=(
+            "The --teacher checkpoint may name a module.path:factory architecture: "
+            "building it imports the module and runs its code, so only for files you trust."
+        ),
     ),
     mix: str | None = MixOpt,
     mix_prob: float | None = MixProbOpt,
@@ -1147,7 +1292,10 @@ def pipeline_cmd(
     with_online: bool = typer.Option(
         False,
         "--with-online",
-        help="Also train the KD student with the teacher in the loop on fresh views of the same family (no cache): accuracy and time beside the cached student.",
+        help=(
+            "Also train the KD student with the teacher in the loop on fresh views of the same family (no cache): "
+            "accuracy and time beside the cached student."
+        ),
     ),
     T: float | None = typer.Option(None, "--T", help="Distillation temperature. \\[default: the preset's]"),
     alpha: float | None = typer.Option(
@@ -1162,7 +1310,13 @@ def pipeline_cmd(
     tensorboard: Path | None = typer.Option(
         None,
         "--tensorboard",
-        help="Also write each training stage's per-epoch metrics (as its OUT.metrics.jsonl: loss, accuracies, lr, img/s, the students' agreement and KL with the teacher, the teacher's TTA accuracies) as TensorBoard scalars, the epoch as the step, one subfolder of DIR per report row (teacher, student_alone, student_with_kd, student_online_kd); view them side by side with `tensorboard --logdir DIR`. Needs pip install 'kdcache\\[tensorboard]'.",
+        help=(
+            "Also write each training stage's per-epoch metrics (as its OUT.metrics.jsonl: loss, accuracies, lr, "
+            "img/s, the students' agreement and KL with the teacher, the teacher's TTA accuracies) "
+            "as TensorBoard scalars, the epoch as the step, one subfolder of DIR per report row (teacher, "
+            "student_alone, student_with_kd, student_online_kd); view them side by side with `tensorboard --logdir "
+            "DIR`. Needs pip install 'kdcache\\[tensorboard]'."
+        ),
         metavar="DIR",
     ),
     force: bool = typer.Option(False, "--force", help="Redo every stage, overwriting the run directory's artifacts."),
@@ -1265,7 +1419,10 @@ def report_cmd(
     force: bool = typer.Option(
         False,
         "--force",
-        help="Overwrite an existing plot file (--plot, or comparison.png for several runs); each run's own report files are always re-rendered.",
+        help=(
+            "Overwrite an existing plot file (--plot, or comparison.png for several runs); "
+            "each run's own report files are always re-rendered."
+        ),
     ),
 ):
     """Re-render the comparison table, report files and plot from saved metrics; several runs side by side."""

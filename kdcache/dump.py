@@ -205,7 +205,8 @@ def dump_logits(
         free = shutil.disk_usage(out.parent).free
         if free < need * 1.1:
             raise KDCacheError(
-                f"{out.parent} has {free / 1e6:.1f} MB free, the cache needs about {need / 1e6:.1f} MB: free space or choose another --out"
+                f"{out.parent} has {free / 1e6:.1f} MB free, the cache needs about {need / 1e6:.1f} MB: "
+                "free space or choose another --out"
             )
         shards = cache_io.shard_paths(out)
         sharded = rt.world > 1 or (resume and bool(shards))  # torchrun, or finishing what one left

@@ -262,13 +262,16 @@ def print_folder_bench(record: dict) -> None:
     r, b = record["ratios"], record["store_bytes"]
     out_console.print(
         f"cached over the ImageFolder online-KD loop: {r['cached_jpeg_over_imagefolder_online']:.2f}x (jpeg store), "
-        f"{r['cached_over_imagefolder_online']:.2f}x (raw, resident) · cached/plain {r['cached_over_plain']:.2f} (resident), "
-        f"{r['cached_streamed_over_plain_streamed']:.2f} (streamed) · streamed/resident {r['streamed_over_resident']:.2f} · "
+        f"{r['cached_over_imagefolder_online']:.2f}x (raw, resident) · "
+        f"cached/plain {r['cached_over_plain']:.2f} (resident), "
+        f"{r['cached_streamed_over_plain_streamed']:.2f} (streamed) · "
+        f"streamed/resident {r['streamed_over_resident']:.2f} · "
         f"jpeg/resident {r['jpeg_over_resident']:.2f}",
         highlight=False,
     )
     out_console.print(
-        f"bytes: folder {b['folder'] / 1e6:,.1f} MB · raw store {b['raw'] / 1e6:,.1f} MB · jpeg store {b['jpeg'] / 1e6:,.1f} MB · "
+        f"bytes: folder {b['folder'] / 1e6:,.1f} MB · raw store {b['raw'] / 1e6:,.1f} MB · "
+        f"jpeg store {b['jpeg'] / 1e6:,.1f} MB · "
         f"prepared at {record['prepare_img_s']:,.0f} (raw), {record['prepare_jpeg_img_s']:,.0f} (jpeg) images/s "
         f"({record['prepare_images']:,} images)",
         highlight=False,
@@ -289,7 +292,8 @@ def print_pipeline(record: dict, out: Path) -> None:
             highlight=False,
         )
     out_console.print(
-        f"KD gain over the student alone: {100 * record['kd_gain']:+.2f} points · report: {out / 'report.md'} · plot: {out / 'accuracy.png'}",
+        f"KD gain over the student alone: {100 * record['kd_gain']:+.2f} points · "
+        f"report: {out / 'report.md'} · plot: {out / 'accuracy.png'}",
         highlight=False,
     )
     print_warnings(record)

@@ -123,7 +123,8 @@ def markdown(record: dict) -> str:
     lines = [
         f"# kdcache run `{record['run_dir']}`",
         "",
-        "| model | arch | parameters | test accuracy | agrees with teacher | KL to teacher | training time | images/s |",
+        "| model | arch | parameters | test accuracy | agrees with teacher | KL to teacher "
+        "| training time | images/s |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in record["rows"]:
@@ -139,12 +140,14 @@ def markdown(record: dict) -> str:
         d = record["dump"]
         rate = f", {d['img_s']:,.0f} img/s" if d["img_s"] else ""
         lines.append(
-            f"Cache: {d['images']:,} images x {d['views']} views, {d['size_mb']:.1f} MB, dumped in {d['time_s']:.0f} s{rate}."
+            f"Cache: {d['images']:,} images x {d['views']} views, {d['size_mb']:.1f} MB, "
+            f"dumped in {d['time_s']:.0f} s{rate}."
         )
     run = record.get("run", {})
     if run:
         lines.append(
-            f"Preset `{run.get('preset')}` on {run.get('runtime')}; pipeline wall time {run.get('pipeline_wall_s', 0):.0f} s."
+            f"Preset `{run.get('preset')}` on {run.get('runtime')}; "
+            f"pipeline wall time {run.get('pipeline_wall_s', 0):.0f} s."
         )
     lines += ["", "![test accuracy per epoch and per second of training](accuracy.png)", ""]
     return "\n".join(lines)

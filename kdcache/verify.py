@@ -106,7 +106,8 @@ def cache_summary(path: str | Path, T: float = 1.0) -> list[tuple[str, str]]:
             ),
             (
                 "normalisation",
-                f"mean {tuple(round(x, 4) for x in a['normalize_mean'])} std {tuple(round(x, 4) for x in a['normalize_std'])}",
+                f"mean {tuple(round(x, 4) for x in a['normalize_mean'])} "
+                f"std {tuple(round(x, 4) for x in a['normalize_std'])}",
             ),
             ("created", f"{a['created_utc']} by kdcache {a['kdcache_version']}"),
         ]
@@ -281,7 +282,8 @@ def verify_cache(
                 fp_ok,
                 f"{a['dataset']} in {where} matches"
                 if fp_ok
-                else f"{a['dataset']} in {where} (first {a.get('subset')}) is {data.fingerprint[:12]}, the cache says {a['dataset_fingerprint'][:12]}",
+                else f"{a['dataset']} in {where} (first {a.get('subset')}) is {data.fingerprint[:12]}, "
+                f"the cache says {a['dataset_fingerprint'][:12]}",
             )
             labels_ok = np.array_equal(f["labels"][:done], data.train_y[indices].numpy())
             report.add("labels", labels_ok, "match the dataset" if labels_ok else "differ from the dataset's")
@@ -358,7 +360,8 @@ def verify_cache(
             report.add(
                 "teacher replay",
                 len(off) == 0,
-                f"{len(rows):,} views re-rendered: max |error| {err.max().item():.4f}, argmax agreement {100 * agree:.2f}%"
+                f"{len(rows):,} views re-rendered: max |error| {err.max().item():.4f}, "
+                f"argmax agreement {100 * agree:.2f}%"
                 + (f"; rows {_rows_list(off)} disagree with the teacher" if len(off) else ""),
             )
     return report

@@ -104,7 +104,8 @@ def planted(tmp_path, teacher_ckpt):
     marker = tmp_path / "ran"
     (tmp_path / "planted_arch.py").write_text(
         f"import pathlib\npathlib.Path({str(marker)!r}).touch()\nimport torch\n\n\n"
-        "def factory(num_classes):\n    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3072, num_classes))\n"
+        "def factory(num_classes):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3072, num_classes))\n"
     )
     record = read_checkpoint(teacher_ckpt)
     meta = {k: v for k, v in record.items() if k not in ("state_dict", "arch", "format", "format_version")}
