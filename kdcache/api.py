@@ -251,23 +251,16 @@ def train_student(
     """`kdcache student`: train `recipe.student_arch` against the cache's soft targets (or, with
     `online_teacher` and `cache=None`, a teacher run on fresh views) and write the checkpoint `out`.
     The views and normalisation are the cache's; `recipe.subset` must be None or the cache's rows.
-    `recipe` None: the recipe the cache recorded (a module:factory student architecture it names is then
-    built only with `trust_arch`). Returns a `StageResult`."""
-    from kdcache.models import refuse_code
+    `recipe` None: the recipe `kdcache student` resolves without flags (`stages.student_recipe`): the one
+    the cache (or the online teacher) recorded, a module:factory student architecture it names built only
+    with `trust_arch`. Returns a `StageResult`."""
+    from kdcache.stages import student_recipe
     from kdcache.stages import train_student as stage
 
     if (cache is None) == (online_teacher is None):
         raise KDCacheError("train_student needs a cache or an online_teacher (one of them): pass cache=PATH")
     if recipe is None:
-        if cache is None:
-            raise KDCacheError("train_student with an online teacher needs a recipe: pass kdcache.get_preset(NAME)")
-        recipe = _recorded(cache)
-        if not trust_arch:
-            refuse_code(
-                recipe.student_arch,
-                f"the recipe recorded in {cache}",
-                "pass a recipe naming it (or trust_arch=True) if you trust that code",
-            )
+        recipe = student_recipe(cache, None, {}, {}, online_teacher=online_teacher, trust_arch=trust_arch)
     return stage(
         _recipe(recipe),
         cache_file=cache,
@@ -289,12 +282,3 @@ def _recipe(recipe) -> Recipe:
             f"expected a kdcache.Recipe, got a {type(recipe).__name__}: pass e.g. kdcache.get_preset('seed-cnn')"
         )
     return validate(recipe)
-
-
-def _recorded(cache: str | Path) -> Recipe:
-    import json
-
-    from kdcache.cache import open_cache
-
-    with open_cache(cache) as c:
-        return Recipe.from_dict(json.loads(c.attrs["recipe"])) if "recipe" in c.attrs else Recipe()

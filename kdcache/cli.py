@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import json
 import math
 import signal
 from pathlib import Path
@@ -19,6 +17,7 @@ from kdcache.config import (
     Recipe,
     config_given,
     dump_settings,
+    fixed_by,
     read_config,
     resolve,
     teacher_views,
@@ -336,18 +335,6 @@ def _file_arch(spec: str | None, typed: str | None, config: Path | None, flag: s
 
     if spec is not None and typed is None:
         refuse_code(spec, str(config), f"name it on the command line ({flag} {spec}) if you trust that code")
-
-
-def _fixed_by(source: Path, **typed: tuple) -> None:
-    """Settings an upstream artifact fixes (`--flag_name=(typed, recorded)`): a flag that repeats the
-    artifact's value is accepted, one that differs is refused naming both values."""
-    for name, (value, recorded) in typed.items():
-        flag = "--" + name.replace("_", "-")
-        if value is not None and value != recorded:
-            raise KDCacheError(
-                f"{flag} {value} differs from {source}, which has {recorded}: it is fixed by that file; "
-                f"drop {flag}, or make the file again with it"
-            )
 
 
 def _data_options(
@@ -740,7 +727,7 @@ def dump_cmd(
     cfg = read_config(config)
     meta = read_checkpoint(teacher[0])
     taught = meta.get("recipe")
-    _fixed_by(teacher[0], dataset=(dataset, meta.get("dataset")), image_size=(image_size, meta.get("image_size")))
+    fixed_by(teacher[0], dataset=(dataset, meta.get("dataset")), image_size=(image_size, meta.get("image_size")))
     recipe = resolve(
         preset,
         cfg,
@@ -881,47 +868,12 @@ def student_cmd(
     shows every image one of its K cached views, each once per K epochs.
     """
     from kdcache import tblog
-    from kdcache.cache import open_cache
-    from kdcache.checkpoints import read_checkpoint
-    from kdcache.models import check_spec, refuse_code
-    from kdcache.stages import train_student
+    from kdcache.stages import student_recipe, train_student
 
-    check_spec(arch) if arch else None
-    view_flags = {"--augment/--no-augment": augment, "--mix": mix, "--mix-prob": mix_prob}
-    if online_teacher is None and (flag := next((f for f, v in view_flags.items() if v is not None), None)):
-        raise KDCacheError(f"{flag} goes with --online-teacher; a cache student replays the cache's views")
-    meta = read_checkpoint(online_teacher) if online_teacher is not None else None  # read once
-    taught = None if meta is None else meta.get("recipe")
-    if any(v is not None for v in (dataset, image_size, views)):
-        if meta is not None:
-            _fixed_by(
-                online_teacher, dataset=(dataset, meta.get("dataset")), image_size=(image_size, meta.get("image_size"))
-            )
-            if views is not None:
-                raise KDCacheError(
-                    "--views goes with a cache (its K views); an online student sees a fresh view every epoch"
-                )
-        else:
-            with open_cache(cache) as c:
-                _fixed_by(
-                    cache,
-                    dataset=(dataset, c.attrs.get("dataset")),
-                    image_size=(image_size, c.geometry().size[0]),
-                    views=(views, c.file["view_params"].shape[1]),
-                )
-
-    @functools.cache  # the cache's recipe is read once, for the resolver and the views check alike
-    def recorded() -> dict | None:
-        if online_teacher is not None:
-            return taught
-        with open_cache(cache) as c:
-            return json.loads(c.attrs["recipe"]) if "recipe" in c.attrs else None
-
-    cfg = read_config(config)
-    recipe = resolve(
+    recipe = student_recipe(
+        cache,
         preset,
-        cfg,
-        None if preset or cfg.get("preset") else recorded(),
+        read_config(config),
         dict(
             student_arch=arch,
             epochs=epochs,
@@ -942,29 +894,15 @@ def student_cmd(
             augment=augment,
             mix=mix,
             mix_prob=mix_prob,
+            subset=subset,
+            dataset=dataset,
+            image_size=image_size,
+            views=views,
         ),
+        online_teacher=online_teacher,
+        trust_arch=trust_arch,
         config_path=config,
     )
-    # the cache's rows unless asked otherwise
-    recipe = dataclasses.replace(recipe, subset=config_given(cfg, subset=subset)["subset"])
-    if online_teacher is None and (fixed := {k: cfg[k] for k in ("views", "augment", "mix", "mix_prob") if k in cfg}):
-        dumped = recorded() or {}  # a cache student replays the cache's views: a file that says otherwise is wrong
-        for key, value in fixed.items():
-            if key in dumped and dumped[key] != value:
-                raise KDCacheError(
-                    f"{config}: {key} = {value!r} but {cache} holds {key} = {dumped[key]!r}: the views "
-                    f"are the cache's; remove {key} from the file or dump a cache with it"
-                )
-    if arch is None and not trust_arch:  # the student architecture a file recorded, not one the user named
-        refuse_code(
-            recipe.student_arch,
-            f"the config file {config}"
-            if "student_arch" in cfg
-            else f"the recipe recorded in {online_teacher or cache}",
-            f"pass --arch {recipe.student_arch} (or --trust-arch) if you trust that code, or another --arch",
-        )
-    if online_teacher is not None:  # as a cache student replays the dump's views
-        recipe = teacher_views(recipe, taught, **config_given(cfg, augment=augment, mix=mix, mix_prob=mix_prob))
     if print_config:
         _print_config(recipe, "student")
     rt = _runtime(device, precision, compile, resident_mb, distributed=True)

@@ -511,6 +511,18 @@ def config_given(config: dict, **flags) -> dict:
     return {k: v if v is not None else config.get(k) for k, v in flags.items()}
 
 
+def fixed_by(source: Path, **typed: tuple) -> None:
+    """Settings an upstream artifact fixes (`--flag_name=(typed, recorded)`): a flag that repeats the
+    artifact's value is accepted, one that differs is refused naming both values."""
+    for name, (value, recorded) in typed.items():
+        flag = "--" + name.replace("_", "-")
+        if value is not None and value != recorded:
+            raise KDCacheError(
+                f"{flag} {value} differs from {source}, which has {recorded}: it is fixed by that file; "
+                f"drop {flag}, or make the file again with it"
+            )
+
+
 def to_toml(recipe: Recipe, *, header: str = "", dump: DumpSettings | None = None) -> str:
     """The recipe as a config file, every field written (`subset = "all"` for no subset; the teacher's
     epochs and augment folded into the [teacher] table), so reading it back gives the same recipe;

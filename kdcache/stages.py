@@ -20,7 +20,7 @@ from kdcache.inference import TTAModel, accuracy, predict
 from kdcache.losses import label_loss, student_loss
 from kdcache.models import InitFromData, build, num_params
 from kdcache.runtime import NoProgress, Progress, Runtime
-from kdcache.topk import TopK
+from kdcache.topk import grid_column
 from kdcache.train import Diverged, WeightAverage, build_optimizer, fit, load_resume, resume_path, save_resume
 from kdcache.views import STREAM_ONLINE, STREAM_TRAIN, CropFlip, Geometry, Views, draw_views, normalize, view_schedule
 
@@ -402,6 +402,114 @@ def _check_mixable(recipe: Recipe, n: int) -> None:
         raise KDCacheError(f"--mix {recipe.mix} needs at least 2 training images (got {n}): use --mix none")
 
 
+def cache_fixes(recipe: Recipe, attrs: dict) -> Recipe:
+    """`recipe` with the settings a cache fixes: its K views, their family (crop/flip or not, mix and
+    mix share) and the teacher's normalisation. A cache student sees these, whatever its preset says."""
+    return dataclasses.replace(
+        recipe,
+        views=int(attrs["num_views"]),
+        augment=bool(attrs["augment"]),
+        mean=tuple(attrs["normalize_mean"]),
+        std=tuple(attrs["normalize_std"]),
+        mix=attrs.get("mix", "none"),  # v1: crop/flip views only
+        mix_prob=float(attrs.get("mix_prob", 1.0)),
+    )
+
+
+def check_served(recipe: Recipe, attrs: dict, cache_file) -> None:
+    """Refuse a soft-target loss the cache's targets cannot serve: a top-k cache serves kd at the
+    temperatures of its grid (alpha 0 uses no targets)."""
+    if not attrs.get("topk") or recipe.alpha == 0:
+        return
+    if recipe.loss != "kd":
+        raise KDCacheError(
+            f"--loss {recipe.loss} needs every logit, {cache_file} keeps the top "
+            f"{attrs['topk']}: use --loss kd, or a dense cache"
+        )
+    grid_column(attrs["lse_temperatures"], recipe.T, attrs["topk"])
+
+
+_CACHE_VIEW_FLAGS = {"augment": "--augment/--no-augment", "mix": "--mix", "mix_prob": "--mix-prob"}
+
+
+def student_recipe(
+    cache: str | Path | None,
+    preset: str | None,
+    config: dict,
+    flags: dict,
+    *,
+    online_teacher: str | Path | None = None,
+    trust_arch: bool = False,
+    config_path: Path | None = None,
+) -> Recipe:
+    """The recipe a student trains with: the one policy of `kdcache student` and `kdcache.train_student`.
+
+    Starts from `preset` (or the config file's `preset`), else the recipe the cache (or `online_teacher`,
+    with `cache` None) recorded, else the default preset; then `config` (`read_config`'s table), then
+    `flags`: typed values by Recipe field name (None: not typed), plus `image_size`. What the upstream
+    artifact fixes is its own: `dataset`, `image_size` and a cache's `views` may only repeat it, and a cache
+    student's views, their family and normalisation are the cache's (`cache_fixes`; --augment, --mix and
+    --mix-prob go with an online teacher, whose view family is the teacher's where they leave it open).
+    `subset`: typed or the file's, else None (the cache's rows). A module:factory student architecture
+    that a file names, not `flags`, is refused unless `trust_arch`. Vary the result (T, alpha, loss, seed,
+    student_arch) with `dataclasses.replace`; `check_served` says whether the cache serves a variant."""
+    import json
+
+    from kdcache.config import config_given, fixed_by, resolve, teacher_views
+    from kdcache.models import check_spec, refuse_code
+
+    flags = {k: v for k, v in flags.items() if v is not None}
+    fixed = {k: flags.pop(k) for k in ("dataset", "image_size", "views") if k in flags}
+    if flags.get("student_arch"):
+        check_spec(flags["student_arch"])
+    attrs = None
+    if online_teacher is None:
+        if given := next((flag for k, flag in _CACHE_VIEW_FLAGS.items() if k in flags), None):
+            raise KDCacheError(f"{given} goes with --online-teacher; a cache student replays the cache's views")
+        with cache_io.open_cache(cache) as c:
+            attrs = c.attrs
+            size = c.geometry().size[0]
+        recorded = json.loads(attrs["recipe"]) if "recipe" in attrs else None
+        source = cache
+        fixed_by(
+            cache,
+            dataset=(fixed.get("dataset"), attrs.get("dataset")),
+            image_size=(fixed.get("image_size"), size),
+            views=(fixed.get("views"), attrs["num_views"]),
+        )
+    else:
+        meta = read_checkpoint(online_teacher)
+        recorded, source = meta.get("recipe"), online_teacher
+        fixed_by(
+            online_teacher,
+            dataset=(fixed.get("dataset"), meta.get("dataset")),
+            image_size=(fixed.get("image_size"), meta.get("image_size")),
+        )
+        if "views" in fixed:
+            raise KDCacheError(
+                "--views goes with a cache (its K views); an online student sees a fresh view every epoch"
+            )
+    subset = flags.pop("subset", None)
+    recipe = resolve(preset, config, recorded, flags, config_path=config_path)
+    recipe = dataclasses.replace(recipe, subset=subset if subset is not None else config.get("subset"))
+    if "student_arch" not in flags and not trust_arch:  # an architecture a file names, not the user
+        refuse_code(
+            recipe.student_arch,
+            f"the config file {config_path}" if "student_arch" in config else f"the recipe recorded in {source}",
+            f"pass --arch {recipe.student_arch} (or --trust-arch) if you trust that code, or another --arch",
+        )
+    if online_teacher is not None:  # as a cache student replays the dump's views
+        views = {k: flags.get(k) for k in _CACHE_VIEW_FLAGS}
+        return teacher_views(recipe, recorded, **config_given(config, **views))
+    for key in ("views", "augment", "mix", "mix_prob"):  # a file that says otherwise about the views is wrong
+        if key in config and key in (recorded or {}) and recorded[key] != config[key]:
+            raise KDCacheError(
+                f"{config_path}: {key} = {config[key]!r} but {cache} holds {key} = {recorded[key]!r}: the views "
+                f"are the cache's; remove {key} from the file or dump a cache with it"
+            )
+    return cache_fixes(recipe, attrs)
+
+
 def train_student(
     recipe: Recipe,
     *,
@@ -472,23 +580,8 @@ def train_student(
             )
             data, batches, attrs, test_logits = cached.data, cached.batches, cached.attrs, cached.test_logits
             teacher_acc = attrs.get("teacher_test_acc")
-            if attrs.get("topk") and recipe.alpha > 0:  # a top-k cache: kd at a temperature it serves
-                if recipe.loss != "kd":
-                    raise KDCacheError(
-                        f"--loss {recipe.loss} needs every logit, {cache_file} keeps the top "
-                        f"{attrs['topk']}: use --loss kd, or a dense cache"
-                    )
-                TopK(*(torch.zeros(0),) * 3, tuple(attrs["lse_temperatures"]), data.num_classes).column(recipe.T)
-            # The views and normalisation are the cache's, whatever the preset said: record those.
-            recipe = dataclasses.replace(
-                recipe,
-                views=cached.num_views,
-                augment=bool(attrs["augment"]),
-                mean=batches.mean,
-                std=batches.std,
-                mix=cached.mix,
-                mix_prob=float(attrs.get("mix_prob", 1.0)),
-            )
+            check_served(recipe, attrs, cache_file)
+            recipe = cache_fixes(recipe, attrs)  # whatever the preset said: record what the student sees
             source = {
                 "cache_teacher_sha256": attrs["teacher_sha256"],
                 "cache_num_views": cached.num_views,

@@ -58,22 +58,28 @@ class TopK:
 
     def column(self, T: float) -> int:
         """Which lse column serves temperature T; a KDCacheError when none does."""
-        for g, t in enumerate(self.temperatures):
-            if abs(t - T) <= 1e-6 * max(1.0, T):
-                return g
-        from kdcache.errors import KDCacheError
-
-        grid = ", ".join(f"{t:g}" for t in self.temperatures)
-        raise KDCacheError(
-            f"this top-{self.k} cache holds the tail's mass at T = {grid} only, not at --T {T:g}: "
-            f"choose one of those, or dump again with --topk-temperatures including {T:g}"
-        )
+        return grid_column(self.temperatures, T, self.k)
 
     def probs(self, T: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(p over the top k [.., k], p_tail [..]) of the teacher's softmax at T, in float32."""
         lse = self.lse[..., self.column(T)].float()
         p = torch.exp(self.values.float() / T - lse.unsqueeze(-1))
         return p, (1.0 - p.sum(-1)).clamp(min=0.0)
+
+
+def grid_column(temperatures, T: float, k: int) -> int:
+    """Which of a top-`k` cache's temperatures serves T (its lse column); a KDCacheError naming the grid
+    when none does: the tail's mass is exact only at the temperatures it was dumped with."""
+    for g, t in enumerate(temperatures):
+        if abs(t - T) <= 1e-6 * max(1.0, T):
+            return g
+    from kdcache.errors import KDCacheError
+
+    grid = ", ".join(f"{t:g}" for t in temperatures)
+    raise KDCacheError(
+        f"this top-{k} cache holds the tail's mass at T = {grid} only, not at --T {T:g}: "
+        f"choose one of those, or dump again with --topk-temperatures including {T:g}"
+    )
 
 
 def from_dense(logits: torch.Tensor, k: int, temperatures) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
