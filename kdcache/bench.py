@@ -40,7 +40,6 @@ from kdcache.stages import cached_plan, fresh_views_plan
 from kdcache.train import make_step
 from kdcache.views import CropFlip, draw_views
 
-LOOPS = ("seed_loop", "online", "cached", "plain", "dump")
 NUM_VIEWS = 8
 # Mixed views, cached and fresh alike (so cached_mixed_alone/plain_mixed compares like with like): every
 # view CutMix or MixUp, the worst case for rendering.
@@ -305,17 +304,6 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
         "runtime": rt.describe(),
         **_about(cfg, source),
     }
-
-
-FOLDER_LOOPS = (
-    "imagefolder_online",
-    "imagefolder_plain",
-    "plain",
-    "cached",
-    "plain_streamed",
-    "cached_streamed",
-    "cached_jpeg",
-)
 
 
 def _folder_bytes(folder: Path) -> int:

@@ -39,8 +39,6 @@ MIXES = ("none", "cutmix", "mixup", "both")
 # and (from _RRC on, 4 per attempt) for a random-resized crop.
 _APPLY, _KIND, _PARTNER, _LAM, _CY, _CX, _RRC = 1, 2, 3, 4, 5, 6, 32
 
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
 
 def _mix(x: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser: a bijective, well-mixed map of uint64."""
