@@ -57,6 +57,7 @@ app = typer.Typer(
 TEACHER_OUT = Path("saved_models/teacher.pt")
 CACHE_OUT = Path("saved_models/teacher_logits.h5")
 STUDENT_OUT = Path("saved_models/student.pt")
+SWEEP_OUT = Path("runs/sweep")
 PRESET_NAMES = ", ".join(PRESETS)
 
 
@@ -925,6 +926,179 @@ def student_cmd(
     if rt.main:
         stage_summary("student", result)
         warn_weak_teacher(result.teacher_test_acc, result.test_acc, "this student")
+
+
+@command("sweep")
+def sweep_cmd(
+    T: str | None = typer.Option(
+        None, "--T", help="Temperatures, a comma list (each > 0), e.g. 1,2,4. \\[default: 1,2,4]"
+    ),
+    alpha: str | None = typer.Option(
+        None,
+        "--alpha",
+        help=(
+            "Weights of the soft-target loss, a comma list in [0, 1], e.g. 0.5,0.9. The student alone (alpha 0) "
+            "is always trained beside them. \\[default: 0.5,0.9]"
+        ),
+    ),
+    loss: str | None = typer.Option(
+        None, "--loss", help="Soft-target losses, a comma list of kd, dkd, dist, ls. \\[default: kd]"
+    ),
+    seeds: str | None = typer.Option(
+        None,
+        "--seeds",
+        help=(
+            "A count (3: seeds 0, 1, 2), a list (0,1,2; one seed: 5,) or a range (3-5). A seed fixes a student's "
+            "initial weights and batch order: students of one seed see the very same batches. \\[default: 3]"
+        ),
+    ),
+    arch: str | None = typer.Option(
+        None,
+        "--arch",
+        help="Student architectures, a comma list (see `kdcache student --help`). \\[default: the recipe's student]",
+    ),
+    val_fraction: float | None = typer.Option(
+        None,
+        "--val-fraction",
+        help=(
+            "Hold out this share of the cache's images (a fixed, recorded draw; no student trains on them) and "
+            "pick the winner on them. 0: pick on the test set, reported as optimistic. \\[default: 0.1]"
+        ),
+    ),
+    backend: str | None = typer.Option(
+        None,
+        "--backend",
+        help=(
+            "loop: students one after another on each batch (any architectures; on a CPU each equals `kdcache "
+            "student` bit for bit) | stacked: the students of one architecture fused with torch.func (vmap; "
+            "faster on a GPU) | auto: a short timed probe picks. \\[default: auto]"
+        ),
+    ),
+    keep: str | None = typer.Option(
+        None,
+        "--keep",
+        help="best: keep the winner as OUT/best.pt | all: also every student in OUT/students/. \\[default: best]",
+    ),
+    preset: str | None = PresetOpt,
+    cache: Path = typer.Option(CACHE_OUT, "--cache", help="Logit cache written by `kdcache dump-logits`."),
+    trust_arch: bool = TrustArchOpt,
+    data_dir: Path | None = DataDirOpt,
+    rebuild_store: bool = RebuildStoreOpt,
+    resident_mb: float | None = ResidentOpt,
+    subset: int | None = typer.Option(None, "--subset", help="Must match the cache's; \\[default: the cache's]"),
+    epochs: int | None = EpochsOpt,
+    batch_size: int | None = BatchOpt,
+    lr: float | None = LrOpt,
+    optimizer: str | None = OptimOpt,
+    schedule: str | None = ScheduleOpt,
+    warmup_epochs: int | None = WarmupOpt,
+    nesterov: bool | None = NesterovOpt,
+    momentum: float | None = MomentumOpt,
+    weight_decay: float | None = WeightDecayOpt,
+    label_smoothing: float | None = LabelSmoothingOpt,
+    ema: float | None = EmaOpt,
+    config: Path | None = ConfigOpt,
+    print_config: bool = PrintConfigOpt,
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    compile: bool = CompileOpt,
+    out: Path = typer.Option(
+        SWEEP_OUT, "--out", help="Folder for sweep.json, report.md, sweep.png and best.pt (locked while it runs)."
+    ),
+    force: bool = ForceOpt,
+    resume: bool = ResumeOpt,
+):
+    """Train a grid of students from one cache in one pass, always with the student alone beside them.
+
+    Every (architecture, seed) trains the student alone (alpha 0), every --T x --alpha x --loss setting and
+    the design card's (T=3, alpha 0.5, kd) on the same batches: the data, the cache and the test set are
+    loaded once, each batch is rendered once. The table gives val and test accuracy over seeds, the paired
+    gain over alone with its 95% interval ("within noise" where it covers 0), agreement and KL with the
+    teacher; the winner is picked on the held-out images (--val-fraction) and saved as OUT/best.pt.
+    Example: kdcache sweep --T 1,2,4 --alpha 0.5,0.9 --seeds 3 --epochs 30.
+    """
+    import sys
+
+    from kdcache.config import SWEEP_LISTS
+    from kdcache.present import print_sweep
+    from kdcache.stages import student_recipe
+    from kdcache.sweep import SweepSpec, parse_list, parse_seeds, run_sweep
+
+    cfg = read_config(config)
+    table = cfg.pop("sweep", {})
+    typed = {
+        "T": T,
+        "alpha": alpha,
+        "loss": loss,
+        "seeds": seeds,
+        "arch": arch,
+        "val_fraction": val_fraction,
+        "backend": backend,
+        "keep": keep,
+    }
+    axes = {k: v for k, v in table.items()} | {k: v for k, v in typed.items() if v is not None}
+    given = {}
+    for key in ("T", "alpha"):
+        if key in axes:
+            given[key] = parse_list(f"--{key}", axes[key])
+    for key in ("loss", "arch"):
+        if key in axes:
+            given[key] = parse_list(f"--{key}", axes[key], str)
+    if "seeds" in axes:
+        given["seeds"] = parse_seeds(axes["seeds"])
+    given |= {k: axes[k] for k in ("val_fraction", "backend", "keep") if k in axes}
+    spec = SweepSpec(**given)
+    first_arch = spec.arch[0] if spec.arch else None
+    recipe = student_recipe(
+        cache,
+        preset,
+        cfg,
+        dict(
+            student_arch=first_arch,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            optimizer=optimizer,
+            schedule=schedule,
+            warmup_epochs=warmup_epochs,
+            nesterov=nesterov,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            label_smoothing=label_smoothing,
+            ema=ema,
+            subset=subset,
+        ),
+        trust_arch=trust_arch or bool(arch),
+        config_path=config,
+    )
+    if print_config:
+        from kdcache.config import to_toml
+
+        sweep = {
+            k: list(getattr(spec, k)) or [recipe.student_arch] if k in SWEEP_LISTS else getattr(spec, k)
+            for k in ("T", "alpha", "loss", "seeds", "arch", "val_fraction", "backend", "keep")
+        }
+        typer.echo(
+            to_toml(recipe, header="kdcache sweep: the resolved recipe (use it with --config FILE)", sweep=sweep),
+            nl=False,
+        )
+        raise typer.Exit(0)
+    rt = _runtime(device, precision, compile, resident_mb)
+    with RichProgress() as progress:
+        result = run_sweep(
+            recipe,
+            spec,
+            cache_file=cache,
+            data_dir=data_dir,
+            out=out,
+            rt=rt,
+            force=force,
+            resume=resume,
+            progress=progress,
+            rebuild_store=rebuild_store,
+            command="kdcache " + " ".join(sys.argv[1:]),
+        )
+    print_sweep(result.record, out)
 
 
 @command("eval")

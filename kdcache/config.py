@@ -405,9 +405,46 @@ def read_config(path: Path | None) -> dict:
             if not isinstance(value, dict):
                 raise KDCacheError(f"{path}: dump must be a [dump] table of the dump's own settings")
             config[key] = {k: _dump_value(path, k, v) for k, v in value.items()}
+        elif key == "sweep":
+            if not isinstance(value, dict):
+                raise KDCacheError(f"{path}: sweep must be a [sweep] table of kdcache sweep's axes")
+            config[key] = {k: _sweep_value(path, k, v) for k, v in value.items()}
         else:
             config[key] = _config_value(path, key, key, value)
     return config
+
+
+SWEEP_KEYS = {
+    "T": float,
+    "alpha": float,
+    "loss": str,
+    "seeds": int,
+    "arch": str,
+    "val_fraction": float,
+    "backend": str,
+    "keep": str,
+}
+SWEEP_LISTS = ("T", "alpha", "loss", "seeds", "arch")  # comma lists on the command line, lists in a file
+
+
+def _sweep_value(path, key: str, value):
+    """One [sweep] value as the command line would give it: a list as its comma list ("1,2,4"), a seed
+    count as its number; `sweep.SweepSpec` checks the values themselves."""
+    import difflib
+
+    if key not in SWEEP_KEYS:
+        near = difflib.get_close_matches(key, SWEEP_KEYS, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise KDCacheError(f"{path}: [sweep] has no setting {key!r}: {hint}known: {', '.join(SWEEP_KEYS)}")
+    kind = SWEEP_KEYS[key]
+    items = value if isinstance(value, list) and key in SWEEP_LISTS else [value]
+    ok = all(isinstance(v, kind) or (kind is float and isinstance(v, int)) for v in items)
+    if not ok or any(isinstance(v, bool) for v in items):
+        what = f"a list of {kind.__name__}" if key in SWEEP_LISTS else kind.__name__
+        raise KDCacheError(f"{path}: sweep.{key} must be {what} (got {value!r})")
+    if key in SWEEP_LISTS:
+        return ",".join(str(v) for v in items) + ("," if isinstance(value, list) and len(items) == 1 else "")
+    return value
 
 
 def _dump_value(path, key: str, value):
@@ -523,7 +560,7 @@ def fixed_by(source: Path, **typed: tuple) -> None:
             )
 
 
-def to_toml(recipe: Recipe, *, header: str = "", dump: DumpSettings | None = None) -> str:
+def to_toml(recipe: Recipe, *, header: str = "", dump: DumpSettings | None = None, sweep: dict | None = None) -> str:
     """The recipe as a config file, every field written (`subset = "all"` for no subset; the teacher's
     epochs and augment folded into the [teacher] table), so reading it back gives the same recipe;
     with `dump`, also the dump's own settings as a [dump] table."""
@@ -546,6 +583,9 @@ def to_toml(recipe: Recipe, *, header: str = "", dump: DumpSettings | None = Non
             "[dump]  # dump-logits' own settings (topk 0: every logit; topk_temperatures []: the default grid)",
         ]
         lines += [f"{f.name} = {_toml_value(getattr(dump, f.name))}" for f in dataclasses.fields(DumpSettings)]
+    if sweep is not None:
+        lines += ["", "[sweep]  # kdcache sweep's axes (lists) and its own settings"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in sweep.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -297,3 +297,59 @@ def print_pipeline(record: dict, out: Path) -> None:
         highlight=False,
     )
     print_warnings(record)
+
+
+def print_sweep(record: dict, out) -> None:
+    """The sweep's table (one row per setting, over seeds), the pick and where the files are."""
+    from rich.table import Table
+
+    from kdcache.report import interval, pm, sweep_pick_line, sweep_verdict
+
+    on = record["pick_on"]
+    t = Table(
+        title=f"kdcache sweep · {len(record['students'])} students"
+        + (
+            f" of {record['table'][0]['setting']['arch']}"
+            if len({r["setting"]["arch"] for r in record["table"]}) == 1
+            else ""
+        )
+        + f" · {record['recipe']['epochs']} epochs · seeds {', '.join(map(str, record['spec']['seeds']))} · "
+        f"{record['wall_s']:.0f} s · mean ± std over seeds; gain: paired with alone, same seed, in points",
+        title_justify="left",
+    )
+    for name, justify in (
+        ("setting", "left"),
+        ("val %", "right"),
+        ("test %", "right"),
+        (f"gain ({on})", "right"),
+        ("95% interval", "right"),
+        ("agrees %", "right"),
+        ("KL", "right"),
+        ("s/student", "right"),
+        ("", "left"),
+    ):
+        t.add_column(name, justify=justify, no_wrap=True)
+    one_arch = len({r["setting"]["arch"] for r in record["table"]}) == 1
+    for r in record["table"]:
+        style = "bold green" if r["key"] == record["pick"]["key"] else None
+        label = r["setting"]["label"] if one_arch else r["key"]
+        label += " (card)" if r["key"] == record["pick"].get("design_card") else ""
+        verdict = sweep_verdict(r) + (f", diverged: seeds {r['diverged']}" if r["diverged"] else "")
+        verdict += " · picked" if r["key"] == record["pick"]["key"] else ""
+        t.add_row(
+            label,
+            pm(r["val"]),
+            pm(r["test"]),
+            f"{pm(r['gain'], sign=True)} (n={r['gain']['n']})",
+            interval(r["gain"]),
+            pm(r["agreement"]),
+            pm(r["kl"], 1.0),
+            f"{r['step_time_s']['mean']:.1f}" if r["step_time_s"]["mean"] is not None else "-",
+            verdict,
+            style=style,
+        )
+    # a pipe or a file gets the whole table (rich would squeeze it into 80 columns)
+    console = out_console if out_console.is_terminal else Console(file=out_console.file, width=200)
+    console.print(t)
+    console.print(sweep_pick_line(record), highlight=False)
+    console.print(f"report: {out}/report.md · plot: {out}/sweep.png · record: {out}/sweep.json", highlight=False)

@@ -234,3 +234,149 @@ def write_report(run_dir: str | Path, extra: dict | None = None) -> dict:
     atomic_write_text(run_dir / "report.md", markdown(record))
     plot([record], run_dir / "accuracy.png")
     return record
+
+
+# ---- sweeps ----------------------------------------------------------------------------------------
+
+SWEEP_RECORD = "sweep.json"
+
+
+def pm(s: dict, scale: float = 100.0, sign: bool = False) -> str:
+    """A summary (see `sweep.summary`) as 'mean ± std' in points; '-' when there is none."""
+    if not s or s.get("mean") is None:
+        return "-"
+    fmt = "{:+.2f}" if sign else "{:.2f}"
+    text = fmt.format(scale * s["mean"])
+    return text + (f" ± {scale * s['std']:.2f}" if s.get("std") is not None else "")
+
+
+def interval(s: dict) -> str:
+    """The 95% interval of a summary's mean, in points: '[+0.76, +1.80]'; '-' with fewer than 2 values."""
+    if not s or s.get("ci95") is None:
+        return "-"
+    lo, hi = s["ci95"]
+    return f"[{100 * lo:+.2f}, {100 * hi:+.2f}]"
+
+
+def sweep_verdict(row: dict) -> str:
+    """'within noise' where the paired interval covers 0, 'better'/'worse' where it does not."""
+    if row["setting"]["alpha"] == 0:
+        return "baseline"
+    if row["within_noise"] is None:
+        return "one seed"
+    if row["within_noise"]:
+        return "within noise"
+    return "better" if row["gain"]["mean"] > 0 else "worse"
+
+
+def sweep_markdown(record: dict) -> str:
+    pick, on = record["pick"], record["pick_on"]
+    spec = record["spec"]
+    lines = [
+        f"# kdcache sweep `{record.get('out', '')}`".replace(" ``", ""),
+        "",
+        f"{len(record['students'])} students from `{record['cache']}` · {record['data']['train_images']:,} training "
+        f"images, {record['data']['val_images']:,} held out · {record['recipe']['epochs']} epochs · seeds "
+        f"{', '.join(map(str, spec['seeds']))} · {record['runtime']} · backend {', '.join(record['backend'])} · "
+        f"{record['wall_s']:.0f} s",
+        "",
+        f"| setting | val acc (%) | test acc (%) | gain over alone ({on}, points) | 95% interval | "
+        "agrees with teacher (%) | KL to teacher | step time (s) | verdict |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in record["table"]:
+        marks = (" **(picked)**" if r["key"] == pick["key"] else "") + (
+            " (design card)" if r["key"] == pick.get("design_card") else ""
+        )
+        lines.append(
+            f"| {r['key']}{marks} | {pm(r['val'])} | {pm(r['test'])} | {pm(r['gain'], sign=True)} "
+            f"(n={r['gain']['n']}) | {interval(r['gain'])} | {pm(r['agreement'])} | {pm(r['kl'], 1.0)} | "
+            f"{pm(r['step_time_s'], 1.0)} | {sweep_verdict(r)}"
+            + (f" · diverged: seeds {r['diverged']}" if r["diverged"] else "")
+            + " |"
+        )
+    lines += ["", sweep_pick_line(record), "", "![paired gain over the student alone](sweep.png)", ""]
+    return "\n".join(lines)
+
+
+def sweep_pick_line(record: dict) -> str:
+    pick = record["pick"]
+    if pick["key"] is None:
+        return "No student finished: nothing was picked."
+    row = next(r for r in record["table"] if r["key"] == pick["key"])
+    text = (
+        f"Picked on {'validation' if pick['on'] == 'val' else 'TEST'}: {pick['key']}, test {pm(row['test'])}% "
+        f"({pm(row['test_gain'], sign=True)} points over alone on test)"
+    )
+    if pick.get("checkpoint"):
+        text += f"; checkpoint {pick['checkpoint']['path']}"
+    if pick["optimistic"]:
+        text += ". The pick was made on the test set (--val-fraction 0): its test accuracy is optimistic."
+    return text + "."
+
+
+def sweep_plot(record: dict, path: str | Path) -> Path:
+    """The paired gain over alone per setting with its 95% interval; beside it, a T x alpha heat map of
+    the mean gain when the sweep has one architecture and one loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in record["table"] if r["setting"]["alpha"] > 0 and r["gain"]["mean"] is not None]
+    spec = record["spec"]
+    heat = len(spec["T"]) > 1 and len([a for a in spec["alpha"] if a > 0]) > 1 and len(spec["loss"]) == 1
+    heat = heat and len({r["setting"]["arch"] for r in rows}) == 1
+    fig, axes = plt.subplots(1, 2 if heat else 1, figsize=(12 if heat else 7, 0.45 * len(rows) + 2), squeeze=False)
+    ax = axes[0][0]
+    means = [100 * r["gain"]["mean"] for r in rows]
+    errs = [[0, 0] if r["gain"]["ci95"] is None else [m - 100 * r["gain"]["ci95"][0], 100 * r["gain"]["ci95"][1] - m]
+            for r, m in zip(rows, means, strict=True)]  # fmt: skip
+    colors = ["tab:green" if r["key"] == record["pick"]["key"] else "tab:blue" for r in rows]
+    ax.barh(range(len(rows)), means, xerr=list(zip(*errs, strict=True)) if rows else None, color=colors, capsize=3)
+    ax.set_yticks(range(len(rows)), [r["key"] for r in rows])
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"gain over the student alone, {record['pick_on']} accuracy (points; mean, 95% interval)")
+    if heat:
+        Ts, alphas = spec["T"], [a for a in spec["alpha"] if a > 0]
+        grid = [[float("nan")] * len(alphas) for _ in Ts]
+        for r in rows:
+            if r["setting"]["T"] in Ts and r["setting"]["alpha"] in alphas:
+                grid[Ts.index(r["setting"]["T"])][alphas.index(r["setting"]["alpha"])] = 100 * r["gain"]["mean"]
+        hx = axes[0][1]
+        im = hx.imshow(grid, cmap="RdYlGn", aspect="auto")
+        hx.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+        hx.set_yticks(range(len(Ts)), [f"{t:g}" for t in Ts])
+        hx.set_xlabel("alpha")
+        hx.set_ylabel("T")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                hx.text(j, i, "-" if v != v else f"{v:+.2f}", ha="center", va="center")
+        fig.colorbar(im, ax=hx, label="mean gain (points)")
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
+def write_sweep_report(out: str | Path, record: dict) -> None:
+    """DIR/report.md and DIR/sweep.png from a sweep's record."""
+    out = Path(out)
+    atomic_write_text(out / "report.md", sweep_markdown(record | {"out": str(out)}))
+    sweep_plot(record, out / "sweep.png")
+
+
+def load_sweep(out: str | Path) -> dict | None:
+    """A sweep folder's record, or None when `out` holds no sweep."""
+    path = Path(out) / SWEEP_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise KDCacheError(f"{path} is unreadable ({type(e).__name__}): run the sweep again") from None
+    if not isinstance(record, dict) or record.get("kind") != "kdcache-sweep":
+        raise KDCacheError(f"{path} is not a kdcache sweep record: pass a folder written by kdcache sweep")
+    return record

@@ -21,7 +21,16 @@ from kdcache.losses import label_loss, student_loss
 from kdcache.models import InitFromData, build, num_params
 from kdcache.runtime import NoProgress, Progress, Runtime
 from kdcache.topk import grid_column
-from kdcache.train import Diverged, WeightAverage, build_optimizer, fit, load_resume, resume_path, save_resume
+from kdcache.train import (
+    Diverged,
+    Member,
+    WeightAverage,
+    build_optimizer,
+    fit,
+    load_resume,
+    resume_path,
+    save_resume,
+)
 from kdcache.views import STREAM_ONLINE, STREAM_TRAIN, CropFlip, Geometry, Views, draw_views, normalize, view_schedule
 
 
@@ -63,24 +72,9 @@ def _train_and_save(
     `recorded`: the recipe the checkpoint records, when it is not the one trained with (a teacher
     records the whole recipe, its own settings and the students')."""
     progress = progress if progress is not None and rt.main else NoProgress()
-    torch.manual_seed(recipe.seed)
-    raw = build(arch, data.num_classes, image_size=data.geometry.size[0])
-    if isinstance(raw, InitFromData):  # e.g. airbench's whitening filters, from the first 5,000 plain images
-        raw.init_from_data(normalize(torch.as_tensor(np.asarray(data.train_x[:5000])), batches.mean, batches.std))
+    raw = new_model(arch, data, recipe.seed, batches)
     model = rt.prepare(raw)
-    optimizer, scheduler = build_optimizer(
-        raw,
-        optimizer=recipe.optimizer,
-        lr=recipe.lr,
-        momentum=recipe.momentum,
-        weight_decay=recipe.weight_decay,
-        epochs=epochs,
-        schedule=recipe.schedule,
-        steps_per_epoch=len(batches),
-        warmup_epochs=recipe.warmup_epochs,
-        nesterov=recipe.nesterov,
-        bn_bias_lr=recipe.bn_bias_lr,
-    )
+    optimizer, scheduler = new_optimizer(raw, recipe, epochs, len(batches))
     ema = WeightAverage(model, recipe.ema) if recipe.ema > 0 else None
     identity = {
         "role": role,
@@ -109,7 +103,8 @@ def _train_and_save(
         )
     )
 
-    def after_epoch(epoch: int, metrics: dict) -> None:
+    def after_epoch(epoch: int, results: list[dict | None]) -> None:
+        metrics = results[0]
         metrics["elapsed_s"] = (history[-1]["elapsed_s"] if history else 0.0) + metrics["train_time_s"]
         history.append(metrics)
         if not rt.main:
@@ -129,21 +124,17 @@ def _train_and_save(
             on_epoch(metrics)
 
     try:
+        member = Member(model, loss_fn, optimizer, scheduler, rt, ema=ema, teacher=teacher)
         fit(
-            model,
+            [member],
             batches,
-            loss_fn,
-            optimizer,
-            scheduler,
             rt,
             epochs=epochs,
             start_epoch=start,
             test=(data.test_x, data.test_y),
             on_epoch=after_epoch,
             progress=progress,
-            teacher=teacher,
             teacher_test_logits=teacher_test_logits,
-            ema=ema,
         )
     except Diverged as e:
         kept = f"the state after epoch {e.epoch - 1} is kept in {state_file}" if e.epoch > 1 else "nothing was kept"
@@ -171,25 +162,85 @@ def _train_and_save(
         out,
         final,
         arch=arch,
-        meta={
-            "role": role,
-            "num_classes": data.num_classes,
-            "dataset": data.name,
-            "dataset_fingerprint": data.fingerprint,
-            "num_train": len(data.train_y),
-            "normalize_mean": list(batches.mean),
-            "normalize_std": list(batches.std),
-            "classes": data.classes,
-            "params": num_params(raw),
-            "image_size": data.geometry.size[0],
-            "data_options": data.options,
-            "metrics": metrics,
-            "recipe": dataclasses.asdict(recorded or recipe),
-            **extra_meta,
-        },
+        meta=checkpoint_meta(role, data, batches, num_params(raw), metrics, recorded or recipe, extra_meta),
     )
     state_file.unlink(missing_ok=True)
     return StageResult(out, arch, num_params(raw), history, train_time)
+
+
+def checkpoint_meta(
+    role: str, data: Dataset, batches: ViewBatches, params: int, metrics: dict, recipe: Recipe, extra: dict
+) -> dict:
+    """What a checkpoint says of itself beside its weights: role, data, normalisation, metrics, recipe."""
+    return {
+        "role": role,
+        "num_classes": data.num_classes,
+        "dataset": data.name,
+        "dataset_fingerprint": data.fingerprint,
+        "num_train": len(data.train_y),
+        "normalize_mean": list(batches.mean),
+        "normalize_std": list(batches.std),
+        "classes": data.classes,
+        "params": params,
+        "image_size": data.geometry.size[0],
+        "data_options": data.options,
+        "metrics": metrics,
+        "recipe": dataclasses.asdict(recipe),
+        **extra,
+    }
+
+
+def new_model(arch: str, data: Dataset, seed: int, batches: ViewBatches) -> torch.nn.Module:
+    """A fresh `arch` for `data`, its initial weights fixed by `seed` (the global generator is seeded here, so
+    what draws from it next, dropout, continues from the same state)."""
+    torch.manual_seed(seed)
+    raw = build(arch, data.num_classes, image_size=data.geometry.size[0])
+    if isinstance(raw, InitFromData):  # e.g. airbench's whitening filters, from the first 5,000 plain images
+        raw.init_from_data(normalize(torch.as_tensor(np.asarray(data.train_x[:5000])), batches.mean, batches.std))
+    return raw
+
+
+def new_optimizer(raw: torch.nn.Module, recipe: Recipe, epochs: int, steps_per_epoch: int):
+    """The recipe's optimiser and schedule for `raw` (see `train.build_optimizer`)."""
+    return build_optimizer(
+        raw,
+        optimizer=recipe.optimizer,
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
+        epochs=epochs,
+        schedule=recipe.schedule,
+        steps_per_epoch=steps_per_epoch,
+        warmup_epochs=recipe.warmup_epochs,
+        nesterov=recipe.nesterov,
+        bn_bias_lr=recipe.bn_bias_lr,
+    )
+
+
+def student_loss_fn(recipe: Recipe):
+    """The student's loss on a batch: alpha * the soft-target loss + (1 - alpha) * the label loss."""
+    T, alpha, kind, smoothing = recipe.T, recipe.alpha, recipe.loss, recipe.label_smoothing
+
+    def loss_fn(s, b):
+        return student_loss(
+            s, b.y, b.t, kind=kind, T=T, alpha=alpha, partner_labels=b.y2, lam=b.lam, smoothing=smoothing
+        )
+
+    return loss_fn
+
+
+def cache_source(cached: CachedData) -> dict:
+    """What a student checkpoint records of the cache it learnt from."""
+    attrs = cached.attrs
+    return {
+        "cache_teacher_sha256": attrs["teacher_sha256"],
+        "cache_num_views": cached.num_views,
+        "cache_blocks_sha256": cached.digest,
+        "cache_precision": attrs.get("precision"),
+        "cache_seed": attrs["seed"],
+        "cache_augment": attrs["augment"],
+        "teacher_arch": attrs["teacher_arch"],
+    }
 
 
 def _view_family(recipe: Recipe, data: Dataset) -> str:
@@ -287,6 +338,8 @@ class CachedData:
     digest: str  # the cache's content digest (block checksums)
     mix: str  # the cache's mixing: none | cutmix | mixup | both
     num_views: int  # K
+    views: Views | None = None  # every cached view [N, K] (a sweep plans other seeds' epochs from them)
+    targets: object = None  # the teacher's targets [N, K, C] or a `TopK`, or a reader when streamed
 
 
 def load_cached(
@@ -330,7 +383,7 @@ def load_cached(
         raise KDCacheError(f"{cache_file}: labels differ from the data's: dump the cache again")
     plan = cached_plan(views, logits, seed, rt.device)
     batches = view_batches(data, plan, batch_size, seed, attrs["normalize_mean"], attrs["normalize_std"], rt)
-    return CachedData(data, batches, attrs, test_logits, digest, cache_mix, views.crop.shape[1])
+    return CachedData(data, batches, attrs, test_logits, digest, cache_mix, views.crop.shape[1], views, logits)
 
 
 def train_teacher(
@@ -582,22 +635,8 @@ def train_student(
             teacher_acc = attrs.get("teacher_test_acc")
             check_served(recipe, attrs, cache_file)
             recipe = cache_fixes(recipe, attrs)  # whatever the preset said: record what the student sees
-            source = {
-                "cache_teacher_sha256": attrs["teacher_sha256"],
-                "cache_num_views": cached.num_views,
-                "cache_blocks_sha256": cached.digest,
-                "cache_precision": attrs.get("precision"),
-                "cache_seed": attrs["seed"],
-                "cache_augment": attrs["augment"],
-                "teacher_arch": attrs["teacher_arch"],
-            }
-        T, alpha, kind, smoothing = recipe.T, recipe.alpha, recipe.loss, recipe.label_smoothing
-
-        def loss_fn(s, b):
-            return student_loss(
-                s, b.y, b.t, kind=kind, T=T, alpha=alpha, partner_labels=b.y2, lam=b.lam, smoothing=smoothing
-            )
-
+            source = cache_source(cached)
+        T, alpha, kind = recipe.T, recipe.alpha, recipe.loss
         result = _train_and_save(
             role="student",
             arch=recipe.student_arch,
@@ -605,7 +644,7 @@ def train_student(
             recipe=recipe,
             epochs=recipe.epochs,
             batches=batches,
-            loss_fn=loss_fn,
+            loss_fn=student_loss_fn(recipe),
             rt=rt,
             out=out,
             resume=resume,

@@ -154,80 +154,188 @@ class WeightAverage:
         self.averaged.load_state_dict(state["averaged"])
 
 
+class Member:
+    """One model in training: its step (optimiser, schedule, weight average), its own random stream
+    when it shares a pass with other members (dropout then draws what it would draw alone), and the
+    reason it stopped, if it did. A member may hold several students (`stacked.Stacked`); this one
+    holds one."""
+
+    size = 1
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        optimizer,
+        scheduler,
+        rt: Runtime,
+        *,
+        ema: WeightAverage | None = None,
+        teacher: nn.Module | None = None,
+    ):
+        self.raw = unwrap(model)
+        self.model = rt.distribute(model)  # torchrun: DDP
+        self.optimizer, self.scheduler, self.ema = optimizer, scheduler, ema
+        self._step = make_step(self.model, loss_fn, optimizer, rt, teacher=teacher)
+        self.rng: torch.Tensor | None = None  # the CPU generator's state between this member's steps
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train(self) -> None:
+        self.model.train()
+
+    def step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss [1], correct [1]) as device tensors: no host sync."""
+        loss, right = self._step(batch)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return loss.reshape(1), right.reshape(1)
+
+    def finite(self) -> list[bool]:
+        return [finite_weights(self.model)]
+
+    def state_dict(self) -> dict:
+        """Everything to continue bit for bit on a CPU: weights (and their average), optimiser, schedule, stream."""
+        return {
+            "model": self.raw.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "rng": self.rng,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.raw.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.rng = state["rng"]
+
+    def evaluated(self) -> list[tuple[nn.Module, nn.Module | None]]:
+        """Per student: (the model evaluation reads, the raw weights when that is an average, else None)."""
+        return [(self.raw, None) if self.ema is None else (self.ema.module, self.raw)]
+
+
 def fit(
-    model: nn.Module,
+    members: list,
     batches: ViewBatches,
-    loss_fn: LossFn,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
     rt: Runtime,
     *,
     epochs: int,
     test: tuple[torch.Tensor, torch.Tensor],
-    on_epoch: Callable[[int, dict], None],
+    on_epoch: Callable[[int, list[dict | None]], None],
     start_epoch: int = 0,
     progress: Progress | None = None,
-    teacher: nn.Module | None = None,
     teacher_test_logits: torch.Tensor | None = None,
-    ema: WeightAverage | None = None,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    on_diverged: Callable[[int, Diverged], None] | None = None,
+    stopped: set[int] | None = None,
 ) -> None:
-    """Train epochs [start_epoch, epochs); after each, evaluate and hand metrics to `on_epoch`.
+    """Train every member on the same batches for epochs [start_epoch, epochs): each batch is made once
+    and every member takes its step on it, one after another. After each epoch every student is
+    evaluated and `on_epoch(epoch, metrics)` gets one dict per student (None for a stopped one), in
+    the members' order.
 
-    `teacher`: run it on every batch (online distillation). `teacher_test_logits` [N_test, C]:
-    also log the student's fidelity to the teacher on the test set (top-1 agreement, KL).
-    `ema`: updated after every step; evaluation reads the average (the raw weights' accuracy is
-    logged beside it as test_acc_raw).
-    """
+    `teacher_test_logits` [N_test, C]: also log each student's fidelity to the teacher on the test set
+    (top-1 agreement, KL). With several students, `step_time_s` is the time in a student's own steps
+    (host time: on CUDA, launches). `val` (images, labels): a held-out part of the training images, evaluated
+    as `val_acc`. A student whose loss or weights go NaN/inf: `on_diverged(student, Diverged)` and the
+    others go on; without `on_diverged`, `Diverged` is raised. `stopped`: students already stopped
+    (a resumed run)."""
     progress = progress or NoProgress()
-    model = rt.distribute(model)  # torchrun: DDP
-    step = make_step(model, loss_fn, optimizer, rt, teacher=teacher)
+    sizes = [m.size for m in members]
+    first = [sum(sizes[:i]) for i in range(len(members))]
+    stopped = set(stopped or ())
+    shared = sum(sizes) > 1
+    if shared:  # each member draws from its own stream, as it would alone
+        for m in members:
+            m.rng = torch.get_rng_state() if m.rng is None else m.rng
     test_x, test_y = test[0].to(rt.device), test[1]  # resident too: evaluation copies nothing per epoch
     for epoch in range(start_epoch, epochs):
-        model.train()
-        lr = optimizer.param_groups[0]["lr"]
-        loss_sum = torch.zeros((), device=rt.device)
-        correct = torch.zeros((), device=rt.device, dtype=torch.long)
+        live = [i for i, m in enumerate(members) if not all(first[i] + j in stopped for j in range(m.size))]
+        if not live:
+            return
+        lrs = {i: members[i].lr for i in live}
+        loss_sum = {i: torch.zeros(sizes[i], device=rt.device) for i in live}
+        correct = {i: torch.zeros(sizes[i], device=rt.device, dtype=torch.long) for i in live}
+        for i in live:
+            members[i].train()
         seen = 0
         progress.begin(f"epoch {epoch + 1}/{epochs}", len(batches))
         t0 = time.perf_counter()
+        spent = dict.fromkeys(live, 0.0)
         for batch in batches.epoch(epoch):
-            loss, right = step(batch)
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
-            loss_sum += loss * len(batch.y)
-            correct += right
+            for i in live:
+                m = members[i]
+                t_step = time.perf_counter()
+                if shared:
+                    torch.set_rng_state(m.rng)
+                loss, right = m.step(batch)
+                if shared:
+                    m.rng = torch.get_rng_state()
+                spent[i] += time.perf_counter() - t_step
+                loss_sum[i] += loss * len(batch.y)
+                correct[i] += right
             seen += len(batch.y)
             progress.advance()
-        total = torch.tensor(seen, device=rt.device, dtype=torch.long)
-        rt.all_sum(loss_sum, correct, total)  # every process's share (nothing to do in one process)
-        seen = int(total.item())
-        train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen  # the one sync per epoch
         train_time = time.perf_counter() - t0
+        total = torch.tensor(seen, device=rt.device, dtype=torch.long)
+        rt.all_sum(*loss_sum.values(), *correct.values(), total)  # every process's share (one process: nothing)
+        seen = int(total.item())
         progress.end()
-        if not (math.isfinite(train_loss) and finite_weights(model)):
-            raise Diverged(epoch + 1, train_loss, lr)
-        # Eager evaluation: eval mode and no_grad would each be one more compiled graph.
-        evaluated = unwrap(model) if ema is None else ema.module
-        # evaluated in training-sized batches: what fits a training step fits an evaluation (1,024 224-pixel
-        # images at once did not: tens of GB of activations)
-        test_logits = predict(evaluated, test_x, batches.mean, batches.std, rt, batch_size=batches.batch_size)
-        metrics = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": train_loss,
-            "train_acc": train_acc,
-            "test_acc": accuracy(test_logits, test_y),
-            "train_time_s": train_time,
-            "train_img_s": seen / train_time,
-        }
-        if ema is not None:
-            metrics["test_acc_raw"] = accuracy(
-                predict(unwrap(model), test_x, batches.mean, batches.std, rt, batch_size=batches.batch_size), test_y
-            )
-        if teacher_test_logits is not None:
-            metrics.update(fidelity(test_logits, teacher_test_logits))
-        on_epoch(epoch, metrics)
+        results: list[dict | None] = [None] * sum(sizes)
+        for i in live:
+            m = members[i]
+            losses, rights = (loss_sum[i] / seen).tolist(), (correct[i] / seen).tolist()  # the one sync per epoch
+            for j, (finite, (evaluated, raw)) in enumerate(zip(m.finite(), m.evaluated(), strict=True)):
+                student = first[i] + j
+                if student in stopped:
+                    continue
+                if not (math.isfinite(losses[j]) and finite):
+                    diverged = Diverged(epoch + 1, losses[j], lrs[i])
+                    if on_diverged is None:
+                        raise diverged
+                    stopped.add(student)
+                    on_diverged(student, diverged)
+                    continue
+                test_acc, extra = _evaluate(evaluated, raw, batches, rt, test_x, test_y, teacher_test_logits, val)
+                results[student] = {
+                    "epoch": epoch + 1,
+                    "lr": lrs[i],
+                    "train_loss": losses[j],
+                    "train_acc": rights[j],
+                    "test_acc": test_acc,
+                    "train_time_s": train_time,
+                    "train_img_s": seen / train_time,
+                    **({"step_time_s": spent[i] / m.size} if shared else {}),
+                    **extra,
+                }
+        on_epoch(epoch, results)
+
+
+def _evaluate(
+    model, raw, batches: ViewBatches, rt: Runtime, test_x, test_y, teacher_test_logits, val
+) -> tuple[float, dict]:
+    """One student's test accuracy and further metrics after an epoch, eager (eval mode and no_grad would
+    each be one more compiled graph), in training-sized batches: what fits a training step fits an
+    evaluation (1,024 224-pixel images at once did not: tens of GB of activations)."""
+
+    def logits(m, x):
+        return predict(m, x, batches.mean, batches.std, rt, batch_size=batches.batch_size)
+
+    test_logits = logits(model, test_x)
+    metrics = {}
+    if raw is not None:  # evaluation read the weights' average: the raw weights' accuracy beside it
+        metrics["test_acc_raw"] = accuracy(logits(raw, test_x), test_y)
+    if val is not None:
+        metrics["val_acc"] = accuracy(logits(model, val[0]), val[1])
+    if teacher_test_logits is not None:
+        metrics.update(fidelity(test_logits, teacher_test_logits))
+    return accuracy(test_logits, test_y), metrics
 
 
 # ---- resumable training state -------------------------------------------------------------
