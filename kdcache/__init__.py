@@ -12,6 +12,7 @@ _EXPORTS = {
     "train_teacher": "kdcache.api",
     "dump_logits": "kdcache.api",
     "train_student": "kdcache.api",
+    "sweep": "kdcache.api",
     "Recipe": "kdcache.config",
     "get_preset": "kdcache.config",
     "PRESETS": "kdcache.config",
@@ -52,6 +53,7 @@ __all__ = [
     "render_views",
     "soft_loss",
     "student_loss",
+    "sweep",
     "train_student",
     "train_teacher",
 ]

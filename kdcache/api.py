@@ -282,3 +282,58 @@ def _recipe(recipe) -> Recipe:
             f"expected a kdcache.Recipe, got a {type(recipe).__name__}: pass e.g. kdcache.get_preset('seed-cnn')"
         )
     return validate(recipe)
+
+
+def sweep(
+    cache: str | Path,
+    *,
+    out: str | Path,
+    recipe: Recipe | None = None,
+    T=(1.0, 2.0, 4.0),
+    alpha=(0.5, 0.9),
+    loss=("kd",),
+    seeds=(0, 1, 2),
+    arch=(),
+    val_fraction: float = 0.1,
+    backend: str = "auto",
+    keep: str = "best",
+    data_dir: str | Path | None = None,
+    runtime: Runtime | None = None,
+    force: bool = False,
+    resume: bool = False,
+    progress: Progress | None = None,
+    trust_arch: bool = False,
+) -> list[dict]:
+    """`kdcache sweep`: train every (arch, seed) x {alone, T x alpha x loss, the design card} student from
+    `cache` in one pass and write `out/` (sweep.json, report.md, sweep.png, best.pt). `recipe` None: the one
+    `kdcache student` resolves without flags; its T, alpha, loss, seed and student_arch are the sweep's
+    to vary. Returns the table: one dict per setting (`key`, `setting`, `val`, `test`, `gain`: mean, std,
+    n, 95% interval, ...); the whole record, pick included, is in `out/sweep.json`."""
+    from kdcache.stages import student_recipe
+    from kdcache.sweep import SweepSpec, run_sweep
+
+    if recipe is None:
+        recipe = student_recipe(cache, None, {}, {}, trust_arch=trust_arch)
+    as_tuple = lambda v: tuple(v) if isinstance(v, list | tuple) else (v,)  # noqa: E731
+    spec = SweepSpec(
+        T=tuple(float(t) for t in as_tuple(T)),
+        alpha=tuple(float(a) for a in as_tuple(alpha)),
+        loss=as_tuple(loss),
+        seeds=tuple(int(s) for s in as_tuple(seeds)),
+        arch=as_tuple(arch),
+        val_fraction=val_fraction,
+        backend=backend,
+        keep=keep,
+    )
+    result = run_sweep(
+        _recipe(recipe),
+        spec,
+        cache_file=cache,
+        data_dir=data_dir,
+        out=out,
+        rt=_runtime(runtime),
+        force=force,
+        resume=resume,
+        progress=progress,
+    )
+    return result.rows

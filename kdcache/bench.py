@@ -12,6 +12,8 @@
   itself costs (a second image rendered and blended), so cached_mixed_alone/plain_mixed (both alpha 0,
   the same kind of views) is the cache's own cost.
 - dump:      teacher inference over rendered views, as dump-logits runs it.
+- sweep_separate / sweep_loop / sweep_stacked: M students from the cache, as M separate runs, in one
+  pass (kdcache sweep's loop backend) and fused (its stacked backend); one step trains all M.
 Weights are random: throughput does not depend on what a model has learned.
 """
 
@@ -57,10 +59,13 @@ class BenchConfig:
     data_dir: Path | None = None
     T: float = 3.0
     alpha: float = 0.5
+    sweep_students: int = 8  # M: the sweep loops train M students of student_arch (0: no sweep loops)
 
     def validate(self) -> BenchConfig:
         if self.batch_size < 1 or self.steps < 1 or self.repeats < 1 or self.warmup < 0:
             raise KDCacheError("--batch-size, --steps and --repeats must be >= 1, --warmup >= 0")
+        if self.sweep_students < 0 or self.sweep_students == 1:
+            raise KDCacheError(f"--sweep-students {self.sweep_students}: give 2 or more, or 0 for no sweep loops")
         for arch in (self.teacher_arch, self.student_arch):
             if arch not in ARCHS:
                 raise KDCacheError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHS)}")
@@ -109,7 +114,7 @@ def _window(run_step, it, steps: int, device) -> float:
     for _ in range(steps):
         batch = next(it)
         run_step(batch)
-        seen += len(batch[1])
+        seen += len(batch[0][1]) if isinstance(batch, list) else len(batch[1])  # a list: one batch per student
     _sync(device)
     return seen / (time.perf_counter() - t0)
 
@@ -187,6 +192,68 @@ def _student_step(arch: str, num_classes: int, rt: Runtime, *, T: float, alpha: 
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     loss = lambda s, b: student_loss(s, b.y, b.t, T=T, alpha=alpha, partner_labels=b.y2, lam=b.lam)  # noqa: E731
     return make_step(model, loss, opt, rt, teacher=teacher)
+
+
+def _sweep_loops(cfg: BenchConfig, rt: Runtime, c: int, images, labels, views, logits, mean, std) -> dict:
+    """M students of `cfg.student_arch` from the cache, three ways, each step training all M once:
+    sweep_separate (each student renders and takes its own batch, as M separate runs would), sweep_loop
+    (one batch rendered, every student's step on it: kdcache sweep's loop backend, each with its own random
+    stream) and sweep_stacked (the M students fused by torch.func: the stacked backend). img/s counts one
+    batch per step; times M for student-images/s."""
+    from kdcache.stacked import Stacked
+    from kdcache.train import Member
+
+    m = cfg.sweep_students
+
+    def students():
+        out = []
+        for i in range(m):
+            torch.manual_seed(i)
+            out.append(build(cfg.student_arch, c))
+        return out
+
+    def optimizer(model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+    def loss_fn(T):
+        return lambda s, b: student_loss(s, b.y, b.t, T=T, alpha=cfg.alpha, partner_labels=b.y2, lam=b.lam)
+
+    def member(model, i):
+        model = rt.prepare(model).train()
+        return Member(model, loss_fn(1.0 + i), *optimizer(model), rt)
+
+    def batches(seed):
+        plan = cached_plan(views, logits, seed, rt.device)
+        return ViewBatches(images, labels, plan, cfg.batch_size, seed, mean, std, rt.compile)
+
+    separate = [member(model, i) for i, model in enumerate(students())]
+    shared = [member(model, i) for i, model in enumerate(students())]
+    for one in shared:
+        one.rng = torch.get_rng_state()
+    models = [model.to(rt.device).train() for model in students()]
+    stacked = Stacked(models, [loss_fn(1.0 + i) for i in range(m)], rt, optimizer)
+    own = [_endless(batches(i)) for i in range(m)]
+
+    def step_separate(batch_list):
+        for one, batch in zip(separate, batch_list, strict=True):
+            one.step(batch)
+
+    def step_loop(batch):
+        for one in shared:
+            torch.set_rng_state(one.rng)
+            one.step(batch)
+            one.rng = torch.get_rng_state()
+
+    def each_own():  # one step: every student renders and takes its own batch
+        while True:
+            yield [next(it) for it in own]
+
+    return {
+        "sweep_separate": (step_separate, each_own()),
+        "sweep_loop": (step_loop, _endless(batches(0))),
+        "sweep_stacked": (stacked.step, _endless(batches(0))),
+    }
 
 
 def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
@@ -285,7 +352,14 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
         "plain_mixed": (student_and_step(rt_=rt, alpha=0.0), _endless(fresh_mixed)),
         "dump": (dump_step, dump_rows()),
     }
+    if cfg.sweep_students:
+        loops |= _sweep_loops(cfg, rt, c, images_d, labels_d, plain_views, logits, mean, std)
     results, rounds, peaks = _measure(loops, cfg, dev, log)
+    sweep_ratios = {}
+    if cfg.sweep_students:  # the same M students: in one pass (each backend) against M separate runs
+        sweep_ratios = {
+            f"sweep_{b}_over_separate": results[f"sweep_{b}"] / results["sweep_separate"] for b in ("loop", "stacked")
+        }
 
     return {
         **{f"{k}_img_s": v for k, v in results.items()},
@@ -296,7 +370,9 @@ def run_bench(cfg: BenchConfig, rt: Runtime, log=lambda msg: None) -> dict:
             "cached_mixed_over_plain": results["cached_mixed"] / results["plain"],
             "cached_mixed_alone_over_plain_mixed": results["cached_mixed_alone"] / results["plain_mixed"],
             "kd_loss_overhead": results["cached_mixed_alone"] / results["cached_mixed"] - 1.0,
+            **sweep_ratios,
         },
+        "sweep_students": cfg.sweep_students,
         "rounds_img_s": rounds,
         "peak_working_mem_mb": peaks,
         "cache_bytes_per_view": _cache_bytes(),

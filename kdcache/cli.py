@@ -1265,11 +1265,19 @@ def bench_cmd(
             "or one GPU each) against 1 process, taking turns."
         ),
     ),
+    sweep_students: int = typer.Option(
+        8,
+        "--sweep-students",
+        help=(
+            "The sweep loops: this many students of --student-arch from the cache in one pass (kdcache sweep's "
+            "loop and stacked backends) against as many separate runs; 0 leaves them out."
+        ),
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the figures as JSON here."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --json file."),
 ):
-    """Measure img/s of the seed notebook's loop, online KD, cached KD (plain and mixed views), no-teacher
-    training (plain and mixed views) and the dump.
+    """Measure img/s of the reference recipe's loop, online KD, cached KD (plain and mixed views), no-teacher
+    training (plain and mixed views), the dump, and M students in one pass (kdcache sweep) against M runs.
 
     All run side by side in one process on one device, taking turns for
     --repeats rounds of --steps steps; the table shows each loop's median, its
@@ -1290,7 +1298,9 @@ def bench_cmd(
                 teacher_arch, student_arch, batch_size, steps, warmup, repeats, folder, image_size, rt
             )
             return _write_bench_json(json_path, record)
-        cfg = BenchConfig(teacher_arch, student_arch, batch_size, steps, warmup, repeats, data_dir).validate()
+        cfg = BenchConfig(
+            teacher_arch, student_arch, batch_size, steps, warmup, repeats, data_dir, sweep_students=sweep_students
+        ).validate()
         err_console.print(
             f"bench {teacher_arch} -> {student_arch} · batch {batch_size} · "
             f"{repeats} rounds of {steps} steps · {rt.describe()}",
@@ -1468,7 +1478,6 @@ def pipeline_cmd(
             teacher_arch=teacher_arch,
             student_arch=student_arch,
             epochs=epochs,
-            teacher_epochs=teacher_epochs,
             batch_size=batch_size,
             lr=lr,
             optimizer=optimizer,
@@ -1477,7 +1486,6 @@ def pipeline_cmd(
             nesterov=nesterov,
             views=views,
             augment=augment,
-            teacher_augment=teacher_augment,
             T=T,
             alpha=alpha,
             seed=seed,
@@ -1486,7 +1494,7 @@ def pipeline_cmd(
             loss=loss,
         ),
         config_path=config,
-    )
+    ).override_teacher(epochs=teacher_epochs, augment=teacher_augment)  # the teacher table's, typed
     if config:
         _file_arch(recipe.for_teacher().teacher_arch, teacher_arch, config, "--teacher-arch")
         _file_arch(recipe.student_arch, student_arch, config, "--student-arch")
@@ -1524,7 +1532,9 @@ def pipeline_cmd(
 
 @command("report")
 def report_cmd(
-    run_dirs: list[Path] = typer.Argument(..., help="One or more run directories written by `kdcache pipeline`."),
+    run_dirs: list[Path] = typer.Argument(
+        ..., help="One or more run directories written by `kdcache pipeline`, or one folder written by `kdcache sweep`."
+    ),
     plot_path: Path | None = typer.Option(
         None, "--plot", help="Combined plot for several runs. \\[default: comparison.png beside the first run]"
     ),
@@ -1538,8 +1548,16 @@ def report_cmd(
     ),
 ):
     """Re-render the comparison table, report files and plot from saved metrics; several runs side by side."""
-    from kdcache.report import plot, write_report
+    from kdcache.present import print_sweep
+    from kdcache.report import load_sweep, plot, write_report, write_sweep_report
 
+    sweeps = [(d, load_sweep(d)) for d in run_dirs]
+    if any(record for _, record in sweeps):
+        if len(run_dirs) > 1 or plot_path:
+            raise KDCacheError("a sweep folder is reported alone: kdcache report SWEEP_DIR (its plot is sweep.png)")
+        write_sweep_report(run_dirs[0], sweeps[0][1])
+        print_sweep(sweeps[0][1], run_dirs[0])
+        return
     target = plot_path or (run_dirs[0].parent / "comparison.png" if len(run_dirs) > 1 else None)
     with claim_output(target, force=force, flag="--plot") if target else contextlib.nullcontext():
         records = [write_report(d) for d in run_dirs]

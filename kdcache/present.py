@@ -188,6 +188,13 @@ def print_bench(record: dict) -> None:
         "plain_mixed": "the same, fresh mixed views (what mixing costs)",
         "dump": "teacher inference over views",
     }
+    m = record.get("sweep_students")
+    if m:
+        notes |= {
+            "sweep_separate": f"{m} students, each its own batch (as {m} separate runs); img/s x {m} = student-img/s",
+            "sweep_loop": f"{m} students, one batch each step, one after another (kdcache sweep, loop)",
+            "sweep_stacked": f"{m} students fused with torch.func (kdcache sweep, stacked)",
+        }
     peaks = record["peak_working_mem_mb"]
     show_mem = any(v is not None for v in peaks.values())
     if show_mem:
@@ -200,6 +207,7 @@ def print_bench(record: dict) -> None:
         ratio = (
             ""
             if loop in ("cached", "cached_mixed", "cached_mixed_alone", "plain_mixed", "dump")
+            or loop.startswith("sweep")
             else f"{record['cached_img_s'] / v:.2f}x"
         )
         table.add_row(loop, f"{v:,.0f}", spread, ratio, *([f"{peaks[loop]:,.0f}"] if show_mem else []), what)
@@ -216,6 +224,12 @@ def print_bench(record: dict) -> None:
         f"{100 * r['kd_loss_overhead']:+.1f}% to a step (cached_mixed_alone/cached_mixed - 1)",
         highlight=False,
     )
+    if m:
+        out_console.print(
+            f"{m} students in one pass against {m} separate runs (student-images/s): loop backend "
+            f"{r['sweep_loop_over_separate']:.2f}x · stacked backend {r['sweep_stacked_over_separate']:.2f}x",
+            highlight=False,
+        )
 
 
 def print_procs_bench(record: dict, cfg, procs: int) -> None:

@@ -116,7 +116,7 @@ class SweepSpec:
             if len(set(values)) != len(values):
                 dup = next(v for v in values if list(values).count(v) > 1)
                 raise KDCacheError(f"{flag} names {dup} twice: give each value once")
-        if bad := next((t for t in self.T if not (math.isfinite(t) and t > 0)), None):
+        if (bad := next((t for t in self.T if not (math.isfinite(t) and t > 0)), None)) is not None:
             raise KDCacheError(f"--T {bad:g} is not a temperature: give values > 0, e.g. --T 1,2,4")
         if (bad := next((a for a in self.alpha if not 0 <= a <= 1), None)) is not None:
             raise KDCacheError(f"--alpha {bad:g} is outside [0, 1]: e.g. --alpha 0.5,0.9")
