@@ -38,6 +38,7 @@ from kdcache.models import check_spec, num_params
 from kdcache.runtime import NoProgress, Progress, Runtime
 from kdcache.stages import (
     CachedData,
+    cache_fixes,
     cache_source,
     cached_plan,
     check_served,
@@ -378,6 +379,7 @@ def run_sweep(
                 f"{cache_file}'s targets are over the memory budget; a sweep holds them in memory: "
                 "raise --resident-mb, or train students one by one with kdcache student"
             )
+        base = cache_fixes(base, cached.attrs)  # the views and normalisation are the cache's, whatever was asked
         for setting, _ in students[: len(spec.settings(base.student_arch))]:
             check_served(_recipe_of(base, setting, 0), cached.attrs, cache_file)
         full = cached.data
