@@ -6,30 +6,21 @@ Everything is built once per session through the real code paths, on CPU, in sec
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY
 
-from kdcache.config import get_preset
 from kdcache.data import write_fake_cifar10
 from kdcache.dump import dump_logits
 from kdcache.runtime import Runtime
 from kdcache.stages import train_teacher
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_CIFAR = ROOT.parent / "shared" / "cifar10"
-
-# One thread in tests and their subprocesses: timings stay predictable on a shared 2-core
-# machine (two oversubscribed torch thread pools run 10x slower), and runs compared
-# bit for bit use the same thread count.
+# One thread in tests (helpers.THREAD_ENV does it for their subprocesses): timings stay predictable
+# on a shared 2-core machine (two oversubscribed torch thread pools run 10x slower), and runs
+# compared bit for bit use the same thread count.
 torch.set_num_threads(1)
-THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-# A small, fast recipe for tests: notebook-2 CNNs on generated data.
-TINY = get_preset("seed-cnn").override(epochs=2, teacher_epochs=1, batch_size=64, subset=400)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -73,16 +64,3 @@ def cache_file(tmp_path_factory, data_dir, teacher_ckpt, cpu) -> Path:
         block_rows=128,
     )
     return out
-
-
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    """Run `python -m kdcache ARGS` as a user would, in a real process."""
-    return subprocess.run(
-        [sys.executable, "-m", "kdcache", *args],
-        cwd=cwd,
-        env={**os.environ, **THREAD_ENV, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        **kwargs,
-    )

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, THREAD_ENV, TINY, run_cli
+from helpers import ROOT, THREAD_ENV, TINY, run_cli
 
 import kdcache
 from kdcache.cache import MIX_DATASETS

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from kdcache.cli import app
@@ -118,6 +119,7 @@ def test_folder_bench_measures_the_imagefolder_loop_and_every_store(tmp_path):
     assert not (tmp_path / "user-stores").exists()  # the bench prepares its own, temporary store
 
 
+@pytest.mark.torchrun
 def test_procs_bench_runs_two_torchrun_processes_against_one(tmp_path):
     out = tmp_path / "procs.json"
     r = CliRunner().invoke(

@@ -4,7 +4,11 @@ import json
 import shutil
 
 import pytest
-from conftest import run_cli
+import typer.main
+from helpers import run_cli
+from typer.testing import CliRunner
+
+from kdcache.cli import app
 
 
 @pytest.fixture
@@ -13,6 +17,7 @@ def workdir(tmp_path, data_dir):
     return tmp_path
 
 
+@pytest.mark.e2e
 def test_teacher_dump_student_eval_chain_with_default_paths(workdir):
     r = run_cli(
         "teacher", "--arch", "seed-cnn-teacher", "--subset", "300", "--epochs", "1", "--device", "cpu", cwd=workdir
@@ -53,16 +58,20 @@ def test_teacher_dump_student_eval_chain_with_default_paths(workdir):
     assert acc in r.stdout  # eval reproduces the accuracy measured at the end of training
 
 
-@pytest.mark.parametrize(
-    "cmd", ["teacher", "dump-logits", "student", "eval", "bench", "verify", "inspect", "pipeline", "report"]
-)
+COMMANDS = sorted(typer.main.get_command(app).commands)  # every registered command, a new one included
+
+
+def test_the_command_list_is_the_apps():
+    assert len(COMMANDS) >= 10 and {"teacher", "import-teacher", "dump-logits", "student", "pipeline"} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
 def test_every_command_has_help(cmd):
-    from typer.testing import CliRunner
-
-    from kdcache.cli import app
-
     r = CliRunner().invoke(app, [cmd, "--help"], env={"COLUMNS": "200"})
     assert r.exit_code == 0 and "Usage" in r.output and len(r.output.splitlines()) > 5
+    command = typer.main.get_command(app).commands[cmd]
+    assert command.help and command.help.strip(), f"{cmd} has no docstring"
+    assert all(p.help for p in command.params if p.param_type_name == "option"), f"{cmd}: an option without help"
 
 
 def test_top_level_help_explains_the_flow():

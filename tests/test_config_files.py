@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 
 from kdcache.checkpoints import read_checkpoint
 from kdcache.config import PRESETS, DumpSettings, Recipe, dump_settings, read_config, resolve, to_toml
@@ -193,6 +193,7 @@ def _weights(path):
     return read_checkpoint(path)["state_dict"]
 
 
+@pytest.mark.e2e
 def test_runs_repeated_from_their_recorded_config_give_the_same_artifacts(tmp_path, data_dir):
     """teacher -> dump -> student, then each repeated from `kdcache inspect FILE --config` alone
     (plus paths): the same weights, the same cached logits and views, the same recorded recipes; the

@@ -1,10 +1,8 @@
 """Datasets are read from the python batches, checked by shape/count/labels, fingerprinted."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-from conftest import SHARED_CIFAR
+from helpers import SHARED_CALTECH, SHARED_CIFAR, TINY
 
 from kdcache.data import load_dataset
 from kdcache.errors import KDCacheError
@@ -34,7 +32,7 @@ def test_missing_data_offline_says_where_to_put_it(tmp_path, monkeypatch):
         load_dataset("cifar10", tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.realdata
 @pytest.mark.skipif(not SHARED_CIFAR.exists(), reason="real CIFAR-10 not at ../shared/cifar10")
 def test_real_cifar10_from_shared_copy():
     """The shared copy's md5 sums differ from the original; shapes, counts, labels and stats hold."""
@@ -47,12 +45,11 @@ def test_real_cifar10_from_shared_copy():
     assert np.allclose(mean.numpy(), [0.4914, 0.4822, 0.4465], atol=1e-3)
 
 
-@pytest.mark.slow
+@pytest.mark.realdata
 @pytest.mark.skipif(not SHARED_CIFAR.exists(), reason="real CIFAR-10 not at ../shared/cifar10")
 def test_real_cifar10_teacher_cache_student(tmp_path, cpu):
     """The whole flow on 1,000 real images: learns above chance, replays the real views."""
     import h5py
-    from conftest import TINY
 
     from kdcache.pipeline import run_pipeline
 
@@ -68,10 +65,7 @@ def test_real_cifar10_teacher_cache_student(tmp_path, cpu):
         assert f.attrs["dataset_fingerprint"] == load_dataset("cifar10", SHARED_CIFAR, 1000).fingerprint
 
 
-SHARED_CALTECH = Path(__file__).resolve().parents[1].parent / "shared" / "caltech101"
-
-
-@pytest.mark.slow
+@pytest.mark.realdata
 @pytest.mark.skipif(not (SHARED_CALTECH / "train").is_dir(), reason="real Caltech-101 not at ../shared/caltech101")
 def test_real_caltech101_store_and_flow(tmp_path, cpu):
     """Real photographs: 101 unequal classes, greyscale images, every file decodes; the flow runs and verifies."""
@@ -85,7 +79,6 @@ def test_real_caltech101_store_and_flow(tmp_path, cpu):
     assert d.train_x.shape[1:] == (3, 56, 56) and d.test_x.shape[1:] == (3, 32, 32)
     grey = [(x[0] == x[1]).all() and (x[1] == x[2]).all() for x in d.train_x[:800]]
     assert 0 < sum(grey) < 800  # the greyscale photographs became RGB, the colour ones stayed colour
-    from conftest import TINY
 
     recipe = TINY.override(
         dataset="imagefolder", subset=600, teacher_epochs=1, epochs=1, views=2, mix="cutmix", augment=True

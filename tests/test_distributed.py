@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, THREAD_ENV
+from helpers import ROOT, THREAD_ENV, run_cli
 
 from kdcache.stages import train_student
+
+pytestmark = pytest.mark.torchrun
 
 ARCH = "byo_models:make_net"  # no BatchNorm, no dropout: the processes' shares add up exactly
 
@@ -156,8 +158,6 @@ def dump_args(teacher, data_dir, out, *extra):
 
 
 def test_a_two_process_dump_is_the_one_process_dump(tmp_path, teacher_ckpt, data_dir):
-    from conftest import run_cli
-
     one, two = tmp_path / "one.h5", tmp_path / "two.h5"
     assert run_cli(*dump_args(teacher_ckpt, data_dir, one)).returncode == 0
     r = torchrun(*dump_args(teacher_ckpt, data_dir, two))
@@ -171,7 +171,6 @@ def test_a_killed_two_process_dump_resumes_in_one_process_without_redoing_blocks
     import time
 
     import h5py
-    from conftest import run_cli
 
     ref, out = tmp_path / "ref.h5", tmp_path / "c.h5"
     assert run_cli(*dump_args(teacher_ckpt, data_dir, ref)).returncode == 0

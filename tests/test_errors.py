@@ -16,10 +16,8 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
-from conftest import run_cli
-from typer.testing import CliRunner
+from helpers import assert_one_line_error, cli, run_cli, written
 
-from kdcache.cli import app
 from kdcache.data import write_fake_cifar10
 
 ONE = {"OMP_NUM_THREADS": "1", "KDCACHE_OFFLINE": "1"}
@@ -28,36 +26,6 @@ ONE = {"OMP_NUM_THREADS": "1", "KDCACHE_OFFLINE": "1"}
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     monkeypatch.setenv("KDCACHE_OFFLINE", "1")  # never try to download anything from a test
-
-
-def assert_one_line_error(code: int, stderr: str, *needles: str, started: bool = False) -> str:
-    """Exit 2; exactly one `error:` line, the last thing printed; no traceback; `needles` in it.
-
-    `started`: the failure came after the inputs were accepted, so the stage's one
-    progress note ("dump 100 cifar10 images x 4 view(s) ...") may stand before it.
-    """
-    assert code == 2, f"exit {code}, stderr:\n{stderr}"
-    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], stderr
-    # Inputs are checked before anything is printed, so the error is all there is.
-    assert len(lines) == (2 if started and len(lines) > 1 else 1), stderr
-    for needle in needles:
-        assert needle.lower() in errors[0].lower(), f"{needle!r} not in {errors[0]!r}"
-    return errors[0]
-
-
-def cli(*args: str):
-    """The CLI in this process: (exit code, stderr, stdout)."""
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    return result.exit_code, result.stderr, result.stdout
-
-
-def written(folder: Path) -> list[str]:
-    """What a failed command left in its output folder (must be nothing)."""
-    return sorted(p.name for p in folder.rglob("*")) if folder.exists() else []
 
 
 # ---- bad files -----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -237,6 +237,7 @@ def test_image_size_flags_need_an_image_folder(data_dir, tmp_path):
     assert res.exit_code == 2 and "--image-size applies to image folders" in res.output
 
 
+@pytest.mark.e2e
 def test_whole_flow_on_an_image_folder(folder, tmp_path):
     """teacher -> dump (mixed RRC views) -> verify -> student -> eval, as a user runs them."""
     t, c, s = tmp_path / "t.pt", tmp_path / "c.h5", tmp_path / "s.pt"
@@ -355,6 +356,7 @@ def test_rrc_renderer_matches_a_numpy_reference_of_the_documented_box_meaning():
     assert diff.max() <= 1 and diff.mean() < 0.01  # float rounding at .5 only
 
 
+@pytest.mark.e2e
 def test_pipeline_resume_refuses_a_teacher_of_another_image_size(folder, tmp_path):
     from kdcache.config import get_preset
     from kdcache.pipeline import run_pipeline

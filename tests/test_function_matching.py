@@ -8,8 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
-from test_errors import assert_one_line_error, cli, written
+from helpers import TINY, assert_one_line_error, cli, written
 
 from kdcache import cache as cache_io
 from kdcache.batches import ViewBatches

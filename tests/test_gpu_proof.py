@@ -5,9 +5,12 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, THREAD_ENV
+import pytest
+from helpers import ROOT, THREAD_ENV
 
 from kdcache.data import write_fake_cifar10
+
+pytestmark = pytest.mark.e2e
 
 ROWS = [
     "teacher",

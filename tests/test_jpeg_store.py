@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 from PIL import Image
 
 from kdcache import folders
@@ -85,6 +85,7 @@ def test_more_prefetch_workers_give_the_same_batches(folder):
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=False))
 
 
+@pytest.mark.e2e
 def test_jpeg_store_whole_flow_replays_exactly_streamed_or_resident(folder, tmp_path):
     """teacher -> dump -> verify -> student from a jpeg store as a user runs them, then the same with
     the store streamed (decoded per batch): the same cache and weights, bit for bit."""
@@ -254,6 +255,7 @@ def test_store_format_auto_picks_by_size_and_bad_values_are_one_line(folder, tmp
     assert meta["store_format"] == "jpeg"
 
 
+@pytest.mark.e2e
 def test_a_thousand_class_folder_end_to_end_from_a_jpeg_store_with_a_topk_cache(tmp_path):
     """1,000 classes: jpeg store, teacher, a top-10 cache, a student with the store streamed (decoded per
     batch), `inspect` and `verify`; each process stays within a stated memory budget (2 GB resident)."""

@@ -7,7 +7,7 @@ import shutil
 import h5py
 import pytest
 import torch
-from conftest import TINY
+from helpers import TINY, assert_one_line_error, cli
 from typer.testing import CliRunner
 
 from kdcache.checkpoints import file_sha256, load_checkpoint
@@ -84,6 +84,7 @@ def run_dir(tmp_path_factory, data_dir, cpu):
     return out
 
 
+@pytest.mark.e2e
 def test_pipeline_writes_every_artifact_and_report(run_dir):
     for name in (
         "teacher.pt",
@@ -105,6 +106,7 @@ def test_pipeline_writes_every_artifact_and_report(run_dir):
     assert "| student with KD | seed-cnn-student | 267,738 |" in (run_dir / "report.md").read_text()
 
 
+@pytest.mark.e2e
 def test_plot_is_a_valid_png(run_dir):
     from PIL import Image
 
@@ -115,6 +117,7 @@ def test_plot_is_a_valid_png(run_dir):
         assert img.size[0] > 300 and img.size[1] > 200
 
 
+@pytest.mark.e2e
 def test_plot_has_accuracy_per_epoch_and_per_second_each_row_in_its_own_colour(run_dir):
     import itertools
 
@@ -152,6 +155,7 @@ def test_plot_has_accuracy_per_epoch_and_per_second_each_row_in_its_own_colour(r
     assert {c["linestyle"] for c in two[:4]} != {c["linestyle"] for c in two[4:]}
 
 
+@pytest.mark.e2e
 def test_report_rerenders_from_saved_metrics(run_dir, tmp_path):
     for name in ("report.md", "accuracy.png"):
         (run_dir / name).unlink()
@@ -165,6 +169,7 @@ def test_report_rerenders_from_saved_metrics(run_dir, tmp_path):
     assert len(rows) == 2  # one per run, side by side
 
 
+@pytest.mark.e2e
 def test_resume_keeps_finished_stages_and_refuses_silent_overwrite(run_dir, data_dir, cpu):
     recipe = TINY.override(views=2, augment=True)
     with pytest.raises(KDCacheError, match="already holds a run"):
@@ -174,6 +179,7 @@ def test_resume_keeps_finished_stages_and_refuses_silent_overwrite(run_dir, data
     assert stamps == {p.name: os.stat(p).st_mtime_ns for p in run_dir.glob("*.pt")}
 
 
+@pytest.mark.e2e
 def test_resume_refuses_finished_stages_made_with_other_settings(run_dir, data_dir, cpu):
     changed = TINY.override(views=2, augment=True, alpha=0.9)
     with pytest.raises(KDCacheError, match=r"student_kd.pt was made with alpha=0.25, this run asks for 0.9"):
@@ -213,6 +219,7 @@ def test_resume_refuses_finished_stages_made_with_other_settings(run_dir, data_d
         )
 
 
+@pytest.mark.e2e
 def test_resume_keeps_stages_whose_recipe_predates_newer_fields(run_dir, data_dir, cpu, tmp_path):
     """A checkpoint written before a recipe field existed counts as made with that field's default."""
     old_run = tmp_path / "old"
@@ -228,6 +235,7 @@ def test_resume_keeps_stages_whose_recipe_predates_newer_fields(run_dir, data_di
     assert stamps == {p.name: os.stat(p).st_mtime_ns for p in old_run.glob("*.pt")}
 
 
+@pytest.mark.e2e
 def test_with_online_adds_the_online_kd_row_beside_the_cached_one(tmp_path, data_dir, cpu):
     out = tmp_path / "online"
     recipe = TINY.override(views=2, mix="cutmix", mix_prob=0.5, teacher_epochs=1, epochs=1)
@@ -241,6 +249,7 @@ def test_with_online_adds_the_online_kd_row_beside_the_cached_one(tmp_path, data
     assert "online KD" in (out / "report.md").read_text()
 
 
+@pytest.mark.e2e
 def test_resume_refuses_students_made_with_another_loss(run_dir, data_dir, cpu):
     with pytest.raises(KDCacheError, match=r"student_kd.pt was made with loss='kd', this run asks for 'dkd'"):
         run_pipeline(
@@ -253,6 +262,7 @@ def test_resume_refuses_students_made_with_another_loss(run_dir, data_dir, cpu):
         )
 
 
+@pytest.mark.e2e
 def test_teacher_can_train_on_crops_while_cache_and_students_see_plain_views(tmp_path, data_dir, cpu):
     from kdcache.checkpoints import read_checkpoint
     from kdcache.config import Recipe
@@ -280,9 +290,8 @@ def _snapshot(folder) -> dict:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+@pytest.mark.e2e
 def test_pipeline_never_replaces_a_runs_teacher_unasked(run_dir, data_dir, tmp_path):
-    from test_errors import assert_one_line_error, cli
-
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     other = tmp_path / "other.pt"  # another teacher: a readable checkpoint, other bytes
@@ -314,9 +323,8 @@ def test_pipeline_never_replaces_a_runs_teacher_unasked(run_dir, data_dir, tmp_p
     assert not (run / "teacher.pt").exists()
 
 
+@pytest.mark.e2e
 def test_report_never_overwrites_a_plot_unasked_nor_writes_through_a_link(run_dir, tmp_path):
-    from test_errors import assert_one_line_error, cli
-
     mine = tmp_path / "mine.png"
     mine.write_bytes(b"my figure\n")
     stamp = (run_dir / "report.json").stat().st_mtime_ns
@@ -331,6 +339,7 @@ def test_report_never_overwrites_a_plot_unasked_nor_writes_through_a_link(run_di
     assert victim.read_bytes() == b"not yours\n" and not link.is_symlink() and link.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.e2e
 def test_report_reads_runs_whose_metrics_have_the_old_names(run_dir, tmp_path):
     """kdcache 0.1 named a checkpoint's metrics STEM.metrics.jsonl; such runs still report."""
     run = tmp_path / "old"

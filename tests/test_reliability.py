@@ -13,9 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, run_cli
-from test_errors import assert_one_line_error, cli, written
-from test_resume import dump_args, start_cli, wait_for
+from helpers import TINY, assert_one_line_error, cli, dump_args, run_cli, start_cli, wait_for, written
 
 from kdcache.cli import err_console
 from kdcache.errors import KDCacheError

@@ -10,17 +10,24 @@ and on a busy 2-core machine one thread is 10-25x faster than two for these smal
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import h5py
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from helpers import (
+    DUMP_BATCH,
+    DUMP_BLOCK,
+    DUMP_ROWS,
+    DUMP_SEED,
+    DUMP_VIEWS,
+    dump_args,
+    run_cli,
+    start_cli,
+    wait_for,
+)
 from typer.testing import CliRunner
 
 from kdcache.checkpoints import read_checkpoint
@@ -32,8 +39,7 @@ from kdcache.stages import train_student, train_teacher
 
 ONE = {"OMP_NUM_THREADS": "1", "KDCACHE_OFFLINE": "1"}
 
-# The dump under test: 400 images x 8 views in 20 blocks of 20 rows.
-DUMP_ROWS, DUMP_VIEWS, DUMP_BLOCK, DUMP_BATCH, DUMP_SEED = 400, 8, 20, 40, 3  # seconds: signals land mid-dump
+# The dump under test: helpers.dump_args (400 images x 8 views in 20 blocks of 20 rows).
 # The teacher under test: seed-cnn-teacher on 40 images for 6 epochs, with the default recipe's
 # SGD + momentum + cosine schedule, crop+flip views and dropout: every kind of state is exercised.
 TEACHER = dict(subset=40, epochs=6, batch_size=20, lr=0.01, seed=1)
@@ -53,34 +59,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def start_cli(*args: str) -> subprocess.Popen:
-    """`python -m kdcache ARGS` in the background, as `run_cli` runs it."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "kdcache", *args],
-        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **ONE},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        # A shell without job control starts background jobs with SIGINT ignored, and the
-        # child would inherit that (CI may run us so): give it the terminal's Ctrl-C back.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-
-
-def wait_for(proc: subprocess.Popen, condition, what: str, timeout: float = 180.0) -> None:
-    """Poll `condition` until it holds; fail if the process ends first (it must be caught mid-run)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}:\n{proc.stderr.read()}")
-        time.sleep(0.01)
-    proc.kill()
-    proc.wait()
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def kill(proc: subprocess.Popen, sig: int) -> str:
@@ -121,31 +99,6 @@ def assert_refused(args: list[str], *needles: str) -> str:
 
 
 # ---- dump-logits -------------------------------------------------------------------------------
-
-
-def dump_args(teacher: Path, data_dir: Path, out: Path) -> list[str]:
-    return [
-        "dump-logits",
-        "--teacher",
-        str(teacher),
-        "--data-dir",
-        str(data_dir),
-        "--out",
-        str(out),
-        "--subset",
-        str(DUMP_ROWS),
-        "--views",
-        str(DUMP_VIEWS),
-        "--block-rows",
-        str(DUMP_BLOCK),
-        "--batch-size",
-        str(DUMP_BATCH),
-        "--seed",
-        str(DUMP_SEED),
-        "--augment",
-        "--device",
-        "cpu",
-    ]
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, THREAD_ENV
-from test_errors import assert_one_line_error, cli
+from helpers import ROOT, THREAD_ENV, assert_one_line_error, cli
 
 from kdcache import folders
 from kdcache.artifacts import lock_path, output_lock, write_metrics

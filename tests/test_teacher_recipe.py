@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, run_cli
+from helpers import TINY, run_cli
 
 from kdcache.checkpoints import load_checkpoint, read_checkpoint
 from kdcache.config import Recipe, get_preset, validate
@@ -287,6 +287,7 @@ def test_the_guard_speaks_when_the_teacher_is_no_better_than_the_student(cache_f
     )
 
 
+@pytest.mark.e2e
 def test_pipeline_trains_an_ensemble_of_teachers_and_reports_each(data_dir, tmp_path):
     out = tmp_path / "run"
     args = [
@@ -330,6 +331,7 @@ def test_pipeline_trains_an_ensemble_of_teachers_and_reports_each(data_dir, tmp_
     assert bad.returncode == 2 and "--with-online takes one teacher" in bad.stderr
 
 
+@pytest.mark.e2e
 def test_pipeline_reports_a_reused_imported_teacher_that_has_no_metrics(teacher_ckpt, data_dir, tmp_path):
     weights = tmp_path / "sd.pt"
     torch.save(torch.load(teacher_ckpt, weights_only=True)["state_dict"], weights)

@@ -4,9 +4,8 @@ import json
 import sys
 
 import pytest
-from conftest import TINY
+from helpers import TINY, assert_one_line_error, cli, written
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_errors import assert_one_line_error, cli, written
 
 from kdcache.errors import KDCacheError
 from kdcache.pipeline import run_pipeline
@@ -106,6 +105,7 @@ def test_student_writes_agreement_and_kl_and_nothing_without_the_flag(tmp_path, 
     assert len(events(tmp_path)) == 1
 
 
+@pytest.mark.e2e
 def test_pipeline_gives_each_row_its_own_subfolder(tmp_path, data_dir, cpu):
     out, tb = tmp_path / "run", tmp_path / "tb"
     recipe = TINY.override(views=2, teacher_epochs=1, epochs=1)

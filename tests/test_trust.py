@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SHARED_CIFAR, run_cli
+from helpers import ROOT, SHARED_CIFAR, run_cli
 from typer.testing import CliRunner
 
 from kdcache.checkpoints import load_checkpoint, read_checkpoint, save_checkpoint
@@ -288,6 +288,7 @@ def test_cifar_copies_pickled_by_any_python_load_alike(tmp_path):
         assert got.fingerprint == want.fingerprint and torch.equal(got.test_y, want.test_y)
 
 
+@pytest.mark.realdata
 @pytest.mark.skipif(not (SHARED_CIFAR / "cifar-10-batches-py").is_dir(), reason="no ../shared/cifar10")
 def test_the_real_cifar_files_pass_the_restricted_unpickler():
     folder = SHARED_CIFAR / "cifar-10-batches-py"

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 from typer.testing import CliRunner
 
 from kdcache import cli
