@@ -1151,6 +1151,87 @@ def eval_cmd(
     print_eval(checkpoint, meta["arch"], num_params(model), data, tta, accuracy(logits, data.test_y))
 
 
+@command("export")
+def export_cmd(
+    checkpoint: Path = typer.Argument(
+        ..., help="A checkpoint written by `kdcache teacher`, `student` or `import-teacher`."
+    ),
+    format: str = typer.Option(
+        ...,
+        "--format",
+        help=(
+            "onnx (onnxruntime and other ONNX runtimes; pip install 'kdcache[export]') | safetensors (the weights) "
+            "| torch-export (a torch.export program, .pt2, with its facts in FILE.json)."
+        ),
+    ),
+    out: Path = typer.Option(..., "--out", help="The file to write (onnx: .onnx, torch-export: .pt2)."),
+    input: str = typer.Option(
+        "float",
+        "--input",
+        help="What the onnx/torch-export model takes: float (RGB in [0, 1]) | uint8 (RGB 0-255). NCHW either way.",
+    ),
+    data_dir: Path | None = typer.Option(
+        None,
+        "--data-dir",
+        "--data",
+        help="Where the checkpoint's dataset is, for the check on its test images. \\[default: as it recorded]",
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out (and a torch-export's FILE.json)."),
+    trust_arch: bool = TrustArchOpt,
+):
+    """Export a checkpoint to ONNX, safetensors or torch.export, checked against the checkpoint's own logits."""
+    from kdcache.export import export
+
+    done = export(checkpoint, out, format=format, input=input, data_dir=data_dir, force=force, trust_arch=trust_arch)
+    c = done.check
+    out_console.print(
+        f"exported {checkpoint} as {done.format} to {done.path} ({done.bytes / 1e6:.2f} MB, {done.seconds:.1f} s)"
+        + (f", facts in {done.side}" if done.side else ""),
+        highlight=False,
+    )
+    out_console.print(
+        f"checked with {c.runtime} on {c.images}: max |logit diff| {c.max_diff:.2g} (<= 1e-4), "
+        f"top-1 identical {c.agree}/{c.total}",
+        highlight=False,
+    )
+
+
+@command("predict")
+def predict_cmd(
+    model: Path = typer.Argument(
+        ..., help="A kdcache checkpoint, or a .onnx / .safetensors file from `kdcache export`."
+    ),
+    images: list[Path] = typer.Argument(..., help="Image files, or folders of them (searched recursively)."),
+    topk: int = typer.Option(5, "--topk", help="How many classes to show per image."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON (one list of images) instead of a table."),
+    skip_bad_images: bool = typer.Option(
+        False, "--skip-bad-images", help="Skip images that do not decode (one line each) instead of stopping."
+    ),
+    trust_arch: bool = TrustArchOpt,
+):
+    """Top-k classes for image files, resized as kdcache evaluates an image folder at the model's image size."""
+    import json
+
+    from rich.table import Table
+
+    from kdcache.classify import classify
+
+    def warn(line: str) -> None:
+        typer.echo(f"warning: {line}", err=True)
+
+    clf, rows = classify(model, images, topk=topk, skip_bad=skip_bad_images, trust_arch=trust_arch, warn=warn)
+    if json_out:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    table = Table(title=f"{clf.path} ({clf.arch}, {clf.kind}, {clf.image_size} px)")
+    table.add_column("image", overflow="fold")
+    for rank in range(len(rows[0]["top"])):
+        table.add_column(f"#{rank + 1}")
+    for row in rows:
+        table.add_row(row["image"], *(f"{t['class']} {100 * t['probability']:.1f}%" for t in row["top"]))
+    out_console.print(table)
+
+
 @command("inspect")
 def inspect_cmd(
     cache: Path = typer.Argument(..., help="A logit cache (complete or interrupted); with --config also a checkpoint."),
