@@ -31,7 +31,6 @@ class Recipe:
     teacher_arch: str = "resnet50"
     student_arch: str = "resnet18"
     epochs: int = 200
-    teacher_epochs: int | None = None  # None: same as `epochs`
     batch_size: int = 128
     lr: float = 0.1
     optimizer: str = "sgd"  # sgd | adam
@@ -44,15 +43,14 @@ class Recipe:
     ema: float = 0.0  # decay per step of a weight average used for evaluation, the dump and the checkpoint (0: off)
     bn_bias_lr: float = 1.0  # BatchNorm biases learn at this multiple of lr (their weight decay divided by it)
     augment: bool = True  # pad-4 crop + flip; False: the identity view only
-    teacher_augment: bool | None = None  # the teacher's own training views (None: same as augment)
     views: int = 8
     mix: str = "none"  # none | cutmix | mixup | both: mixed views for teacher and cache (function matching)
     mix_prob: float = 1.0  # share of views that are mixed, when mix is not none
     loss: str = "kd"  # kd | dkd | dist | ls: the student's soft-target term
     T: float = 3.0
     alpha: float = 0.5
-    # The teacher stage's own values of any field above (e.g. its arch's lr and batch size), so one
-    # preset can carry a teacher recipe and a student recipe; `for_teacher()` applies them.
+    # The teacher stage's own values of any field above (e.g. its epochs, its arch's lr and batch size), so
+    # one preset can carry a teacher recipe and a student recipe; `for_teacher()` applies them.
     teacher: dict = field(default_factory=dict)
     mean: tuple[float, float, float] = SEED_RESNET_MEAN
     std: tuple[float, float, float] = SEED_RESNET_STD
@@ -67,28 +65,25 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> Recipe:
-        """The recipe an artifact recorded (checkpoint meta, cache attribute); unknown keys ignored."""
+        """The recipe an artifact recorded (checkpoint meta, cache attribute); unknown keys ignored. Files
+        from before the teacher table held its epochs and augment record them as teacher_epochs and
+        teacher_augment: read into the table (where it does not say otherwise, as they were then)."""
         known = {f.name for f in dataclasses.fields(cls)}
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
+        teacher = {k: v for old, k in _RECORDED_TEACHER.items() if (v := d.get(old)) is not None}
         fields["teacher"] = {
-            k: tuple(v) if isinstance(v, list) else v
-            for k, v in fields.get("teacher", {}).items()
-            if k in known and k != "teacher"
+            **teacher,
+            **{
+                k: tuple(v) if isinstance(v, list) else v
+                for k, v in (d.get("teacher") or {}).items()
+                if k in known and k != "teacher"
+            },
         }
         return cls(**fields)
 
     def for_teacher(self) -> Recipe:
-        """The recipe the teacher stage trains with: `teacher`'s fields, epochs and augment resolved."""
-        own = {k: v for k, v in self.teacher.items() if k not in ("epochs", "augment")}
-        return dataclasses.replace(
-            self,
-            **own,
-            epochs=self.teacher_recipe_epochs,
-            augment=self.teacher_recipe_augment,
-            teacher_epochs=None,
-            teacher_augment=None,
-            teacher={},
-        )
+        """The recipe the teacher stage trains with: the shared fields, `teacher`'s in their place."""
+        return dataclasses.replace(self, **self.teacher, teacher={})
 
     def override_teacher(self, **values) -> Recipe:
         """A copy whose teacher stage takes every non-None value (flags typed on `kdcache teacher`)."""
@@ -96,17 +91,8 @@ class Recipe:
         shared = {k: given.pop(k) for k in ("dataset", "subset", "seed", "teacher_arch") if k in given}
         return dataclasses.replace(self, **shared, teacher={**self.teacher, **given})
 
-    @property
-    def teacher_recipe_epochs(self) -> int:
-        if "epochs" in self.teacher:
-            return self.teacher["epochs"]
-        return self.teacher_epochs if self.teacher_epochs is not None else self.epochs
 
-    @property
-    def teacher_recipe_augment(self) -> bool:
-        if "augment" in self.teacher:
-            return self.teacher["augment"]
-        return self.teacher_augment if self.teacher_augment is not None else self.augment
+_RECORDED_TEACHER = {"teacher_epochs": "epochs", "teacher_augment": "augment"}  # kdcache <= 0.2's fields
 
 
 def _given(values: dict) -> dict:
@@ -124,12 +110,12 @@ SCHEDULES = ("cosine", "linear", "constant")
 def validate(recipe: Recipe) -> Recipe:
     """Refuse values that cannot train, with a message naming the flag (--subset is checked by the reader);
     the teacher stage's own values too."""
-    own = {f.name for f in dataclasses.fields(Recipe)} - {"teacher", "teacher_epochs", "teacher_augment"}
+    own = {f.name for f in dataclasses.fields(Recipe)} - {"teacher"}
     unknown = sorted(k for k in recipe.teacher if k not in own)
     if unknown:
         raise KDCacheError(f"the recipe's teacher settings name unknown fields {unknown}: use Recipe's field names")
     _check(recipe)
-    if recipe.teacher or recipe.teacher_epochs is not None:
+    if recipe.teacher:
         _check(recipe.for_teacher())
     return recipe
 
@@ -214,8 +200,7 @@ PRESETS: dict[str, Recipe] = {
     "demo": SEED_CNN.override(
         subset=10000,
         teacher_arch="resnet9s",
-        teacher_epochs=8,
-        teacher_augment=True,
+        teacher={"epochs": 8, "augment": True},
         epochs=20,
         schedule="cosine",
         T=2.0,
@@ -367,7 +352,7 @@ def dump_settings(config: dict, config_path: Path | None = None, **flags) -> Dum
 # `preset = "NAME"` picks the starting recipe when --preset is not given. --print-config and
 # `kdcache inspect --config` write every field, so a run can be repeated from its artifact alone.
 
-_OPTIONAL = {"subset": int, "teacher_epochs": int, "teacher_augment": bool}  # may be None (absent)
+_OPTIONAL = {"subset": int}  # may be None (absent)
 
 
 def read_config(path: Path | None) -> dict:
@@ -470,6 +455,8 @@ def _config_value(path, where: str, key: str, value):
     if key not in types:
         close = difflib.get_close_matches(key, list(types), n=1)
         hint = f"did you mean {close[0]!r}?" if close else "see --print-config for the keys"
+        if key in _RECORDED_TEACHER:
+            hint = f"the teacher's {_RECORDED_TEACHER[key]} goes in the [teacher] table: {_RECORDED_TEACHER[key]} = ..."
         raise KDCacheError(f"{path}: unknown key {where!r}: {hint}")
     kind = _OPTIONAL.get(key) or types[key]
     if key == "subset" and value == "all":
@@ -515,7 +502,7 @@ def resolve(
         base = Recipe.from_dict(recorded)
     fields = _given({k: v for k, v in config.items() if k not in ("preset", "teacher", "dump")})
     if "teacher" in config:  # the file's teacher settings are the whole story
-        fields.update(teacher=dict(config["teacher"]), teacher_epochs=None, teacher_augment=None)
+        fields["teacher"] = dict(config["teacher"])
     if "subset" in config:
         fields["subset"] = config["subset"]  # "all" (None) is a value, not "keep the preset's"
     if config:
@@ -533,13 +520,11 @@ def teacher_views(recipe: Recipe, taught: dict | None, **given) -> Recipe:
     image it learned from. No recorded recipe (an imported teacher) leaves the recipe as it is."""
     if not taught:
         return recipe
-    own = taught.get("teacher", {})
-    recorded = {
-        k for k in given if k in taught or k in own or (k == "augment" and taught.get("teacher_augment") is not None)
-    }
-    resolved = Recipe.from_dict(taught).for_teacher()  # the teacher stage's own settings where it had them
+    recorded = Recipe.from_dict(taught)
+    known = {k for k in given if k in taught or k in recorded.teacher}
+    resolved = recorded.for_teacher()  # the teacher stage's own settings where it had them
     return dataclasses.replace(
-        recipe, **{k: getattr(resolved, k) for k, v in given.items() if v is None and k in recorded}
+        recipe, **{k: getattr(resolved, k) for k, v in given.items() if v is None and k in known}
     )
 
 
@@ -561,22 +546,17 @@ def fixed_by(source: Path, **typed: tuple) -> None:
 
 
 def to_toml(recipe: Recipe, *, header: str = "", dump: DumpSettings | None = None, sweep: dict | None = None) -> str:
-    """The recipe as a config file, every field written (`subset = "all"` for no subset; the teacher's
-    epochs and augment folded into the [teacher] table), so reading it back gives the same recipe;
-    with `dump`, also the dump's own settings as a [dump] table."""
-    teacher = dict(recipe.teacher)
-    if recipe.teacher_epochs is not None:
-        teacher.setdefault("epochs", recipe.teacher_epochs)
-    if recipe.teacher_augment is not None:
-        teacher.setdefault("augment", recipe.teacher_augment)
+    """The recipe as a config file, every field written (`subset = "all"` for no subset; the teacher
+    stage's own settings as a [teacher] table), so reading it back gives the same recipe; with `dump`,
+    also the dump's own settings as a [dump] table."""
     lines = [f"# {line}" for line in header.splitlines()]
     for f in dataclasses.fields(Recipe):
         value = getattr(recipe, f.name)
-        if f.name in ("teacher", "teacher_epochs", "teacher_augment"):
+        if f.name == "teacher":
             continue
         lines.append(f"{f.name} = {_toml_value('all' if f.name == 'subset' and value is None else value)}")
     lines += ["", "[teacher]  # the teacher stage's own settings (the others as above)"]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in teacher.items()]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in recipe.teacher.items()]
     if dump is not None:
         lines += [
             "",

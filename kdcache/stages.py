@@ -425,7 +425,7 @@ def train_teacher(
             arch=recipe.teacher_arch,
             data=data,
             recipe=recipe,
-            epochs=recipe.teacher_recipe_epochs,
+            epochs=recipe.epochs,
             batches=batches,
             loss_fn=lambda s, b: label_loss(s, b.y, b.y2, b.lam, recipe.label_smoothing),
             rt=rt,

@@ -24,7 +24,7 @@ SHARED_CALTECH = ROOT.parent / "shared" / "caltech101"
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 # A small, fast recipe for tests: notebook-2 CNNs on generated data.
-TINY = get_preset("seed-cnn").override(epochs=2, teacher_epochs=1, batch_size=64, subset=400)
+TINY = get_preset("seed-cnn").override(epochs=2, batch_size=64, subset=400).override_teacher(epochs=1)
 
 
 # ---- running the CLI ------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def test_the_stage_functions_chain_as_the_commands_do(tmp_path, teacher_ckpt, ca
     meta = load_checkpoint(tmp_path / "s.pt")[1]
     assert len(result.history) == TINY.epochs and meta["arch"] == TINY.student_arch and meta["alpha"] == TINY.alpha
     teacher = kdcache.train_teacher(
-        TINY.override(subset=64, teacher_epochs=1), out=tmp_path / "t.pt", data_dir=data_dir, runtime=cpu
+        TINY.override(subset=64).override_teacher(epochs=1), out=tmp_path / "t.pt", data_dir=data_dir, runtime=cpu
     )
     assert teacher.arch == TINY.teacher_arch and (tmp_path / "t.pt").exists()
 

@@ -55,8 +55,8 @@ def test_real_cifar10_teacher_cache_student(tmp_path, cpu):
 
     # The small CNN as teacher too: this checks the flow on real data, not the teacher.
     recipe = TINY.override(
-        subset=1000, teacher_arch="seed-cnn-student", teacher_epochs=2, epochs=2, views=2, augment=True
-    )
+        subset=1000, teacher_arch="seed-cnn-student", epochs=2, views=2, augment=True
+    ).override_teacher(epochs=2)
     record = run_pipeline(recipe, preset="test", run_dir=tmp_path / "real", data_dir=SHARED_CIFAR, rt=cpu)
     by = {r["model"]: r for r in record["rows"]}
     assert by["teacher"]["test_acc"] > 0.15  # 10 classes: chance is 0.10, on all 10,000 test images
@@ -81,8 +81,8 @@ def test_real_caltech101_store_and_flow(tmp_path, cpu):
     assert 0 < sum(grey) < 800  # the greyscale photographs became RGB, the colour ones stayed colour
 
     recipe = TINY.override(
-        dataset="imagefolder", subset=600, teacher_epochs=1, epochs=1, views=2, mix="cutmix", augment=True
-    )
+        dataset="imagefolder", subset=600, epochs=1, views=2, mix="cutmix", augment=True
+    ).override_teacher(epochs=1)
     run_pipeline(
         recipe,
         preset="test",

@@ -267,8 +267,10 @@ def test_a_streamed_store_trains_and_dumps_exactly_as_a_resident_one(folder, tmp
     from kdcache.runtime import Runtime
     from kdcache.stages import train_student, train_teacher
 
-    recipe = get_preset("seed-cnn").override(
-        dataset="imagefolder", teacher_epochs=2, epochs=2, batch_size=8, mix="both", augment=True
+    recipe = (
+        get_preset("seed-cnn")
+        .override(dataset="imagefolder", epochs=2, batch_size=8, mix="both", augment=True)
+        .override_teacher(epochs=2)
     )
     opts = {"image_size": 24, "store_size": 48}
     results = []
@@ -363,7 +365,7 @@ def test_pipeline_resume_refuses_a_teacher_of_another_image_size(folder, tmp_pat
     from kdcache.runtime import Runtime
 
     rt = Runtime.create("cpu", "fp32")
-    recipe = get_preset("seed-cnn").override(dataset="imagefolder", teacher_epochs=1, epochs=1, batch_size=16)
+    recipe = get_preset("seed-cnn").override(dataset="imagefolder", epochs=1, batch_size=16).override_teacher(epochs=1)
     run_pipeline(recipe, preset="t", run_dir=tmp_path / "p", data_dir=folder, rt=rt, data_options={"image_size": 16})
     with pytest.raises(KDCacheError, match="image_size=16, this run asks for 24"):
         run_pipeline(

@@ -143,7 +143,7 @@ def test_an_ensemble_cache_holds_the_log_mean_softmax_and_verifies(tmp_path, tea
     rt = Runtime.create("cpu", "fp32")
     second = tmp_path / "t2.pt"
     train_teacher(
-        get_preset("seed-cnn").override(teacher_epochs=1, batch_size=64, subset=400, seed=5),
+        get_preset("seed-cnn").override(batch_size=64, subset=400, seed=5).override_teacher(epochs=1),
         data_dir=data_dir,
         out=second,
         rt=rt,

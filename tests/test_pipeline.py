@@ -56,9 +56,7 @@ def test_seed_cnn_preset_is_notebook_two():
 def test_demo_preset_uses_a_subset_and_small_models():
     p = PRESETS["demo"]
     assert p.subset and p.subset <= 10000 and p.teacher_arch == "resnet9s" and p.student_arch == "seed-cnn-student"
-    assert (
-        p.teacher_recipe_augment and not p.augment and p.views == 1
-    )  # the teacher trains on crops, labels plain images
+    assert p.for_teacher().augment and not p.augment and p.views == 1  # teacher trains on crops, labels plain images
 
 
 def test_flags_override_the_preset_field_by_field():
@@ -238,7 +236,7 @@ def test_resume_keeps_stages_whose_recipe_predates_newer_fields(run_dir, data_di
 @pytest.mark.e2e
 def test_with_online_adds_the_online_kd_row_beside_the_cached_one(tmp_path, data_dir, cpu):
     out = tmp_path / "online"
-    recipe = TINY.override(views=2, mix="cutmix", mix_prob=0.5, teacher_epochs=1, epochs=1)
+    recipe = TINY.override(views=2, mix="cutmix", mix_prob=0.5, epochs=1).override_teacher(epochs=1)
     record = run_pipeline(recipe, preset="test", run_dir=out, data_dir=data_dir, rt=cpu, with_online=True)
     by = {r["model"]: r for r in record["rows"]}
     assert list(by) == ["teacher", "student alone", "student with KD", "student, online KD"]
@@ -268,7 +266,7 @@ def test_teacher_can_train_on_crops_while_cache_and_students_see_plain_views(tmp
     from kdcache.config import Recipe
 
     out = tmp_path / "teacher-augment"
-    recipe = TINY.override(augment=False, teacher_augment=True, teacher_epochs=1, epochs=1)
+    recipe = TINY.override(augment=False, epochs=1).override_teacher(augment=True, epochs=1)
     run_pipeline(recipe, preset="test", run_dir=out, data_dir=data_dir, rt=cpu)
     recorded = Recipe.from_dict(read_checkpoint(out / "teacher.pt")["recipe"])  # the whole recipe, students' too
     assert recorded.for_teacher().augment is True and recorded.augment is False  # what the teacher really trained on
@@ -279,7 +277,7 @@ def test_teacher_can_train_on_crops_while_cache_and_students_see_plain_views(tmp
     assert (out / "teacher.pt").stat().st_mtime_ns == stamp
     with pytest.raises(KDCacheError, match="teacher.pt was made with augment=True, this run asks for False"):
         run_pipeline(
-            recipe.override(teacher_augment=False), preset="test", run_dir=out, data_dir=data_dir, rt=cpu, resume=True
+            recipe.override_teacher(augment=False), preset="test", run_dir=out, data_dir=data_dir, rt=cpu, resume=True
         )
 
 
@@ -348,4 +346,4 @@ def test_report_reads_runs_whose_metrics_have_the_old_names(run_dir, tmp_path):
         (run / f"{name}.pt.metrics.jsonl").rename(run / f"{name}.metrics.jsonl")
     r = CliRunner().invoke(app, ["report", str(run)])
     assert r.exit_code == 0, r.output
-    assert json.loads((run / "report.json").read_text())["rows"][0]["epochs"] == TINY.teacher_epochs
+    assert json.loads((run / "report.json").read_text())["rows"][0]["epochs"] == TINY.for_teacher().epochs

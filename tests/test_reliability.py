@@ -180,7 +180,7 @@ def test_divergence_in_a_later_epoch_keeps_the_last_good_resume_state(tmp_path, 
     import kdcache.stages as stages
 
     out = tmp_path / "teacher.pt"
-    recipe = TINY.override(teacher_epochs=3, subset=128)  # 2 steps an epoch at batch 64
+    recipe = TINY.override(subset=128).override_teacher(epochs=3)  # 2 steps an epoch at batch 64
     steps = {"n": 0}
     real = stages.label_loss
 

@@ -302,14 +302,17 @@ def test_teacher_sigkill_then_resume_equals_uninterrupted(tmp_path, small_data, 
     cli_ok(run_cli(*args, "--resume", env=ONE))
 
     ref = tmp_path / "ref" / "teacher.pt"
-    recipe = get_preset("seed-resnet").override(
-        teacher_arch="seed-cnn-teacher",
-        subset=TEACHER["subset"],
-        teacher_epochs=TEACHER["epochs"],
-        batch_size=TEACHER["batch_size"],
-        lr=TEACHER["lr"],
-        seed=TEACHER["seed"],
-        augment=True,
+    recipe = (
+        get_preset("seed-resnet")
+        .override(
+            teacher_arch="seed-cnn-teacher",
+            subset=TEACHER["subset"],
+            batch_size=TEACHER["batch_size"],
+            lr=TEACHER["lr"],
+            seed=TEACHER["seed"],
+            augment=True,
+        )
+        .override_teacher(epochs=TEACHER["epochs"])
     )
     train_teacher(recipe, data_dir=small_data, out=ref, rt=cpu)
     assert_same_run(out, ref, TEACHER["epochs"])

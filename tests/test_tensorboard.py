@@ -108,7 +108,7 @@ def test_student_writes_agreement_and_kl_and_nothing_without_the_flag(tmp_path, 
 @pytest.mark.e2e
 def test_pipeline_gives_each_row_its_own_subfolder(tmp_path, data_dir, cpu):
     out, tb = tmp_path / "run", tmp_path / "tb"
-    recipe = TINY.override(views=2, teacher_epochs=1, epochs=1)
+    recipe = TINY.override(views=2, epochs=1).override_teacher(epochs=1)
     run_pipeline(recipe, preset="test", run_dir=out, data_dir=data_dir, rt=cpu, with_online=True, tensorboard=tb)
     rows = {
         "teacher": "teacher.pt",
