@@ -13,8 +13,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-out_console = Console()
-err_console = Console(stderr=True)
+
+class LineConsole(Console):
+    """A rich console that wraps printed text only on a terminal: into a file or a pipe, each line it
+    prints (an epoch's, a note, a warning) stays one line whatever the width, so logs can be grepped
+    and diffed line by line. Tables are laid out to the width as before."""
+
+    def print(self, *objects, soft_wrap: bool | None = None, **kwargs) -> None:
+        super().print(*objects, soft_wrap=(not self.is_terminal) if soft_wrap is None else soft_wrap, **kwargs)
+
+
+out_console = LineConsole()
+err_console = LineConsole(stderr=True)
 
 
 class RichProgress:
@@ -297,6 +307,10 @@ def print_pipeline(record: dict, out: Path) -> None:
     agree = [f"{r['model']} {100 * r['teacher_agreement']:.2f}%" for r in record["rows"] if "teacher_agreement" in r]
     if agree:
         out_console.print("top-1 agreement with the teacher on the test set: " + ", ".join(agree), highlight=False)
+    from kdcache.report import tta_lines
+
+    for line in tta_lines(record):  # pipeline --tta-eval
+        out_console.print(line, highlight=False)
     by = {r["model"]: r for r in record["rows"]}
     if "student, online KD" in by:
         cached, online = by["student with KD"], by["student, online KD"]
@@ -320,15 +334,13 @@ def print_sweep(record: dict, out) -> None:
     from kdcache.report import interval, pm, sweep_pick_line, sweep_verdict
 
     on = record["pick_on"]
+    epochs = record["recipe"]["epochs"]
+    archs = {r["setting"]["arch"] for r in record["table"]}
     t = Table(
         title=f"kdcache sweep · {len(record['students'])} students"
-        + (
-            f" of {record['table'][0]['setting']['arch']}"
-            if len({r["setting"]["arch"] for r in record["table"]}) == 1
-            else ""
-        )
-        + f" · {record['recipe']['epochs']} epochs · seeds {', '.join(map(str, record['spec']['seeds']))} · "
-        f"{record['wall_s']:.0f} s · mean ± std over seeds; gain: paired with alone, same seed, in points",
+        + (f" of {next(iter(archs))}" if len(archs) == 1 else "")
+        + f" · {epochs} epoch{'s' if epochs != 1 else ''} · seeds {', '.join(map(str, record['spec']['seeds']))}"
+        + f" · {record['wall_s']:.0f} s · mean ± std over seeds; gain: paired with alone, same seed, in points",
         title_justify="left",
     )
     for name, justify in (
@@ -354,8 +366,8 @@ def print_sweep(record: dict, out) -> None:
             label,
             pm(r["val"]),
             pm(r["test"]),
-            f"{pm(r['gain'], sign=True)} (n={r['gain']['n']})",
-            interval(r["gain"]),
+            "-" if r["setting"]["alpha"] == 0 else f"{pm(r['gain'], sign=True)} (n={r['gain']['n']})",
+            "-" if r["setting"]["alpha"] == 0 else interval(r["gain"]),
             pm(r["agreement"]),
             pm(r["kl"], 1.0),
             f"{r['step_time_s']['mean']:.1f}" if r["step_time_s"]["mean"] is not None else "-",

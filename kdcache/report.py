@@ -62,6 +62,7 @@ def load_run(run_dir: str | Path) -> dict:
                 "img_s": _img_s(history),
                 **({"T": meta["T"], "alpha": meta["alpha"]} if "alpha" in meta else {}),
                 **{k: history[-1][k] for k in ("teacher_agreement", "teacher_kl") if k in history[-1]},
+                **{k: v for k, v in meta["metrics"].items() if k.startswith("test_acc_tta_")},  # --tta-eval's
             }
         )
     record = {"run_dir": str(run_dir), "rows": rows, "curves": curves, "times": times}
@@ -119,6 +120,17 @@ def load_run(run_dir: str | Path) -> dict:
     return record
 
 
+def tta_lines(record: dict) -> list[str]:
+    """A sentence per row whose checkpoint measured test-time augmentation (a teacher's --tta-eval)."""
+    return [
+        f"{r['model'].capitalize()} with test-time augmentation: "
+        + ", ".join(f"{k.removeprefix('test_acc_tta_')} {100 * v:.2f}%" for k, v in tta.items())
+        + "."
+        for r in record["rows"]
+        if (tta := {k: v for k, v in r.items() if k.startswith("test_acc_tta_")})
+    ]
+
+
 def markdown(record: dict) -> str:
     lines = [
         f"# kdcache run `{record['run_dir']}`",
@@ -135,6 +147,7 @@ def markdown(record: dict) -> str:
             f"{r['train_time_s']:.0f} s | {r['img_s']:,.0f} |"
         )
     lines += ["", f"KD gain over the student alone: {100 * record['kd_gain']:+.2f} points."]
+    lines += tta_lines(record)
     lines += [f"**Warning:** {w}." for w in record.get("warnings", [])]
     if "dump" in record:
         d = record["dump"]
@@ -276,7 +289,7 @@ def sweep_markdown(record: dict) -> str:
         f"# kdcache sweep `{record.get('out', '')}`".replace(" ``", ""),
         "",
         f"{len(record['students'])} students from `{record['cache']}` · {record['data']['train_images']:,} training "
-        f"images, {record['data']['val_images']:,} held out · {record['recipe']['epochs']} epochs · seeds "
+        f"images, {record['data']['val_images']:,} held out · {record['recipe']['epochs']} epoch(s) · seeds "
         f"{', '.join(map(str, spec['seeds']))} · {record['runtime']} · backend {', '.join(record['backend'])} · "
         f"{record['wall_s']:.0f} s",
         "",
@@ -289,8 +302,13 @@ def sweep_markdown(record: dict) -> str:
             " (design card)" if r["key"] == pick.get("design_card") else ""
         )
         lines.append(
-            f"| {r['key']}{marks} | {pm(r['val'])} | {pm(r['test'])} | {pm(r['gain'], sign=True)} "
-            f"(n={r['gain']['n']}) | {interval(r['gain'])} | {pm(r['agreement'])} | {pm(r['kl'], 1.0)} | "
+            f"| {r['key']}{marks} | {pm(r['val'])} | {pm(r['test'])} | "
+            + (
+                "- | - | "
+                if r["setting"]["alpha"] == 0
+                else f"{pm(r['gain'], sign=True)} (n={r['gain']['n']}) | {interval(r['gain'])} | "
+            )
+            + f"{pm(r['agreement'])} | {pm(r['kl'], 1.0)} | "
             f"{pm(r['step_time_s'], 1.0)} | {sweep_verdict(r)}"
             + (f" · diverged: seeds {r['diverged']}" if r["diverged"] else "")
             + " |"
