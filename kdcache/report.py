@@ -355,7 +355,8 @@ def sweep_plot(record: dict, path: str | Path) -> Path:
     ax.set_yticks(range(len(rows)), [r["key"] for r in rows])
     ax.axvline(0, color="black", linewidth=0.8)
     ax.invert_yaxis()
-    ax.set_xlabel(f"gain over the student alone, {record['pick_on']} accuracy (points; mean, 95% interval)")
+    ax.set_xlabel(f"gain over alone, {record['pick_on']} accuracy (points)")
+    ax.set_title(f"paired by seed: mean and 95% interval ({len(spec['seeds'])} seeds)", fontsize=10)
     if heat:
         Ts, alphas = spec["T"], [a for a in spec["alpha"] if a > 0]
         grid = [[float("nan")] * len(alphas) for _ in Ts]
