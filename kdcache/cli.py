@@ -307,6 +307,17 @@ TensorBoardOpt = typer.Option(
     ),
     metavar="DIR",
 )
+TtaEvalOpt = typer.Option(
+    None,
+    "--tta-eval",
+    help=(
+        "After training, also measure the teacher's test accuracy with test-time augmentation: a comma list of "
+        "flip (2 passes over the test set) and flip-translate (6 passes), e.g. flip,flip-translate; kept in the "
+        "checkpoint's metrics and shown in the summary. `kdcache eval CKPT --tta LEVEL` measures it later. "
+        "\\[default: none, or the preset's]"
+    ),
+    metavar="LEVELS",
+)
 TrustArchOpt = typer.Option(
     False,
     "--trust-arch",
@@ -438,6 +449,7 @@ def teacher_cmd(
     mix: str | None = MixOpt,
     mix_prob: float | None = MixProbOpt,
     seed: int | None = SeedOpt,
+    tta_eval: str | None = TtaEvalOpt,
     config: Path | None = ConfigOpt,
     print_config: bool = PrintConfigOpt,
     device: str = DeviceOpt,
@@ -493,6 +505,7 @@ def teacher_cmd(
             mix=mix,
             mix_prob=mix_prob,
             seed=seed,
+            tta_eval=tta_eval,
         ),
         teacher_stage=True,
         config_path=config,
@@ -1505,6 +1518,7 @@ def pipeline_cmd(
         None, "--alpha", help="Soft-target weight of the KD student. \\[default: the preset's]"
     ),
     seed: int | None = SeedOpt,
+    tta_eval: str | None = TtaEvalOpt,
     config: Path | None = ConfigOpt,
     print_config: bool = PrintConfigOpt,
     device: str = DeviceOpt,
@@ -1575,7 +1589,7 @@ def pipeline_cmd(
             loss=loss,
         ),
         config_path=config,
-    ).override_teacher(epochs=teacher_epochs, augment=teacher_augment)  # the teacher table's, typed
+    ).override_teacher(epochs=teacher_epochs, augment=teacher_augment, tta_eval=tta_eval)  # the teacher table's
     if config:
         _file_arch(recipe.for_teacher().teacher_arch, teacher_arch, config, "--teacher-arch")
         _file_arch(recipe.student_arch, student_arch, config, "--student-arch")

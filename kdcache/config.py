@@ -21,6 +21,18 @@ SEED_RESNET_STD = (0.2023, 0.1994, 0.2010)
 SEED_CNN_MEAN = (0.456, 0.456, 0.406)
 SEED_CNN_STD = (0.229, 0.224, 0.225)
 
+TTA_LEVELS = ("none", "flip", "flip-translate")  # test-time augmentation of a model's logits (inference.TTAModel)
+
+
+def tta_levels(text: str) -> tuple[str, ...]:
+    """A recipe's `tta_eval` as the levels it measures: "none" -> (), "flip,flip-translate" -> both."""
+    return () if text.strip() == "none" else tuple(level.strip() for level in text.split(","))
+
+
+def _tta_ok(text: str) -> bool:
+    levels = tta_levels(text)
+    return bool(levels) and len(set(levels)) == len(levels) and all(lv in TTA_LEVELS[1:] for lv in levels)
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -49,6 +61,9 @@ class Recipe:
     loss: str = "kd"  # kd | dkd | dist | ls: the student's soft-target term
     T: float = 3.0
     alpha: float = 0.5
+    # The teacher's test accuracy under test-time augmentation, measured once after training (each level costs
+    # passes over the test set: flip 2, flip-translate 6): "none", or levels such as "flip,flip-translate".
+    tta_eval: str = "none"
     # The teacher stage's own values of any field above (e.g. its epochs, its arch's lr and batch size), so
     # one preset can carry a teacher recipe and a student recipe; `for_teacher()` applies them.
     teacher: dict = field(default_factory=dict)
@@ -155,6 +170,11 @@ def _check(recipe: Recipe) -> None:
         (0.0 <= recipe.ema < 1.0, f"--ema must be a decay in [0, 1), e.g. 0.98; 0 turns it off (got {recipe.ema})"),
         (recipe.bn_bias_lr > 0, f"--bn-bias-lr must be > 0 (got {recipe.bn_bias_lr})"),
         (
+            recipe.tta_eval == "none" or _tta_ok(recipe.tta_eval),
+            f"--tta-eval must be none or a comma list of {', '.join(TTA_LEVELS[1:])}, e.g. flip,flip-translate "
+            f"(got {recipe.tta_eval!r})",
+        ),
+        (
             0 <= recipe.warmup_epochs < epochs,
             f"--warmup-epochs must be in 0..{epochs - 1}, below --epochs (got {recipe.warmup_epochs})",
         ),
@@ -251,7 +271,6 @@ def get_preset(name: str | None) -> Recipe:
     return PRESETS[name]
 
 
-TTA_LEVELS = ("none", "flip", "flip-translate")  # test-time augmentation of a model's logits (inference.TTAModel)
 DEFAULT_DUMP_BATCH, DEFAULT_BLOCK_ROWS = 512, 1024
 
 

@@ -65,6 +65,7 @@ class TTAModel(nn.Module):
     down-right (reflect padding)."""
 
     LEVELS = TTA_LEVELS
+    PASSES = {"none": 1, "flip": 2, "flip-translate": 6}  # the model's passes over the input, per level
 
     def __init__(self, model: nn.Module, level: str):
         super().__init__()

@@ -13,7 +13,7 @@ from kdcache import cache as cache_io
 from kdcache.artifacts import claim_output, metrics_path, write_metrics
 from kdcache.batches import EpochViews, Plan, ViewBatches
 from kdcache.checkpoints import check_classes, file_sha256, load_checkpoint, read_checkpoint, save_checkpoint
-from kdcache.config import DumpSettings, Recipe
+from kdcache.config import DumpSettings, Recipe, tta_levels
 from kdcache.data import IMAGENET_MEAN, IMAGENET_STD, Dataset, load_dataset, recorded_options
 from kdcache.errors import KDCacheError
 from kdcache.inference import TTAModel, accuracy, predict
@@ -81,7 +81,11 @@ def _train_and_save(
         "arch": arch,
         "fingerprint": data.fingerprint,
         "epochs": epochs,
-        "recipe": {k: repr(v) for k, v in dataclasses.asdict(dataclasses.replace(recipe, subset=None)).items()},
+        "recipe": {  # what training depends on: --tta-eval measures after it, and may change on --resume
+            k: repr(v)
+            for k, v in dataclasses.asdict(dataclasses.replace(recipe, subset=None)).items()
+            if k != "tta_eval"
+        },
         **{k: str(v) for k, v in extra_meta.items()},
     }
     state_file, log_file = resume_path(out), metrics_path(out)
@@ -144,13 +148,15 @@ def _train_and_save(
         return StageResult(out, arch, num_params(raw), history, train_time)
     final = raw if ema is None else ema.module  # the average is what gets evaluated, dumped and saved
     metrics = {"test_acc": history[-1]["test_acc"], "epochs": epochs, "train_time_s": train_time}
-    if role == "teacher":  # what test-time augmentation would add (a dump can use --tta flip)
+    levels = tta_levels(recipe.tta_eval) if role == "teacher" else ()
+    if levels:  # asked for (--tta-eval): what test-time augmentation would add (a dump can use --tta flip)
         prepared = rt.prepare(final).eval()
+        passes = sum(TTAModel.PASSES[level] for level in levels)
         progress.note(
-            f"evaluating with test-time augmentation ({', '.join(TTAModel.LEVELS[1:])}: 8 passes over the "
+            f"evaluating with test-time augmentation ({', '.join(levels)}: {passes} passes over the "
             f"{len(data.test_y):,} test images)"
         )
-        for level in TTAModel.LEVELS[1:]:
+        for level in levels:
             tta = TTAModel(prepared, level)
             metrics[f"test_acc_tta_{level}"] = accuracy(
                 predict(tta, data.test_x, batches.mean, batches.std, rt, batch_size=batches.batch_size), data.test_y

@@ -110,6 +110,8 @@ def main() -> int:
             *scale["teacher"],
             *scale["subset"],
             *common,
+            "--tta-eval",  # airbench's figures are with test-time augmentation: the proof reports both
+            "flip,flip-translate",
             "--out",
             str(teachers[0]),
             "--force",

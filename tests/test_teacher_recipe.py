@@ -128,11 +128,12 @@ def test_the_weight_average_follows_the_weights_with_a_warm_up():
 
 @pytest.fixture(scope="module")
 def air_teachers(tmp_path_factory, data_dir, cpu):
-    """The same tiny airbench94 run twice, with and without the weight average: training is the same."""
+    """The same tiny airbench94 run twice, with and without the weight average: training is the same
+    (the second also measures test-time augmentation after training, which changes nothing before)."""
     root = tmp_path_factory.mktemp("air")
     raw, avg = root / "raw.pt", root / "ema.pt"
     train_teacher(AIR, data_dir=data_dir, out=raw, rt=cpu)
-    train_teacher(AIR.override_teacher(ema=0.6), data_dir=data_dir, out=avg, rt=cpu)
+    train_teacher(AIR.override_teacher(ema=0.6, tta_eval="flip,flip-translate"), data_dir=data_dir, out=avg, rt=cpu)
     return raw, avg
 
 
@@ -154,7 +155,9 @@ def test_the_checkpoint_holds_the_average_and_records_tta_accuracies(air_teacher
 
     last = read_metrics(metrics_path(avg))[-1]
     assert last["test_acc_raw"] == pytest.approx(acc(raw_model, raw_meta))  # the raw weights are the no-EMA run's
-    assert {"test_acc_tta_flip", "test_acc_tta_flip-translate"} <= set(avg_meta["metrics"])
+    assert {"test_acc_tta_flip", "test_acc_tta_flip-translate"} <= set(avg_meta["metrics"])  # asked for
+    assert {"test_acc_tta_flip", "test_acc_tta_flip-translate"} <= set(last)  # and in the metrics log
+    assert not any(k.startswith("test_acc_tta") for k in raw_meta["metrics"])  # not asked for: not measured
     assert raw_meta["recipe"]["teacher"]["label_smoothing"] == 0.2
 
 
@@ -199,6 +202,30 @@ def test_tta_levels_are_checked(tmp_path, teacher_ckpt, data_dir):
     model = torch.nn.Conv2d(3, 2, 32)
     x = torch.rand(4, 3, 32, 32)
     assert torch.allclose(TTAModel(model, "flip")(x), 0.5 * (model(x) + model(x.flip(-1))))
+
+
+def test_a_teacher_measures_test_time_augmentation_only_when_asked(tmp_path, teacher_ckpt, data_dir):
+    """No TTA passes by default; --tta-eval LEVELS (or the config file's [teacher] tta_eval) measures them after
+    training, into the checkpoint's metrics and the summary; a bad list is one line naming the flag."""
+    assert not any(k.startswith("test_acc_tta") for k in read_checkpoint(teacher_ckpt)["metrics"])
+    base = ["teacher", "--preset", "seed-cnn", "--data-dir", str(data_dir), "--subset", "100", "--epochs", "1"]
+    asked = run_cli(*base, "--tta-eval", "flip", "--device", "cpu", "--out", str(tmp_path / "t.pt"))
+    assert asked.returncode == 0, asked.stderr
+    assert "evaluating with test-time augmentation (flip: 2 passes" in asked.stderr
+    assert "with tta flip" in asked.stdout and "flip-translate" not in asked.stdout
+    meta = read_checkpoint(tmp_path / "t.pt")
+    assert {k for k in meta["metrics"] if k.startswith("test_acc_tta")} == {"test_acc_tta_flip"}
+    assert meta["recipe"]["teacher"]["tta_eval"] == "flip"  # recorded: `inspect --config` repeats it
+    config = tmp_path / "t.toml"
+    config.write_text('preset = "seed-cnn"\n[teacher]\ntta_eval = "flip-translate"\n')
+    printed = run_cli("teacher", "--config", str(config), "--print-config")
+    assert printed.returncode == 0 and 'tta_eval = "flip-translate"' in printed.stdout, printed.stderr
+    for flag, where in ((["--tta-eval", "flip,rotate"], "--tta-eval"), (["--config", str(config)], "tta_eval")):
+        if flag[0] == "--config":
+            config.write_text('[teacher]\ntta_eval = "flip,flip"\n')
+        bad = run_cli(*base, *flag, "--device", "cpu", "--out", str(tmp_path / "bad.pt"))
+        assert bad.returncode == 2 and f"{where} must be none or a comma list of flip, flip-translate" in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad.pt").exists()
 
 
 def test_a_preset_carries_a_teacher_recipe_and_the_students_keep_theirs(tmp_path):

@@ -57,6 +57,8 @@ def test_teacher_writes_its_metrics_log_as_scalars_with_the_tta_accuracies(tmp_p
         "2",
         "--ema",
         "0.9",
+        "--tta-eval",
+        "flip,flip-translate",
         "--device",
         "cpu",
         "--out",
