@@ -79,3 +79,33 @@ def test_top_level_help_explains_the_flow():
     assert r.returncode == 0
     for word in ("teacher", "dump-logits", "student", "bench", "pipeline"):
         assert word in r.stdout
+
+
+def test_into_a_pipe_each_epoch_line_and_note_stays_one_line(tmp_path, cache_file, data_dir):
+    """Output to a file or a pipe is not wrapped at rich's 80 columns: each epoch's line (with a student's
+    agreement and KL), the opening note and a warning are one line each, as a log reader greps them."""
+    r = run_cli(
+        "student",
+        "--cache",
+        str(cache_file),
+        "--data-dir",
+        str(data_dir),
+        "--epochs",
+        "2",
+        "--alpha",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "s.pt"),
+        env={"COLUMNS": "80"},  # what rich assumes for a pipe when COLUMNS is unset
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert len(epochs) == 2 and all(len(line) > 80 for line in epochs), lines
+    assert all(" img/s " in line and "agrees with teacher" in line and " KL " in line for line in epochs), lines
+    note = next(line for line in lines if line.startswith("student "))
+    assert "views:" in note and "cpu" in note, lines  # the note's end, on its first line
+    assert all(line.startswith(("student ", "epoch ", "warning: ")) for line in lines if line.strip()), lines
+    assert "test accuracy" in r.stdout and max(len(line) for line in r.stdout.splitlines()) <= 80  # tables fit
