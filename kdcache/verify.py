@@ -60,7 +60,11 @@ def cache_summary(path: str | Path, T: float = 1.0) -> list[tuple[str, str]]:
         pct = lambda key: f"{100 * a[key]:.2f}%" if key in a else "n/a (incomplete)"  # noqa: E731
         complete = bool(a.get("complete"))
         rows = [
-            ("format", f"{a['format']} v{a['format_version']} · view recipe {a['view_recipe']}"),
+            (  # a plain-image cache stores its views in a recipe's layout, but holds none of its draws
+                "format",
+                f"{a['format']} v{a['format_version']}"
+                + (f" · view recipe {a.get('view_recipe', cache_io.VIEW_RECIPE)}" if a["augment"] else ""),
+            ),
             ("complete", "yes" if complete else f"no: {a.get('rows_done', 0):,} of {n:,} rows written"),
             (
                 "dataset",
@@ -68,7 +72,7 @@ def cache_summary(path: str | Path, T: float = 1.0) -> list[tuple[str, str]]:
                 + (f" {recorded_options(a)['data_path']}" if a["dataset"] == "imagefolder" else "")
                 + f" · fingerprint {a['dataset_fingerprint'][:16]}",
             ),
-            ("N x K x C", f"{n:,} images x {k} views x {c} classes"),
+            ("N x K x C", f"{n:,} images x {k} view{'s' * (k != 1)} x {c} classes"),
             _targets_row(cache, T),
             ("size on disk", f"{Path(path).stat().st_size / 1e6:.1f} MB"),
             ("teacher", f"{a['teacher_arch']} · sha256 {a['teacher_sha256'][:16]}"),
@@ -93,17 +97,7 @@ def cache_summary(path: str | Path, T: float = 1.0) -> list[tuple[str, str]]:
                 f"seed {a['seed']} · {_view_words(a)}"
                 + (f" · mixed: {a['mix']}, p={a['mix_prob']:g}" if cache.mix != "none" else " · unmixed"),
             ),
-            (
-                "view schedule",
-                f"each view once every {k} epochs"
-                + (
-                    f": {k} epochs before a student sees any view twice"
-                    if cache.mix != "none" and a["mix_prob"] == 1
-                    else " (crop/flip draws can coincide: 162 distinct ones exist)"
-                    if a.get("view_recipe", cache_io.VIEW_RECIPE) == cache_io.VIEW_RECIPE
-                    else ""
-                ),
-            ),
+            ("view schedule", _schedule_words(a, k, cache.mix)),
             (
                 "normalisation",
                 f"mean {tuple(round(x, 4) for x in a['normalize_mean'])} "
@@ -174,9 +168,24 @@ def _pct(acc) -> str:
     return f"{100 * acc:.2f}%" if isinstance(acc, (int, float)) else "accuracy unknown"
 
 
+def _schedule_words(a: dict, k: int, mix: str) -> str:
+    """How a student meets the K views, and whether they differ: a view-coincidence remark only where
+    random crop/flip draws were made (several augmented views, not all of them mixed)."""
+    if k == 1:
+        return "one view per image, the same one every epoch"
+    words = f"each view once every {k} epochs"
+    if mix != "none" and a["mix_prob"] == 1:
+        return words + f": {k} epochs before a student sees any view twice"
+    if not a["augment"]:
+        return words + (" (its unmixed views are all the plain image)" if mix != "none" else " (all the plain image)")
+    if a.get("view_recipe", cache_io.VIEW_RECIPE) == cache_io.VIEW_RECIPE:
+        return words + " (crop/flip draws can coincide: 162 distinct ones exist)"
+    return words
+
+
 def _view_words(a: dict) -> str:
     if a.get("view_recipe", cache_io.VIEW_RECIPE) == cache_io.VIEW_RECIPE:
-        return "pad-4 crop + flip" if a["augment"] else "identity (no augmentation)"
+        return "pad-4 crop + flip" if a["augment"] else "plain images (no augmentation)"
     size = a["image_size"]
     if not a["augment"]:
         return f"resize + centre crop to {size} px (no augmentation)"

@@ -225,6 +225,43 @@ def test_inspect_summarises_a_cache(cache_file):
     assert shown_entropy(out, "2") == pytest.approx(entropy(logits, 2.0), abs=1.5e-3)
 
 
+@pytest.mark.parametrize(
+    "views, augment, mix, prob, words, schedule",
+    [
+        (4, True, "none", 1, "pad-4 crop + flip · unmixed", "once every 4 epochs (crop/flip draws can coincide"),
+        (1, False, "none", 1, "plain images (no augmentation) · unmixed", "one view per image, the same one every"),
+        (2, False, "cutmix", 1, "plain images (no augmentation) · mixed: cutmix", "2 epochs before a student sees"),
+        (2, False, "mixup", 0.5, "plain images (no augmentation) · mixed: mixup", "unmixed views are all the plain"),
+    ],
+)
+def test_inspect_says_what_the_views_are_without_contradicting_itself(
+    tmp_path, teacher_ckpt, data_dir, cpu, views, augment, mix, prob, words, schedule
+):
+    """A plain-image cache (the demo's) names no crop/flip recipe and no draws that could coincide."""
+    from kdcache.dump import dump_logits
+    from kdcache.verify import cache_summary
+
+    out = tmp_path / "c.h5"
+    dump_logits(
+        teacher_path=teacher_ckpt,
+        data_dir=data_dir,
+        out=out,
+        views=views,
+        seed=0,
+        batch_size=128,
+        rt=cpu,
+        subset=60,
+        augment=augment,
+        mix=mix,
+        mix_prob=prob,
+    )
+    rows = dict(cache_summary(out))
+    assert words in rows["views"] and schedule in rows["view schedule"], rows
+    assert rows["N x K x C"] == f"60 images x {views} view{'s' if views > 1 else ''} x 10 classes"
+    assert ("pad4-crop-flip" in rows["format"]) == augment, rows["format"]
+    assert ("coincide" in rows["view schedule"]) == (augment and views > 1 and mix == "none")
+
+
 def test_inspect_entropy_follows_T(cache_file):
     with h5py.File(cache_file, "r") as f:
         logits = f["logits"][...]
