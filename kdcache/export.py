@@ -15,9 +15,13 @@ a file that does not reproduce them (fp32: max |diff| <= 1e-4, the same top-1) i
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import re
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -112,11 +116,22 @@ def _batch_dim():
 
 
 def _reason(e: BaseException) -> str:
-    """The operator or module an exporter stumbled on, else the first line of what it said."""
-    text = str(e)
-    op = re.search(r"\b(aten[.:]{1,2}[A-Za-z_][\w.]*|torch\.ops\.[\w.]+|torch\.[\w.]+\(?)", text)
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
-    return (f"operator {op.group(1).rstrip('(')}: " if op else "") + first[:160]
+    """What an exporter stumbled on, in a few words: the operator it could not translate (else the
+    deepest cause's first line), and the line of the model's code where that happened."""
+    chain, cur = [], e
+    while cur is not None and len(chain) < 10:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(str(c) for c in chain))
+    op = re.search(r"target=(torch\.ops\.[\w.]+)", text) or re.search(r"\b(aten::\w+|aten\.\w+(?:\.\w+)?)", text)
+    deepest = next((line.strip() for line in str(chain[-1]).splitlines() if line.strip()), type(chain[-1]).__name__)
+    what = f"operator {op.group(1)} is not supported" if op else re.sub(r"\x1b\[[0-9;]*m", "", deepest)[:140]
+    code = re.findall(r'File "([^"]+)", line (\d+), in (\w+)', text)
+    user = [c for c in code if "site-packages" not in c[0] and "/torch/" not in c[0]]
+    if user:
+        file, line, fn = user[-1]
+        what += f" (at {Path(file).name}:{line}, in {fn})"
+    return what
 
 
 def _onnx_bytes(module: Normalized, example: torch.Tensor, record: dict) -> bytes:
@@ -290,8 +305,7 @@ def export(
             return Check(runtime, what, diff, agree, len(want))
 
         start = time.perf_counter()
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
+        with _quiet(), torch.no_grad():
             if format == "onnx":
                 blob = _onnx_bytes(module, feed[:2], record)
                 write = lambda f: f.write(blob)
@@ -331,6 +345,44 @@ def export(
 
             atomic_write_text(sides[0], json.dumps(record, indent=1) + "\n")
     return Exported(out, format, size, seconds, result, sides[0] if sides else None)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters' warnings and log lines (graph dumps on a failure) kept off the terminal: what went
+    wrong is said in one line."""
+    before = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            with _devnull_fds():
+                yield
+    finally:
+        logging.disable(before)
+
+
+@contextlib.contextmanager
+def _devnull_fds():
+    """File descriptors 1 and 2 pointed at /dev/null for a while: what compiled code prints directly."""
+    saved = []
+    for stream in (sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    try:
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):
+                copy = os.dup(fd)
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, fd)
+                os.close(null)
+                saved.append((fd, copy))
+        yield
+    finally:
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 def _one_alone(run, feed: torch.Tensor) -> None:
