@@ -245,7 +245,10 @@ def load_dataset(
             f"--subset {subset} is outside 1..{num_train}, the size of the {name} training set in {folder}: "
             f"use at most {num_train}, or leave --subset out for all"
         )
-    train_x, train_y = _read_split(folder, spec.train_files, spec, num_train)
+    # --subset N reads only the batches that hold the first N rows (one of CIFAR-10's five for N <= 10,000),
+    # each checked as a whole; the rows used, and so the fingerprint, are the same as from all of them
+    files = spec.train_files if subset is None or not per_batch else spec.train_files[: -(-subset // per_batch)]
+    train_x, train_y = _read_split(folder, files, spec, per_batch * len(files) if per_batch else num_train)
     test_x, test_y = _read_split(folder, (spec.test_file,), spec, num_test)
     if subset is not None:
         train_x, train_y = train_x[:subset], train_y[:subset]

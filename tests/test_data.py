@@ -21,6 +21,22 @@ def test_subset_is_a_prefix_with_its_own_fingerprint(data_dir):
     assert sub.fingerprint == load_dataset("cifar10", data_dir, subset=100).fingerprint
 
 
+def test_a_subset_reads_only_the_batches_that_hold_it(tmp_path):
+    """--subset N reads the batches holding the first N rows, each checked whole: the same images and
+    fingerprint as reading all five, and a damaged batch beyond them is not read (one within them is)."""
+    from kdcache.data import fingerprint, write_fake_cifar10
+
+    folder = write_fake_cifar10(tmp_path, num_train=100)  # five batches of 20
+    full = load_dataset("cifar10", tmp_path, download=False)
+    (folder / "data_batch_5").write_bytes(b"not a pickle")
+    sub = load_dataset("cifar10", tmp_path, subset=30, download=False)  # batches 1 and 2
+    assert np.array_equal(sub.train_x.numpy(), full.train_x[:30].numpy())
+    assert sub.train_y.tolist() == full.train_y[:30].tolist()
+    assert sub.fingerprint == fingerprint(full.train_x[:30].numpy(), full.train_y[:30].numpy())
+    with pytest.raises(KDCacheError, match="data_batch_5"):
+        load_dataset("cifar10", tmp_path, subset=81, download=False)
+
+
 def test_subset_larger_than_the_dataset_is_refused(data_dir):
     with pytest.raises(KDCacheError, match="--subset 1001 is outside 1..1000"):
         load_dataset("cifar10", data_dir, subset=1001)
