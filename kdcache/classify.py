@@ -122,12 +122,12 @@ def image_files(args: list[Path]) -> list[Path]:
 
 def prepare(path: Path, model: Classifier) -> np.ndarray:
     """uint8 [3, S, S]: the image as kdcache evaluates one at the model's image size (see the module doc)."""
-    from kdcache.folders import decode, default_store_size, fill_canvas
+    from kdcache.folders import DEFAULT_MAX_PIXELS, decode, default_store_size, fill_canvas
     from kdcache.views import ResizedCrop
 
     size = model.image_size
     store = int(model.data_options.get("store_size") or default_store_size(size))
-    image = decode(path, store)
+    image = decode(path, store, int(model.data_options.get("max_image_pixels") or DEFAULT_MAX_PIXELS))
     h, w = image.shape[1:]
     if model.dataset != "imagefolder" and (h, w) == (size, size):
         return image

@@ -226,21 +226,31 @@ def compare(got: torch.Tensor, want: torch.Tensor) -> tuple[float, int]:
     return diff, int(((mine == want.argmax(1)) | tie).sum())
 
 
-def _publish(out: Path, write: Callable, check: Callable[[Path], Check]) -> tuple[int, Check]:
+def _publish(out: Path, write: Callable, check: Callable[[Path], Check]) -> tuple[int, float, Check]:
     """Write the file under a temporary name beside `out`, run `check` on it, then rename it to `out`:
-    a file that fails its check (or a write that fails) leaves nothing behind."""
+    a file that fails its check (or a write that fails) leaves nothing behind. (bytes, seconds the
+    write took, the check)."""
     try:
         with temp_file(out) as (fd, tmp):
+            start = time.perf_counter()
             with os.fdopen(fd, "wb") as f:
                 write(f)
-            result = check(tmp)
+            seconds = time.perf_counter() - start
+            try:
+                result = check(tmp)
+            except KDCacheError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a runtime that cannot run the file raises its own types
+                raise KDCacheError(
+                    f"the exported {out.name} does not run ({_reason(e)}): nothing was written; try another --format"
+                ) from None
             size = tmp.stat().st_size
             os.replace(tmp, out)
     except (OSError, RuntimeError) as e:
         if (error := write_failed(out, e)) is None:
             raise
         raise error from None
-    return size, result
+    return size, seconds, result
 
 
 @dataclass
@@ -293,6 +303,7 @@ def export(
         record = facts(meta, input=None if format == "safetensors" else input)
         module = Normalized(model, meta["normalize_mean"], meta["normalize_std"], uint8=input == "uint8").eval()
         feed = images if input == "uint8" else images.float() / 255.0
+        example = feed[:2] if len(feed) > 1 else feed.repeat(2, 1, 1, 1)  # a batch of 1 would fix the batch size
 
         def judged(runtime: str, got: torch.Tensor) -> Check:
             diff, agree = compare(got, want)
@@ -307,7 +318,7 @@ def export(
         start = time.perf_counter()
         with _quiet(), torch.no_grad():
             if format == "onnx":
-                blob = _onnx_bytes(module, feed[:2], record)
+                blob = _onnx_bytes(module, example, record)
                 write = lambda f: f.write(blob)
 
                 def check(path: Path) -> Check:
@@ -319,7 +330,7 @@ def export(
                     return judged(f"onnxruntime {ort.__version__}", run(feed))
 
             elif format == "torch-export":
-                program = _torch_export_program(module, feed[:2], meta["arch"])
+                program = _torch_export_program(module, example, meta["arch"])
                 extra = {"kdcache.json": json.dumps(record, indent=1)}
                 write = lambda f: torch.export.save(program, f, extra_files=extra)
 
@@ -339,12 +350,12 @@ def export(
                     return judged("a freshly built model", got)
 
             seconds = time.perf_counter() - start
-            size, result = _publish(out, write, check)
+            size, writing, result = _publish(out, write, check)
         if sides:
             from kdcache.artifacts import atomic_write_text
 
             atomic_write_text(sides[0], json.dumps(record, indent=1) + "\n")
-    return Exported(out, format, size, seconds, result, sides[0] if sides else None)
+    return Exported(out, format, size, seconds + writing, result, sides[0] if sides else None)
 
 
 @contextlib.contextmanager
