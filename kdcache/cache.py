@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +37,92 @@ TOPK_DATASETS = ("topk_values", "topk_indices", "topk_lse")  # instead of "logit
 VIEW_RECIPE = CropFlip.recipe  # what a file without a view_recipe attribute holds (the only recipe of v1)
 _FIELDS = {CropFlip.recipe: (CropFlip.fields, "uint8"), ResizedCrop.recipe: (ResizedCrop.fields, "int16")}
 BLOCK_ROWS = DEFAULT_BLOCK_ROWS  # default HDF5 chunk, checksum and resume granularity along N
+
+
+@dataclass(frozen=True)
+class Attr:
+    """One root attribute of a cache file (docs/cache-format.md says what each means)."""
+
+    kind: type  # the value's type (a JSON attribute's once parsed)
+    identity: bool = False  # names the dump: a resumed partial, a shard and a pipeline's kept cache must agree on it
+    required: int | None = 1  # every file of this format version on has it (None: optional)
+    absent: object = None  # as stored: what a file without it means (one written before it existed)
+    json: bool = False  # stored as JSON text
+
+
+# The one table of a cache's attributes: the writer checks what a dump gives against it, the reader what a
+# file holds, and resume, shards and the pipeline compare its identity attributes.
+ATTRS = {
+    # the file
+    "format": Attr(str),
+    "format_version": Attr(int),
+    "complete": Attr(bool, required=None),
+    "rows_done": Attr(int, required=None),
+    "created_utc": Attr(str),
+    "kdcache_version": Attr(str),
+    # the data
+    "dataset": Attr(str, identity=True),
+    "dataset_fingerprint": Attr(str, identity=True),
+    "data_options": Attr(dict, identity=True, required=None, absent="{}", json=True),
+    "subset": Attr(int),
+    "num_classes": Attr(int, identity=True),
+    "classes": Attr(list, required=None, json=True),
+    # the teacher
+    "teacher_arch": Attr(str),
+    "teacher_sha256": Attr(str, identity=True),
+    "teacher_path": Attr(str, required=None),
+    "ensemble_members": Attr(list, required=None, json=True),
+    "normalize_mean": Attr(list),
+    "normalize_std": Attr(list),
+    "recipe": Attr(dict, required=None, json=True),  # the teacher's, with the dump's view settings
+    # the views
+    "num_views": Attr(int, identity=True),
+    "seed": Attr(int, identity=True),
+    "augment": Attr(bool, identity=True),
+    "view_recipe": Attr(str, identity=True, required=None, absent=VIEW_RECIPE),
+    "image_size": Attr(int, required=None),  # random-resized crops only, with rrc_scale and rrc_ratio
+    "rrc_scale": Attr(list, required=None),
+    "rrc_ratio": Attr(list, required=None),
+    "mix": Attr(str, identity=True, required=2, absent="none"),
+    "mix_prob": Attr(float, identity=True, required=2, absent=1.0),
+    # the targets and how they were computed
+    "tta": Attr(str, identity=True, required=None, absent="none"),
+    "topk": Attr(int, identity=True, required=None, absent=0),
+    "lse_temperatures": Attr(list, identity=True, required=None, absent=[]),
+    "precision": Attr(str, identity=True, required=None),
+    "batch_size": Attr(int, identity=True, required=None),
+    "block_rows": Attr(int, identity=True),
+    # written as the dump finishes
+    "teacher_test_acc": Attr(float, required=None),
+    "teacher_view_acc": Attr(float, required=None),
+    "dump_time_s": Attr(float, required=None),
+}
+MEMBER_KEYS = ("path", "sha256", "arch")  # strings every ensemble member names
+
+
+def required_attrs(version: int) -> tuple[str, ...]:
+    """The attributes every file of format `version` has."""
+    return tuple(k for k, a in ATTRS.items() if a.required is not None and a.required <= version)
+
+
+def attr(attrs, name: str):
+    """Attribute `name` as stored (plain Python), or what its absence means in an older file."""
+    return _plain(attrs.get(name, ATTRS[name].absent))
+
+
+def identity(attrs) -> dict:
+    """The attributes that name a dump, absent ones as an older file means them: two dumps with the same
+    identity write the same file."""
+    return {k: attr(attrs, k) for k, a in ATTRS.items() if a.identity}
+
+
+def encode(attrs: dict) -> dict:
+    """A dump's attributes as a file stores them: JSON attributes as text. An attribute the table does not
+    name is a bug in kdcache, not a user's mistake."""
+    unknown = [k for k in attrs if k not in ATTRS]
+    if unknown:
+        raise ValueError(f"cache attributes {unknown} are not in cache.ATTRS: add them there (and to the docs)")
+    return {k: json.dumps(v) if ATTRS[k].json and not isinstance(v, str) else v for k, v in attrs.items()}
 
 
 def partial_path(out: str | Path) -> Path:
@@ -70,10 +157,7 @@ def shard_blocks(path: Path, attrs: dict) -> set[int]:
 def _same_dump(path: Path, started, attrs: dict) -> None:
     """A partial or a shard belongs to this dump only if it was started with the same identity attributes."""
 
-    def identity(a):
-        return {k: _plain(a.get(k, ABSENT_DEFAULTS.get(k))) for k in _IDENTITY_ATTRS}
-
-    refuse_different(path, identity(started), identity(attrs), asked="this dump has")
+    refuse_different(path, identity(started), identity(encode(attrs)), asked="this dump has")
 
 
 def merge_shards(writer: CacheWriter, shards: dict[int, Path], num_rows: int, block_rows: int) -> None:
@@ -117,28 +201,6 @@ def bytes_needed(
     return n * k * per_view + n * 16 + n_test * 2 * c
 
 
-# Attributes that must match for a partial file to be resumed by the same dump.
-_IDENTITY_ATTRS = (
-    "num_views",
-    "num_classes",
-    "dataset",
-    "dataset_fingerprint",
-    "teacher_sha256",
-    "seed",
-    "augment",
-    "batch_size",
-    "block_rows",
-    "precision",
-    "mix",
-    "mix_prob",
-    "view_recipe",
-    "data_options",
-    "topk",
-    "lse_temperatures",
-    "tta",
-)
-
-
 def content_digest(cache: Cache) -> str:
     """sha256 over the per-block checksums: names the cache's logits and views in 64 hex digits."""
     return hashlib.sha256(cache.file["block_sha256"][...].tobytes()).hexdigest()
@@ -156,7 +218,7 @@ def mix_arrays(mix: Mix) -> dict[str, np.ndarray]:
 
 def target_names(attrs) -> tuple[str, ...]:
     """The datasets that hold a cache's teacher targets: dense logits, or the top-k record."""
-    return TOPK_DATASETS if int(_plain(attrs.get("topk", 0)) or 0) > 0 else ("logits",)
+    return TOPK_DATASETS if int(attr(attrs, "topk") or 0) > 0 else ("logits",)
 
 
 def block_digest(targets: np.ndarray | dict, params: np.ndarray, mix: dict | None = None) -> bytes:
@@ -191,6 +253,7 @@ class CacheWriter:
         """`shard`: write this file instead of `<out>.partial`: one process's share of a torchrun dump,
         with a `blocks_done` record (it is merged into `out` by `merge_shards`, never published)."""
         self.out, self.tmp = Path(out), Path(shard) if shard is not None else partial_path(out)
+        attrs = encode(attrs)
         self.sharded = shard is not None
         self._discarded, self._fd = False, None
         if resume:
@@ -236,11 +299,23 @@ class CacheWriter:
         self.attrs = f.attrs
 
     def _create(self, attrs: dict, num_rows: int, num_test: int, store_hw: np.ndarray | None) -> None:
+        own = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "view_recipe": VIEW_RECIPE,  # the dump's attrs name another recipe where it has one
+            "complete": False,
+            "rows_done": 0,
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "kdcache_version": __version__,
+        }
+        missing = [k for k in required_attrs(FORMAT_VERSION) if k not in {**own, **attrs}]
+        if missing:
+            raise ValueError(f"a dump must give the cache attributes {missing} (cache.ATTRS)")
         k, c, block = attrs["num_views"], attrs["num_classes"], attrs["block_rows"]
-        fields, dtype = _FIELDS[attrs.get("view_recipe", VIEW_RECIPE)]
+        fields, dtype = _FIELDS[attr(attrs, "view_recipe")]
         f = self.file
         rows = min(block, num_rows)
-        if topk := int(attrs.get("topk", 0) or 0):
+        if topk := int(attr(attrs, "topk") or 0):
             from kdcache.topk import index_dtype
 
             grid = len(attrs["lse_temperatures"])
@@ -265,18 +340,7 @@ class CacheWriter:
             f.create_dataset("blocks_done", (-(-num_rows // block),), dtype="uint8")
         if num_test:
             f.create_dataset("test_logits", (num_test, c), dtype="float16")
-        f.attrs.update(
-            {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "view_recipe": VIEW_RECIPE,  # the dump's attrs name another recipe where it has one
-                "complete": False,
-                "rows_done": 0,
-                "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "kdcache_version": __version__,
-                **attrs,
-            }
-        )
+        f.attrs.update({**own, **attrs})
         f.flush()
 
     def _reopen(self, attrs: dict) -> h5py.File:
@@ -326,7 +390,7 @@ class CacheWriter:
         f = self.file
         if test_logits is not None:
             self.ds["test_logits"][...] = test_logits
-        self.attrs.update(extra_attrs)
+        self.attrs.update(encode(extra_attrs))
         self.attrs["complete"] = True
         f.flush()  # a failure to write shows here, while the file can still be discarded
         f.close()
@@ -415,7 +479,7 @@ class Cache:
     @property
     def topk(self) -> int:
         """k of a top-k cache, 0 for dense logits."""
-        return int(self.attrs.get("topk", 0) or 0)
+        return int(attr(self.attrs, "topk") or 0)
 
     def targets(self, rows: slice | np.ndarray = slice(None)):
         """The teacher targets of `rows` (all K views): dense fp16 logits, or a `TopK` (host memory)."""
@@ -435,12 +499,12 @@ class Cache:
 
     @property
     def mix(self) -> str:
-        return self.attrs.get("mix", "none")  # v1: crop/flip views only
+        return attr(self.attrs, "mix")  # v1: crop/flip views only
 
     def geometry(self) -> Geometry:
         """What the cached view parameters mean (rebuilt from the file alone)."""
         a = self.attrs
-        if a.get("view_recipe", VIEW_RECIPE) == CropFlip.recipe:
+        if attr(a, "view_recipe") == CropFlip.recipe:
             return CropFlip()
         hw = torch.from_numpy(self.file["store_hw"][...].astype(np.int64))
         return ResizedCrop(hw, int(a["image_size"]), a["rrc_scale"], a["rrc_ratio"])
@@ -546,20 +610,15 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> Cache:
             f"{path} is cache format v{_plain(attrs.get('format_version'))}, this kdcache reads v1 and v2: "
             "recreate it with this version's dump-logits"
         )
-    elif _plain(attrs.get("view_recipe")) not in GEOMETRIES:
+    elif attr(attrs, "view_recipe") not in GEOMETRIES:
         problem = (
-            f"{path} uses view recipe {_plain(attrs.get('view_recipe'))!r}, "
-            f"this kdcache knows {' and '.join(GEOMETRIES)}"
+            f"{path} uses view recipe {attr(attrs, 'view_recipe')!r}, this kdcache knows {' and '.join(GEOMETRIES)}"
         )
     elif require_complete and not _plain(attrs.get("complete")):
         problem = f"{path} is incomplete (an interrupted dump): finish it with `kdcache dump-logits --resume`"
     elif not all(name in f for name in (*target_names(attrs), "view_params", "labels", "indices")):
         problem = f"{path} lacks datasets of format v1: recreate it with `kdcache dump-logits`"
-    elif missing := [
-        key
-        for key in REQUIRED_ATTRS + (tuple(V1_DEFAULTS) if _plain(attrs.get("format_version")) >= 2 else ())
-        if key not in attrs
-    ]:
+    elif missing := [key for key in required_attrs(_plain(attrs["format_version"])) if key not in attrs]:
         problem = (
             f"{path} lacks the attribute {missing[0]!r}: it was edited or damaged; "
             "recreate it with `kdcache dump-logits`"
@@ -572,41 +631,9 @@ def open_cache(path: str | Path, *, require_complete: bool = True) -> Cache:
     return Cache(path, f)
 
 
-REQUIRED_ATTRS = (
-    "num_views",
-    "num_classes",
-    "dataset",
-    "dataset_fingerprint",
-    "subset",
-    "teacher_arch",
-    "teacher_sha256",
-    "seed",
-    "augment",
-    "normalize_mean",
-    "normalize_std",
-    "block_rows",
-    "created_utc",
-    "kdcache_version",
-)
-V1_DEFAULTS = {"mix": "none", "mix_prob": 1.0}  # what a v1 file (no mix attributes) means
-# ... and what a file from before image folders, top-k or --tta lacks (for resume's and the pipeline's comparisons)
-ABSENT_DEFAULTS = {
-    **V1_DEFAULTS,
-    "view_recipe": VIEW_RECIPE,
-    "data_options": "{}",
-    "topk": 0,
-    "lse_temperatures": [],
-    "tta": "none",
-}
-
-
-JSON_ATTRS = {"recipe": dict, "data_options": dict, "classes": list, "ensemble_members": list}  # stored as JSON text
-MEMBER_KEYS = ("path", "sha256", "arch")  # strings every ensemble member names
-
-
 def _json_problem(attrs) -> str | None:
     """Which JSON attribute does not parse to what dump-logits writes, if any: readers then need no checks."""
-    for key, kind in JSON_ATTRS.items():
+    for key, kind in ((k, a.kind) for k, a in ATTRS.items() if a.json):
         if key not in attrs:
             continue
         try:
@@ -629,10 +656,10 @@ def _layout_problem(f: h5py.File) -> str | None:
         n, k, c = (int(_plain(f.attrs[a])) for a in ("subset", "num_views", "num_classes"))
     except (TypeError, ValueError):
         return "has subset, num_views or num_classes attributes that are not whole numbers"
-    recipe = _plain(f.attrs.get("view_recipe", VIEW_RECIPE))
+    recipe = attr(f.attrs, "view_recipe")
     fields = _FIELDS[recipe][0]
-    if topk := int(_plain(f.attrs.get("topk", 0)) or 0):  # the targets first: the likeliest to be edited
-        grid = len(_plain(f.attrs.get("lse_temperatures", [])))
+    if topk := int(attr(f.attrs, "topk") or 0):  # the targets first: the likeliest to be edited
+        grid = len(attr(f.attrs, "lse_temperatures"))
         if not 1 <= topk <= c or grid < 1:
             return f"has topk={topk} (classes {c}) or no lse_temperatures"
         expect = {"topk_values": (n, k, topk), "topk_indices": (n, k, topk), "topk_lse": (n, k, grid)}
@@ -643,7 +670,7 @@ def _layout_problem(f: h5py.File) -> str | None:
         if "store_hw" not in f or any(a not in f.attrs for a in ("image_size", "rrc_scale", "rrc_ratio")):
             return "lacks the store sizes or crop attributes its random-resized-crop views need"
         expect["store_hw"] = (n, 2)
-    mix, prob = _plain(f.attrs.get("mix", "none")), _plain(f.attrs.get("mix_prob", 1.0))
+    mix, prob = attr(f.attrs, "mix"), attr(f.attrs, "mix_prob")
     if mix not in MIXES or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
         return f"has mix={mix!r}, mix_prob={prob!r}, outside {'|'.join(MIXES)} and [0, 1]"
     if mix != "none":

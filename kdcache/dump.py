@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from kdcache.imports import load_teachers
 from kdcache.inference import TTAModel, accuracy, predict
 from kdcache.runtime import NoProgress, Progress, Runtime
 from kdcache.topk import DEFAULT_TEMPERATURES, from_dense
-from kdcache.views import MIXES, draw_views
+from kdcache.views import Geometry, draw_views
 
 
 def _size(nbytes: float) -> str:
@@ -55,15 +55,16 @@ def _topk_grid(topk: int | None, temperatures, num_classes: int, meta: dict) -> 
     return tuple(sorted(set(float(t) for t in grid)))
 
 
-def _sharded_blocks(out, attrs, shards, n, num_test, block_rows, hw, rt, block, progress, views) -> None:
+def _sharded_blocks(out, attrs, shards, num_test, hw, job: _Job) -> None:
     """torchrun: the blocks no shard holds yet, dealt round-robin to the processes; each writes its
     own shard `OUT.shard-R-of-N`, flushing and marking every block (the resume unit). Shards of an
     earlier run with any process count are read first, before anyone writes, and their blocks kept."""
+    rt, n, block_rows = job.rt, job.num_rows, job.settings.block_rows
     held = set().union(*(cache_io.shard_blocks(p, attrs) for p in shards)) if shards else set()
     _barrier(rt)  # everyone has read the old shards before any is written again
     left = [b for b in range(-(-n // block_rows)) if b not in held]
     if held:
-        progress.note(
+        job.progress.note(
             f"{len(held)} block(s) kept from the interrupted dump's shards, {len(left)} to do "
             f"over {rt.world} process(es)"
         )
@@ -73,10 +74,10 @@ def _sharded_blocks(out, attrs, shards, n, num_test, block_rows, hw, rt, block, 
         out, attrs=attrs, num_rows=n, num_test=num_test, resume=mine.exists(), store_hw=hw, shard=mine
     )
     try:
-        progress.begin(f"dump {n}x{views} views (this process's share)", len(todo))
+        job.progress.begin(f"dump {n}x{job.views} views (this process's share)", len(todo))
         for b in todo:
-            block(b * block_rows, min((b + 1) * block_rows, n), writer)
-        progress.end()
+            job.block(b * block_rows, min((b + 1) * block_rows, n), writer)
+        job.progress.end()
     finally:
         writer.close()
     _barrier(rt)  # every shard is complete and closed
@@ -87,6 +88,167 @@ def _barrier(rt: Runtime) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+@dataclass
+class _Job:
+    """What each block of a dump needs: the teacher, the training images and the views to show it,
+    and what is kept of its answers."""
+
+    teacher: torch.nn.Module
+    teacher_path: str
+    images: object  # resident on the device, or a host store streamed per batch
+    labels: torch.Tensor
+    render: tuple  # (mean, std) the teacher's inputs are normalised with
+    geometry: Geometry
+    views: int
+    seed: int
+    augment: bool
+    mix: str
+    mix_prob: float
+    settings: DumpSettings
+    temperatures: tuple[float, ...]  # a top-k cache's grid, () for dense logits
+    num_classes: int
+    rt: Runtime
+    progress: Progress
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.labels)
+
+    def block(self, start: int, stop: int, writer: cache_io.CacheWriter) -> None:
+        """Views, teacher, targets of rows [start, stop): one written block."""
+        rt, k, c = self.rt, self.views, self.num_classes
+        drawn = draw_views(
+            self.geometry,
+            self.seed,
+            range(start, stop),
+            range(k),
+            augment=self.augment,
+            mix=self.mix,
+            prob=self.mix_prob,
+            num_rows=self.num_rows,
+        )  # [b, K]
+        rows = torch.arange(start, stop, device=rt.device).repeat_interleave(k)
+        logits = predict(  # one copy to the device per block, not per batch
+            self.teacher,
+            self.images,
+            *self.render,
+            rt,
+            rows=rows,
+            views=drawn.flatten().to(rt.device),
+            batch_size=self.settings.batch_size,
+        ).view(stop - start, k, c)
+        _refuse_nonfinite(logits.to(torch.float16), start, self.teacher_path, writer)  # fp16: > 65504 is inf too
+        if self.settings.topk:  # the k largest, their classes, and the tail's log-sum-exp on the grid
+            values, classes, lse = from_dense(logits, self.settings.topk, self.temperatures)
+            targets = {
+                "topk_values": values.cpu().numpy(),
+                "topk_lse": lse.cpu().numpy(),
+                "topk_indices": classes.cpu().numpy().astype(writer.ds["topk_indices"].dtype),
+            }
+        else:
+            targets = logits.to(torch.float16).cpu().numpy()
+        writer.write_rows(
+            start,
+            targets,
+            drawn.crop.numpy(),
+            self.labels[start:stop].numpy(),
+            np.arange(start, stop, dtype=np.int64),
+            None if drawn.mix is None else cache_io.mix_arrays(drawn.mix),
+        )
+        self.progress.advance()
+
+    def view_accuracy(self, file) -> float:
+        """How often the teacher's class for a cached view is the label that dominates the view (the
+        partner's where it holds more than half the image). Top-k lists are sorted: the first is the argmax."""
+        if self.settings.topk:
+            predicted = torch.from_numpy(file["topk_indices"][:, :, 0].astype(np.int64))
+        else:
+            predicted = torch.from_numpy(file["logits"][...]).float().argmax(-1)
+        target = self.labels[:, None].expand(-1, self.views)
+        if self.mix != "none":
+            part = torch.from_numpy(file["mix_partner"][...]).long()
+            lam = torch.from_numpy(file["mix_lam"][...])
+            target = torch.where(lam < 0.5, self.labels[part.clamp(min=0)], target)
+        return (predicted == target).float().mean().item()
+
+
+def _attrs(data, meta: dict, who: dict, job: _Job, precision: str) -> dict:
+    """The cache's attributes (`cache.ATTRS` says what each is): the data, the teacher, the views and the
+    dump's own settings; the teacher's recipe with this dump's view settings, which students start from."""
+    settings, geometry, n = job.settings, job.geometry, job.num_rows
+    return {
+        "num_views": job.views,
+        "num_classes": job.num_classes,
+        "dataset": data.name,
+        "dataset_fingerprint": data.fingerprint,
+        "subset": n,
+        **who,
+        "seed": job.seed,
+        "augment": job.augment,
+        "mix": job.mix,
+        "mix_prob": job.mix_prob,
+        "normalize_mean": list(meta["normalize_mean"]),
+        "normalize_std": list(meta["normalize_std"]),
+        "batch_size": settings.batch_size,
+        "block_rows": settings.block_rows,
+        "precision": precision,
+        "tta": settings.tta,
+        "view_recipe": geometry.recipe,
+        **geometry.attrs(),
+        "data_options": data.options,
+        **({"topk": settings.topk, "lse_temperatures": list(job.temperatures)} if settings.topk else {}),
+        "classes": data.classes,
+        "recipe": {
+            **meta.get("recipe", {}),
+            "views": job.views,
+            "augment": job.augment,
+            "seed": job.seed,
+            "subset": n,
+            "mix": job.mix,
+            "mix_prob": job.mix_prob,
+        },
+    }
+
+
+def _check_room(out: Path, job: _Job, num_test: int) -> int:
+    """The bytes the cache needs; refused when its folder has less than that, with 10% to spare."""
+    geometry = job.geometry
+    need = cache_io.bytes_needed(
+        job.num_rows,
+        job.views,
+        job.num_classes,
+        num_test,
+        mixed=job.mix != "none",
+        view_bytes=geometry.fields * geometry.dtype.itemsize,
+        topk=job.settings.topk or None,
+        grid=len(job.temperatures),
+    )
+    free = shutil.disk_usage(out.parent).free
+    if free < need * 1.1:
+        raise KDCacheError(
+            f"{out.parent} has {free / 1e6:.1f} MB free, the cache needs about {need / 1e6:.1f} MB: "
+            "free space or choose another --out"
+        )
+    return need
+
+
+def _earlier_shards(out: Path, rt: Runtime, resume: bool, force: bool) -> list[Path]:
+    """The shards an interrupted torchrun dump left, to resume from; without --resume they go (--force),
+    and so does a partial file."""
+    shards = cache_io.shard_paths(out)
+    if shards and not (resume or force):
+        raise KDCacheError(
+            f"an interrupted torchrun dump left {shards[0]}: pass --resume to continue it, or --force to start over"
+        )
+    if resume:
+        return shards
+    cache_io.partial_path(out).unlink(missing_ok=True)
+    if rt.main:
+        for path in shards:
+            path.unlink(missing_ok=True)
+    return []
 
 
 def dump_logits(
@@ -123,17 +285,12 @@ def dump_logits(
     Rows are processed in blocks of `block_rows` samples; each block is flushed
     before it counts as done, so `resume` restarts at the first unfinished block and
     yields the same bytes as an uninterrupted dump (same arguments, CPU). `arch`, `trust_arch`: see
-    `load_checkpoint`.
+    `load_checkpoint`. The view settings are a `Recipe`'s, checked there; the dump's own (tta, topk,
+    topk_temperatures, batch_size, block_rows) are checked as a `DumpSettings`.
     """
-    if views < 1:
-        raise KDCacheError(f"--views must be >= 1 (got {views})")
     if not augment and views > 1 and mix == "none":
         raise KDCacheError(f"--no-augment caches the one un-augmented view: pass --views 1 (got --views {views})")
-    if mix not in MIXES:
-        raise KDCacheError(f"--mix must be one of {', '.join(MIXES)} (got {mix!r})")
-    if not (0.0 <= mix_prob <= 1.0):  # also refuses nan
-        raise KDCacheError(f"--mix-prob must be in [0, 1] (got {mix_prob})")
-    DumpSettings(tta, topk or 0, tuple(topk_temperatures or ()), batch_size, block_rows)  # checks them, one place
+    settings = DumpSettings(tta, topk or 0, tuple(topk_temperatures or ()), batch_size, block_rows)
     partial = cache_io.partial_path(out)
     left = [partial] if partial.exists() else cache_io.shard_paths(out)  # what an interrupted dump left
     with claim_output(out, force=force, resume=resume, interrupted=left[0] if left else partial, lock=rt.main) as out:
@@ -141,8 +298,6 @@ def dump_logits(
         teacher, meta, render_mean, render_std, who = load_teachers(
             teacher_path, rt=rt, arch=arch, trust_arch=trust_arch
         )
-        teacher = TTAModel(teacher, tta) if tta != "none" else teacher
-        teacher_path = who["teacher_path"]
         # By default, the images the teacher was trained on (its --subset), so the commands chain.
         data = load_dataset(
             meta["dataset"],
@@ -152,180 +307,100 @@ def dump_logits(
             rebuild_store=rebuild_store,
             **recorded_options(meta),
         )
-        check_classes(teacher_path, meta, data.name, data.num_classes)
-        geometry = data.geometry
-        mean, std = tuple(meta["normalize_mean"]), tuple(meta["normalize_std"])
-        n, c = len(data.train_y), data.num_classes
-        temps = _topk_grid(topk, topk_temperatures, c, meta)
-        attrs = {
-            "num_views": views,
-            "num_classes": c,
-            "dataset": data.name,
-            "dataset_fingerprint": data.fingerprint,
-            "subset": n,
-            **who,
-            "seed": seed,
-            "augment": augment,
-            "mix": mix,
-            "mix_prob": mix_prob,
-            "normalize_mean": list(mean),
-            "normalize_std": list(std),
-            "batch_size": batch_size,
-            "block_rows": block_rows,
-            "precision": "bf16" if rt.amp_dtype is not None else "fp32",
-            "tta": tta,
-            "view_recipe": geometry.recipe,
-            **geometry.attrs(),
-            "data_options": json.dumps(data.options),
-            **({"topk": topk, "lse_temperatures": list(temps)} if topk else {}),
-            "classes": json.dumps(data.classes),
-            # The teacher's recipe with this dump's view settings: students start from it.
-            "recipe": json.dumps(
-                {
-                    **meta.get("recipe", {}),
-                    "views": views,
-                    "augment": augment,
-                    "seed": seed,
-                    "subset": n,
-                    "mix": mix,
-                    "mix_prob": mix_prob,
-                }
-            ),
-        }
-        need = cache_io.bytes_needed(
-            n,
-            views,
-            c,
-            len(data.test_y),
-            mixed=mix != "none",
-            view_bytes=geometry.fields * geometry.dtype.itemsize,
-            topk=topk,
-            grid=len(temps),
-        )
-        free = shutil.disk_usage(out.parent).free
-        if free < need * 1.1:
-            raise KDCacheError(
-                f"{out.parent} has {free / 1e6:.1f} MB free, the cache needs about {need / 1e6:.1f} MB: "
-                "free space or choose another --out"
-            )
-        shards = cache_io.shard_paths(out)
-        sharded = rt.world > 1 or (resume and bool(shards))  # torchrun, or finishing what one left
-        if shards and not (resume or force):
-            raise KDCacheError(
-                f"an interrupted torchrun dump left {shards[0]}: pass --resume to continue it, or --force to start over"
-            )
-        if not resume:
-            cache_io.partial_path(out).unlink(missing_ok=True)
-            if rt.main:
-                for path in shards:
-                    path.unlink(missing_ok=True)
-            shards = []
-        progress = progress if progress is not None and rt.main else NoProgress()
-        progress.note(
-            f"dump {n:,} {data.name} images x {views} view(s) through {who['teacher_arch']} · {rt.describe()}"
-        )
+        check_classes(who["teacher_path"], meta, data.name, data.num_classes)
         t0 = time.perf_counter()
-        writer = None
-        images = rt.place(data.train_x)  # resident, or a host store streamed per batch
-        hw = None if geometry.hw is None else geometry.hw.numpy()
-
-        def block(start: int, stop: int, writer) -> None:
-            """Views, teacher, targets of rows [start, stop): one written block."""
-            drawn = draw_views(
-                geometry, seed, range(start, stop), range(views), augment=augment, mix=mix, prob=mix_prob, num_rows=n
-            )  # [b, K]
-            rows = torch.arange(start, stop, device=rt.device).repeat_interleave(views)
-            # one copy to the device per block, not per batch
-            logits = predict(
-                teacher,
-                images,
-                render_mean,
-                render_std,
-                rt,
-                rows=rows,
-                views=drawn.flatten().to(rt.device),
-                batch_size=batch_size,
-            )
-            logits = logits.view(stop - start, views, c)
-            _refuse_nonfinite(logits.to(torch.float16), start, teacher_path, writer)  # fp16: > 65504 is inf too
-            if topk:  # the k largest, their classes, and the tail's log-sum-exp on the grid
-                values, classes, lse = from_dense(logits, topk, temps)
-                targets = {
-                    "topk_values": values.cpu().numpy(),
-                    "topk_lse": lse.cpu().numpy(),
-                    "topk_indices": classes.cpu().numpy().astype(writer.ds["topk_indices"].dtype),
-                }
-            else:
-                targets = logits.to(torch.float16).cpu().numpy()
-            writer.write_rows(
-                start,
-                targets,
-                drawn.crop.numpy(),
-                data.train_y[start:stop].numpy(),
-                np.arange(start, stop, dtype=np.int64),
-                None if drawn.mix is None else cache_io.mix_arrays(drawn.mix),
-            )
-            progress.advance()
-
+        job = _Job(
+            teacher=TTAModel(teacher, tta) if tta != "none" else teacher,
+            teacher_path=who["teacher_path"],
+            images=rt.place(data.train_x),
+            labels=data.train_y,
+            render=(render_mean, render_std),
+            geometry=data.geometry,
+            views=views,
+            seed=seed,
+            augment=augment,
+            mix=mix,
+            mix_prob=mix_prob,
+            settings=settings,
+            temperatures=_topk_grid(settings.topk, settings.topk_temperatures, data.num_classes, meta),
+            num_classes=data.num_classes,
+            rt=rt,
+            progress=progress if progress is not None and rt.main else NoProgress(),
+        )
+        attrs = _attrs(data, meta, who, job, "bf16" if rt.amp_dtype is not None else "fp32")
+        need = _check_room(out, job, len(data.test_y))
+        shards = _earlier_shards(out, rt, resume, force)
+        sharded = rt.world > 1 or (resume and bool(shards))  # torchrun, or finishing what one left
+        job.progress.note(
+            f"dump {job.num_rows:,} {data.name} images x {views} view(s) through {who['teacher_arch']} · "
+            f"{rt.describe()}"
+        )
         if sharded:
-            _sharded_blocks(out, attrs, shards, n, len(data.test_y), block_rows, hw, rt, block, progress, views)
+            _sharded_blocks(out, attrs, shards, len(data.test_y), _store_hw(data), job)
             if not rt.main:
                 return out  # rank 0 merges the shards and finishes the cache
-        try:
-            writer = cache_io.CacheWriter(
-                out, attrs=attrs, num_rows=n, num_test=len(data.test_y), resume=resume and not sharded, store_hw=hw
-            )
-            if sharded:  # every block is in some shard now: merge them in order, as one process writes them
-                owner = {b: p for p in cache_io.shard_paths(out) for b in cache_io.shard_blocks(p, attrs)}
-                cache_io.merge_shards(writer, owner, n, block_rows)
-            elif resume:  # what an earlier run wrote must be sound before more is added to it
-                done = [
-                    torch.from_numpy(writer.ds[name][: writer.rows_done]).float()
-                    for name in cache_io.target_names(attrs)
-                    if name != "topk_indices"
-                ]
-                cache_io.check_finite(writer.tmp, torch.cat(done, -1), "start the dump over with --force")
-            blocks = range(n if sharded else writer.rows_done, n, block_rows)
-            progress.begin(f"dump {n}x{views} views", len(blocks))
-            for start in blocks:
-                block(start, min(start + block_rows, n), writer)
-            progress.end()
-            test_logits = predict(teacher, data.test_x, render_mean, render_std, rt, batch_size=batch_size)
-            _refuse_nonfinite(test_logits.to(torch.float16)[:, None], 0, teacher_path, writer, "test image")
-            # The teacher's class for every cached view (top-k lists are sorted: the first is the argmax).
-            if topk:
-                predicted = torch.from_numpy(writer.file["topk_indices"][:, :, 0].astype(np.int64))
-            else:
-                predicted = torch.from_numpy(writer.file["logits"][...]).float().argmax(-1)
-            # The label that dominates each view: the partner's where it holds more than half the image.
-            target = data.train_y[:, None].expand(-1, views)
-            if mix != "none":
-                part = torch.from_numpy(writer.file["mix_partner"][...]).long()
-                lam = torch.from_numpy(writer.file["mix_lam"][...])
-                target = torch.where(lam < 0.5, data.train_y[part.clamp(min=0)], target)
-            view_acc = (predicted == target).float().mean().item()
-            for path in cache_io.shard_paths(out):
-                path.unlink(missing_ok=True)  # merged: the partial now holds every block
-            return writer.finish(
-                test_logits.to(torch.float16).cpu().numpy(),
-                {
-                    "teacher_test_acc": accuracy(test_logits, data.test_y),
-                    "teacher_view_acc": view_acc,
-                    # time of this (last) session only, when resumed
-                    "dump_time_s": time.perf_counter() - t0,
-                },
-            )
-        except (OSError, RuntimeError) as e:
-            reason = no_room(e)
-            if reason is None:
-                raise
-            if writer is not None:
-                writer.discard()  # HDF5 lost the writes that failed: the partial is not resumable
-            cache_io.partial_path(out).unlink(missing_ok=True)
-            raise KDCacheError(
-                f"the disk filled up while writing {out} ({reason}); the partial file was removed: "
-                f"free about {_size(need)} in {out.parent} and run again"
-            ) from None
-        finally:
-            if writer is not None:
-                writer.close()
+        return _write(out, job, data, attrs, resume=resume, sharded=sharded, need=need, t0=t0)
+
+
+def _store_hw(data):
+    """Each stored image's (h, w) for random-resized crops (None for equal-size images)."""
+    return None if data.geometry.hw is None else data.geometry.hw.numpy()
+
+
+def _write(out: Path, job: _Job, data, attrs: dict, *, resume: bool, sharded: bool, need: int, t0: float) -> Path:
+    """The cache itself: every block not yet written (or, after a torchrun dump, the shards merged in
+    order), the teacher's test logits and accuracies, then published under `out`. A disk that fills
+    up removes the partial file and says how much room to make."""
+    rt, n, block_rows = job.rt, job.num_rows, job.settings.block_rows
+    writer = None
+    try:
+        writer = cache_io.CacheWriter(
+            out,
+            attrs=attrs,
+            num_rows=n,
+            num_test=len(data.test_y),
+            resume=resume and not sharded,
+            store_hw=_store_hw(data),
+        )
+        if sharded:  # every block is in some shard now: merge them in order, as one process writes them
+            owner = {b: p for p in cache_io.shard_paths(out) for b in cache_io.shard_blocks(p, attrs)}
+            cache_io.merge_shards(writer, owner, n, block_rows)
+        elif resume:  # what an earlier run wrote must be sound before more is added to it
+            done = [
+                torch.from_numpy(writer.ds[name][: writer.rows_done]).float()
+                for name in cache_io.target_names(attrs)
+                if name != "topk_indices"
+            ]
+            cache_io.check_finite(writer.tmp, torch.cat(done, -1), "start the dump over with --force")
+        blocks = range(n if sharded else writer.rows_done, n, block_rows)
+        job.progress.begin(f"dump {n}x{job.views} views", len(blocks))
+        for start in blocks:
+            job.block(start, min(start + block_rows, n), writer)
+        job.progress.end()
+        test_logits = predict(job.teacher, data.test_x, *job.render, rt, batch_size=job.settings.batch_size)
+        _refuse_nonfinite(test_logits.to(torch.float16)[:, None], 0, job.teacher_path, writer, "test image")
+        view_acc = job.view_accuracy(writer.file)
+        for path in cache_io.shard_paths(out):
+            path.unlink(missing_ok=True)  # merged: the partial now holds every block
+        return writer.finish(
+            test_logits.to(torch.float16).cpu().numpy(),
+            {
+                "teacher_test_acc": accuracy(test_logits, data.test_y),
+                "teacher_view_acc": view_acc,
+                "dump_time_s": time.perf_counter() - t0,  # this (last) session's only, when resumed
+            },
+        )
+    except (OSError, RuntimeError) as e:
+        reason = no_room(e)
+        if reason is None:
+            raise
+        if writer is not None:
+            writer.discard()  # HDF5 lost the writes that failed: the partial is not resumable
+        cache_io.partial_path(out).unlink(missing_ok=True)
+        raise KDCacheError(
+            f"the disk filled up while writing {out} ({reason}); the partial file was removed: "
+            f"free about {_size(need)} in {out.parent} and run again"
+        ) from None
+    finally:
+        if writer is not None:
+            writer.close()

@@ -53,7 +53,7 @@ def _done(path: Path, expect: dict) -> bool:
         return False
     if path.suffix == ".h5":
         with cache_io.open_cache(path) as cache:  # raises if it cannot be trusted
-            got = {**cache_io.ABSENT_DEFAULTS, **cache.attrs}  # older caches: what their missing attributes mean
+            got = cache_io.identity(cache.attrs)  # what names a dump; an older cache's missing ones as they mean
     else:
         record = read_checkpoint(path)
         recorded = Recipe.from_dict(record.get("recipe", {}))  # fields added since: defaults

@@ -470,8 +470,8 @@ def cache_fixes(recipe: Recipe, attrs: dict) -> Recipe:
         augment=bool(attrs["augment"]),
         mean=tuple(attrs["normalize_mean"]),
         std=tuple(attrs["normalize_std"]),
-        mix=attrs.get("mix", "none"),  # v1: crop/flip views only
-        mix_prob=float(attrs.get("mix_prob", 1.0)),
+        mix=cache_io.attr(attrs, "mix"),  # v1: crop/flip views only
+        mix_prob=float(cache_io.attr(attrs, "mix_prob")),
     )
 
 
