@@ -101,13 +101,14 @@ class Recipe:
         return dataclasses.replace(self, **self.teacher, teacher={})
 
     def override_teacher(self, **values) -> Recipe:
-        """A copy whose teacher stage takes every non-None value (flags typed on `kdcache teacher`)."""
+        """A copy whose teacher stage takes every non-None value (flags typed on `kdcache teacher`; the
+        pipeline's --teacher-epochs and --teacher-augment)."""
         given = _given(values)
         shared = {k: given.pop(k) for k in ("dataset", "subset", "seed", "teacher_arch") if k in given}
         return dataclasses.replace(self, **shared, teacher={**self.teacher, **given})
 
 
-_RECORDED_TEACHER = {"teacher_epochs": "epochs", "teacher_augment": "augment"}  # kdcache <= 0.2's fields
+_RECORDED_TEACHER = {"teacher_epochs": "epochs", "teacher_augment": "augment"}  # fields of older recipes
 
 
 def _given(values: dict) -> dict:

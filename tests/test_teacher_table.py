@@ -1,6 +1,6 @@
 """A teacher's own settings have one home, the recipe's `teacher` table: presets, config files' [teacher]
 tables, `kdcache teacher`'s flags and the pipeline's --teacher-epochs / --teacher-augment all write there,
-and artifacts from kdcache <= 0.2, which recorded teacher_epochs and teacher_augment, still read."""
+and artifacts from older versions, which recorded teacher_epochs and teacher_augment, still read."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from kdcache.errors import KDCacheError
 
 
 def _old_record(**legacy) -> dict:
-    """A recipe as kdcache 0.2 recorded it: every field, and teacher_epochs / teacher_augment beside them."""
+    """A recipe as an older kdcache recorded it: every field, and teacher_epochs / teacher_augment beside them."""
     return {**dataclasses.asdict(PRESETS["seed-cnn"]), "teacher": {}, **legacy}
 
 
