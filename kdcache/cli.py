@@ -1203,7 +1203,7 @@ def export_cmd(
         highlight=False,
     )
     out_console.print(
-        f"checked with {c.runtime} on {c.images}: max |logit diff| {c.max_diff:.2g} (<= 1e-4), "
+        f"checked with {c.runtime} on {c.images}: max |logit diff| {c.max_diff:.2g} (<= {c.tolerance:.2g}), "
         f"top-1 identical {c.agree}/{c.total}",
         highlight=False,
     )

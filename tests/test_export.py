@@ -188,6 +188,9 @@ def test_every_format_gives_the_checkpoints_logits_without_kdcache(exported, cif
 def test_the_facts_travel_in_every_file(exported, cifar):
     arch, ckpt, _, _, loaded = exported
     _, meta = load_checkpoint(ckpt, trust_arch=True)
+    pt2 = loaded["pt2_meta"]  # a JSON file: lists and numbers as such
+    assert pt2["classes"] == cifar.classes and pt2["num_classes"] == 10 and pt2["small_stem"] is (arch == "resnet18")
+    loaded["pt2_meta"] = {k: v if isinstance(v, str) else json.dumps(v) for k, v in pt2.items()}
     for key in ("onnx_meta", "pt2_meta", "safetensors_meta"):
         facts = loaded[key]
         assert all(isinstance(v, str) for v in facts.values()), key
