@@ -139,28 +139,24 @@ def prepare(path: Path, model: Classifier) -> np.ndarray:
 
 
 def read_images(files: list[Path], model: Classifier, *, skip_bad: bool, warn: Callable[[str], None]):
-    """(the files that decoded, uint8 [N, 3, S, S]). A file that does not decode is one line: the error,
-    or with `skip_bad` a note per file and the rest go on."""
+    """(the files that decoded, uint8 [N, 3, S, S]). A file that does not decode is one line: the error
+    (at the first such file), or with `skip_bad` a note per file while the rest go on."""
     from kdcache.folders import TooLarge
 
-    good, images, bad = [], [], []
+    good, images = [], []
     for path in files:
         try:
             images.append(prepare(path, model))
             good.append(path)
+            continue
         except TooLarge as e:
-            bad.append((path, str(e)))
+            why = str(e)
         except Exception as e:  # noqa: BLE001 - PIL raises many types; reported per file
-            bad.append((path, f"does not decode as an image ({type(e).__name__}: {str(e).splitlines()[0][:80]})"))
-    if bad and not skip_bad:
-        path, why = bad[0]
-        more = f" ({len(bad)} bad images in all)" if len(bad) > 1 else ""
-        raise KDCacheError(f"{path} {why}{more}: remove or replace it, or pass --skip-bad-images")
-    for path, why in bad:
+            why = f"does not decode as an image ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+        if not skip_bad:
+            raise KDCacheError(f"{path} {why}: remove or replace it, or pass --skip-bad-images")
         warn(f"skipped {path}: {why}")
-    if not good:
-        raise KDCacheError("no image decoded: pass image files that PIL reads")
-    return good, torch.from_numpy(np.stack(images))
+    return good, torch.from_numpy(np.stack(images)) if images else None
 
 
 def top_k(logits: torch.Tensor, classes: list[str], k: int) -> list[list[dict]]:
@@ -187,6 +183,12 @@ def classify(
         raise KDCacheError(f"--topk must be >= 1 (got {topk})")
     files = image_files(images)
     model = open_model(model_path, trust_arch=trust_arch)
-    good, x = read_images(files, model, skip_bad=skip_bad, warn=warn)
-    logits = torch.cat([model.logits(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
-    return model, [{"image": str(p), "top": t} for p, t in zip(good, top_k(logits, model.classes, topk), strict=True)]
+    rows = []
+    for start in range(0, len(files), batch_size):  # a batch of images in memory at a time
+        good, x = read_images(files[start : start + batch_size], model, skip_bad=skip_bad, warn=warn)
+        if good:
+            top = top_k(model.logits(x), model.classes, topk)
+            rows += [{"image": str(p), "top": t} for p, t in zip(good, top, strict=True)]
+    if not rows:
+        raise KDCacheError("no image decoded: pass image files that PIL reads")
+    return model, rows

@@ -344,6 +344,12 @@ def test_predict_prints_a_table_and_handles_bad_images(seed_student, png_folder,
         next(line for line in err.splitlines() if "bad.png" in line)
     ]
     assert [Path(r["image"]).name for r in json.loads(out)] == ["0.png"]
+    code, err, _ = cli("predict", ckpt, bad, "--skip-bad-images")
+    assert_one_line_error(code, err, "no image decoded", started=True)  # after the one skipped-file line
+    code, err, _ = cli("predict", ckpt, png_folder, "--topk", "0")
+    assert_one_line_error(code, err, "--topk must be >= 1")
+    code, err, _ = cli("predict", ckpt, tmp_path / "nowhere")
+    assert_one_line_error(code, err, "nowhere does not exist")
 
 
 def test_damaged_model_files_are_one_line(seed_student, png_folder, tmp_path):
