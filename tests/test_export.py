@@ -91,13 +91,14 @@ def make_checkpoint(path: Path, arch: str, data, role: str = "student") -> Path:
     """A checkpoint as the stages write one, for an untrained `arch` whose BatchNorm statistics are taken
     from 64 training images (trained for 0 epochs, but with logits that mean something)."""
     torch.manual_seed(0)
-    model = build(arch, data.num_classes, image_size=32)
+    size = data.geometry.size[0]
+    model = build(arch, data.num_classes, image_size=size)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if norms:
         for m in norms:
             m.momentum = None  # a plain average over the calibration batch
         with torch.no_grad():
-            model.train()(normalize(data.train_x[:64], CIFAR_MEAN, CIFAR_STD))
+            model.train()(normalize(torch.as_tensor(np.asarray(data.test_x[:64])), CIFAR_MEAN, CIFAR_STD))
     save_checkpoint(
         path,
         model.eval(),
@@ -110,7 +111,7 @@ def make_checkpoint(path: Path, arch: str, data, role: str = "student") -> Path:
             "normalize_mean": list(CIFAR_MEAN),
             "normalize_std": list(CIFAR_STD),
             "classes": data.classes,
-            "image_size": 32,
+            "image_size": size,
             "data_options": data.options,
         },
     )
@@ -368,6 +369,25 @@ def test_damaged_model_files_are_one_line(seed_student, png_folder, tmp_path):
     save_file({"w": torch.zeros(2)}, bare)
     code, err, _ = cli("predict", bare, png_folder)
     assert_one_line_error(code, err, "no kdcache export metadata")
+
+
+def test_an_image_folder_checkpoint_exports_and_predicts_as_eval(tmp_path, cpu):
+    """An image-folder student at 40 pixels: the check runs on the folder's val images (found through the
+    path the checkpoint recorded), and predict on the val files gives eval's answers."""
+    from kdcache.folders import scan, write_image_folder
+
+    root = write_image_folder(tmp_path / "imgs", classes=3, per_class=4, val_per_class=3)
+    data = load_dataset("imagefolder", root, image_size=40)
+    ckpt = make_checkpoint(tmp_path / "folder.pt", "resnet9s", data)
+    code, err, out = cli("export", ckpt, "--format", "onnx", "--out", tmp_path / "folder.onnx")
+    assert code == 0, err
+    assert "on 8 imagefolder test images" in out and "top-1 identical 8/8" in out  # 8 of its 9 val images
+    _, _, val = scan(root, None)
+    probs = reference(ckpt, data.test_x, cpu).softmax(1)
+    for model in (ckpt, tmp_path / "folder.onnx"):
+        rows = predicted(model, *val.files, "--topk", "1")
+        assert [r["top"][0]["index"] for r in rows] == probs.argmax(1).tolist()
+        assert [r["top"][0]["probability"] for r in rows] == pytest.approx(probs.max(1).values.tolist(), abs=1e-5)
 
 
 def test_predict_prepares_images_as_an_image_folder_is_evaluated(tmp_path):
