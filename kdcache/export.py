@@ -133,7 +133,8 @@ def _reason(e: BaseException) -> str:
         chain.append(cur)
         cur = cur.__cause__ or cur.__context__
     text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(str(c) for c in chain))
-    op = re.search(r"target=(torch\.ops\.[\w.]+)", text) or re.search(r"\b(aten::\w+|aten\.\w+(?:\.\w+)?)", text)
+    patterns = (r"target=(torch\.ops\.[\w.]+)", r"op='(aten\.[\w.]+)'", r"\b(aten::\w+)")  # dynamo, dispatch, legacy
+    op = next((m for p in patterns if (m := re.search(p, text))), None)
     deepest = next((line.strip() for line in str(chain[-1]).splitlines() if line.strip()), type(chain[-1]).__name__)
     what = f"operator {op.group(1)} is not supported" if op else re.sub(r"\x1b\[[0-9;]*m", "", deepest)[:140]
     code = re.findall(r'File "([^"]+)", line (\d+), in (\w+)', text)
