@@ -329,6 +329,8 @@ def test_pipeline_trains_an_ensemble_of_teachers_and_reports_each(data_dir, tmp_
         "1",
         "--teachers",
         "2",
+        "--tta-eval",
+        "flip",
         "--data-dir",
         str(data_dir),
         "--out",
@@ -350,6 +352,11 @@ def test_pipeline_trains_an_ensemble_of_teachers_and_reports_each(data_dir, tmp_
         models[:3] == ["teacher", "teacher 2", "teacher ensemble (2)"] and report["ensemble_test_acc"] == ensemble_acc
     )
     assert "teacher ensemble (2)" in done.stdout
+    # --tta-eval: each member teacher measures it, into its checkpoint and the report; the students never do
+    assert report["rows"][1]["test_acc_tta_flip"] == b["metrics"]["test_acc_tta_flip"]
+    assert not any(k.startswith("test_acc_tta") for r in report["rows"][3:] for k in r)
+    assert "Teacher with test-time augmentation: flip" in done.stdout
+    assert "Teacher 2 with test-time augmentation: flip" in (out / "report.md").read_text()
     again = run_cli(*args, "--resume")  # every stage kept
     assert again.returncode == 0 and again.stderr.count("kept") >= 5, again.stderr
     bad = run_cli(
