@@ -156,7 +156,8 @@ ResidentOpt = typer.Option(
     "--resident-mb",
     help=(
         "Image folders: training images up to this many MB stay on the device; "
-        "a larger store is streamed from host memory per batch (same results). "
+        "a larger store is streamed from host memory per batch (same results). A student's cached targets "
+        "over this many MB are read from the cache one epoch ahead. "
         "\\[default: half the GPU's free memory, or half the RAM]"
     ),
 )
@@ -415,7 +416,7 @@ def teacher_cmd(
         None,
         "--arch",
         help=(
-            "Teacher architecture: resnet18|34|50, seed-cnn-teacher, torchvision:NAME, "
+            "Teacher architecture: resnet18|34|50, resnet9s, airbench94|95, seed-cnn-teacher, torchvision:NAME, "
             "timm:NAME or module.path:factory. \\[default: resnet50]"
         ),
     ),
@@ -702,7 +703,8 @@ def dump_cmd(
         help=(
             "Keep only the k largest logits per view (fp16) and their classes, "
             "plus the log-sum-exp of all logits at --topk-temperatures, so the tail's mass stays exact: "
-            "for many classes (C=1000, k=10: 29x smaller per view). Students then use --loss kd at one of those "
+            "for many classes (C=1000, k=10: 31x smaller per view at the default temperatures). "
+            "Students then use --loss kd at one of those "
             "temperatures. 0: every logit. \\[default: 0, dense logits]"
         ),
     ),
@@ -803,7 +805,7 @@ def student_cmd(
         None,
         "--arch",
         help=(
-            "Student architecture: resnet18|34|50, seed-cnn-student, torchvision:NAME, "
+            "Student architecture: resnet18|34|50, resnet9s, seed-cnn-student, torchvision:NAME, "
             "timm:NAME or module.path:factory. \\[default: resnet18]"
         ),
     ),

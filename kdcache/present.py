@@ -189,7 +189,7 @@ def print_bench(record: dict) -> None:
     table.add_column("spread", justify="right")
     table.add_column("cached is", justify="right")
     notes = {
-        "seed_loop": "notebook: DataLoader + PIL, teacher every step, fp32",
+        "seed_loop": "reference recipe: DataLoader + PIL, teacher every step, fp32",
         "online": "our hot loop, teacher every step",
         "cached": "our hot loop, logits from the cache",
         "cached_mixed": "the same, mixed views (CutMix/MixUp replayed)",
