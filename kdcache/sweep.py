@@ -423,6 +423,8 @@ def run_sweep(
             + (f", {len(rows):,} held out to pick on" if len(rows) else " · no held-out images: the pick is on test")
             + f" · {rt.describe()}"
         )
+        wall0 = state.get("wall_s", 0.0)  # a resumed sweep's time so far (what ran before its last saved epoch)
+        state["clock"] = lambda: wall0 + time.perf_counter() - t_start
         backends = []
         for seed in spec.seeds:
             group = [(s, sd) for s, sd in students if sd == seed]
@@ -432,7 +434,7 @@ def run_sweep(
             backends.append(backend)
             state["done"] += results
             state["current"] = None
-            atomic_torch_save(state, out / STATE)
+            _save_state(state, out / STATE)
         done = state["done"]
         record["students"] = done
         record["backend"] = backends
@@ -454,7 +456,7 @@ def run_sweep(
             "design_card": card and card["key"],
             "alone": alone_row and alone_row["key"],
         }
-        record["wall_s"] = time.perf_counter() - t_start + sum(d.get("wall_s", 0) for d in state.get("earlier", []))
+        record["wall_s"] = state["clock"]()
         if winner is not None:
             best = _best_student(done, winner, pick_on)
             src = out / STUDENTS / f"{best['name']}.pt"
@@ -488,6 +490,11 @@ def _plain(v):
     if isinstance(v, np.generic):
         return v.item()
     raise TypeError(type(v).__name__)
+
+
+def _save_state(state: dict, path: Path) -> None:
+    """The resume state, with the sweep's wall time so far (its clock stays in memory)."""
+    atomic_torch_save({k: v for k, v in state.items() if k != "clock"} | {"wall_s": state["clock"]()}, path)
 
 
 def _load_state(path: Path, identity: dict) -> dict:
@@ -551,7 +558,7 @@ def _train_seed(seed, group, base, spec, train: CachedData, val, full, rt, out, 
             "diverged": diverged,
             "members": [m.state_dict() for m in members],
         }
-        atomic_torch_save(state, out / STATE)
+        _save_state(state, out / STATE)
 
     def on_diverged(i: int, e) -> None:
         diverged[i] = str(e)
