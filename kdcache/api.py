@@ -319,7 +319,7 @@ def sweep(
         T=tuple(float(t) for t in as_tuple(T)),
         alpha=tuple(float(a) for a in as_tuple(alpha)),
         loss=as_tuple(loss),
-        seeds=tuple(int(s) for s in as_tuple(seeds)),
+        seeds=tuple(range(seeds)) if isinstance(seeds, int) else tuple(int(s) for s in seeds),  # an int: a count
         arch=as_tuple(arch),
         val_fraction=val_fraction,
         backend=backend,

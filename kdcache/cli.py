@@ -1063,6 +1063,15 @@ def sweep_cmd(
         given["seeds"] = parse_seeds(axes["seeds"])
     given |= {k: axes[k] for k in ("val_fraction", "backend", "keep") if k in axes}
     spec = SweepSpec(**given)
+    if "arch" in table and arch is None and not trust_arch:  # code a file names runs only when the user names it
+        from kdcache.models import refuse_code
+
+        for spec_arch in spec.arch:
+            refuse_code(
+                spec_arch,
+                f"the config file {config}",
+                f"pass --arch {spec_arch} (or --trust-arch) if you trust that code",
+            )
     first_arch = spec.arch[0] if spec.arch else None
     recipe = student_recipe(
         cache,

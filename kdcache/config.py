@@ -520,7 +520,7 @@ def resolve(
         base = get_preset(name)
     else:
         base = Recipe.from_dict(recorded)
-    fields = _given({k: v for k, v in config.items() if k not in ("preset", "teacher", "dump")})
+    fields = _given({k: v for k, v in config.items() if k not in ("preset", "teacher", "dump", "sweep")})
     if "teacher" in config:  # the file's teacher settings are the whole story
         fields["teacher"] = dict(config["teacher"])
     if "subset" in config:

@@ -290,7 +290,7 @@ def sweep_markdown(record: dict) -> str:
         "",
         f"{len(record['students'])} students from `{record['cache']}` · {record['data']['train_images']:,} training "
         f"images, {record['data']['val_images']:,} held out · {record['recipe']['epochs']} epoch(s) · seeds "
-        f"{', '.join(map(str, spec['seeds']))} · {record['runtime']} · backend {', '.join(record['backend'])} · "
+        f"{', '.join(map(str, spec['seeds']))} · {record['runtime']} · backend {record['backend']} · "
         f"{record['wall_s']:.0f} s",
         "",
         f"| setting | val acc (%) | test acc (%) | gain over alone ({on}, points) | 95% interval | "

@@ -35,7 +35,8 @@ class Stacked:
         models = [m.to(rt.device) for m in models]
         self.template = copy.deepcopy(models[0])  # what each student's weights are loaded into for evaluation
         params, buffers = stack_module_state(models)
-        self.params = {k: nn.Parameter(v.detach().clone()) for k, v in params.items()}
+        trained = {k: p.requires_grad for k, p in models[0].named_parameters()}  # frozen stays frozen
+        self.params = {k: nn.Parameter(v.detach().clone(), requires_grad=trained[k]) for k, v in params.items()}
         self.buffers = buffers
         # a shell with the stacked tensors in the architecture's places, so the optimiser finds BatchNorm biases
         self.shell = copy.deepcopy(models[0]).to("meta")

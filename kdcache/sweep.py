@@ -15,11 +15,11 @@ one architecture fused into one vmapped model, `stacked.Stacked`); `auto` times 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import math
-import os
 import shutil
 import statistics
 import time
@@ -49,7 +49,7 @@ from kdcache.stages import (
     student_loss_fn,
     view_batches,
 )
-from kdcache.train import Member, fit
+from kdcache.train import Member, WeightAverage, fit
 from kdcache.views import hash_u64
 
 DESIGN_CARD = {"T": 3.0, "alpha": 0.5, "loss": "kd"}  # the setting the method is known by, always reported
@@ -188,8 +188,13 @@ def val_rows(n: int, fraction: float) -> np.ndarray:
     """The rows held out for validation: the round(fraction * n) rows with the smallest hash of their
     index in the validation stream, ascending. A pure function of (n, fraction): recorded, repeatable."""
     count = round(fraction * n)
-    if count == 0:
+    if fraction == 0:
         return np.zeros(0, dtype=np.int64)
+    if not 1 <= count < n:
+        raise KDCacheError(
+            f"--val-fraction {fraction:g} of {n:,} images holds out {count}: leave at least one image each to "
+            "train and to pick on, or pass --val-fraction 0"
+        )
     keys = hash_u64(0, STREAM_VAL, np.arange(n))
     return np.sort(np.argsort(keys, kind="stable")[:count]).astype(np.int64)
 
@@ -217,7 +222,7 @@ def _held_out(cached: CachedData, rows: np.ndarray, cache_file) -> tuple[CachedD
 
 # ---- statistics ----------------------------------------------------------------------------------
 
-# Student's t, two-sided 95%: the quantile for n - 1 degrees of freedom (1..30; beyond, the normal's)
+# Student's t, two-sided 95%: the quantile for n - 1 degrees of freedom (1..30; beyond, 1.96 + 2.4 / df)
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
@@ -232,7 +237,8 @@ def summary(values: list[float]) -> dict:
     if n == 1:
         return {"n": 1, "mean": mean, "std": None, "ci95": None}
     std = statistics.stdev(values)
-    half = (_T95[n - 2] if n - 1 <= len(_T95) else 1.96) * std / math.sqrt(n)
+    df = n - 1
+    half = (_T95[df - 1] if df <= len(_T95) else 1.96 + 2.4 / df) * std / math.sqrt(n)
     return {"n": n, "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
 
 
@@ -280,7 +286,8 @@ def table(students: list[dict], pick_on: str) -> list[dict]:
 def pick(rows: list[dict], pick_on: str) -> dict | None:
     """The row with the highest mean accuracy on `pick_on` ('val' or 'test'), among those with a value."""
     scored = [r for r in rows if r[pick_on]["mean"] is not None]
-    return max(scored, key=lambda r: r[pick_on]["mean"]) if scored else None
+    complete = [r for r in scored if not r["diverged"]]  # a setting judged on every seed, not its survivors
+    return max(complete or scored, key=lambda r: r[pick_on]["mean"]) if scored else None
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -362,8 +369,13 @@ def run_sweep(
         out / RECORD, force=force, resume=resume, interrupted=out / STATE, sides=(out / REPORT, out / PLOT, out / BEST)
     )
     with claim:
-        if force and (out / STUDENTS).is_dir() and not resume:
-            shutil.rmtree(out / STUDENTS)
+        if (out / STUDENTS).exists() and not resume:
+            if not force:
+                raise KDCacheError(
+                    f"{out / STUDENTS} already exists: pass --force to overwrite it, or choose another --out"
+                )
+            for f in (out / STUDENTS).glob("*-s[0-9]*.pt"):  # the checkpoints a sweep writes, nothing else
+                f.unlink()
         cached = load_cached(
             cache_file,
             data_dir=data_dir,
@@ -425,30 +437,23 @@ def run_sweep(
         )
         wall0 = state.get("wall_s", 0.0)  # a resumed sweep's time so far (what ran before its last saved epoch)
         state["clock"] = lambda: wall0 + time.perf_counter() - t_start
-        backends = []
         for seed in spec.seeds:
             group = [(s, sd) for s, sd in students if sd == seed]
             if any(d["seed"] == seed for d in state["done"]):
                 continue
-            backend, results = _train_seed(seed, group, base, spec, train, val, full, rt, out, state, progress, cached)
-            backends.append(backend)
+            results = _train_seed(seed, group, base, spec, train, val, full, rt, out, state, progress, cached)
             state["done"] += results
             state["current"] = None
             _save_state(state, out / STATE)
         done = state["done"]
         record["students"] = done
-        record["backend"] = backends
+        record["backend"] = state["backend"]
         record["table"] = table(done, pick_on)
         winner = pick(record["table"], pick_on)
-        alone_row = next((r for r in record["table"] if r["setting"]["alpha"] == 0), None)
-        card = next(
-            (
-                r
-                for r in record["table"]
-                if Setting(**{k: r["setting"][k] for k in ("arch", "T", "alpha", "loss")}).is_design_card()
-            ),
-            None,
-        )
+        arch = winner["setting"]["arch"] if winner else base.student_arch
+        rows_of = [r for r in record["table"] if r["setting"]["arch"] == arch]
+        alone_row = next((r for r in rows_of if r["setting"]["alpha"] == 0), None)
+        card = next((r for r in rows_of if Setting(**_fields(r["setting"])).is_design_card()), None)
         record["pick"] = {
             "key": winner and winner["key"],
             "on": pick_on,
@@ -459,17 +464,35 @@ def run_sweep(
         record["wall_s"] = state["clock"]()
         if winner is not None:
             best = _best_student(done, winner, pick_on)
-            src = out / STUDENTS / f"{best['name']}.pt"
-            os.replace(src, out / BEST) if spec.keep == "best" else shutil.copyfile(src, out / BEST)
+            _write_best(out / STUDENTS / f"{best['name']}.pt", out / BEST, record["pick"])
             record["pick"]["checkpoint"] = {"path": str(out / BEST), "student": best["name"]}
-        if spec.keep == "best" and (out / STUDENTS).is_dir():
-            shutil.rmtree(out / STUDENTS)
         from kdcache.report import write_sweep_report
 
         atomic_write_text(out / RECORD, json.dumps(record, indent=1, default=_plain) + "\n")
         write_sweep_report(out, record)
         (out / STATE).unlink(missing_ok=True)
+        if spec.keep == "best":  # only the files this sweep wrote
+            for s in done:
+                (out / STUDENTS / f"{s['name']}.pt").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                (out / STUDENTS).rmdir()
         return SweepResult(out, record)
+
+
+def _fields(setting: dict) -> dict:
+    return {k: setting[k] for k in ("arch", "T", "alpha", "loss")}
+
+
+def _write_best(src: Path, dst: Path, pick: dict) -> None:
+    """The winner's checkpoint as `dst`, written atomically, recording how it was picked (on val, or on test:
+    optimistic)."""
+    record = torch.load(src, map_location="cpu", weights_only=True)
+    record["sweep"] = dict(record.get("sweep", {})) | {
+        "picked_on": pick["on"],
+        "optimistic": pick["optimistic"],
+        "winner": pick["key"],
+    }
+    atomic_torch_save(record, dst)
 
 
 def _best_student(done: list[dict], winner: dict, pick_on: str) -> dict:
@@ -517,9 +540,7 @@ def _train_seed(seed, group, base, spec, train: CachedData, val, full, rt, out, 
     attrs = cached.attrs
     batches = view_batches(train.data, plan, base.batch_size, seed, attrs["normalize_mean"], attrs["normalize_std"], rt)
     recipes = [_recipe_of(base, s, sd) for s, sd in group]
-    backend, members, owners = _members(
-        state.get("backend") or spec.backend, group, recipes, train.data, batches, rt, progress
-    )
+    backend, members = _members(state.get("backend") or spec.backend, group, recipes, train.data, batches, rt, progress)
     state["backend"] = backend  # the probe runs once: every seed and a resumed run keep its answer
     n = len(group)
     histories: list[list[dict]] = [[] for _ in range(n)]
@@ -618,12 +639,12 @@ def _train_seed(seed, group, base, spec, train: CachedData, val, full, rt, out, 
             save_checkpoint(out / STUDENTS / f"{name}.pt", models[i], arch=setting.arch, meta=meta)
         results.append(entry)
     results[0]["wall_s"] = wall
-    return backend, results
+    return results
 
 
 def _members(backend: str, group, recipes, data, batches, rt: Runtime, progress):
-    """The members that train `group` (one per student for loop; one per architecture for stacked), and how
-    many students share each student's member (for the time per student)."""
+    """The backend that trains `group` and its members (one per student for loop; one per architecture for
+    stacked)."""
 
     def loop():
         members = []
@@ -631,15 +652,16 @@ def _members(backend: str, group, recipes, data, batches, rt: Runtime, progress)
             raw = new_model(setting.arch, data, seed, batches)
             model = rt.prepare(raw)
             optimizer, scheduler = new_optimizer(raw, recipe, recipe.epochs, len(batches))
-            m = Member(model, student_loss_fn(recipe), optimizer, scheduler, rt)
+            ema = WeightAverage(model, recipe.ema) if recipe.ema > 0 else None
+            m = Member(model, student_loss_fn(recipe), optimizer, scheduler, rt, ema=ema)
             m.rng = torch.get_rng_state()  # as `kdcache student` continues after building its model
             members.append(m)
-        return members, [1] * len(group)
+        return members
 
     def stacked():
         from kdcache.stacked import Stacked
 
-        members, owners = [], []
+        members = []
         by_arch: dict[str, list[int]] = {}
         for i, (setting, _) in enumerate(group):
             by_arch.setdefault(setting.arch, []).append(i)
@@ -657,15 +679,14 @@ def _members(backend: str, group, recipes, data, batches, rt: Runtime, progress)
                     lambda shell, r=first: new_optimizer(shell, r, r.epochs, len(batches)),
                 )
             )
-            owners += [len(idx)] * len(idx)
-        return members, owners
+        return members
 
     if any(r.ema > 0 for r in recipes) and backend == "stacked":
         raise KDCacheError("--backend stacked trains without a weight average: pass --ema 0 or --backend loop")
     if backend == "auto":
         backend = _probe(loop, stacked, batches, recipes, progress)
-    members, owners = (stacked if backend == "stacked" else loop)()
-    return backend, members, owners
+    members = (stacked if backend == "stacked" else loop)()
+    return backend, members
 
 
 def _probe(loop, stacked, batches, recipes, progress, rounds: int = 5, steps: int = 3) -> str:
@@ -675,21 +696,29 @@ def _probe(loop, stacked, batches, recipes, progress, rounds: int = 5, steps: in
     if any(r.ema > 0 for r in recipes) or len(recipes) < 2:
         return "loop"
     rng = torch.get_rng_state()
-    built = {"loop": loop()[0], "stacked": stacked()[0]}
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    built = {"loop": loop(), "stacked": stacked()}
     batches_seen = list(itertools.islice(batches.epoch(0), 1 + steps))
+    if len(batches_seen) < 2:  # too few batches to time: nothing to gain from fusing either
+        return "loop"
     rates: dict[str, list[float]] = {name: [] for name in built}
     for members in built.values():
         for m in members:
             m.train()
             m.step(batches_seen[0])
+    sync = torch.cuda.synchronize if batches_seen[0].x.is_cuda else (lambda: None)  # time the work, not launches
     for _ in range(rounds):
         for name, members in built.items():
+            sync()
             t0 = time.perf_counter()
             for batch in batches_seen[1:]:
                 for m in members:
                     m.step(batch)
+            sync()
             rates[name].append(sum(len(b.y) for b in batches_seen[1:]) / (time.perf_counter() - t0))
     torch.set_rng_state(rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state_all(cuda_rng)
     speeds = {name: statistics.median(r) for name, r in rates.items()}
     choice = max(speeds, key=speeds.get)
     progress.note(

@@ -74,7 +74,7 @@ def test_stacked_backend_equals_loop_within_tolerance(base, cache_file, data_dir
     spec = {"arch": (BN_NET,), "T": (1.0, 4.0), "alpha": (0.9,)}
     loop = _sweep(bn, cache_file, data_dir, tmp_path / "loop", cpu, **spec)
     stacked = _sweep(bn, cache_file, data_dir, tmp_path / "stacked", cpu, backend="stacked", **spec)
-    assert stacked.record["backend"] == ["stacked"]
+    assert stacked.record["backend"] == "stacked"
     for a, b in zip(loop.record["students"], stacked.record["students"], strict=True):
         assert a["name"] == b["name"]
         wa = _weights(tmp_path / "loop" / "students" / f"{a['name']}.pt")
@@ -174,7 +174,7 @@ def test_a_killed_sweep_resumes_to_the_same_students(base, cache_file, data_dir,
     def dies(obj, path):
         real(obj, path)
         saves.append(path)
-        if len(saves) == 3:  # seed 0 finished, seed 1 in epoch 1: the process is killed here
+        if len(saves) == 4:  # seed 0's two epochs and its end saved, then seed 1's first epoch: killed mid-seed
             raise KeyboardInterrupt
 
     monkeypatch.setattr(sweep, "atomic_torch_save", dies)
@@ -287,3 +287,18 @@ def test_the_command_writes_its_table_report_plot_and_best_checkpoint(cache_file
     r = run_cli("report", str(out))
     assert r.returncode == 0, r.stderr
     assert "Picked on validation" in r.stdout
+
+
+def test_a_sweep_config_file_serves_other_commands_and_runs_no_code_it_names(cache_file, data_dir, tmp_path):
+    code, err, out = cli("sweep", "--cache", cache_file, "--data-dir", data_dir, "--T", "1,4", "--print-config")
+    assert code == 0, err
+    assert "[sweep]" in out and "T = [1.0, 4.0]" in out
+    (tmp_path / "s.toml").write_text(out)
+    code, err, _ = cli("student", "--cache", cache_file, "--config", tmp_path / "s.toml", "--print-config")
+    assert code == 0, err  # the [sweep] table is the sweep's; the student reads the rest
+    planted = out.replace('arch = ["seed-cnn-student"]', 'arch = ["byo_models:make_bn_net"]')
+    assert planted != out
+    (tmp_path / "code.toml").write_text(planted)
+    args = ("sweep", "--cache", cache_file, "--data-dir", data_dir, "--config", tmp_path / "code.toml")
+    code, err, _ = cli(*args, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "byo_models:make_bn_net", "--trust-arch")
