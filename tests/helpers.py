@@ -43,6 +43,27 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, **kwar
     )
 
 
+def run_cli_peak(*args: str) -> tuple[subprocess.CompletedProcess, float]:
+    """`run_cli`, and the peak resident memory of that one process in MB (its own rusage, read with wait4:
+    `RUSAGE_CHILDREN` would be the largest child of the whole test session)."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kdcache", *args],
+            env={**os.environ, **THREAD_ENV, "PYTHONPATH": str(ROOT), "COLUMNS": "200"},
+            stdout=out,
+            stderr=err,
+            text=True,
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+    return done, usage.ru_maxrss / 1024  # Linux: KiB
+
+
 def start_cli(*args: str) -> subprocess.Popen:
     """`python -m kdcache ARGS` in the background, as `run_cli` runs it (one thread, offline)."""
     return subprocess.Popen(
