@@ -310,7 +310,7 @@ def sweep(
     to vary. Returns the table: one dict per setting (`key`, `setting`, `val`, `test`, `gain`: mean, std,
     n, 95% interval, ...); the whole record, pick included, is in `out/sweep.json`."""
     from kdcache.stages import student_recipe
-    from kdcache.sweep import SweepSpec, run_sweep
+    from kdcache.sweeps import SweepSpec, run_sweep
 
     if recipe is None:
         recipe = student_recipe(cache, None, {}, {}, trust_arch=trust_arch)

@@ -1037,7 +1037,7 @@ def sweep_cmd(
     from kdcache.config import SWEEP_LISTS
     from kdcache.present import print_sweep
     from kdcache.stages import student_recipe
-    from kdcache.sweep import SweepSpec, parse_list, parse_seeds, run_sweep
+    from kdcache.sweeps import SweepSpec, parse_list, parse_seeds, run_sweep
 
     cfg = read_config(config)
     table = cfg.pop("sweep", {})

@@ -20,7 +20,7 @@ from helpers import assert_one_line_error, cli
 from kdcache.checkpoints import load_checkpoint
 from kdcache.errors import KDCacheError
 from kdcache.stages import student_recipe, train_student
-from kdcache.sweep import SweepSpec, parse_seeds, pick, run_sweep, summary, table, val_rows
+from kdcache.sweeps import SweepSpec, parse_seeds, pick, run_sweep, summary, table, val_rows
 
 BN_NET = "byo_models:make_bn_net"  # tests/ is on sys.path under pytest
 
@@ -87,7 +87,7 @@ def test_stacked_backend_equals_loop_within_tolerance(base, cache_file, data_dir
 
 def _recording(monkeypatch):
     """Patch the sweep's loss so every student's batches are recorded: {id(loss fn): [batch rows]}."""
-    import kdcache.sweep as sweep
+    import kdcache.sweeps as sweep
 
     seen: dict[int, list] = {}
     real = sweep.student_loss_fn
@@ -165,7 +165,7 @@ def test_table_statistics_match_a_hand_computation():
 
 
 def test_a_killed_sweep_resumes_to_the_same_students(base, cache_file, data_dir, cpu, tmp_path, monkeypatch):
-    import kdcache.sweep as sweep
+    import kdcache.sweeps as sweep
 
     spec = {"T": (1.0,), "seeds": (0, 1)}
     whole = _sweep(base, cache_file, data_dir, tmp_path / "whole", cpu, **spec)
@@ -194,7 +194,7 @@ def test_a_killed_sweep_resumes_to_the_same_students(base, cache_file, data_dir,
 
 
 def test_a_diverging_student_stops_alone(base, cache_file, data_dir, cpu, tmp_path, monkeypatch):
-    import kdcache.sweep as sweep
+    import kdcache.sweeps as sweep
 
     real = sweep.student_loss_fn
 
@@ -241,7 +241,7 @@ def test_seeds_take_a_count_a_list_or_a_range():
 
 
 def test_a_mixed_cache_refuses_a_held_out_pick(base, cache_file, data_dir, cpu, tmp_path, monkeypatch):
-    from kdcache import sweep
+    from kdcache import sweeps as sweep
 
     real = sweep.load_cached
     monkeypatch.setattr(sweep, "load_cached", lambda *a, **k: dataclasses.replace(real(*a, **k), mix="cutmix"))
@@ -302,3 +302,25 @@ def test_a_sweep_config_file_serves_other_commands_and_runs_no_code_it_names(cac
     args = ("sweep", "--cache", cache_file, "--data-dir", data_dir, "--config", tmp_path / "code.toml")
     code, err, _ = cli(*args, "--out", tmp_path / "o")
     assert_one_line_error(code, err, "byo_models:make_bn_net", "--trust-arch")
+
+
+def test_the_python_api_returns_the_table_and_takes_a_seed_count(base, cache_file, data_dir, cpu, tmp_path):
+    import kdcache
+
+    rows = kdcache.sweep(
+        cache_file,
+        out=tmp_path / "api",
+        recipe=dataclasses.replace(base, epochs=1),
+        T=2,
+        alpha=[0.5],
+        seeds=1,
+        val_fraction=0.0,
+        backend="loop",
+        data_dir=data_dir,
+        runtime=cpu,
+    )
+    assert [r["setting"]["label"] for r in rows] == ["alone", "kd T=2 alpha=0.5", "kd T=3 alpha=0.5"]
+    assert all(r["test"]["n"] == 1 for r in rows)  # seeds=1: one seed, seed 0
+    record = json.loads((tmp_path / "api" / "sweep.json").read_text())
+    assert record["spec"]["seeds"] == [0] and record["pick"]["optimistic"] is True  # val 0: the pick is on test
+    assert "optimistic" in (tmp_path / "api" / "report.md").read_text()
