@@ -43,25 +43,33 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, **kwar
     )
 
 
+# Runs kdcache's command line and, at exit, writes this process's own peak resident memory (VmHWM, which
+# exec starts afresh; a child's rusage maxrss would include the forking test process's pages) to $PEAK_FILE.
+_PEAK_WRAPPER = """
+import atexit, os, runpy, sys
+def _peak():
+    with open("/proc/self/status") as f, open(os.environ["PEAK_FILE"], "w") as out:
+        out.write(next(line.split()[1] for line in f if line.startswith("VmHWM")))
+atexit.register(_peak)
+sys.argv = ["kdcache", *sys.argv[1:]]
+runpy.run_module("kdcache", run_name="__main__")
+"""
+
+
 def run_cli_peak(*args: str) -> tuple[subprocess.CompletedProcess, float]:
-    """`run_cli`, and the peak resident memory of that one process in MB (its own rusage, read with wait4:
-    `RUSAGE_CHILDREN` would be the largest child of the whole test session)."""
+    """`run_cli`, and the peak resident memory of that one process in MB (its own VmHWM, Linux)."""
     import tempfile
 
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kdcache", *args],
-            env={**os.environ, **THREAD_ENV, "PYTHONPATH": str(ROOT), "COLUMNS": "200"},
-            stdout=out,
-            stderr=err,
+    with tempfile.TemporaryDirectory() as tmp:
+        peak_file = Path(tmp) / "peak"
+        done = subprocess.run(
+            [sys.executable, "-c", _PEAK_WRAPPER, *args],
+            env={**os.environ, **THREAD_ENV, "PYTHONPATH": str(ROOT), "COLUMNS": "200", "PEAK_FILE": str(peak_file)},
+            capture_output=True,
             text=True,
+            timeout=600,
         )
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        done = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
-    return done, usage.ru_maxrss / 1024  # Linux: KiB
+        return done, int(peak_file.read_text()) / 1024  # kB
 
 
 def start_cli(*args: str) -> subprocess.Popen:
