@@ -191,7 +191,12 @@ def test_a_killed_two_process_dump_resumes_in_one_process_without_redoing_blocks
     try:  # the shards appear when the processes start dumping; a second later some blocks are done
         while len(list(tmp_path.glob("c.h5.shard-*"))) < 2 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
-        time.sleep(1.0)  # about 15-20 of the 50 blocks on a 2-core CPU
+        # kill as soon as a shard grows (its first blocks are flushed), not after a fixed sleep: how many of
+        # the 50 blocks a second holds depends on the machine
+        size = lambda: sum(p.stat().st_size for p in tmp_path.glob("c.h5.shard-*"))  # noqa: E731
+        start = size()
+        while size() == start and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.005)
     finally:  # the workers first (torchrun may start them in their own process groups), then torchrun
         subprocess.run(["pkill", "-KILL", "-f", str(out)], check=False)
         os.killpg(proc.pid, signal.SIGKILL)
