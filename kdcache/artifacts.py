@@ -107,10 +107,22 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
                 write(f)
             os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
+        if (stop := interrupt_in(e)) is not None:
+            raise stop from None  # Ctrl-C or SIGTERM mid-write: a clean stop, not a failed write
         if (error := write_failed(path, e)) is None:
             raise
         raise error from None
     return path
+
+
+def interrupt_in(e: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C (or SIGTERM) an error stands for, if any: torch.save turns an interrupt that
+    lands in its file object's write into a RuntimeError whose context is the interrupt."""
+    while e is not None:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

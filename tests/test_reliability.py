@@ -263,9 +263,9 @@ def test_a_second_student_to_the_same_out_is_refused(tmp_path, cache_file, data_
     wait_for(first, lambda: resume_path(out).exists(), "the first student finished an epoch")
     second = run_cli(*args, "--force")
     first.send_signal(signal.SIGTERM)
-    first.communicate(timeout=120)
+    _, first_err = first.communicate(timeout=120)
     assert_one_line_error(second.returncode, second.stderr, "another kdcache run")
-    assert first.returncode == 143
+    assert first.returncode == 143, first_err
     assert torch.load(resume_path(out), map_location="cpu", weights_only=True)["epochs_done"] >= 1
 
 

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -271,6 +272,43 @@ def test_a_simulated_full_disk_on_a_checkpoint_is_one_line_and_keeps_the_old_fil
     with pytest.raises(KDCacheError) as e:
         atomic_torch_save({"w": torch.zeros(3)}, target)
     assert "disk filled up while writing" in str(e.value) and "\n" not in str(e.value)
+    assert target.read_bytes() == b"the previous checkpoint" and os.listdir(tmp_path) == ["t.pt"]
+
+
+class _Stop(KeyboardInterrupt):
+    """What the CLI's SIGTERM handler raises (a KeyboardInterrupt)."""
+
+
+def test_an_interrupt_in_the_middle_of_torch_save_stops_cleanly_and_keeps_the_old_file(tmp_path, monkeypatch):
+    """A real signal lands inside torch.save's file writes, which torch reports as a RuntimeError; the run
+    must stop as for any Ctrl-C (exit 130/143, resumable), not fail with a traceback."""
+    target = tmp_path / "t.pt"
+    target.write_bytes(b"the previous checkpoint")
+    real_save = torch.save
+
+    class Interrupted:
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, b):
+            self.writes += 1
+            if self.writes == 2:
+                signal.raise_signal(signal.SIGUSR1)  # its handler runs at the next bytecode: inside this write
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def _raise(signum, frame):
+        raise _Stop()
+
+    monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, Interrupted(f)))
+    old = signal.signal(signal.SIGUSR1, _raise)
+    try:
+        with pytest.raises(_Stop):
+            atomic_torch_save({"w": torch.zeros(1000), "b": torch.ones(3)}, target)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
     assert target.read_bytes() == b"the previous checkpoint" and os.listdir(tmp_path) == ["t.pt"]
 
 
