@@ -134,6 +134,37 @@ def gather_rows(store, rows: torch.Tensor, partner: torch.Tensor | None = None, 
     return block.to(device, non_blocking=True), inverse[: len(own)].to(device, non_blocking=True), local_partner
 
 
+class RowsOf:
+    """A host store (memory-mapped or jpeg) seen through some of its rows, ascending: what a sweep trains on
+    when it holds images out. Read lazily like the store itself, and in the store's order."""
+
+    def __init__(self, store, rows):
+        import numpy as np
+
+        self.store, self.rows = store, np.asarray(rows, dtype=np.int64)
+        self.dtype = store.dtype
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.store.shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        return self.store.nbytes // max(1, len(self.store)) * len(self.rows)
+
+    def __getitem__(self, key):
+        return self.store[self.rows[key]]
+
+    def __array__(self, dtype=None, copy=None):
+        import numpy as np
+
+        out = np.asarray(self.store[self.rows])
+        return out if dtype is None else out.astype(dtype)
+
+
 PREFETCH_WORKERS = (
     3  # batches gathered at once from a host store (threads: numpy's copy and the JPEG decoder release the GIL)
 )

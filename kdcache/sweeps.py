@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from kdcache.artifacts import atomic_write_text, claim_output, refuse_different
+from kdcache.batches import RowsOf
 from kdcache.checkpoints import atomic_torch_save, save_checkpoint
 from kdcache.config import Recipe
 from kdcache.errors import KDCacheError
@@ -211,13 +212,15 @@ def _held_out(cached: CachedData, rows: np.ndarray, cache_file) -> tuple[CachedD
             "dumped with --mix none"
         )
     data = cached.data
-    if not isinstance(data.train_x, torch.Tensor):
-        raise KDCacheError("--val-fraction needs the training images in memory: pass --val-fraction 0")
     keep = torch.from_numpy(np.setdiff1d(np.arange(len(data.train_y)), rows))
     held = torch.from_numpy(rows)
-    train = dataclasses.replace(data, train_x=data.train_x[keep], train_y=data.train_y[keep])
+    if isinstance(data.train_x, torch.Tensor):
+        train_x, val_x = data.train_x[keep], data.train_x[held]
+    else:  # a host store (an image folder's): train from the kept rows as lazily; the held-out ones in memory
+        train_x, val_x = RowsOf(data.train_x, keep.numpy()), torch.from_numpy(np.asarray(data.train_x[rows]))
+    train = dataclasses.replace(data, train_x=train_x, train_y=data.train_y[keep])
     kept = dataclasses.replace(cached, data=train, views=cached.views[keep], targets=cached.targets[keep])
-    return kept, (data.train_x[held], data.train_y[held])
+    return kept, (val_x, data.train_y[held])
 
 
 # ---- statistics ----------------------------------------------------------------------------------
@@ -325,14 +328,17 @@ def _recipe_of(base: Recipe, setting: Setting, seed: int) -> Recipe:
 
 def _check_disk(out: Path, spec: SweepSpec, base: Recipe, data, n_students: int) -> None:
     """Every student's checkpoint is written as its seed finishes (the winner's is kept, or all with
-    --keep all): refuse up front when the folder's disk cannot hold them."""
+    --keep all), and the resume state after every epoch: one seed's students with their optimiser
+    moments and weight average (4 copies of the weights at most), twice while a new state replaces
+    the old. Refuse up front when the folder's disk cannot hold them."""
     per = max(num_params(new_model(a, data, 0, _NoBatches())) for a in spec.arch or (base.student_arch,)) * 4
-    need = int(per * n_students * 1.1)
+    per_seed = n_students // len(spec.seeds)
+    need = int(per * (n_students + 2 * 4 * per_seed) * 1.1)
     free = shutil.disk_usage(out).free
     if free < need:
         raise KDCacheError(
-            f"{out} has {free / 1e6:,.0f} MB free, the sweep's {n_students} student checkpoints need about "
-            f"{need / 1e6:,.0f} MB: free space, choose another --out, or sweep fewer students"
+            f"{out} has {free / 1e6:,.0f} MB free, the sweep's {n_students} student checkpoints and its resume "
+            f"state need about {need / 1e6:,.0f} MB: free space, choose another --out, or sweep fewer students"
         )
 
 
@@ -412,6 +418,11 @@ def run_sweep(
             "fingerprint": full.fingerprint,
         }
         state = _load_state(out / STATE, identity) if resume else {"identity": identity, "done": [], "current": None}
+        if state.get("backend") not in (None, spec.backend) and spec.backend != "auto":
+            raise KDCacheError(
+                f"{out / STATE} was started with --backend {state['backend']}, this run has {spec.backend!r}: "
+                f"resume with --backend {state['backend']} (or auto), or pass --force to start over"
+            )
         record = {
             "kind": "kdcache-sweep",
             "command": command,
@@ -623,6 +634,9 @@ def _train_seed(seed, group, base, spec, train: CachedData, val, full, rt, out, 
                     "out": str(out),
                     "setting": setting.key,
                     "val_fraction": spec.val_fraction,
+                    # num_train is the images it was drawn from (what --subset chains on); these, what it saw
+                    "train_images": len(train.data.train_y),
+                    "val_images": len(full.train_y) - len(train.data.train_y),
                     "val_rows_sha256": _digest(val_rows(len(full.train_y), spec.val_fraction)),
                     "val_acc": final.get("val_acc"),
                 }

@@ -291,6 +291,47 @@ def test_a_streamed_store_trains_and_dumps_exactly_as_a_resident_one(folder, tmp
     assert all(torch.equal(s0[k], s1[k]) for k in s0)
 
 
+def test_a_sweep_holds_images_out_of_a_folder_store_streamed_or_resident(folder, tmp_path, monkeypatch):
+    """An image folder's images stay in their store: the sweep trains on its kept rows, read lazily, and
+    picks on the held-out ones; streamed from the memory-mapped store it gives the same students."""
+    from kdcache.config import get_preset
+    from kdcache.dump import dump_logits
+    from kdcache.runtime import Runtime
+    from kdcache.stages import student_recipe, train_teacher
+    from kdcache.sweeps import SweepSpec, run_sweep
+
+    recipe = get_preset("seed-cnn").override(dataset="imagefolder", epochs=1, batch_size=8).override_teacher(epochs=1)
+    rt = Runtime.create("cpu", "fp32")
+    train_teacher(recipe, data_dir=folder, out=tmp_path / "t.pt", rt=rt, data_options={"image_size": 24})
+    cache = dump_logits(
+        teacher_path=tmp_path / "t.pt", data_dir=None, out=tmp_path / "c.h5", views=2, seed=0, batch_size=16, rt=rt
+    )
+    base = student_recipe(cache, None, {}, {"epochs": 2})
+    spec = SweepSpec(T=(2.0,), alpha=(0.5,), seeds=(0,), val_fraction=0.2, backend="loop", keep="all")
+    import kdcache.batches as batches
+
+    streamed, real = [], batches.prefetch
+    monkeypatch.setattr(batches, "prefetch", lambda store, *a, **k: streamed.append(store) or real(store, *a, **k))
+    weights = []
+    for mb in (None, 0.01):  # 10 kB: the cached targets (720 bytes) fit, the images (60 kB) stream
+        out = tmp_path / f"sweep-{mb}"
+        rec = run_sweep(
+            base, spec, cache_file=cache, data_dir=None, out=out, rt=Runtime.create("cpu", "fp32", resident_mb=mb)
+        )
+        assert rec.record["pick_on"] == "val" and rec.record["data"]["val_images"] == 6
+        assert bool(streamed) == (mb is not None)
+        assert rec.record["data"]["train_images"] == 24
+        weights.append(
+            {s["name"]: torch.load(out / "students" / f"{s['name']}.pt")["state_dict"] for s in rec.record["students"]}
+        )
+        best = torch.load(out / "best.pt")
+        assert (best["sweep"]["train_images"], best["sweep"]["val_images"]) == (24, 6)
+    assert streamed and all(isinstance(s, batches.RowsOf) for s in streamed)
+    assert weights[0].keys() == weights[1].keys()
+    for name, w in weights[0].items():
+        assert all(torch.equal(w[k], weights[1][name][k]) for k in w), name
+
+
 def test_gather_rows_renumbers_own_and_partner_rows():
     from kdcache.batches import gather_rows
 

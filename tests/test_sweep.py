@@ -182,6 +182,8 @@ def test_a_killed_sweep_resumes_to_the_same_students(base, cache_file, data_dir,
         _sweep(base, cache_file, data_dir, tmp_path / "killed", cpu, **spec)
     monkeypatch.setattr(sweep, "atomic_torch_save", real)
     assert (tmp_path / "killed" / "sweep.resume").exists() and not (tmp_path / "killed" / "sweep.json").exists()
+    with pytest.raises(KDCacheError, match="started with --backend loop, this run has 'stacked'"):
+        _sweep(base, cache_file, data_dir, tmp_path / "killed", cpu, resume=True, backend="stacked", **spec)
     resumed = _sweep(base, cache_file, data_dir, tmp_path / "killed", cpu, resume=True, **spec)
     assert not (tmp_path / "killed" / "sweep.resume").exists()
     for a, b in zip(whole.record["students"], resumed.record["students"], strict=True):
@@ -191,6 +193,28 @@ def test_a_killed_sweep_resumes_to_the_same_students(base, cache_file, data_dir,
         assert {k: v for k, v in a["final"].items() if k not in timing} == {
             k: v for k, v in b["final"].items() if k not in timing
         }
+
+
+def test_a_disk_too_small_for_the_students_and_resume_state_is_refused_before_training(
+    base, cache_file, data_dir, cpu, tmp_path, monkeypatch
+):
+    import shutil
+
+    import kdcache.sweeps as sweep
+
+    per = 4 * sum(p.numel() for p in sweep.new_model(base.student_arch, _Sized(), 0, sweep._NoBatches()).parameters())
+    # 2 seeds x 3 students: their 6 checkpoints fit, the resume state of one seed's 3 (x 4 copies, x 2) does not
+    free = int(per * 7.5)
+    monkeypatch.setattr(sweep.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+    trained = []
+    monkeypatch.setattr(sweep, "fit", lambda *a, **k: trained.append(1))
+    with pytest.raises(KDCacheError, match=r"MB free, the sweep's 6 student checkpoints and its resume state need"):
+        _sweep(base, cache_file, data_dir, tmp_path / "s", cpu, seeds=(0, 1))
+    assert not trained
+
+
+class _Sized:
+    num_classes, geometry = 10, type("G", (), {"size": (32, 32)})
 
 
 def test_a_diverging_student_stops_alone(base, cache_file, data_dir, cpu, tmp_path, monkeypatch):
