@@ -330,6 +330,28 @@ TrustArchOpt = typer.Option(
 )
 
 
+CacheOpt = typer.Option(CACHE_OUT, "--cache", help="Logit cache written by `kdcache dump-logits`.")
+CacheSubsetOpt = typer.Option(None, "--subset", help="Must match the cache's; \\[default: the cache's]")
+TRAINING = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "schedule",
+    "warmup_epochs",
+    "nesterov",
+    "momentum",
+    "weight_decay",
+    "label_smoothing",
+    "ema",
+)  # the training flags every training command takes, under these names
+
+
+def _training(scope: dict) -> dict:
+    """The training flags a command was given (its `locals()`), for the recipe resolver."""
+    return {k: scope[k] for k in TRAINING}
+
+
 def _print_config(recipe, command: str, dump=None) -> None:
     """--print-config: the resolved recipe (and the dump's own settings) as TOML on stdout, then exit 0
     before any work."""
@@ -490,17 +512,7 @@ def teacher_cmd(
             teacher_arch=arch,
             dataset=dataset,
             subset=subset,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            optimizer=optimizer,
-            schedule=schedule,
-            warmup_epochs=warmup_epochs,
-            nesterov=nesterov,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            label_smoothing=label_smoothing,
-            ema=ema,
+            **_training(locals()),
             bn_bias_lr=bn_bias_lr,
             augment=augment,
             mix=mix,
@@ -809,7 +821,7 @@ def student_cmd(
             "timm:NAME or module.path:factory. \\[default: resnet18]"
         ),
     ),
-    cache: Path = typer.Option(CACHE_OUT, "--cache", help="Logit cache written by `kdcache dump-logits`."),
+    cache: Path = CacheOpt,
     online_teacher: Path | None = typer.Option(
         None,
         "--online-teacher",
@@ -843,7 +855,7 @@ def student_cmd(
     ),
     rebuild_store: bool = RebuildStoreOpt,
     resident_mb: float | None = ResidentOpt,
-    subset: int | None = typer.Option(None, "--subset", help="Must match the cache's; \\[default: the cache's]"),
+    subset: int | None = CacheSubsetOpt,
     epochs: int | None = EpochsOpt,
     batch_size: int | None = BatchOpt,
     lr: float | None = LrOpt,
@@ -892,17 +904,7 @@ def student_cmd(
         read_config(config),
         dict(
             student_arch=arch,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            optimizer=optimizer,
-            schedule=schedule,
-            warmup_epochs=warmup_epochs,
-            nesterov=nesterov,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            label_smoothing=label_smoothing,
-            ema=ema,
+            **_training(locals()),
             T=T,
             alpha=alpha,
             seed=seed,
@@ -995,12 +997,12 @@ def sweep_cmd(
         help="best: keep the winner as OUT/best.pt | all: also every student in OUT/students/. \\[default: best]",
     ),
     preset: str | None = PresetOpt,
-    cache: Path = typer.Option(CACHE_OUT, "--cache", help="Logit cache written by `kdcache dump-logits`."),
+    cache: Path = CacheOpt,
     trust_arch: bool = TrustArchOpt,
     data_dir: Path | None = DataDirOpt,
     rebuild_store: bool = RebuildStoreOpt,
     resident_mb: float | None = ResidentOpt,
-    subset: int | None = typer.Option(None, "--subset", help="Must match the cache's; \\[default: the cache's]"),
+    subset: int | None = CacheSubsetOpt,
     epochs: int | None = EpochsOpt,
     batch_size: int | None = BatchOpt,
     lr: float | None = LrOpt,
@@ -1079,17 +1081,7 @@ def sweep_cmd(
         cfg,
         dict(
             student_arch=first_arch,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            optimizer=optimizer,
-            schedule=schedule,
-            warmup_epochs=warmup_epochs,
-            nesterov=nesterov,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            label_smoothing=label_smoothing,
-            ema=ema,
+            **_training(locals()),
             subset=subset,
         ),
         trust_arch=trust_arch or bool(arch),
