@@ -178,7 +178,9 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     except ValueError:
         raise KDCacheError(f"--seeds {text!r}: give a count (3), a list (0,1,2) or a range (3-5)") from None
     if count < 1:
-        raise KDCacheError(f"--seeds {count}: give at least one seed")
+        raise KDCacheError(
+            f"--seeds {count} is a count of seeds: give at least 1 (--seeds 1 is seed 0; one other seed: --seeds 5,)"
+        )
     return tuple(range(count))
 
 

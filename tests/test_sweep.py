@@ -247,6 +247,7 @@ def test_a_diverging_student_stops_alone(base, cache_file, data_dir, cpu, tmp_pa
         (["--arch", "no-such-net"], "no-such-net"),
         (["--T", "2,2"], "names 2.0 twice"),
         (["--seeds", "x"], "--seeds 'x'"),
+        (["--seeds", "0"], "--seeds 1 is seed 0"),
         (["--val-fraction", "1"], "--val-fraction 1"),
         (["--backend", "gpu"], "--backend 'gpu'"),
     ],
