@@ -444,7 +444,8 @@ def run_sweep(
         }
         progress.note(
             f"sweep: {len(students)} students ({len(spec.settings(base.student_arch))} settings x "
-            f"{len(spec.seeds)} seeds) from {cache_file} · {len(train.data.train_y):,} training images"
+            f"{len(spec.seeds)} seed{'s' if len(spec.seeds) > 1 else ''}) from {cache_file} · "
+            f"{len(train.data.train_y):,} training images"
             + (f", {len(rows):,} held out to pick on" if len(rows) else " · no held-out images: the pick is on test")
             + f" · {rt.describe()}"
         )
