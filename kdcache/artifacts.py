@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from kdcache.errors import KDCacheError
+from kdcache.errors import KDCacheError, error_chain
 
 T = TypeVar("T")
 # Create a new file for writing, exclusively: an existing name, a planted link included, is never opened.
@@ -30,13 +30,12 @@ def no_room(e: BaseException | None) -> str | None:
     write as a RuntimeError whose context is the OSError; h5py reports a failed write as
     OSError, or a failed flush as RuntimeError, with the C errno only in its text.
     """
-    while e is not None:
+    for link in error_chain(e):
         for code in _NO_ROOM:
-            if getattr(e, "errno", None) == code or f"errno = {code}," in str(e):
+            if getattr(link, "errno", None) == code or f"errno = {code}," in str(link):
                 return os.strerror(code)
-        if "no space left" in str(e).lower():
+        if "no space left" in str(link).lower():
             return os.strerror(errno.ENOSPC)
-        e = e.__cause__ or e.__context__
     return None
 
 
@@ -118,11 +117,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
 def interrupt_in(e: BaseException) -> KeyboardInterrupt | None:
     """The Ctrl-C (or SIGTERM) an error stands for, if any: torch.save turns an interrupt that
     lands in its file object's write into a RuntimeError whose context is the interrupt."""
-    while e is not None:
-        if isinstance(e, KeyboardInterrupt):
-            return e
-        e = e.__cause__ or e.__context__
-    return None
+    return next((link for link in error_chain(e) if isinstance(link, KeyboardInterrupt)), None)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

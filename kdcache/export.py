@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from torch import nn
 
 from kdcache import __version__
 from kdcache.artifacts import claim_output, temp_file, write_failed
-from kdcache.errors import KDCacheError
+from kdcache.errors import KDCacheError, error_chain
 
 FORMATS = ("onnx", "safetensors", "torch-export")
 INPUTS = ("float", "uint8")
@@ -128,10 +129,7 @@ def _batch_dim():
 def _reason(e: BaseException) -> str:
     """What an exporter stumbled on, in a few words: the operator it could not translate (else the
     deepest cause's first line), and the line of the model's code where that happened."""
-    chain, cur = [], e
-    while cur is not None and len(chain) < 10:
-        chain.append(cur)
-        cur = cur.__cause__ or cur.__context__
+    chain = list(itertools.islice(error_chain(e), 10))
     text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(str(c) for c in chain))
     patterns = (r"target=(torch\.ops\.[\w.]+)", r"op='(aten\.[\w.]+)'", r"\b(aten::\w+)")  # dynamo, dispatch, legacy
     op = next((m for p in patterns if (m := re.search(p, text))), None)
