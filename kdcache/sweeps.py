@@ -419,12 +419,12 @@ def run_sweep(
             "cache": cached.digest,
             "fingerprint": full.fingerprint,
         }
+        # what every student trained on and was picked on: in the record and in each student's checkpoint
+        held = {"train_images": len(train.data.train_y), "val_images": len(rows), "val_rows_sha256": _digest(rows)}
         state = _load_state(out / STATE, identity) if resume else {"identity": identity, "done": [], "current": None}
-        if state.get("backend") not in (None, spec.backend) and spec.backend != "auto":
-            raise KDCacheError(
-                f"{out / STATE} was started with --backend {state['backend']}, this run has {spec.backend!r}: "
-                f"resume with --backend {state['backend']} (or auto), or pass --force to start over"
-            )
+        if state.get("backend") and spec.backend != "auto":  # auto resumes with the backend it picked
+            fix = f"resume with --backend {state['backend']} (or auto), or pass --force to start over"
+            refuse_different(out / STATE, state, {"backend": spec.backend}, fix=fix)
         record = {
             "kind": "kdcache-sweep",
             "command": command,
@@ -432,13 +432,7 @@ def run_sweep(
             "spec": identity["spec"] | {"backend": spec.backend, "keep": spec.keep},
             "recipe": dataclasses.asdict(base),
             "teacher_test_acc": cached.attrs.get("teacher_test_acc"),
-            "data": {
-                "dataset": full.name,
-                "train_images": len(train.data.train_y),
-                "val_images": len(rows),
-                "val_rows_sha256": _digest(rows),
-                "test_images": len(full.test_y),
-            },
+            "data": {"dataset": full.name, **held, "test_images": len(full.test_y)},
             "pick_on": pick_on,
             "runtime": rt.describe(),
         }
@@ -455,7 +449,7 @@ def run_sweep(
             group = [(s, sd) for s, sd in students if sd == seed]
             if any(d["seed"] == seed for d in state["done"]):
                 continue
-            results = _train_seed(seed, group, base, spec, train, val, full, rt, out, state, progress, cached)
+            results = _train_seed(seed, group, base, spec, train, val, held, full, rt, out, state, progress, cached)
             state["done"] += results
             state["current"] = None
             _save_state(state, out / STATE)
@@ -548,7 +542,7 @@ def _name(setting: Setting, seed: int) -> str:
     return f"{setting.arch.replace(':', '_').replace('/', '_')}-{label}-s{seed}"
 
 
-def _train_seed(seed, group, base, spec, train: CachedData, val, full, rt, out, state, progress, cached):
+def _train_seed(seed, group, base, spec, train: CachedData, val, held: dict, full, rt, out, state, progress, cached):
     """Train every student of one seed on that seed's batches, one pass; save their checkpoints."""
     plan = cached_plan(train.views, train.targets, seed, rt.device)
     attrs = cached.attrs
@@ -637,10 +631,7 @@ def _train_seed(seed, group, base, spec, train: CachedData, val, full, rt, out, 
                     "out": str(out),
                     "setting": setting.key,
                     "val_fraction": spec.val_fraction,
-                    # num_train is the images it was drawn from (what --subset chains on); these, what it saw
-                    "train_images": len(train.data.train_y),
-                    "val_images": len(full.train_y) - len(train.data.train_y),
-                    "val_rows_sha256": _digest(val_rows(len(full.train_y), spec.val_fraction)),
+                    **held,  # num_train is the images it was drawn from (what --subset chains on); these, what it saw
                     "val_acc": final.get("val_acc"),
                 }
             }

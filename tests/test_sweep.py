@@ -182,7 +182,10 @@ def test_a_killed_sweep_resumes_to_the_same_students(base, cache_file, data_dir,
         _sweep(base, cache_file, data_dir, tmp_path / "killed", cpu, **spec)
     monkeypatch.setattr(sweep, "atomic_torch_save", real)
     assert (tmp_path / "killed" / "sweep.resume").exists() and not (tmp_path / "killed" / "sweep.json").exists()
-    with pytest.raises(KDCacheError, match="started with --backend loop, this run has 'stacked'"):
+    with pytest.raises(
+        KDCacheError,
+        match="started with backend='loop', this run has 'stacked': resume with --backend loop \\(or auto\\)",
+    ):
         _sweep(base, cache_file, data_dir, tmp_path / "killed", cpu, resume=True, backend="stacked", **spec)
     resumed = _sweep(base, cache_file, data_dir, tmp_path / "killed", cpu, resume=True, **spec)
     assert not (tmp_path / "killed" / "sweep.resume").exists()
